@@ -1,0 +1,320 @@
+//! The one error type of a request and its one rendering: Scaleway-shaped JSON.
+//!
+//! Every answer the gateway produces itself (as opposed to passing an upstream answer through)
+//! is built here, so the SDKs' error parsers (which call `.json()` on every status >= 400) never
+//! meet HTML or plain text. 4xx bodies say what was wrong; 5xx bodies are opaque and the cause is
+//! logged once by the caller of [`Error::into_response`].
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+
+/// Why one query or path argument was refused, in Scaleway's `details[]` shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArgError {
+    /// The argument's name as the caller sent it.
+    pub argument_name: String,
+    /// `required`, `format`, `constraint` or `unknown`, as Scaleway uses them.
+    pub reason: &'static str,
+    /// A human hint; never echoes a credential.
+    pub help_message: String,
+}
+
+impl ArgError {
+    /// Builds one `details[]` entry.
+    pub fn new(name: impl Into<String>, reason: &'static str, help: impl Into<String>) -> Self {
+        Self {
+            argument_name: name.into(),
+            reason,
+            help_message: help.into(),
+        }
+    }
+}
+
+/// Which kind of credential failed, as Scaleway's 401 `method` field names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// A JWT, in `Authorization: Bearer` or `X-Auth-Token`.
+    Jwt,
+    /// A gateway key (a UUID in `X-Auth-Token`).
+    ApiKey,
+}
+
+/// Why authentication failed, as Scaleway's 401 `reason` field names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthReason {
+    /// Malformed, badly signed, wrong algorithm, wrong issuer or audience.
+    InvalidArgument,
+    /// Past `exp`.
+    Expired,
+    /// No credential, or an unknown gateway key.
+    NotFound,
+}
+
+/// Everything that can end a request early. Each variant maps to exactly one status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The path names no operation the gateway serves.
+    #[error("resource is not found")]
+    NotFound,
+    /// The path exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Query or path arguments failed validation; nothing was sent upstream.
+    #[error("invalid argument(s)")]
+    InvalidArguments(Vec<ArgError>),
+    /// The request body is larger than any Billing call needs.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// The credential is missing or was refused.
+    #[error("{message}")]
+    Unauthenticated {
+        /// Which credential kind failed.
+        method: AuthMethod,
+        /// Why.
+        reason: AuthReason,
+        /// What the caller should fix (never the credential itself).
+        message: &'static str,
+    },
+    /// The caller is known but its grants do not cover the request.
+    #[error("{message}")]
+    PermissionDenied {
+        /// Which permission or scope was missing.
+        message: String,
+        /// `read` or `write`, as Scaleway's `details[].action`.
+        action: &'static str,
+        /// The resource family, as Scaleway's `details[].resource`.
+        resource: &'static str,
+    },
+    /// Too many requests, from the caller or from the upstream; retry after that many seconds.
+    #[error("too many requests")]
+    TooManyRequests {
+        /// Seconds until a retry makes sense.
+        retry_after: u64,
+    },
+    /// The upstream could not be reached, or answered in a way the gateway will not relay.
+    #[error("upstream unavailable: {0}")]
+    BadGateway(String),
+    /// The upstream did not answer within `GATEWAY_UPSTREAM_TIMEOUT`.
+    #[error("upstream timed out")]
+    GatewayTimeout,
+    /// The gateway cannot serve right now (no signing keys, shutting down).
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure; the cause is logged, never shown.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::InvalidArguments(_) => StatusCode::BAD_REQUEST,
+            Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Error::PermissionDenied { .. } => StatusCode::FORBIDDEN,
+            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Error::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short label for logs and metrics (`reason` of a rejection).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NotFound => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::InvalidArguments(_) => "invalid_arguments",
+            Error::PayloadTooLarge => "payload_too_large",
+            Error::Unauthenticated { .. } => "denied_authentication",
+            Error::PermissionDenied { .. } => "permissions_denied",
+            Error::TooManyRequests { .. } => "too_many_requests",
+            Error::BadGateway(_) => "bad_gateway",
+            Error::GatewayTimeout => "gateway_timeout",
+            Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    fn body(&self) -> serde_json::Value {
+        match self {
+            Error::NotFound => json!({"message": "resource is not found", "type": "not_found"}),
+            Error::MethodNotAllowed => {
+                json!({"message": "method not allowed on this resource", "type": "method_not_allowed"})
+            }
+            Error::InvalidArguments(details) => {
+                json!({"details": details, "message": "invalid argument(s)", "type": "invalid_arguments"})
+            }
+            Error::PayloadTooLarge => json!({
+                "help_message": "Billing API calls take their arguments in the query string",
+                "message": "request body too large",
+                "type": "payload_too_large",
+            }),
+            Error::Unauthenticated {
+                method,
+                reason,
+                message,
+            } => json!({
+                "message": message,
+                "method": match method { AuthMethod::Jwt => "jwt", AuthMethod::ApiKey => "api_key" },
+                "reason": match reason {
+                    AuthReason::InvalidArgument => "invalid_argument",
+                    AuthReason::Expired => "expired",
+                    AuthReason::NotFound => "not_found",
+                },
+                "type": "denied_authentication",
+            }),
+            Error::PermissionDenied {
+                message,
+                action,
+                resource,
+            } => json!({
+                "details": [{"action": action, "resource": resource}],
+                "message": message,
+                "type": "permissions_denied",
+            }),
+            Error::TooManyRequests { retry_after } => json!({
+                "help_message": format!("retry after {retry_after} s"),
+                "message": "too many requests",
+                "reset_seconds": retry_after,
+                "type": "too_many_requests",
+            }),
+            // 5xx: opaque on purpose; the cause goes to the log.
+            Error::BadGateway(_) => {
+                json!({"message": "the Billing API could not be reached", "type": "bad_gateway"})
+            }
+            Error::GatewayTimeout => {
+                json!({"message": "the Billing API did not answer in time", "type": "gateway_timeout"})
+            }
+            Error::Unavailable(_) => {
+                json!({"message": "service temporarily unavailable", "type": "service_unavailable"})
+            }
+            Error::Internal(_) => json!({"message": "internal error", "type": "internal_error"}),
+        }
+    }
+}
+
+/// `Content-Type: application/json`, exactly: the JS SDK compares the whole string.
+pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// A JSON answer with the exact content type every SDK accepts.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, JSON)], body.to_string()).into_response()
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let mut response = json_response(self.status(), &self.body());
+        let headers = response.headers_mut();
+        match &self {
+            Error::Unauthenticated { .. } => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="billing-gateway""#),
+                );
+            }
+            Error::TooManyRequests { retry_after } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            Error::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
+            _ => {}
+        }
+        response.extensions_mut().insert(ErrorKind(self.kind()));
+        response
+    }
+}
+
+/// Left on a response built from an [`Error`], so the request log can name the rejection.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind(pub &'static str);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_its_status_and_a_scaleway_type() {
+        let cases: Vec<(Error, u16, &str)> = vec![
+            (Error::NotFound, 404, "not_found"),
+            (Error::MethodNotAllowed, 405, "method_not_allowed"),
+            (Error::InvalidArguments(vec![]), 400, "invalid_arguments"),
+            (Error::PayloadTooLarge, 413, "payload_too_large"),
+            (
+                Error::Unauthenticated {
+                    method: AuthMethod::Jwt,
+                    reason: AuthReason::Expired,
+                    message: "token expired",
+                },
+                401,
+                "denied_authentication",
+            ),
+            (
+                Error::PermissionDenied {
+                    message: "no".into(),
+                    action: "read",
+                    resource: "invoices",
+                },
+                403,
+                "permissions_denied",
+            ),
+            (
+                Error::TooManyRequests { retry_after: 3 },
+                429,
+                "too_many_requests",
+            ),
+            (Error::BadGateway("refused".into()), 502, "bad_gateway"),
+            (Error::GatewayTimeout, 504, "gateway_timeout"),
+            (
+                Error::Unavailable("keys".into()),
+                503,
+                "service_unavailable",
+            ),
+            (Error::Internal("bug".into()), 500, "internal_error"),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            let body = error.body();
+            assert_eq!(body["type"], kind, "{error:?}");
+            assert!(body["message"].is_string(), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn server_errors_do_not_reveal_their_cause() {
+        for error in [
+            Error::BadGateway("connect to 10.0.0.1 refused".into()),
+            Error::Internal("secret detail".into()),
+        ] {
+            let body = error.body().to_string();
+            assert!(!body.contains("10.0.0.1") && !body.contains("secret detail"));
+        }
+    }
+
+    #[test]
+    fn unauthenticated_carries_method_reason_and_challenge() {
+        let response = Error::Unauthenticated {
+            method: AuthMethod::ApiKey,
+            reason: AuthReason::NotFound,
+            message: "unknown gateway key",
+        }
+        .into_response();
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        assert!(response.headers().contains_key(header::WWW_AUTHENTICATE));
+        let body = Error::Unauthenticated {
+            method: AuthMethod::ApiKey,
+            reason: AuthReason::NotFound,
+            message: "unknown gateway key",
+        }
+        .body();
+        assert_eq!(body["method"], "api_key");
+        assert_eq!(body["reason"], "not_found");
+    }
+}

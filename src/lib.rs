@@ -1,0 +1,37 @@
+//! billing-gateway shares one Scaleway account's Billing API with every internal team without
+//! handing anyone the secret key.
+//!
+//! # The life of one request
+//!
+//! `GET /billing/v2beta1/invoices?page=2` with `Authorization: Bearer <JWT>`:
+//!
+//! 1. [`telemetry::track`] gives it a request id (the caller's when sane) and a span; it writes
+//!    the request's one log line and its metrics when the answer leaves.
+//! 2. [`proxy::handle`] asks [`operations::parse`] which operation the method and raw path name
+//!    and validates every query parameter against that operation's table: unknown paths are 404,
+//!    bad or unknown parameters 400, and the result is a [`operations::Call`] — the only thing the
+//!    upstream request is ever built from.
+//! 3. [`auth`] finds the one credential and verifies it (algorithm pinned, `exp` required);
+//!    [`policy`] turns the identity into a [`policy::Principal`] whose grants come from the
+//!    policy files, and [`policy::decide`] allows the call or answers 403. A project-scoped
+//!    grant may fill in the projects it covers.
+//! 4. [`operations::Call::apply_organization`] fills in the gateway's organization (or refuses
+//!    another one).
+//! 5. [`upstream::Upstream::send`] builds the request from the `Call`, injects the secret key
+//!    last, follows no redirect, and maps timeouts, refusals and 429s to [`error::Error`].
+//! 6. The answer is relayed as it comes: status, content type (JSON relabelled exactly
+//!    `application/json`), body streamed.
+//!
+//! Configuration is [`config`]; the assembled service is [`app::App`]; [`simulator`] is an
+//! in-process Billing API for `demo`, tests and benchmarks.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod operations;
+pub mod policy;
+pub mod proxy;
+pub mod simulator;
+pub mod telemetry;
+pub mod upstream;

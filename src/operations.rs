@@ -1,0 +1,885 @@
+//! The Billing API surface as data: every operation the gateway serves, with its method, path
+//! template, permission, parameters and their validation.
+//!
+//! Nothing else in the crate knows a Billing path or parameter name. A request becomes a
+//! [`Call`] here, or an error; the upstream URL and the cache key are both built from a `Call`
+//! alone, so nothing the caller sent reaches the upstream unless it was validated and
+//! re-encoded here first.
+
+use std::fmt;
+
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+use uuid::Uuid;
+
+use crate::error::{ArgError, Error};
+
+/// A capability a role can hold; each operation needs exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Permission {
+    /// Consumption, taxes and FinOps charges.
+    ConsumptionRead,
+    /// Invoice lists and single invoices.
+    InvoicesRead,
+    /// Invoice PDFs and the invoice export.
+    InvoicesDownload,
+    /// Discounts and vouchers.
+    DiscountsRead,
+    /// Redeeming a coupon: the one write of the API.
+    CouponsRedeem,
+    /// Emptying the gateway's cache.
+    CachePurge,
+}
+
+impl Permission {
+    /// Every permission, in the order policy files and `whoami` list them.
+    pub const ALL: [Permission; 6] = [
+        Permission::ConsumptionRead,
+        Permission::InvoicesRead,
+        Permission::InvoicesDownload,
+        Permission::DiscountsRead,
+        Permission::CouponsRedeem,
+        Permission::CachePurge,
+    ];
+
+    /// The name used in policy files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Permission::ConsumptionRead => "consumption:read",
+            Permission::InvoicesRead => "invoices:read",
+            Permission::InvoicesDownload => "invoices:download",
+            Permission::DiscountsRead => "discounts:read",
+            Permission::CouponsRedeem => "coupons:redeem",
+            Permission::CachePurge => "cache:purge",
+        }
+    }
+
+    /// Parses a policy-file name.
+    pub fn parse(name: &str) -> Option<Permission> {
+        Permission::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A set of permissions, cheap to copy and to test.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Permissions(u8);
+
+impl Permissions {
+    /// Adds one permission.
+    pub fn insert(&mut self, p: Permission) {
+        self.0 |= p.bit();
+    }
+    /// Whether the set holds `p`.
+    pub fn contains(self, p: Permission) -> bool {
+        self.0 & p.bit() != 0
+    }
+    /// The union of two sets.
+    pub fn union(self, other: Permissions) -> Permissions {
+        Permissions(self.0 | other.0)
+    }
+    /// The permissions held, in [`Permission::ALL`] order.
+    pub fn iter(self) -> impl Iterator<Item = Permission> {
+        Permission::ALL
+            .into_iter()
+            .filter(move |p| self.contains(*p))
+    }
+}
+
+impl FromIterator<Permission> for Permissions {
+    fn from_iter<I: IntoIterator<Item = Permission>>(iter: I) -> Self {
+        let mut set = Permissions::default();
+        iter.into_iter().for_each(|p| set.insert(p));
+        set
+    }
+}
+
+/// The HTTP methods the Billing v2beta1 API uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Every read.
+    Get,
+    /// `redeem-coupon` only.
+    Post,
+}
+
+impl Method {
+    /// The method's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        }
+    }
+}
+
+/// How a parameter's value is checked and normalised.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// A hyphenated UUID, forwarded lowercase.
+    Uuid,
+    /// One of a fixed list.
+    Enum(&'static [&'static str]),
+    /// A 1-based page number.
+    Page,
+    /// A page size from 1 to the bound.
+    PageSize(u32),
+    /// A point in time in any form the SDKs send; forwarded as RFC 3339 UTC.
+    Timestamp,
+    /// A billing period, `YYYY-MM`.
+    Period,
+    /// `true`/`false` in any case the SDKs send; forwarded lowercase.
+    Bool,
+    /// `dl`: switches file endpoints to raw bytes; forwarded as `1`.
+    Flag,
+    /// Free text (names, codes, tokens): printable, no `;`, at most 256 characters.
+    Text,
+}
+
+/// One query parameter an operation takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    /// Its snake_case name (camelCase spellings are accepted and normalised).
+    pub name: &'static str,
+    /// How its value is validated.
+    pub kind: Kind,
+    /// Whether it may repeat (`skus=a&skus=b`).
+    pub list: bool,
+    /// Whether the operation refuses to run without it.
+    pub required: bool,
+}
+
+const fn p(name: &'static str, kind: Kind) -> Param {
+    Param {
+        name,
+        kind,
+        list: false,
+        required: false,
+    }
+}
+
+const fn list(name: &'static str, kind: Kind) -> Param {
+    Param {
+        list: true,
+        ..p(name, kind)
+    }
+}
+
+const fn required(name: &'static str, kind: Kind) -> Param {
+    Param {
+        required: true,
+        ..p(name, kind)
+    }
+}
+
+/// How the gateway's organization applies to an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrgRule {
+    /// The operation takes no `organization_id`.
+    None,
+    /// Filled in when absent; another organization is refused.
+    Fill,
+    /// As `Fill`, except that a `project_id` replaces it (the two are exclusive).
+    FillUnlessProject,
+}
+
+/// One Billing API operation: everything the gateway needs to know to serve it.
+#[derive(Debug)]
+pub struct Operation {
+    /// Short name for logs, metrics, policy messages and cache keys.
+    pub name: &'static str,
+    /// The method the upstream expects.
+    pub method: Method,
+    /// Path template; `{invoice_id}` marks the one path parameter (a UUID).
+    pub path: &'static str,
+    /// What a grant must hold to call it.
+    pub permission: Permission,
+    /// `(action, resource)` for a 403's `details`.
+    pub denied_as: (&'static str, &'static str),
+    /// The query parameters it takes; anything else is refused.
+    pub params: &'static [Param],
+    /// How `organization_id` is handled.
+    pub org: OrgRule,
+    /// Whether 200 answers may be served from the cache.
+    pub cacheable: bool,
+    /// Whether calls are written to the audit log (files, coupons).
+    pub audited: bool,
+}
+
+const ORDER_CONSUMPTION: Kind = Kind::Enum(&[
+    "updated_at_desc",
+    "updated_at_asc",
+    "category_name_desc",
+    "category_name_asc",
+]);
+const ORDER_INVOICES: Kind = Kind::Enum(&[
+    "invoice_number_desc",
+    "invoice_number_asc",
+    "start_date_desc",
+    "start_date_asc",
+    "issued_date_desc",
+    "issued_date_asc",
+    "due_date_desc",
+    "due_date_asc",
+    "total_untaxed_desc",
+    "total_untaxed_asc",
+    "total_taxed_desc",
+    "total_taxed_asc",
+    "invoice_type_desc",
+    "invoice_type_asc",
+]);
+const INVOICE_TYPE: Kind = Kind::Enum(&["unknown_type", "periodic", "purchase", "credit_note"]);
+const ORG: Param = p("organization_id", Kind::Uuid);
+const PAGE: Param = p("page", Kind::Page);
+const PAGE_SIZE: Param = p("page_size", Kind::PageSize(100));
+
+const INVOICE_FILTERS: [Param; 7] = [
+    ORG,
+    p("billing_period_start_after", Kind::Timestamp),
+    p("billing_period_start_before", Kind::Timestamp),
+    p("invoice_type", INVOICE_TYPE),
+    PAGE,
+    PAGE_SIZE,
+    p("order_by", ORDER_INVOICES),
+];
+
+/// The whole v2beta1 surface (reference §2.0).
+pub static OPERATIONS: &[Operation] = &[
+    Operation {
+        name: "consumptions",
+        method: Method::Get,
+        path: "/billing/v2beta1/consumptions",
+        permission: Permission::ConsumptionRead,
+        denied_as: ("read", "consumption"),
+        params: &[
+            p("order_by", ORDER_CONSUMPTION),
+            PAGE,
+            PAGE_SIZE,
+            ORG,
+            p("project_id", Kind::Uuid),
+            p("category_name", Kind::Text),
+            p("billing_period", Kind::Period),
+        ],
+        org: OrgRule::FillUnlessProject,
+        cacheable: true,
+        audited: false,
+    },
+    Operation {
+        name: "taxes",
+        method: Method::Get,
+        path: "/billing/v2beta1/taxes",
+        permission: Permission::ConsumptionRead,
+        denied_as: ("read", "consumption"),
+        params: &[
+            p("order_by", ORDER_CONSUMPTION),
+            PAGE,
+            PAGE_SIZE,
+            ORG,
+            p("billing_period", Kind::Period),
+        ],
+        org: OrgRule::Fill,
+        cacheable: true,
+        audited: false,
+    },
+    Operation {
+        name: "invoices",
+        method: Method::Get,
+        path: "/billing/v2beta1/invoices",
+        permission: Permission::InvoicesRead,
+        denied_as: ("read", "invoice"),
+        params: &INVOICE_FILTERS,
+        org: OrgRule::Fill,
+        cacheable: false,
+        audited: false,
+    },
+    Operation {
+        name: "export-invoices",
+        method: Method::Get,
+        path: "/billing/v2beta1/export-invoices",
+        permission: Permission::InvoicesDownload,
+        denied_as: ("read", "invoice"),
+        params: &[
+            INVOICE_FILTERS[0],
+            INVOICE_FILTERS[1],
+            INVOICE_FILTERS[2],
+            INVOICE_FILTERS[3],
+            INVOICE_FILTERS[4],
+            INVOICE_FILTERS[5],
+            INVOICE_FILTERS[6],
+            p("file_type", Kind::Enum(&["csv"])),
+            p("dl", Kind::Flag),
+        ],
+        org: OrgRule::Fill,
+        cacheable: false,
+        audited: true,
+    },
+    Operation {
+        name: "get-invoice",
+        method: Method::Get,
+        path: "/billing/v2beta1/invoices/{invoice_id}",
+        permission: Permission::InvoicesRead,
+        denied_as: ("read", "invoice"),
+        params: &[],
+        org: OrgRule::None,
+        cacheable: false,
+        audited: false,
+    },
+    Operation {
+        name: "download-invoice",
+        method: Method::Get,
+        path: "/billing/v2beta1/invoices/{invoice_id}/download",
+        permission: Permission::InvoicesDownload,
+        denied_as: ("read", "invoice"),
+        params: &[p("file_type", Kind::Enum(&["pdf"])), p("dl", Kind::Flag)],
+        org: OrgRule::None,
+        cacheable: false,
+        audited: true,
+    },
+    Operation {
+        name: "discounts",
+        method: Method::Get,
+        path: "/billing/v2beta1/discounts",
+        permission: Permission::DiscountsRead,
+        denied_as: ("read", "discount"),
+        params: &[
+            p(
+                "order_by",
+                Kind::Enum(&[
+                    "creation_date_desc",
+                    "creation_date_asc",
+                    "start_date_desc",
+                    "start_date_asc",
+                    "stop_date_desc",
+                    "stop_date_asc",
+                ]),
+            ),
+            PAGE,
+            PAGE_SIZE,
+            ORG,
+        ],
+        org: OrgRule::Fill,
+        cacheable: false,
+        audited: false,
+    },
+    Operation {
+        name: "redeem-coupon",
+        method: Method::Post,
+        path: "/billing/v2beta1/redeem-coupon",
+        permission: Permission::CouponsRedeem,
+        denied_as: ("write", "coupon"),
+        params: &[required("code", Kind::Text), ORG],
+        org: OrgRule::Fill,
+        cacheable: false,
+        audited: true,
+    },
+    Operation {
+        name: "charges",
+        method: Method::Get,
+        path: "/billing/v2beta1/charges",
+        permission: Permission::ConsumptionRead,
+        denied_as: ("read", "consumption"),
+        params: &[
+            p(
+                "order_by",
+                Kind::Enum(&["start_date_asc", "start_date_desc"]),
+            ),
+            p("page_token", Kind::Text),
+            p("page_size", Kind::PageSize(1000)),
+            p("start_date_after", Kind::Timestamp),
+            p("end_date_before", Kind::Timestamp),
+            list("invoice_ids", Kind::Uuid),
+            ORG,
+            list("project_ids", Kind::Uuid),
+            list("resource_ids", Kind::Text),
+            list("resource_names", Kind::Text),
+            list("skus", Kind::Text),
+            p("clamp_to_time_range", Kind::Bool),
+        ],
+        org: OrgRule::Fill,
+        cacheable: false,
+        audited: false,
+    },
+];
+
+/// Looks an operation up by its short name (policy tests, benches).
+pub fn by_name(name: &str) -> Option<&'static Operation> {
+    OPERATIONS.iter().find(|op| op.name == name)
+}
+
+/// A validated request for one operation: the only input the upstream URL and cache key are
+/// built from.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// The operation.
+    pub op: &'static Operation,
+    /// The path parameter, for `{invoice_id}` templates.
+    pub id: Option<Uuid>,
+    /// Normalised query pairs, sorted by name (list values keep their order).
+    pub query: Vec<(&'static str, String)>,
+}
+
+impl Call {
+    /// The first value of a parameter.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a (list) parameter.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.query
+            .iter()
+            .filter(move |(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets a parameter's values (replacing any), keeping the query sorted.
+    pub fn set(&mut self, name: &'static str, values: impl IntoIterator<Item = String>) {
+        self.query.retain(|(n, _)| *n != name);
+        self.query.extend(values.into_iter().map(|v| (name, v)));
+        self.query.sort_by_key(|(n, _)| *n);
+    }
+
+    /// The upstream path, from the template and the validated id only.
+    pub fn path(&self) -> String {
+        match (self.id, self.op.path.split_once("{invoice_id}")) {
+            (Some(id), Some((head, tail))) => format!("{head}{id}{tail}"),
+            _ => self.op.path.to_owned(),
+        }
+    }
+
+    /// The canonical, percent-encoded query string (empty when there are no parameters).
+    pub fn query_string(&self) -> String {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in &self.query {
+            out.append_pair(name, value);
+        }
+        out.finish()
+    }
+
+    /// Whether the caller asked for raw file bytes (`dl=1`) rather than the JSON envelope.
+    pub fn wants_raw_file(&self) -> bool {
+        self.get("dl").is_some()
+    }
+
+    /// Fills in or checks `organization_id` as the operation's [`OrgRule`] says.
+    pub fn apply_organization(&mut self, org: Uuid) -> Result<(), Error> {
+        let rule = self.op.org;
+        if rule == OrgRule::None {
+            return Ok(());
+        }
+        if let Some(asked) = self.get("organization_id") {
+            return if asked == org.to_string() {
+                Ok(())
+            } else {
+                Err(Error::PermissionDenied {
+                    message: "this gateway serves one organization; organization_id names another"
+                        .into(),
+                    action: "read",
+                    resource: "organization",
+                })
+            };
+        }
+        if rule == OrgRule::FillUnlessProject && self.get("project_id").is_some() {
+            return Ok(());
+        }
+        self.set("organization_id", [org.to_string()]);
+        Ok(())
+    }
+}
+
+/// Finds the operation for a method and raw (still percent-encoded) path, and validates the
+/// raw query string against it.
+pub fn parse(method: &str, path: &str, raw_query: Option<&str>) -> Result<Call, Error> {
+    let (op, id) = route(method, path)?;
+    let query = validate_query(op, raw_query.unwrap_or(""))?;
+    let has = |name: &str| query.iter().any(|(n, _)| *n == name);
+    if op.org == OrgRule::FillUnlessProject && has("organization_id") && has("project_id") {
+        return Err(Error::InvalidArguments(vec![ArgError::new(
+            "project_id",
+            "constraint",
+            "organization_id and project_id are exclusive: give at most one",
+        )]));
+    }
+    Ok(Call { op, id, query })
+}
+
+fn route(method: &str, path: &str) -> Result<(&'static Operation, Option<Uuid>), Error> {
+    let mut path_matched = false;
+    for op in OPERATIONS {
+        let Some(id) = match_template(op.path, path)? else {
+            continue;
+        };
+        if op.method.as_str() == method {
+            return Ok((op, id));
+        }
+        path_matched = true;
+    }
+    Err(if path_matched {
+        Error::MethodNotAllowed
+    } else {
+        Error::NotFound
+    })
+}
+
+/// `Ok(None)`: another path. `Ok(Some(id))`: this template (id for `{invoice_id}`).
+/// A path of the template's shape whose id is not a UUID (`..`, `%2F`, `;x`) is refused.
+fn match_template(template: &str, path: &str) -> Result<Option<Option<Uuid>>, Error> {
+    let (mut t, mut p) = (template.split('/'), path.split('/'));
+    let mut raw_id = None;
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => break,
+            (Some("{invoice_id}"), Some(segment)) if !segment.is_empty() => raw_id = Some(segment),
+            (Some(a), Some(b)) if a == b => {}
+            _ => return Ok(None),
+        }
+    }
+    raw_id
+        .map(|raw| {
+            parse_uuid(raw).ok_or_else(|| {
+                Error::InvalidArguments(vec![ArgError::new(
+                    "invoice_id",
+                    "format",
+                    "value must be a valid UUID",
+                )])
+            })
+        })
+        .transpose()
+        .map(Some)
+}
+
+/// Only the canonical hyphenated form: `Uuid::parse_str` also takes braces and `urn:uuid:`.
+fn parse_uuid(s: &str) -> Option<Uuid> {
+    (s.len() == 36).then(|| Uuid::parse_str(s).ok()).flatten()
+}
+
+fn validate_query(op: &Operation, raw: &str) -> Result<Vec<(&'static str, String)>, Error> {
+    let mut query: Vec<(&'static str, String)> = Vec::new();
+    let mut errors = Vec::new();
+    for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
+        let snake = to_snake_case(&name);
+        let Some(param) = op.params.iter().find(|p| p.name == snake) else {
+            errors.push(ArgError::new(
+                name,
+                "unknown",
+                format!("{} takes no such parameter", op.name),
+            ));
+            continue;
+        };
+        // The Go SDK sends unset strings as `name=`: that means "not given".
+        if value.is_empty() {
+            continue;
+        }
+        if !param.list && query.iter().any(|(n, _)| *n == param.name) {
+            errors.push(ArgError::new(
+                param.name,
+                "constraint",
+                "may be given only once",
+            ));
+            continue;
+        }
+        match normalise(param.kind, &value) {
+            Ok(v) => query.push((param.name, v)),
+            Err(help) => errors.push(ArgError::new(param.name, "format", help)),
+        }
+    }
+    for param in op.params.iter().filter(|p| p.required) {
+        if !query.iter().any(|(n, _)| *n == param.name) {
+            errors.push(ArgError::new(
+                param.name,
+                "required",
+                "this parameter is required",
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Error::InvalidArguments(errors));
+    }
+    query.sort_by_key(|(n, _)| *n);
+    Ok(query)
+}
+
+fn to_snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Checks one value and returns the form sent upstream, or a help message.
+fn normalise(kind: Kind, value: &str) -> Result<String, String> {
+    match kind {
+        Kind::Uuid => parse_uuid(value)
+            .map(|u| u.to_string())
+            .ok_or_else(|| "value must be a valid UUID".into()),
+        Kind::Enum(allowed) => allowed
+            .iter()
+            .find(|a| **a == value)
+            .map(|a| (*a).to_owned())
+            .ok_or_else(|| format!("value must be one of: {}", allowed.join(", "))),
+        Kind::Page => match value.parse::<i32>() {
+            Ok(n) if n >= 1 => Ok(n.to_string()),
+            _ => Err("value must be an integer of at least 1".into()),
+        },
+        Kind::PageSize(max) => match value.parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n.to_string()),
+            _ => Err(format!("value must be an integer from 1 to {max}")),
+        },
+        Kind::Timestamp => parse_timestamp(value)
+            .ok_or_else(|| "value must be a date-time such as 2024-01-01T00:00:00Z".into()),
+        Kind::Period => parse_period(value)
+            .then(|| value.to_owned())
+            .ok_or_else(|| "value must be a billing period such as 2024-01".into()),
+        Kind::Bool => match value {
+            "true" | "True" | "TRUE" => Ok("true".into()),
+            "false" | "False" | "FALSE" => Ok("false".into()),
+            _ => Err("value must be true or false".into()),
+        },
+        Kind::Flag => match value {
+            "1" | "true" | "True" => Ok("1".into()),
+            _ => Err("value must be 1".into()),
+        },
+        Kind::Text => {
+            let ok =
+                value.chars().count() <= 256 && value.chars().all(|c| !c.is_control() && c != ';');
+            ok.then(|| value.to_owned()).ok_or_else(|| {
+                "value must be printable text of at most 256 characters, without ';'".into()
+            })
+        }
+    }
+}
+
+/// Accepts RFC 3339 (Go, JS: `2024-01-01T00:00:00.000Z`), Python's `str(datetime)`
+/// (`2024-01-01 00:00:00+00:00`) and a naive Python datetime (read as UTC).
+pub fn parse_timestamp(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    if bytes.len() < 19 || !matches!(bytes[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let mut s = String::with_capacity(value.len() + 1);
+    s.push_str(&value[..10]);
+    s.push('T');
+    s.push_str(&value[11..]);
+    let time_part = &s[11..];
+    if !time_part.ends_with(['Z', 'z']) && !time_part.contains(['+', '-']) {
+        s.push('Z');
+    }
+    let at = OffsetDateTime::parse(&s, &Rfc3339).ok()?;
+    at.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
+}
+
+fn parse_period(value: &str) -> bool {
+    let b = value.as_bytes();
+    b.len() == 7
+        && b[4] == b'-'
+        && b[..4].iter().chain(&b[5..]).all(u8::is_ascii_digit)
+        && matches!(value[5..].parse::<u8>(), Ok(1..=12))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(method: &str, path: &str, query: &str) -> Result<Call, Error> {
+        parse(method, path, Some(query))
+    }
+
+    fn details(result: Result<Call, Error>) -> Vec<(String, &'static str)> {
+        match result {
+            Err(Error::InvalidArguments(d)) => {
+                d.into_iter().map(|a| (a.argument_name, a.reason)).collect()
+            }
+            other => panic!("expected invalid_arguments, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nine_operations_one_permission_each() {
+        assert_eq!(OPERATIONS.len(), 9);
+        for op in OPERATIONS {
+            assert!(op.path.starts_with("/billing/v2beta1/"));
+            assert_eq!(by_name(op.name).map(|o| o.path), Some(op.path));
+        }
+    }
+
+    #[test]
+    fn timestamps_in_every_sdk_form_normalise_to_rfc3339_utc() {
+        for (input, want) in [
+            ("2024-01-01T00:00:00Z", "2024-01-01T00:00:00Z"),
+            ("2024-01-01T00:00:00.000Z", "2024-01-01T00:00:00Z"),
+            ("2024-01-01 00:00:00+00:00", "2024-01-01T00:00:00Z"),
+            ("2024-01-01 02:00:00+02:00", "2024-01-01T00:00:00Z"),
+            ("2024-01-01 00:00:00", "2024-01-01T00:00:00Z"),
+            ("2024-01-01T00:00:00.5Z", "2024-01-01T00:00:00.5Z"),
+        ] {
+            assert_eq!(parse_timestamp(input).as_deref(), Some(want), "{input}");
+        }
+        for bad in [
+            "2024-01-01",
+            "yesterday",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01X00:00:00Z",
+        ] {
+            assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn python_query_forms_are_accepted_and_normalised() {
+        let c = call(
+            "GET",
+            "/billing/v2beta1/charges",
+            "start_date_after=2024-01-01+00%3A00%3A00%2B00%3A00&clamp_to_time_range=True&skus=b&skus=a",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.query_string(),
+            "clamp_to_time_range=true&skus=b&skus=a&start_date_after=2024-01-01T00%3A00%3A00Z"
+        );
+    }
+
+    #[test]
+    fn camel_case_names_and_empty_go_values_are_understood() {
+        let c = call(
+            "GET",
+            "/billing/v2beta1/taxes",
+            "organization_id=&billingPeriod=2024-02",
+        )
+        .expect("valid");
+        assert_eq!(c.query, vec![("billing_period", "2024-02".to_owned())]);
+    }
+
+    #[test]
+    fn invalid_values_are_all_reported_with_their_reason() {
+        let d = details(call(
+            "GET",
+            "/billing/v2beta1/consumptions",
+            "page=0&page_size=101&project_id=nope&billing_period=2024-13&order_by=x&evil=1",
+        ));
+        assert_eq!(
+            d,
+            vec![
+                ("page".into(), "format"),
+                ("page_size".into(), "format"),
+                ("project_id".into(), "format"),
+                ("billing_period".into(), "format"),
+                ("order_by".into(), "format"),
+                ("evil".into(), "unknown"),
+            ]
+        );
+    }
+
+    #[test]
+    fn charges_page_size_goes_to_a_thousand() {
+        assert!(call("GET", "/billing/v2beta1/charges", "page_size=1000").is_ok());
+        assert!(call("GET", "/billing/v2beta1/charges", "page_size=1001").is_err());
+        assert!(call("GET", "/billing/v2beta1/invoices", "page_size=1000").is_err());
+    }
+
+    #[test]
+    fn repeated_scalars_semicolons_and_missing_required_are_refused() {
+        assert_eq!(
+            details(call("GET", "/billing/v2beta1/taxes", "page=1&page=2")),
+            vec![("page".into(), "constraint")]
+        );
+        assert_eq!(
+            details(call(
+                "GET",
+                "/billing/v2beta1/taxes",
+                "page=1;organization_id=x"
+            )),
+            vec![("page".into(), "format")]
+        );
+        assert_eq!(
+            details(call("POST", "/billing/v2beta1/redeem-coupon", "")),
+            vec![("code".into(), "required")]
+        );
+    }
+
+    #[test]
+    fn paths_match_templates_exactly() {
+        let id = "7b1e9d40-3c55-4d2e-8f61-0a9b8c7d6e5f";
+        let c = call(
+            "GET",
+            &format!("/billing/v2beta1/invoices/{id}/download"),
+            "dl=1",
+        )
+        .expect("valid");
+        assert_eq!(c.op.name, "download-invoice");
+        assert_eq!(c.path(), format!("/billing/v2beta1/invoices/{id}/download"));
+        assert!(c.wants_raw_file());
+
+        for (path, want) in [
+            ("/billing/v2beta1/invoices/..", 400),
+            ("/billing/v2beta1/invoices/%2e%2e", 400),
+            (&format!("/billing/v2beta1/invoices/{id}%2Fdownload"), 400),
+            (&format!("/billing/v2beta1/invoices/{id};x=1"), 400),
+            (&format!("/billing/v2beta1/invoices/{{{id}}}"), 400),
+            ("/billing/v2beta1//invoices", 404),
+            ("/billing/v2beta1/invoices/", 404),
+            ("/billing/v2beta1/consumptions/", 404),
+            ("/billing/v2beta1/budgets", 404),
+            ("/billing/v2beta1/invoices/../consumptions", 404),
+            ("/Billing/v2beta1/invoices", 404),
+        ] {
+            let status = call("GET", path, "").err().map(|e| e.status().as_u16());
+            assert_eq!(status, Some(want), "{path}");
+        }
+        assert_eq!(
+            call("DELETE", "/billing/v2beta1/invoices", "")
+                .err()
+                .map(|e| e.status().as_u16()),
+            Some(405)
+        );
+    }
+
+    #[test]
+    fn organization_is_filled_checked_and_exclusive_with_project() {
+        let org = Uuid::from_u128(0x1111);
+        let mut c = call("GET", "/billing/v2beta1/taxes", "").expect("valid");
+        c.apply_organization(org).expect("filled");
+        assert_eq!(c.get("organization_id"), Some(org.to_string().as_str()));
+
+        let project = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+        let mut c = call(
+            "GET",
+            "/billing/v2beta1/consumptions",
+            &format!("project_id={project}"),
+        )
+        .expect("valid");
+        c.apply_organization(org).expect("ok");
+        assert_eq!(c.get("organization_id"), None);
+
+        let mut c = call(
+            "GET",
+            "/billing/v2beta1/invoices",
+            &format!("organization_id={project}"),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.apply_organization(org).map_err(|e| e.status().as_u16()),
+            Err(403)
+        );
+
+        let both = format!("project_id={project}&organization_id={org}");
+        assert!(call("GET", "/billing/v2beta1/consumptions", &both).is_err());
+    }
+}

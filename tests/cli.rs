@@ -1,0 +1,160 @@
+//! The binary's commands: configuration errors are clear and non-zero, never a panic.
+
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_billing-gateway");
+const ORG: &str = "11111111-2222-3333-4444-555555555555";
+const KEY: &str = "5ec7e7ca-fe00-4bad-9000-00000000beef";
+const HS256: &str = "cli-test-hs256-secret-0123456789abcdef";
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn temp_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("bg-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    dir
+}
+
+#[test]
+fn check_accepts_the_shipped_policy() {
+    let out = run(&["check"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("billing-manager"));
+}
+
+#[test]
+fn check_names_the_file_and_line_of_a_broken_policy() {
+    let dir = temp_dir();
+    std::fs::write(
+        dir.join("team.toml"),
+        "[roles.x]\ndescription = \"x\"\npermissions = [\"invoices:reed\"]\n",
+    )
+    .expect("write");
+    let out = run(
+        &["check"],
+        &[("GATEWAY_POLICY_DIR", dir.to_str().expect("utf-8"))],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("team.toml:3: unknown permission `invoices:reed`"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn serve_fails_fast_on_missing_or_invalid_configuration() {
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[
+                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+                ("GATEWAY_JWT_HS256_SECRET", HS256),
+            ],
+            "SCW_SECRET_KEY",
+        ),
+        (
+            &[("SCW_SECRET_KEY", KEY), ("GATEWAY_JWT_HS256_SECRET", HS256)],
+            "SCW_DEFAULT_ORGANIZATION_ID",
+        ),
+        (
+            &[
+                ("SCW_SECRET_KEY", KEY),
+                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+                ("GATEWAY_JWT_HS256_SECRET", HS256),
+                ("GATEWAY_UPSTREAM_TIMEOUT", "soon"),
+            ],
+            "GATEWAY_UPSTREAM_TIMEOUT",
+        ),
+        (
+            &[
+                ("SCW_SECRET_KEY", KEY),
+                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+                ("GATEWAY_JWT_HS256_SECRET", HS256),
+                ("GATEWAY_POLICY_DIR", "/nonexistent/policies"),
+            ],
+            "/nonexistent/policies",
+        ),
+    ];
+    for (env, names) in cases {
+        let out = run(&["serve"], env);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(names), "{names}: {err}");
+        assert!(!err.contains("panicked") && !err.contains(KEY), "{err}");
+    }
+}
+
+#[test]
+fn serve_refuses_an_unknown_config_file_key() {
+    let dir = temp_dir();
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\nkey = \"oops\"\n",
+    )
+    .expect("write");
+    let out = run(
+        &["serve", "--config", file.to_str().expect("utf-8")],
+        &[
+            ("SCW_SECRET_KEY", KEY),
+            ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+            ("GATEWAY_JWT_HS256_SECRET", HS256),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("gateway.toml:4"), "{}", stderr(&out));
+}
+
+#[test]
+fn token_mints_a_verifiable_hs256_token() {
+    let out = run(
+        &[
+            "token",
+            "--roles",
+            "billing-read-only,billing-manager",
+            "--sub",
+            "bob",
+            "--claim",
+            "groups=[\"a\"]",
+            "--ttl",
+            "5m",
+        ],
+        &[("GATEWAY_JWT_HS256_SECRET", HS256)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.validate_aud = false;
+    let data = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(HS256.as_bytes()),
+        &validation,
+    )
+    .expect("valid token");
+    assert_eq!(data.claims["sub"], "bob");
+    assert_eq!(
+        data.claims["roles"],
+        serde_json::json!(["billing-read-only", "billing-manager"])
+    );
+    assert_eq!(data.claims["groups"], serde_json::json!(["a"]));
+    let ttl = data.claims["exp"].as_u64().unwrap_or(0) - data.claims["iat"].as_u64().unwrap_or(0);
+    assert_eq!(ttl, 300);
+
+    let out = run(&["token", "--roles", "x"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("GATEWAY_JWT_HS256_SECRET"));
+}
