@@ -150,6 +150,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.draining.load(Ordering::SeqCst) {
         return Error::Unavailable("shutting down".into()).into_response();
     }
+    if !state.auth.ready() {
+        return Error::Unavailable("no signing keys".into()).into_response();
+    }
     json_response(StatusCode::OK, &json!({"status": "ready"}))
 }
 

@@ -81,6 +81,11 @@ impl Authenticator {
         }
     }
 
+    /// Whether signing keys are at hand, so tokens can be checked at all (`/readyz`).
+    pub fn ready(&self) -> bool {
+        true
+    }
+
     /// Finds the request's one credential.
     pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Error> {
         let one = |name: &header::HeaderName| -> Result<Option<&str>, Error> {
@@ -120,7 +125,7 @@ impl Authenticator {
 
     /// Verifies a JWT: enabled algorithm, signature, `exp` (required), `nbf`, `iat`,
     /// and `iss`/`aud` when configured.
-    pub fn verify_jwt(&self, token: &str) -> Result<Identity, Error> {
+    pub async fn verify_jwt(&self, token: &str) -> Result<Identity, Error> {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(invalid("the token is empty or too long"));
         }
@@ -209,37 +214,48 @@ mod tests {
         }
     }
 
-    #[test]
-    fn time_claims_are_enforced_with_leeway() {
+    #[tokio::test]
+    async fn time_claims_are_enforced_with_leeway() {
         let now = jsonwebtoken::get_current_timestamp();
         let a = auth();
         assert!(
             a.verify_jwt(&token(json!({"sub": "u", "exp": now + 60})))
+                .await
                 .is_ok()
         );
         assert!(
             a.verify_jwt(&token(json!({"sub": "u", "exp": now - 10})))
+                .await
                 .is_ok(),
             "leeway"
         );
         assert_eq!(
-            reason(a.verify_jwt(&token(json!({"sub": "u", "exp": now - 100})))),
+            reason(
+                a.verify_jwt(&token(json!({"sub": "u", "exp": now - 100})))
+                    .await
+            ),
             "expired"
         );
         assert_eq!(
-            reason(a.verify_jwt(&token(json!({"sub": "u"})))),
+            reason(a.verify_jwt(&token(json!({"sub": "u"}))).await),
             "invalid_argument"
         );
         assert_eq!(
-            reason(a.verify_jwt(&token(
-                json!({"sub": "u", "exp": now + 600, "nbf": now + 300})
-            ))),
+            reason(
+                a.verify_jwt(&token(
+                    json!({"sub": "u", "exp": now + 600, "nbf": now + 300})
+                ))
+                .await
+            ),
             "invalid_argument"
         );
         assert_eq!(
-            reason(a.verify_jwt(&token(
-                json!({"sub": "u", "exp": now + 600, "iat": now + 300})
-            ))),
+            reason(
+                a.verify_jwt(&token(
+                    json!({"sub": "u", "exp": now + 600, "iat": now + 300})
+                ))
+                .await
+            ),
             "invalid_argument"
         );
     }

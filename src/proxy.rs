@@ -42,7 +42,7 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
     let (parts, body) = req.into_parts();
     let mut call = operations::parse(parts.method.as_str(), parts.uri.path(), parts.uri.query())?;
     info.operation = Some(call.op.name);
-    let principal = authenticate(state, &parts.headers)?;
+    let principal = authenticate(state, &parts.headers).await?;
     info.subject = Some(principal.subject.clone());
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored.
     axum::body::to_bytes(body, MAX_BODY)
@@ -69,10 +69,10 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
 }
 
 /// The caller's identity with its grants, from its one credential.
-pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Error> {
+pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Error> {
     match Authenticator::credential(headers)? {
         Credential::Jwt(token) => {
-            let identity = state.auth.verify_jwt(token)?;
+            let identity = state.auth.verify_jwt(token).await?;
             let grants = state.policy.grants_for_claims(&identity.claims);
             Ok(Principal {
                 subject: identity.subject,
@@ -134,7 +134,7 @@ fn relay_headers(from: &HeaderMap, to: &mut HeaderMap) {
 /// `GET /gateway/v1/whoami`: the caller as the gateway sees it.
 pub async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let mut info = RequestInfo::default();
-    let mut response = match authenticate(&state, &headers) {
+    let mut response = match authenticate(&state, &headers).await {
         Ok(principal) => {
             info.subject = Some(principal.subject.clone());
             let grants: Vec<_> = principal
