@@ -11,11 +11,12 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{Error, json_response};
 use crate::policy::PolicySet;
@@ -33,6 +34,8 @@ pub struct Shared {
     pub policy: PolicySet,
     /// The Billing API client.
     pub upstream: Upstream,
+    /// Stored consumption and tax answers.
+    pub cache: Cache,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Set once shutdown begins: `/readyz` turns 503 so load balancers stop sending.
@@ -88,6 +91,7 @@ impl App {
                 })?;
         let state = Arc::new(Shared {
             auth: Authenticator::new(&config.auth),
+            cache: Cache::new(&config.cache),
             config,
             policy,
             upstream,
@@ -131,6 +135,7 @@ fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/gateway/v1/whoami", get(proxy::whoami))
+        .route("/gateway/v1/cache", delete(proxy::purge))
         // Every Billing path, and every unknown one (answered 404 by the operation table).
         .fallback(proxy::handle)
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
@@ -157,6 +162,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let (entries, bytes) = state.cache.size().await;
+    state.metrics.cache_size(entries, bytes);
     (
         [(
             axum::http::header::CONTENT_TYPE,

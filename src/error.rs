@@ -53,7 +53,7 @@ pub enum AuthReason {
 }
 
 /// Everything that can end a request early. Each variant maps to exactly one status.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The path names no operation the gateway serves.
     #[error("resource is not found")]

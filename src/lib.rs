@@ -19,7 +19,10 @@
 //!    another one).
 //! 5. [`upstream::Upstream::send`] builds the request from the `Call`, injects the secret key
 //!    last, follows no redirect, and maps timeouts, refusals and 429s to [`error::Error`].
-//! 6. The answer is relayed as it comes: status, content type (JSON relabelled exactly
+//! 6. `consumptions` and `taxes` go through [`cache::Cache`] first: a fresh entry answers at
+//!    once; concurrent misses share one upstream call; a failing upstream is covered by a stale
+//!    entry when there is one.
+//! 7. The answer is relayed as it comes: status, content type (JSON relabelled exactly
 //!    `application/json`), body streamed.
 //!
 //! Configuration is [`config`]; the assembled service is [`app::App`]; [`simulator`] is an
@@ -27,6 +30,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod operations;

@@ -281,6 +281,23 @@ pub fn decide(principal: &Principal, call: &mut Call) -> Result<(), Error> {
     )))
 }
 
+/// Allows a gateway action that no operation describes (cache purge): it needs an
+/// organization-wide grant holding `permission`.
+pub fn require(principal: &Principal, permission: Permission) -> Result<(), Error> {
+    if principal
+        .grants
+        .iter()
+        .any(|g| g.projects.is_none() && g.permissions.contains(permission))
+    {
+        return Ok(());
+    }
+    Err(Error::PermissionDenied {
+        message: format!("permission `{permission}` is required, organization-wide"),
+        action: "write",
+        resource: "cache",
+    })
+}
+
 type Fill = Option<(&'static str, Vec<String>)>;
 
 /// `Some(fill)` when a grant scoped to `scope` covers the call (with what to fill in).

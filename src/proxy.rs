@@ -10,14 +10,17 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde_json::json;
+use time::OffsetDateTime;
 
 use crate::app::AppState;
 use crate::auth::{Authenticator, Credential};
+use crate::cache::{Cache, Entry, Fetch, Outcome};
 use crate::error::{AuthMethod, AuthReason, Error, JSON, json_response};
-use crate::operations::{self, Call};
+use crate::operations::{self, Call, Permission};
 use crate::policy::{self, Principal};
 use crate::telemetry::{RequestId, RequestInfo};
 
@@ -65,6 +68,9 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_else(|| Arc::from("-"));
+    if call.op.cacheable {
+        return cached(state, &call, &request_id, info).await;
+    }
     forward(state, &call, &request_id, info).await
 }
 
@@ -110,6 +116,146 @@ async fn forward(
         .map_err(|e| Error::Internal(e.to_string()))
 }
 
+/// An upstream answer the cache does not store, shared by every request that waited for it.
+enum Uncached {
+    Answer {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+    Failed(Error),
+}
+
+/// Cacheable operations: authorization has already happened, so the entry is shared only with
+/// callers allowed to make this exact upstream request.
+async fn cached(
+    state: &AppState,
+    call: &Call,
+    request_id: &str,
+    info: &mut RequestInfo,
+) -> Result<Response, Error> {
+    let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
+    let upstream_ms = &mut info.upstream_ms;
+    let fetch = async {
+        let started = Instant::now();
+        let result = state.upstream.send(call, request_id).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        *upstream_ms = Some(elapsed * 1000.0);
+        state.metrics.observe_upstream(call.op.name, elapsed);
+        let upstream = match result {
+            Ok(upstream) => upstream,
+            Err(e) => return Fetch::Failed(Uncached::Failed(e)),
+        };
+        let status = upstream.status();
+        let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+        let body = match upstream.bytes().await {
+            Ok(body) => body,
+            Err(e) => return Fetch::Failed(Uncached::Failed(Error::BadGateway(e.to_string()))),
+        };
+        match status {
+            StatusCode::OK => Fetch::Store(body),
+            s if s.is_server_error() => Fetch::Failed(Uncached::Answer {
+                status,
+                content_type,
+                body,
+            }),
+            _ => Fetch::Pass(Uncached::Answer {
+                status,
+                content_type,
+                body,
+            }),
+        }
+    };
+    let (result, response) = match state.cache.get_or_fetch(Cache::key(call), ttl, fetch).await {
+        Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
+        Outcome::Stored(entry) => (
+            "stored",
+            from_entry(&entry, "billing-gateway; fwd=miss; stored"),
+        ),
+        Outcome::Coalesced(entry) => (
+            "coalesced",
+            from_entry(&entry, "billing-gateway; fwd=miss; stored"),
+        ),
+        Outcome::Stale(entry) => ("stale", from_entry(&entry, "billing-gateway; fwd=stale")),
+        Outcome::TooLarge(body) => ("miss", answer(StatusCode::OK, Some(JSON), body)),
+        Outcome::Passed(uncached) => match &*uncached {
+            Uncached::Answer {
+                status,
+                content_type,
+                body,
+            } => ("miss", answer(*status, content_type.clone(), body.clone())),
+            Uncached::Failed(e) => {
+                info.cache = Some("miss");
+                state.metrics.cache_result("miss");
+                return Err(e.clone());
+            }
+        },
+    };
+    info.cache = Some(result);
+    state.metrics.cache_result(result);
+    Ok(response)
+}
+
+/// A stored answer: headers built here, the body shared, never re-parsed.
+fn from_entry(entry: &Entry, cache_status: &'static str) -> Response {
+    let now = Instant::now();
+    let max_age = if entry.stale {
+        0
+    } else {
+        entry.fresh_until.saturating_duration_since(now).as_secs()
+    };
+    let mut response = answer(StatusCode::OK, Some(JSON), entry.body.clone());
+    let headers = response.headers_mut();
+    headers.insert(&CACHE_STATUS, HeaderValue::from_static(cache_status));
+    headers.insert(
+        header::AGE,
+        HeaderValue::from(now.saturating_duration_since(entry.stored_at).as_secs()),
+    );
+    headers.insert(header::CACHE_CONTROL, cache_control(max_age));
+    response
+}
+
+fn answer(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    if let Some(ct) = content_type {
+        headers.insert(header::CONTENT_TYPE, exact_json(ct));
+    }
+    headers.insert(
+        &CACHE_STATUS,
+        HeaderValue::from_static("billing-gateway; fwd=miss"),
+    );
+    headers.insert(header::CACHE_CONTROL, cache_control(0));
+    response
+}
+
+/// `private`: answers are per organization and only for callers allowed to see them, so no
+/// shared cache downstream may keep them.
+fn cache_control(max_age: u64) -> HeaderValue {
+    HeaderValue::try_from(format!("private, max-age={max_age}"))
+        .unwrap_or(HeaderValue::from_static("private, no-store"))
+}
+
+static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// `DELETE /gateway/v1/cache`: empties the cache (`cache:purge`, organization-wide).
+pub async fn purge(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let mut info = RequestInfo::default();
+    let result = async {
+        let principal = authenticate(&state, &headers).await?;
+        info.subject = Some(principal.subject.clone());
+        policy::require(&principal, Permission::CachePurge)?;
+        state.cache.purge();
+        tracing::info!(target: "audit", subject = %principal.subject, "cache purged");
+        Ok::<_, Error>(StatusCode::NO_CONTENT.into_response())
+    }
+    .await;
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    response.extensions_mut().insert(info);
+    response
+}
+
 /// Copies the few upstream headers a caller needs; JSON is relabelled exactly
 /// `application/json` because the JS SDK compares the whole string.
 fn relay_headers(from: &HeaderMap, to: &mut HeaderMap) {
@@ -131,6 +277,15 @@ fn relay_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
+fn exact_json(content_type: HeaderValue) -> HeaderValue {
+    let is_json = content_type.to_str().is_ok_and(|s| {
+        s.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/json")
+    });
+    if is_json { JSON } else { content_type }
+}
+
 /// `GET /gateway/v1/whoami`: the caller as the gateway sees it.
 pub async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let mut info = RequestInfo::default();
@@ -150,7 +305,7 @@ pub async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Respon
                 .collect();
             let permissions: Vec<_> = principal.permissions().iter().map(|p| p.name()).collect();
             json_response(
-                axum::http::StatusCode::OK,
+                StatusCode::OK,
                 &json!({
                     "subject": principal.subject,
                     "organization_id": state.config.upstream.organization_id,

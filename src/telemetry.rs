@@ -15,6 +15,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::Instrument;
@@ -38,6 +39,8 @@ pub struct RequestInfo {
     pub subject: Option<String>,
     /// Time to the upstream's response headers, when the upstream was called.
     pub upstream_ms: Option<f64>,
+    /// How the cache answered (`hit`, `stored`, `coalesced`, `stale`, `miss`), for cacheable calls.
+    pub cache: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +52,11 @@ struct RequestLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,6 +72,9 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     rejections: Family<ReasonLabels, Counter>,
     upstream_duration: HistogramFamily,
+    cache_results: Family<ResultLabels, Counter>,
+    cache_entries: Gauge,
+    cache_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,11 +100,34 @@ impl Default for Metrics {
             prometheus_client::registry::Unit::Seconds,
             upstream_duration.clone(),
         );
+        let cache_results = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Cacheable requests by how the cache answered: hit, stored, coalesced (waited for \
+             another request's fetch), stale (served while the upstream failed), miss (not stored)",
+            cache_results.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Answers held in the cache",
+            cache_entries.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register_with_unit(
+            "cache_size",
+            "Body and key bytes held in the cache",
+            prometheus_client::registry::Unit::Bytes,
+            cache_bytes.clone(),
+        );
         Metrics {
             registry,
             requests,
             rejections,
             upstream_duration,
+            cache_results,
+            cache_entries,
+            cache_bytes,
         }
     }
 }
@@ -104,6 +138,21 @@ impl Metrics {
         self.upstream_duration
             .get_or_create(&OperationLabels { operation })
             .observe(seconds);
+    }
+
+    /// Counts one cacheable request by how the cache answered it.
+    pub fn cache_result(&self, result: &'static str) {
+        self.cache_results
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Records what the cache holds (read when metrics are scraped).
+    pub fn cache_size(&self, entries: u64, bytes: u64) {
+        self.cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.
@@ -148,7 +197,9 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
         .unwrap_or_default();
     let status = response.status().as_u16();
     let operation = info.operation.unwrap_or(match path.as_str() {
-        "/healthz" | "/readyz" | "/metrics" | "/gateway/v1/whoami" => "gateway",
+        "/healthz" | "/readyz" | "/metrics" | "/gateway/v1/whoami" | "/gateway/v1/cache" => {
+            "gateway"
+        }
         _ => "unknown",
     });
     metrics
@@ -170,6 +221,7 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
         subject = info.subject.as_deref().unwrap_or("-"),
         status,
         rejection = rejection.unwrap_or("-"),
+        cache = info.cache.unwrap_or("-"),
         upstream_ms = info.upstream_ms,
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
         "request"

@@ -627,7 +627,7 @@ async fn request_ids_are_echoed_when_sane_and_replaced_when_not() {
         .await;
     let send = |id: &'static str| {
         app.client
-            .get(format!("{}/billing/v2beta1/taxes", app.base))
+            .get(format!("{}/billing/v2beta1/charges", app.base))
             .bearer_auth(app.reader())
             .header("x-request-id", id)
             .send()

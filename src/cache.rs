@@ -1,0 +1,213 @@
+//! Upstream answers kept in memory (contract §8): one upstream call per distinct query however
+//! many callers ask, stale answers when the upstream fails.
+//!
+//! Entries are keyed by the exact upstream request (operation and canonical query, organization
+//! filled in), never by caller: authorization happens before any lookup. Two moka caches share
+//! each entry: `fresh` holds it until its freshness ends and coalesces concurrent misses
+//! (`try_get_with` runs one fetch per key; waiters share its result, errors included); `stale`
+//! keeps it `stale_if_error` longer, for when the upstream fails. Both are bounded by body bytes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::Expiry;
+use moka::future::Cache as Moka;
+use time::OffsetDateTime;
+
+use crate::config::CacheConfig;
+use crate::operations::Call;
+
+/// While the upstream is failing, a stale answer is re-served from `fresh` for this long before
+/// the next attempt, so an outage does not make every request wait for a timeout.
+const STALE_HOLD: Duration = Duration::from_secs(5);
+
+/// One stored answer: the body as the upstream sent it (always JSON; only 200s are stored).
+#[derive(Debug)]
+pub struct Entry {
+    /// Shared, never copied on a hit.
+    pub body: Bytes,
+    /// When the upstream produced it (for `Age`).
+    pub stored_at: Instant,
+    /// Until when it may be served as fresh.
+    pub fresh_until: Instant,
+    /// Until when it may be served when the upstream fails.
+    pub stale_until: Instant,
+    /// Whether this is an old answer re-served because the upstream failed.
+    pub stale: bool,
+}
+
+/// What a fetch of a missing entry produced.
+pub enum Fetch<M> {
+    /// A 200 body: store it (when small enough) and serve it.
+    Store(Bytes),
+    /// The upstream failed (5xx, timeout, refused, 429): serve a stale entry if there is one,
+    /// else this.
+    Failed(M),
+    /// Any other answer: serve it, store nothing.
+    Pass(M),
+}
+
+/// How a request was answered, for `Cache-Status` and metrics.
+pub enum Outcome<M> {
+    /// Served from a fresh entry.
+    Hit(Arc<Entry>),
+    /// This request fetched and stored the entry.
+    Stored(Arc<Entry>),
+    /// Another request was fetching the same key; this one waited and shares its entry.
+    Coalesced(Arc<Entry>),
+    /// The upstream failed and an entry within `stale_if_error` was served.
+    Stale(Arc<Entry>),
+    /// A 200 too large to store (more than a tenth of the bound).
+    TooLarge(Bytes),
+    /// An answer that is not stored (shared with coalesced waiters).
+    Passed(Arc<M>),
+}
+
+enum Uncached<M> {
+    TooLarge(Bytes),
+    Passed(Arc<M>),
+}
+
+/// Expires an entry at its `fresh_until` plus `extra`.
+struct ExpireAt {
+    extra: Duration,
+}
+
+impl Expiry<Arc<str>, Arc<Entry>> for ExpireAt {
+    fn expire_after_create(&self, _: &Arc<str>, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
+        Some((e.fresh_until + self.extra).saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &Arc<str>,
+        e: &Arc<Entry>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, e, now)
+    }
+}
+
+/// The answer cache of one gateway.
+pub struct Cache {
+    fresh: Moka<Arc<str>, Arc<Entry>>,
+    stale: Moka<Arc<str>, Arc<Entry>>,
+    ttl: Duration,
+    closed_ttl: Duration,
+    stale_if_error: Duration,
+    max_entry: u64,
+}
+
+impl Cache {
+    /// An empty cache bounded as configured.
+    pub fn new(cfg: &CacheConfig) -> Cache {
+        let build = |extra| {
+            Moka::builder()
+                .max_capacity(cfg.max_bytes)
+                .weigher(|k: &Arc<str>, e: &Arc<Entry>| {
+                    u32::try_from(k.len() + e.body.len()).unwrap_or(u32::MAX)
+                })
+                .expire_after(ExpireAt { extra })
+                .build()
+        };
+        Cache {
+            fresh: build(Duration::ZERO),
+            stale: build(cfg.stale_if_error),
+            ttl: cfg.ttl,
+            closed_ttl: cfg.closed_ttl,
+            stale_if_error: cfg.stale_if_error,
+            max_entry: cfg.max_bytes / 10,
+        }
+    }
+
+    /// The key of a call: the exact upstream request.
+    pub fn key(call: &Call) -> Arc<str> {
+        let query = call.query_string();
+        let mut key = String::with_capacity(call.op.name.len() + 1 + query.len());
+        key.push_str(call.op.name);
+        key.push('?');
+        key.push_str(&query);
+        key.into()
+    }
+
+    /// Freshness: closed billing periods change rarely; the current one (or none named) often.
+    pub fn ttl_for(&self, call: &Call, now: OffsetDateTime) -> Duration {
+        let current = format!("{:04}-{:02}", now.year(), u8::from(now.month()));
+        match call.get("billing_period") {
+            Some(period) if period < current.as_str() => self.closed_ttl,
+            _ => self.ttl,
+        }
+    }
+
+    /// Serves `key` from memory, or runs `fetch` once for every concurrent request that misses.
+    pub async fn get_or_fetch<M, F>(&self, key: Arc<str>, ttl: Duration, fetch: F) -> Outcome<M>
+    where
+        M: Send + Sync + 'static,
+        F: Future<Output = Fetch<M>>,
+    {
+        if let Some(entry) = self.fresh.get(&key).await {
+            return if entry.stale {
+                Outcome::Stale(entry)
+            } else {
+                Outcome::Hit(entry)
+            };
+        }
+        let fetched_here = AtomicBool::new(false);
+        let init = async {
+            fetched_here.store(true, Ordering::Relaxed);
+            match fetch.await {
+                Fetch::Store(body) if body.len() as u64 > self.max_entry => {
+                    Err(Uncached::TooLarge(body))
+                }
+                Fetch::Store(body) => {
+                    let now = Instant::now();
+                    let entry = Arc::new(Entry {
+                        body,
+                        stored_at: now,
+                        fresh_until: now + ttl,
+                        stale_until: now + ttl + self.stale_if_error,
+                        stale: false,
+                    });
+                    self.stale.insert(key.clone(), entry.clone()).await;
+                    Ok(entry)
+                }
+                Fetch::Failed(m) => match self.stale.get(&key).await {
+                    Some(old) if old.stale_until > Instant::now() => Ok(Arc::new(Entry {
+                        body: old.body.clone(),
+                        stored_at: old.stored_at,
+                        fresh_until: Instant::now() + STALE_HOLD.min(ttl),
+                        stale_until: old.stale_until,
+                        stale: true,
+                    })),
+                    _ => Err(Uncached::Passed(Arc::new(m))),
+                },
+                Fetch::Pass(m) => Err(Uncached::Passed(Arc::new(m))),
+            }
+        };
+        match self.fresh.try_get_with(key.clone(), init).await {
+            Ok(entry) if entry.stale => Outcome::Stale(entry),
+            Ok(entry) if fetched_here.load(Ordering::Relaxed) => Outcome::Stored(entry),
+            Ok(entry) => Outcome::Coalesced(entry),
+            Err(shared) => match &*shared {
+                Uncached::TooLarge(body) => Outcome::TooLarge(body.clone()),
+                Uncached::Passed(m) => Outcome::Passed(m.clone()),
+            },
+        }
+    }
+
+    /// Drops every entry.
+    pub fn purge(&self) {
+        self.fresh.invalidate_all();
+        self.stale.invalidate_all();
+    }
+
+    /// `(entries, body bytes)` held, for metrics; `stale` holds every stored entry.
+    pub async fn size(&self) -> (u64, u64) {
+        self.stale.run_pending_tasks().await;
+        (self.stale.entry_count(), self.stale.weighted_size())
+    }
+}

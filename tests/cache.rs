@@ -1,0 +1,415 @@
+//! Consumption answers from memory: one upstream call per distinct query, stale when the
+//! upstream is down, never shared across access boundaries.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use wiremock::matchers::{any, method, path, query_param};
+use wiremock::{Mock, ResponseTemplate};
+
+const P1: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+const P2: &str = "99999999-8888-7777-6666-555555555555";
+const SHORT: Duration = Duration::from_millis(300);
+const PAST_SHORT: Duration = Duration::from_millis(450);
+
+fn consumptions(marker: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(
+        json!({"consumptions": [{"product_name": marker}], "total_count": 1}).to_string(),
+        "application/json",
+    )
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn two_identical_requests_make_one_upstream_call() {
+    let app = TestApp::spawn().await;
+    Mock::given(method("GET"))
+        .and(path("/billing/v2beta1/consumptions"))
+        .and(query_param("organization_id", ORG))
+        .respond_with(consumptions("a"))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let first = app
+        .get(
+            "/billing/v2beta1/consumptions?billing_period=2026-07",
+            &app.reader(),
+        )
+        .await;
+    assert_eq!(
+        header(&first, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+    assert!(header(&first, "cache-control").starts_with("private, max-age="));
+    let first_body = first.text().await.expect("body");
+    // Another caller with the same rights gets the same entry.
+    let second = app
+        .get(
+            "/billing/v2beta1/consumptions?billing_period=2026-07",
+            &app.manager(),
+        )
+        .await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "cache-status"), "billing-gateway; hit");
+    assert_eq!(header(&second, "content-type"), "application/json");
+    assert!(header(&second, "age").parse::<u64>().is_ok());
+    assert!(header(&second, "cache-control").starts_with("private, max-age="));
+    assert!(second.headers().get("x-total-count").is_none());
+    assert_eq!(second.text().await.expect("body"), first_body);
+}
+
+#[tokio::test]
+async fn equivalent_queries_share_an_entry_and_different_ones_do_not() {
+    let app = TestApp::spawn().await;
+    Mock::given(any())
+        .respond_with(consumptions("a"))
+        .expect(4)
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    for q in [
+        "billing_period=2026-07&page=1&page_size=10",
+        "page_size=10&billing_period=2026-07&page=1",
+        "pageSize=10&page=1&billing_period=2026-07",
+        "billing_period=2026-06&page=1&page_size=10",
+        &format!("billing_period=2026-07&page=1&page_size=10&project_id={P1}"),
+        "billing_period=2026-07&page=1&page_size=10&category_name=Compute",
+    ] {
+        let r = app
+            .get(&format!("/billing/v2beta1/consumptions?{q}"), &token)
+            .await;
+        assert_eq!(r.status(), 200, "{q}");
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_cold_requests_make_one_upstream_call() {
+    let app = TestApp::spawn().await;
+    Mock::given(any())
+        .respond_with(consumptions("once").set_delay(Duration::from_millis(300)))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    let requests = (0..100).map(|_| {
+        let (client, url, token) = (
+            app.client.clone(),
+            format!("{}/billing/v2beta1/taxes?billing_period=2026-07", app.base),
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            let r = client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("request");
+            (r.status().as_u16(), r.text().await.expect("body"))
+        })
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let first = answers[0].as_ref().expect("join").1.clone();
+    for answer in answers {
+        let (status, body) = answer.expect("join");
+        assert_eq!(status, 200);
+        assert_eq!(body, first);
+    }
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"billing_gateway_cache_requests_total{result="stored"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn errors_are_not_cached() {
+    let app = TestApp::spawn().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(500).set_body_raw(
+            r#"{"message":"boom","type":"internal_error"}"#,
+            "application/json",
+        ))
+        .expect(2)
+        .mount(&app.upstream)
+        .await;
+    for _ in 0..2 {
+        let r = app.get("/billing/v2beta1/taxes", &app.reader()).await;
+        assert_eq!(r.status(), 500);
+        assert_eq!(header(&r, "cache-status"), "billing-gateway; fwd=miss");
+    }
+}
+
+#[tokio::test]
+async fn stale_answers_cover_a_failing_upstream_and_fresh_ones_return_with_it() {
+    let app = TestApp::spawn_with(|c| c.cache.ttl = SHORT).await;
+    Mock::given(any())
+        .respond_with(consumptions("old"))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    let url = "/billing/v2beta1/consumptions";
+    assert_eq!(app.get(url, &token).await.status(), 200);
+
+    tokio::time::sleep(PAST_SHORT).await;
+    app.upstream.reset().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(503).set_body_raw("{}", "application/json"))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let r = app.get(url, &token).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "cache-status"), "billing-gateway; fwd=stale");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["consumptions"][0]["product_name"],
+        "old"
+    );
+    // While it is down, the stale answer is held briefly rather than retried on every request.
+    let r = app.get(url, &token).await;
+    assert_eq!(header(&r, "cache-status"), "billing-gateway; fwd=stale");
+    app.upstream.verify().await;
+
+    tokio::time::sleep(PAST_SHORT).await;
+    app.upstream.reset().await;
+    Mock::given(any())
+        .respond_with(consumptions("new"))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let r = app.get(url, &token).await;
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["consumptions"][0]["product_name"],
+        "new"
+    );
+}
+
+#[tokio::test]
+async fn a_rate_limited_upstream_is_covered_by_stale_too() {
+    let app = TestApp::spawn_with(|c| c.cache.ttl = SHORT).await;
+    Mock::given(any())
+        .respond_with(consumptions("kept"))
+        .mount(&app.upstream)
+        .await;
+    assert_eq!(
+        app.get("/billing/v2beta1/taxes", &app.reader())
+            .await
+            .status(),
+        200
+    );
+    tokio::time::sleep(PAST_SHORT).await;
+    app.upstream.reset().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(429))
+        .mount(&app.upstream)
+        .await;
+    let r = app.get("/billing/v2beta1/taxes", &app.reader()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "cache-status"), "billing-gateway; fwd=stale");
+    // No entry to fall back on: the upstream's 429 reaches the caller with Retry-After.
+    let r = app
+        .get(
+            "/billing/v2beta1/taxes?billing_period=2026-01",
+            &app.reader(),
+        )
+        .await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn closed_periods_stay_fresh_after_the_current_period_expires() {
+    let app = TestApp::spawn_with(|c| c.cache.ttl = SHORT).await;
+    Mock::given(query_param("billing_period", "2020-01"))
+        .respond_with(consumptions("closed"))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(consumptions("current"))
+        .expect(2)
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    app.get(
+        "/billing/v2beta1/consumptions?billing_period=2020-01",
+        &token,
+    )
+    .await;
+    app.get("/billing/v2beta1/consumptions", &token).await;
+    tokio::time::sleep(PAST_SHORT).await;
+    let closed = app
+        .get(
+            "/billing/v2beta1/consumptions?billing_period=2020-01",
+            &token,
+        )
+        .await;
+    assert_eq!(header(&closed, "cache-status"), "billing-gateway; hit");
+    let current = app.get("/billing/v2beta1/consumptions", &token).await;
+    assert_eq!(
+        header(&current, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+}
+
+#[tokio::test]
+async fn a_scoped_caller_cannot_read_another_projects_cached_answer() {
+    let dir = std::env::temp_dir().join(format!("bg-cache-policy-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let default = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policies/default.toml"
+    ))
+    .expect("default");
+    std::fs::write(dir.join("default.toml"), default).expect("write");
+    std::fs::write(
+        dir.join("teams.toml"),
+        format!("[[bindings]]\nclaim = \"groups\"\nequals = \"team-web\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n"),
+    )
+    .expect("write");
+    let app = TestApp::spawn_with(|c| c.policy_dir = dir.clone()).await;
+    Mock::given(query_param("project_id", P2))
+        .respond_with(consumptions("p2"))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    Mock::given(query_param("project_id", P1))
+        .respond_with(consumptions("p1"))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+
+    let org_wide = app.manager();
+    let r = app
+        .get(
+            &format!("/billing/v2beta1/consumptions?project_id={P2}"),
+            &org_wide,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+
+    let now = jsonwebtoken::get_current_timestamp();
+    let team = token_with(json!({"sub": "web", "groups": ["team-web"], "exp": now + 600}));
+    let denied = app
+        .get(
+            &format!("/billing/v2beta1/consumptions?project_id={P2}"),
+            &team,
+        )
+        .await;
+    assert_error(denied, 403, "permissions_denied").await;
+    let own = app.get("/billing/v2beta1/consumptions", &team).await;
+    assert_eq!(
+        header(&own, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+    assert_eq!(
+        own.json::<Value>().await.expect("json")["consumptions"][0]["product_name"],
+        "p1"
+    );
+}
+
+#[tokio::test]
+async fn purge_needs_its_permission_and_empties_the_cache() {
+    let app = TestApp::spawn().await;
+    Mock::given(any())
+        .respond_with(consumptions("a"))
+        .expect(2)
+        .mount(&app.upstream)
+        .await;
+    let purge = |token: String| {
+        app.client
+            .delete(format!("{}/gateway/v1/cache", app.base))
+            .bearer_auth(token)
+            .send()
+    };
+    app.get("/billing/v2beta1/taxes", &app.reader()).await;
+    assert_error(
+        purge(app.reader()).await.expect("request"),
+        403,
+        "permissions_denied",
+    )
+    .await;
+    let hit = app.get("/billing/v2beta1/taxes", &app.reader()).await;
+    assert_eq!(header(&hit, "cache-status"), "billing-gateway; hit");
+    let r = purge(app.manager()).await.expect("request");
+    assert_eq!(r.status(), 204);
+    let again = app.get("/billing/v2beta1/taxes", &app.reader()).await;
+    assert_eq!(
+        header(&again, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+}
+
+#[tokio::test]
+async fn cached_bytes_stay_within_the_bound() {
+    let bound: u64 = 16 * 1024;
+    let app = TestApp::spawn_with(|c| c.cache.max_bytes = bound).await;
+    let big = "x".repeat(2000);
+    Mock::given(query_param("category_name", "Big"))
+        .respond_with(consumptions(&big))
+        .expect(2)
+        .mount(&app.upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(consumptions(&"y".repeat(900)))
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    // Larger than a tenth of the bound: served, never stored.
+    for _ in 0..2 {
+        let r = app
+            .get("/billing/v2beta1/consumptions?category_name=Big", &token)
+            .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "cache-status"), "billing-gateway; fwd=miss");
+    }
+    for page in 1..=60 {
+        let r = app
+            .get(
+                &format!("/billing/v2beta1/consumptions?page={page}"),
+                &token,
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let bytes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("billing_gateway_cache_size_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("cache size metric");
+    assert!(
+        bytes > 0 && bytes <= bound,
+        "{bytes} cached bytes, bound {bound}"
+    );
+}
