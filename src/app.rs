@@ -136,6 +136,7 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/gateway/v1/whoami", get(proxy::whoami))
         .route("/gateway/v1/cache", delete(proxy::purge))
+        .route("/gateway/v1/openapi.json", get(openapi))
         // Every Billing path, and every unknown one (answered 404 by the operation table).
         .fallback(proxy::handle)
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
@@ -149,6 +150,10 @@ fn router(state: AppState) -> Router {
 
 async fn healthz() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+async fn openapi() -> Response {
+    json_response(StatusCode::OK, &crate::openapi::document())
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -33,6 +33,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod openapi;
 pub mod operations;
 pub mod policy;
 pub mod proxy;

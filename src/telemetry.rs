@@ -197,7 +197,7 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
         .unwrap_or_default();
     let status = response.status().as_u16();
     let operation = info.operation.unwrap_or(match path.as_str() {
-        "/healthz" | "/readyz" | "/metrics" | "/gateway/v1/whoami" | "/gateway/v1/cache" => {
+        p if p == "/healthz" || p == "/readyz" || p == "/metrics" || p.starts_with("/gateway/") => {
             "gateway"
         }
         _ => "unknown",
