@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::error::{Error, json_response};
 use crate::policy::PolicySet;
 use crate::proxy;
+use crate::reload::{self, LivePolicy};
 use crate::telemetry::{self, Metrics};
 use crate::upstream::Upstream;
 
@@ -30,8 +32,8 @@ pub struct Shared {
     pub config: Config,
     /// Token verification.
     pub auth: Authenticator,
-    /// The policy in force.
-    pub policy: PolicySet,
+    /// The policy in force, hot-reloaded from the policy folder.
+    pub policy: Arc<LivePolicy>,
     /// The Billing API client.
     pub upstream: Upstream,
     /// Stored consumption and tax answers.
@@ -69,17 +71,22 @@ pub struct App {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    policy_poll: Duration,
 }
 
 impl App {
-    /// Loads the policy folder and builds the gateway.
+    /// Loads the policy folder and builds the gateway; the folder is re-read while it runs.
     pub async fn build(config: Config) -> Result<App, StartError> {
-        let policy = PolicySet::load_dir(&config.policy_dir)?;
-        App::with_policy(config, policy).await
+        let policy = LivePolicy::load_dir(&config.policy_dir)?;
+        App::assemble(config, policy).await
     }
 
-    /// Builds the gateway with an already loaded policy.
+    /// Builds the gateway with an already loaded policy, which never changes.
     pub async fn with_policy(config: Config, policy: PolicySet) -> Result<App, StartError> {
+        App::assemble(config, LivePolicy::fixed(policy)).await
+    }
+
+    async fn assemble(config: Config, policy: LivePolicy) -> Result<App, StartError> {
         let upstream =
             Upstream::new(&config.upstream).map_err(|e| StartError::Other(e.to_string()))?;
         let listener =
@@ -93,7 +100,7 @@ impl App {
             auth: Authenticator::new(&config.auth),
             cache: Cache::new(&config.cache),
             config,
-            policy,
+            policy: Arc::new(policy),
             upstream,
             metrics: Arc::new(Metrics::default()),
             draining: AtomicBool::new(false),
@@ -102,7 +109,19 @@ impl App {
             listener,
             router: router(state.clone()),
             state,
+            policy_poll: reload::DEFAULT_POLL,
         })
+    }
+
+    /// How often the policy folder is re-read (default [`reload::DEFAULT_POLL`]); tests shorten it.
+    pub fn poll_policy_every(mut self, every: Duration) -> App {
+        self.policy_poll = every;
+        self
+    }
+
+    /// The policy in force, to reload it by hand (what SIGHUP does) or inspect it.
+    pub fn policy(&self) -> Arc<LivePolicy> {
+        self.state.policy.clone()
     }
 
     /// The bound address (the real port when 0 was asked).
@@ -122,9 +141,12 @@ impl App {
             state.draining.store(true, Ordering::SeqCst);
             tracing::info!("shutting down: finishing in-flight requests");
         };
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(signal)
-            .await
+        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
+        // The policy watcher lives exactly as long as the server: no task outlives the app.
+        tokio::select! {
+            served = serve => served,
+            never = reload::watch(self.state.policy.clone(), self.policy_poll) => match never {},
+        }
     }
 }
 

@@ -25,7 +25,8 @@
 //! 7. The answer is relayed as it comes: status, content type (JSON relabelled exactly
 //!    `application/json`), body streamed.
 //!
-//! Configuration is [`config`]; the assembled service is [`app::App`]; [`simulator`] is an
+//! Configuration is [`config`]; the assembled service is [`app::App`], whose policy [`reload`]
+//! keeps in step with the policy folder; [`simulator`] is an
 //! in-process Billing API for `demo`, tests and benchmarks.
 
 pub mod app;
@@ -37,6 +38,7 @@ pub mod openapi;
 pub mod operations;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod simulator;
 pub mod telemetry;
 pub mod upstream;

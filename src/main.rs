@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow, bail};
 use billing_gateway::app::App;
 use billing_gateway::auth::mint_hs256;
 use billing_gateway::config::{Config, parse_duration};
-use billing_gateway::policy::PolicySet;
+use billing_gateway::policy::{self, PolicySet, cases};
 use billing_gateway::{simulator, telemetry};
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
@@ -38,7 +38,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
-    /// Validate the configuration and every policy file.
+    /// Validate the configuration and every policy file, then run the policy test cases in the
+    /// policy folder's tests/ (exit 1 when one fails).
     Check {
         /// TOML configuration file (default: gateway.toml when present).
         #[arg(long)]
@@ -58,6 +59,27 @@ enum Command {
         /// Lifetime, e.g. 15m, 1h.
         #[arg(long, default_value = "1h")]
         ttl: String,
+    },
+    /// Gateway keys: credentials for scripts and unmodified SDKs (their SCW_SECRET_KEY).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Generate a key: prints it once, and the [[keys]] policy entry holding only its SHA-256.
+    New {
+        /// The key's name: the principal's subject in logs and audit events.
+        #[arg(long)]
+        name: String,
+        /// Roles, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "billing-read-only")]
+        roles: Vec<String>,
+        /// Limit the key to these projects (UUIDs, comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        projects: Vec<String>,
     },
 }
 
@@ -85,12 +107,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             tracing::info!(addr = %app.addr()?, "billing-gateway listening");
             app.run_until(shutdown_signal()).await?;
         }
-        Command::Check { config } => {
-            let config = Config::load(config.as_deref(), &env, false)?;
-            let policy = PolicySet::load_dir(&config.policy_dir)?;
-            let roles: Vec<_> = policy.role_names().collect();
-            println!("ok: configuration valid; roles: {}", roles.join(", "));
-        }
+        Command::Check { config } => check(config.as_deref())?,
+        Command::Key {
+            command:
+                KeyCommand::New {
+                    name,
+                    roles,
+                    projects,
+                },
+        } => new_key(&name, &roles, &projects)?,
         Command::Token {
             roles,
             sub,
@@ -118,6 +143,89 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo { listen } => demo(listen).await?,
     }
+    Ok(())
+}
+
+fn check(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let config = Config::load(config, &env, false)?;
+    let policy = PolicySet::load_dir(&config.policy_dir)?;
+    let tests = config.policy_dir.join("tests");
+    let files = cases::load_dir(&tests)?;
+    // With no organization configured (a CI run), a fixed placeholder is filled in: the nil UUID.
+    let report = cases::run(&policy, &files, config.upstream.organization_id);
+    for failure in &report.failures {
+        eprintln!("{failure}");
+    }
+    if !report.failures.is_empty() {
+        bail!(
+            "{} of {} policy test cases failed",
+            report.failures.len(),
+            report.total
+        );
+    }
+    let roles: Vec<_> = policy.role_names().collect();
+    println!(
+        "ok: configuration valid; policy {} ({}); {} policy test cases passed ({})",
+        policy.summary(),
+        roles.join(", "),
+        report.total,
+        tests.display()
+    );
+    Ok(())
+}
+
+fn new_key(name: &str, roles: &[String], projects: &[String]) -> anyhow::Result<()> {
+    if !policy::is_key_name(name) {
+        bail!("--name `{name}`: use letters, digits, `.`, `_` and `-` (at most 64)");
+    }
+    let roles: Vec<&str> = roles
+        .iter()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .collect();
+    if roles.is_empty() {
+        bail!("--roles: name at least one role");
+    }
+    let projects = projects
+        .iter()
+        .map(|p| {
+            uuid::Uuid::try_parse(p.trim())
+                .map(|p| p.to_string())
+                .map_err(|_| anyhow!("--projects: `{p}` is not a project id (a UUID)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let list = |items: &[&str]| -> anyhow::Result<String> {
+        let quoted = items
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(format!("[{}]", quoted.join(", ")))
+    };
+    let key = uuid::Uuid::new_v4();
+    let mut entry = format!(
+        "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = {}\n",
+        policy::key_sha256(&key),
+        list(&roles)?
+    );
+    if !projects.is_empty() {
+        let projects: Vec<&str> = projects.iter().map(String::as_str).collect();
+        entry += &format!("projects = {}\n", list(&projects)?);
+    }
+    // Checked against the policy folder when there is one: roles must exist, names be unique.
+    let config = Config::load(None, &env, false)?;
+    match PolicySet::read_sources(&config.policy_dir) {
+        Ok(mut sources) => {
+            sources.push(("(the new entry)".into(), entry.clone()));
+            PolicySet::from_sources(&sources)?;
+        }
+        Err(e) => eprintln!("note: the entry is not checked against a policy folder: {e}"),
+    }
+    println!(
+        "gateway key `{name}` (shown once: the policy stores only its SHA-256):\n\n    {key}\n\n\
+         Give it to the caller as its SCW_SECRET_KEY (X-Auth-Token), and paste this entry into a\n\
+         *.toml in the policy folder ({}):\n\n{entry}",
+        config.policy_dir.display()
+    );
     Ok(())
 }
 
@@ -159,15 +267,17 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     ));
     config.auth.hs256_secret = Some(hs256.clone());
     config.listen = listen;
-    let policy = match PolicySet::load_dir(&config.policy_dir) {
-        Ok(policy) => policy,
-        Err(e) if !config.policy_dir.exists() => {
-            tracing::info!("{e}; using the built-in default policy");
-            PolicySet::from_sources(&[("policies/default.toml".into(), DEFAULT_POLICY.into())])?
-        }
-        Err(e) => bail!(e),
+    let app = if config.policy_dir.exists() {
+        App::build(config).await?
+    } else {
+        tracing::info!(
+            "no {} folder; using the built-in default policy",
+            config.policy_dir.display()
+        );
+        let policy =
+            PolicySet::from_sources(&[("policies/default.toml".into(), DEFAULT_POLICY.into())])?;
+        App::with_policy(config, policy).await?
     };
-    let app = App::with_policy(config, policy).await?;
     let base = format!("http://{}", app.addr()?);
     let ttl = 12 * 3600;
     let read_only = token(

@@ -1,7 +1,13 @@
 //! Who may do what: policy files become a [`PolicySet`]; an authenticated identity becomes a
 //! [`Principal`] holding [`Grant`]s; [`decide`] allows or denies one [`Call`].
 //!
+//! A gateway key (a UUID sent as `X-Auth-Token`) is a principal of its own, declared in a
+//! `[[keys]]` entry that holds only the SHA-256 of the key. [`cases`] runs the policy test cases
+//! `billing-gateway check` reads from `<policy dir>/tests/`.
+//!
 //! Pure: no I/O but reading the policy folder. Anything no grant allows is denied.
+
+pub mod cases;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,9 +15,12 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use toml::Spanned;
 use uuid::Uuid;
 
+use crate::config::{Rate, parse_rate};
 use crate::error::Error;
 use crate::operations::{Call, Permission, Permissions};
 
@@ -24,6 +33,9 @@ pub struct Grant {
     pub permissions: Permissions,
     /// `None`: organization-wide. `Some`: only requests about these projects.
     pub projects: Option<Arc<[Uuid]>>,
+    /// A per-principal rate overriding `GATEWAY_PRINCIPAL_RATE`: the key's own `rate`, else the
+    /// most generous `rate` among the granted roles; `None` when none sets one.
+    pub rate: Option<Rate>,
 }
 
 /// An authenticated caller and everything the policy grants it.
@@ -42,6 +54,34 @@ impl Principal {
             .iter()
             .fold(Permissions::default(), |acc, g| acc.union(g.permissions))
     }
+
+    /// The per-principal rate the policy sets for this caller (the most generous of its
+    /// grants'), for the rate limiter; `None`: the configured default applies.
+    pub fn rate(&self) -> Option<Rate> {
+        most_generous(self.grants.iter().filter_map(|g| g.rate))
+    }
+}
+
+fn most_generous(rates: impl Iterator<Item = Rate>) -> Option<Rate> {
+    let per_second = |r: &Rate| f64::from(r.count) / r.per.as_secs_f64();
+    rates.max_by(|a, b| per_second(a).total_cmp(&per_second(b)))
+}
+
+/// The SHA-256, as 64 lowercase hex digits, of a gateway key's canonical text (hyphenated,
+/// lowercase): what a `[[keys]]` entry stores instead of the key.
+pub fn key_sha256(key: &Uuid) -> String {
+    let digest = Sha256::digest(key.hyphenated().to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `name` may name a gateway key: it becomes the principal's subject in logs and audit
+/// events, so it is kept to letters, digits, `.`, `_` and `-` (at most 64, starting with a
+/// letter or digit).
+pub fn is_key_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// A policy file problem, located for the operator: `file:line: what is wrong`.
@@ -61,12 +101,21 @@ pub struct PolicyError {
 pub struct PolicySet {
     roles: BTreeMap<String, Role>,
     bindings: Vec<Binding>,
+    keys: Vec<Key>,
 }
 
 #[derive(Debug, Clone)]
 struct Role {
     permissions: Permissions,
+    rate: Option<Rate>,
     file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+struct Key {
+    name: String,
+    sha256: String,
+    grant: Grant,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +128,13 @@ struct Binding {
 impl PolicySet {
     /// Reads every `*.toml` directly in `dir` (sub-folders such as `tests/` are not policy).
     pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+        PolicySet::from_sources(&PolicySet::read_sources(dir)?)
+    }
+
+    /// The policy files of `dir` and their texts, sorted by path: what [`PolicySet::load_dir`]
+    /// parses, and what the reloader compares to notice an edit. Symbolic links are followed
+    /// (Kubernetes mounts a ConfigMap as links into a `..data` folder it swaps).
+    pub fn read_sources(dir: &Path) -> Result<Vec<(PathBuf, String)>, PolicyError> {
         let at_dir = |message: String| PolicyError {
             file: dir.to_owned(),
             line: 1,
@@ -105,7 +161,7 @@ impl PolicySet {
             })?;
             sources.push((file, text));
         }
-        PolicySet::from_sources(&sources)
+        Ok(sources)
     }
 
     /// Merges policy texts; `file` names each in errors.
@@ -137,18 +193,20 @@ impl PolicySet {
                         at(p.span(), format!("unknown permission `{}`", p.get_ref()))
                     })?);
                 }
+                let rate = rate(role.get_ref().rate.as_ref(), &at)?;
                 set.roles.insert(
                     name,
                     Role {
                         permissions,
+                        rate,
                         file: file.clone(),
                     },
                 );
             }
-            parsed.push((at, doc.bindings));
+            parsed.push((at, doc.bindings, doc.keys));
         }
-        // Roles first, from every file: a binding may name a role defined in another file.
-        for (at, bindings) in parsed {
+        // Roles first, from every file: a binding or key may name a role defined in another file.
+        for (at, bindings, keys) in parsed {
             for b in bindings {
                 let claim = b.claim.get_ref();
                 if claim.is_empty() || claim.split('.').any(str::is_empty) {
@@ -161,8 +219,64 @@ impl PolicySet {
                     grant,
                 });
             }
+            for k in keys {
+                set.add_key(k, &at)?;
+            }
         }
         Ok(set)
+    }
+
+    fn add_key(
+        &mut self,
+        k: Spanned<KeyDef>,
+        at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
+    ) -> Result<(), PolicyError> {
+        let (span, k) = (k.span(), k.into_inner());
+        let name = k.name.get_ref();
+        if !is_key_name(name) {
+            return Err(at(
+                k.name.span(),
+                format!(
+                    "`{name}` is not a key name: use letters, digits, `.`, `_` and `-` (at most 64)"
+                ),
+            ));
+        }
+        let sha256 = k.sha256.get_ref();
+        if sha256.len() != 64
+            || !sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(at(
+                k.sha256.span(),
+                "`sha256` must be 64 lowercase hex digits (see `billing-gateway key new`)".into(),
+            ));
+        }
+        if self.keys.iter().any(|other| &other.name == name) {
+            return Err(at(
+                k.name.span(),
+                format!("key `{name}` is already defined"),
+            ));
+        }
+        if let Some(other) = self.keys.iter().find(|other| &other.sha256 == sha256) {
+            return Err(at(
+                k.sha256.span(),
+                format!("this sha256 is already the key `{}`'s", other.name),
+            ));
+        }
+        if k.roles.is_empty() {
+            return Err(at(span, format!("key `{name}` has no roles")));
+        }
+        let mut grant = self.grant(&k.roles, k.projects.as_deref(), at)?;
+        if let Some(own) = rate(k.rate.as_ref(), at)? {
+            grant.rate = Some(own);
+        }
+        self.keys.push(Key {
+            name: k.name.into_inner(),
+            sha256: k.sha256.into_inner(),
+            grant,
+        });
+        Ok(())
     }
 
     fn grant(
@@ -172,12 +286,14 @@ impl PolicySet {
         at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
     ) -> Result<Grant, PolicyError> {
         let mut permissions = Permissions::default();
+        let mut rates = Vec::new();
         for r in roles {
             let role = self
                 .roles
                 .get(r.get_ref())
                 .ok_or_else(|| at(r.span(), format!("unknown role `{}`", r.get_ref())))?;
             permissions = permissions.union(role.permissions);
+            rates.extend(role.rate);
         }
         let projects = projects
             .map(|ps| {
@@ -200,6 +316,7 @@ impl PolicySet {
             roles: roles.iter().map(|r| r.get_ref().clone()).collect(),
             permissions,
             projects,
+            rate: most_generous(rates.into_iter()),
         })
     }
 
@@ -212,10 +329,68 @@ impl PolicySet {
             .collect()
     }
 
+    /// The caller a verified token describes: its subject and every grant its claims match.
+    pub fn principal_for_claims(&self, subject: String, claims: &Map<String, Value>) -> Principal {
+        Principal {
+            subject,
+            grants: self.grants_for_claims(claims),
+        }
+    }
+
+    /// The caller a gateway key identifies, or `None` for an unknown key. The key's SHA-256 is
+    /// compared with every entry's in constant time, so timing reveals nothing of the stored
+    /// hashes.
+    pub fn principal_for_key(&self, key: &Uuid) -> Option<Principal> {
+        let digest = key_sha256(key);
+        let mut found = None;
+        for k in &self.keys {
+            if bool::from(digest.as_bytes().ct_eq(k.sha256.as_bytes())) {
+                found = Some(k);
+            }
+        }
+        found.map(Key::principal)
+    }
+
+    /// The caller a `[[keys]]` entry describes, by its name (policy test cases name keys, since
+    /// the keys themselves are nowhere to be found).
+    pub fn principal_for_key_name(&self, name: &str) -> Option<Principal> {
+        self.keys
+            .iter()
+            .find(|k| k.name == name)
+            .map(Key::principal)
+    }
+
     /// Role names, for `check`'s summary.
     pub fn role_names(&self) -> impl Iterator<Item = &str> {
         self.roles.keys().map(String::as_str)
     }
+
+    /// `roles: N, bindings: N, keys: N`, for `check` and reload log lines.
+    pub fn summary(&self) -> String {
+        format!(
+            "roles: {}, bindings: {}, keys: {}",
+            self.roles.len(),
+            self.bindings.len(),
+            self.keys.len()
+        )
+    }
+}
+
+impl Key {
+    fn principal(&self) -> Principal {
+        Principal {
+            subject: self.name.clone(),
+            grants: vec![self.grant.clone()],
+        }
+    }
+}
+
+fn rate(
+    rate: Option<&Spanned<String>>,
+    at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
+) -> Result<Option<Rate>, PolicyError> {
+    rate.map(|r| parse_rate(r.get_ref()).map_err(|e| at(r.span(), format!("rate: {e}"))))
+        .transpose()
 }
 
 /// Follows a dot path; an array matches when any element equals, a string when it equals or
@@ -255,8 +430,20 @@ pub fn decide(principal: &Principal, call: &mut Call) -> Result<(), Error> {
         resource,
     };
     if holding.is_empty() {
+        let mut roles: Vec<&str> = principal
+            .grants
+            .iter()
+            .flat_map(|g| g.roles.iter().map(String::as_str))
+            .collect();
+        roles.sort_unstable();
+        roles.dedup();
+        let held = if roles.is_empty() {
+            "the policy grants you no role".to_owned()
+        } else {
+            format!("your roles: {}", roles.join(", "))
+        };
         return Err(deny(format!(
-            "permission `{permission}` is required for {}",
+            "permission `{permission}` is required for {} ({held})",
             call.op.name
         )));
     }
@@ -331,6 +518,8 @@ struct PolicyFile {
     roles: BTreeMap<String, Spanned<RoleDef>>,
     #[serde(default)]
     bindings: Vec<BindingDef>,
+    #[serde(default)]
+    keys: Vec<Spanned<KeyDef>>,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +529,7 @@ struct RoleDef {
     #[expect(dead_code, reason = "documentation for operators; read by serde only")]
     description: Option<String>,
     permissions: Vec<Spanned<String>>,
+    rate: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +539,16 @@ struct BindingDef {
     equals: String,
     roles: Vec<Spanned<String>>,
     projects: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyDef {
+    name: Spanned<String>,
+    sha256: Spanned<String>,
+    roles: Vec<Spanned<String>>,
+    projects: Option<Vec<Spanned<String>>>,
+    rate: Option<Spanned<String>>,
 }
 
 #[cfg(test)]
@@ -455,6 +655,135 @@ mod tests {
             ),
             Err(403)
         );
+    }
+
+    fn key_entry(name: &str, key: &str, extra: &str) -> String {
+        let key: Uuid = key.parse().expect("uuid");
+        format!(
+            "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"billing-read-only\"]\n{extra}",
+            key_sha256(&key)
+        )
+    }
+
+    #[test]
+    fn key_digest_is_sha256_of_the_canonical_text() {
+        let key: Uuid = "0B7D2E1C9A444F6B8C3D5E6F7A8B9C0D".parse().expect("uuid");
+        // printf %s 0b7d2e1c-9a44-4f6b-8c3d-5e6f7a8b9c0d | sha256sum
+        assert_eq!(
+            key_sha256(&key),
+            "4743d22d4922c545b85a91c910df155d5c5691aba960c05b45e641aba08e3e98"
+        );
+    }
+
+    #[test]
+    fn gateway_keys_are_found_by_their_hash_only() {
+        const K1: &str = "0b7d2e1c-9a44-4f6b-8c3d-5e6f7a8b9c0d";
+        const K2: &str = "1c8e3f2d-0b55-4a7c-9d4e-6f7a8b9c0d1e";
+        let keys = format!(
+            "{}\n{}",
+            key_entry("report", K1, "rate = \"2/s\"\n"),
+            key_entry("web", K2, &format!("projects = [\"{P1}\"]\n"))
+        );
+        let set = set(&[DEFAULT, &keys]).expect("valid");
+        assert_eq!(set.summary(), "roles: 2, bindings: 2, keys: 2");
+        let k1: Uuid = K1.to_uppercase().parse().expect("uuid");
+        let report = set.principal_for_key(&k1).expect("known key");
+        assert_eq!(report.subject, "report");
+        assert_eq!(
+            report.permissions(),
+            Permissions::from_iter([Permission::parse("consumption:read").expect("p")])
+        );
+        assert_eq!(report.rate(), Some(parse_rate("2/s").expect("rate")));
+        assert!(decide_on(&report, "/billing/v2beta1/consumptions", "").is_ok());
+        assert_eq!(
+            decide_on(&report, "/billing/v2beta1/invoices", ""),
+            Err(403)
+        );
+
+        let web = set
+            .principal_for_key(&K2.parse().expect("uuid"))
+            .expect("known key");
+        assert_eq!(web.subject, "web");
+        assert_eq!(web.rate(), None);
+        assert_eq!(
+            decide_on(&web, "/billing/v2beta1/consumptions", ""),
+            Ok(format!("project_id={P1}"))
+        );
+        assert!(set.principal_for_key(&Uuid::new_v4()).is_none());
+        assert!(set.principal_for_key_name("web").is_some());
+        assert!(set.principal_for_key_name("nobody").is_none());
+    }
+
+    #[test]
+    fn broken_keys_are_located() {
+        const K: &str = "0b7d2e1c-9a44-4f6b-8c3d-5e6f7a8b9c0d";
+        let cases = [
+            (key_entry("a b", K, ""), 2, "`a b` is not a key name"),
+            (
+                "[[keys]]\nname = \"k\"\nsha256 = \"ABCD\"\nroles = [\"billing-read-only\"]\n"
+                    .to_owned(),
+                3,
+                "`sha256` must be 64 lowercase hex digits",
+            ),
+            (
+                key_entry("k", K, "").replace("billing-read-only", "ghost"),
+                4,
+                "unknown role `ghost`",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    key_entry("k", K, ""),
+                    key_entry("k", "1c8e3f2d-0b55-4a7c-9d4e-6f7a8b9c0d1e", "")
+                ),
+                6,
+                "key `k` is already defined",
+            ),
+            (
+                format!("{}{}", key_entry("k", K, ""), key_entry("j", K, "")),
+                7,
+                "this sha256 is already the key `k`'s",
+            ),
+            (
+                key_entry("k", K, "rate = \"fast\"\n"),
+                5,
+                "rate: `fast` is not a rate",
+            ),
+            (
+                key_entry("k", K, "colour = 1\n"),
+                5,
+                "unknown field `colour`",
+            ),
+        ];
+        for (text, line, message) in cases {
+            let e = set(&[DEFAULT, &text]).expect_err(message);
+            assert!(
+                e.line == line && e.message.starts_with(message) && e.file == Path::new("p1.toml"),
+                "{message}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn role_rates_give_the_most_generous_to_a_principal() {
+        let text = DEFAULT.replace(
+            "permissions = [\"consumption:read\"]",
+            "permissions = [\"consumption:read\"]\nrate = \"100/m\"",
+        );
+        let text = text.replace(
+            "description = \"Everything",
+            "rate = \"5/s\"\ndescription = \"Everything",
+        );
+        let set = set(&[&text]).expect("valid");
+        let ro = principal(&set, json!({"roles": ["billing-read-only"]}));
+        let both = principal(
+            &set,
+            json!({"roles": ["billing-read-only", "billing-manager"]}),
+        );
+        let nobody = principal(&set, json!({}));
+        assert_eq!(ro.rate(), Some(parse_rate("100/m").expect("rate")));
+        assert_eq!(both.rate(), Some(parse_rate("5/s").expect("rate")));
+        assert_eq!(nobody.rate(), None);
     }
 
     #[test]

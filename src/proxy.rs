@@ -79,17 +79,22 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
     match Authenticator::credential(headers)? {
         Credential::Jwt(token) => {
             let identity = state.auth.verify_jwt(token).await?;
-            let grants = state.policy.grants_for_claims(&identity.claims);
-            Ok(Principal {
-                subject: identity.subject,
-                grants,
-            })
+            Ok(state
+                .policy
+                .load()
+                .principal_for_claims(identity.subject, &identity.claims))
         }
-        Credential::Key(_) => Err(Error::Unauthenticated {
-            method: AuthMethod::ApiKey,
-            reason: AuthReason::NotFound,
-            message: "unknown gateway key",
-        }),
+        Credential::Key(key) => {
+            state
+                .policy
+                .load()
+                .principal_for_key(&key)
+                .ok_or(Error::Unauthenticated {
+                    method: AuthMethod::ApiKey,
+                    reason: AuthReason::NotFound,
+                    message: "unknown gateway key",
+                })
+        }
     }
 }
 

@@ -1,0 +1,178 @@
+//! The policy in force, and its hot reload (contract §5): the policy folder is re-read every
+//! few seconds and on SIGHUP; a valid edit replaces the policy atomically (requests in flight
+//! keep the one they started with), a broken edit is logged with its `file:line` and the last
+//! good policy stays in force.
+//!
+//! Polling, not file-system events: Kubernetes updates a mounted ConfigMap by swapping a
+//! `..data` symbolic link inside the folder, which inotify-style watchers easily miss, while
+//! comparing the folder's `*.toml` texts every tick sees every kind of edit.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, Guard};
+
+use crate::policy::{PolicyError, PolicySet};
+
+/// How often the policy folder is re-read unless the app is told otherwise.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(2);
+
+/// The policy in force, swappable while requests read it.
+pub struct LivePolicy {
+    current: ArcSwap<PolicySet>,
+    source: Option<Source>,
+}
+
+struct Source {
+    dir: PathBuf,
+    /// The texts last looked at (applied or rejected), so an edit is acted on, and logged, once.
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    sources: Vec<(PathBuf, String)>,
+    unreadable: Option<String>,
+}
+
+/// What one [`LivePolicy::reload`] did.
+#[derive(Debug)]
+pub enum Reload {
+    /// The folder's policy files are as last seen (or the policy has no folder).
+    Unchanged,
+    /// An edit was valid and is now in force.
+    Applied,
+    /// An edit is broken, or the folder cannot be read; the last good policy stays.
+    Rejected(PolicyError),
+}
+
+impl LivePolicy {
+    /// A policy that never changes (`demo`'s built-in default, tests).
+    pub fn fixed(policy: PolicySet) -> LivePolicy {
+        LivePolicy {
+            current: ArcSwap::from_pointee(policy),
+            source: None,
+        }
+    }
+
+    /// Loads `dir`, which later reloads re-read. A broken folder is an error here: the gateway
+    /// does not start without a good policy.
+    pub fn load_dir(dir: &Path) -> Result<LivePolicy, PolicyError> {
+        let sources = PolicySet::read_sources(dir)?;
+        let policy = PolicySet::from_sources(&sources)?;
+        Ok(LivePolicy {
+            current: ArcSwap::from_pointee(policy),
+            source: Some(Source {
+                dir: dir.to_owned(),
+                seen: Mutex::new(Seen {
+                    sources,
+                    unreadable: None,
+                }),
+            }),
+        })
+    }
+
+    /// The policy in force now; a request holds it for its whole life.
+    pub fn load(&self) -> Guard<Arc<PolicySet>> {
+        self.current.load()
+    }
+
+    /// Re-reads the folder and applies it when it changed and is valid. What SIGHUP and every
+    /// poll tick run; logs what it did.
+    pub fn reload(&self) -> Reload {
+        let Some(source) = &self.source else {
+            return Reload::Unchanged;
+        };
+        let mut seen = source.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let sources = match PolicySet::read_sources(&source.dir) {
+            Ok(sources) => sources,
+            Err(e) => {
+                let message = e.to_string();
+                if seen.unreadable.as_ref() != Some(&message) {
+                    tracing::error!(error = %e, "cannot re-read the policy folder; the last good policy stays in force");
+                    seen.unreadable = Some(message);
+                }
+                return Reload::Rejected(e);
+            }
+        };
+        seen.unreadable = None;
+        if sources == seen.sources {
+            return Reload::Unchanged;
+        }
+        // Files read while an editor or Kubernetes was halfway through replacing them may mix
+        // two versions: act only on a folder that reads the same twice.
+        if PolicySet::read_sources(&source.dir).ok().as_ref() != Some(&sources) {
+            return Reload::Unchanged;
+        }
+        let result = PolicySet::from_sources(&sources);
+        seen.sources = sources;
+        match result {
+            Ok(policy) => {
+                tracing::info!(
+                    dir = %source.dir.display(),
+                    policy = %policy.summary(),
+                    "policy reloaded"
+                );
+                self.current.store(Arc::new(policy));
+                Reload::Applied
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy edit rejected; the last good policy stays in force");
+                Reload::Rejected(e)
+            }
+        }
+    }
+}
+
+/// Reloads every `every` and on SIGHUP, forever; the app runs it alongside its server, so it
+/// stops when the server does.
+pub async fn watch(policy: Arc<LivePolicy>, every: Duration) -> Infallible {
+    if policy.source.is_none() {
+        return std::future::pending().await;
+    }
+    let mut hangup = Hangup::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = hangup.recv() => tracing::info!("SIGHUP: re-reading the policy folder"),
+        }
+        policy.reload();
+    }
+}
+
+/// SIGHUP where there is such a thing.
+struct Hangup {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangup {
+    fn new() -> Hangup {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let signal = signal(SignalKind::hangup())
+                .map_err(|e| tracing::warn!(error = %e, "SIGHUP will not reload the policy"))
+                .ok();
+            Hangup { signal }
+        }
+        #[cfg(not(unix))]
+        Hangup {}
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.signal {
+            if signal.recv().await.is_some() {
+                return;
+            }
+            self.signal = None;
+        }
+        std::future::pending().await
+    }
+}
