@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow, bail};
 use billing_gateway::app::App;
 use billing_gateway::auth::mint_hs256;
 use billing_gateway::config::{Config, parse_duration};
-use billing_gateway::policy::{self, PolicySet, cases};
+use billing_gateway::policy::{self, PolicySet, cases, key_sha256};
 use billing_gateway::{simulator, telemetry};
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
@@ -251,7 +251,7 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     let sim = simulator::Simulator::new(&key);
     let invoice = sim
         .invoice_ids()
-        .first()
+        .get(1)
         .copied()
         .context("the simulator has no invoice")?;
     let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -267,17 +267,25 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     ));
     config.auth.hs256_secret = Some(hs256.clone());
     config.listen = listen;
-    let app = if config.policy_dir.exists() {
-        App::build(config).await?
-    } else {
-        tracing::info!(
-            "no {} folder; using the built-in default policy",
-            config.policy_dir.display()
-        );
-        let policy =
-            PolicySet::from_sources(&[("policies/default.toml".into(), DEFAULT_POLICY.into())])?;
-        App::with_policy(config, policy).await?
+    // The repository's policy (or the built-in default) plus one manager key, so the official
+    // SDKs can be tried unmodified with it as their SCW_SECRET_KEY.
+    let mut sources = match PolicySet::read_sources(&config.policy_dir) {
+        Ok(sources) => sources,
+        Err(e) if !config.policy_dir.exists() => {
+            tracing::info!("{e}; using the built-in default policy");
+            vec![("policies/default.toml".into(), DEFAULT_POLICY.into())]
+        }
+        Err(e) => bail!(e),
     };
+    let gateway_key = uuid::Uuid::new_v4();
+    sources.push((
+        "demo-key.toml".into(),
+        format!(
+            "[[keys]]\nname = \"demo-sdk\"\nsha256 = \"{}\"\nroles = [\"billing-manager\"]\n",
+            key_sha256(&gateway_key)
+        ),
+    ));
+    let app = App::with_policy(config, PolicySet::from_sources(&sources)?).await?;
     let base = format!("http://{}", app.addr()?);
     let ttl = 12 * 3600;
     let read_only = token(
@@ -297,12 +305,14 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     println!(
         "billing-gateway demo: {base} -> simulated Billing API at {sim_url}\n\n\
          READ_ONLY={read_only}\n\
-         MANAGER={manager}\n\n\
+         MANAGER={manager}\n\
+         GATEWAY_KEY={gateway_key}\n\n\
          curl -s -H \"Authorization: Bearer $READ_ONLY\" '{base}/billing/v2beta1/consumptions?page_size=3'\n\
          curl -s -H \"Authorization: Bearer $READ_ONLY\" '{base}/billing/v2beta1/invoices'   # 403: read-only\n\
          curl -s -H \"X-Auth-Token: $MANAGER\" '{base}/billing/v2beta1/invoices?page_size=2'\n\
          curl -s -H \"X-Auth-Token: $MANAGER\" -o invoice.pdf '{base}/billing/v2beta1/invoices/{invoice}/download?dl=1'\n\
-         curl -s -H \"X-Auth-Token: $MANAGER\" '{base}/gateway/v1/whoami'\n\n\
+         curl -s -H \"X-Auth-Token: $MANAGER\" '{base}/gateway/v1/whoami'\n\
+         SCW_SECRET_KEY=$GATEWAY_KEY SCW_API_URL={base} ...   # the official SDKs, unmodified\n\n\
          Ctrl-C stops it."
     );
     app.run_until(shutdown_signal()).await?;

@@ -28,13 +28,16 @@ async fn demo_serves_the_simulated_api_with_the_printed_tokens() {
         .expect("demo starts");
     let stdout = child.stdout.take().expect("stdout");
     let _demo = Demo(child);
-    let (mut base, mut reader_token, mut manager_token, mut invoice) = (None, None, None, None);
+    let (mut base, mut reader_token, mut manager_token, mut invoice, mut key) =
+        (None, None, None, None, None);
     for line in BufReader::new(stdout).lines() {
         let line = line.expect("line");
         if let Some(rest) = line.strip_prefix("billing-gateway demo: ") {
             base = rest.split_whitespace().next().map(str::to_owned);
         } else if let Some(t) = line.strip_prefix("READ_ONLY=") {
             reader_token = Some(t.to_owned());
+        } else if let Some(k) = line.strip_prefix("GATEWAY_KEY=") {
+            key = Some(k.to_owned());
         } else if let Some(t) = line.strip_prefix("MANAGER=") {
             manager_token = Some(t.to_owned());
         } else if line.contains("/download?dl=1") {
@@ -54,6 +57,7 @@ async fn demo_serves_the_simulated_api_with_the_printed_tokens() {
         manager_token.expect("manager token printed"),
         invoice.expect("download line printed"),
     );
+    let key = key.expect("gateway key printed");
     let client = reqwest::Client::new();
     let get = |path: String, token: &str| {
         client
@@ -104,4 +108,17 @@ async fn demo_serves_the_simulated_api_with_the_printed_tokens() {
         .decode(envelope["content"].as_str().expect("content"))
         .expect("base64");
     assert_eq!(decoded, pdf.to_vec());
+
+    // The printed gateway key works as an unmodified SDK's SCW_SECRET_KEY.
+    let who: Value = get("/gateway/v1/whoami".into(), &key)
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(who["subject"], "demo-sdk");
+    let r = get("/billing/v2beta1/discounts".into(), &key)
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
 }
