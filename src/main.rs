@@ -38,6 +38,13 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Serve only the simulated Billing API (for benchmarks and SDK tests): it accepts the key in
+    /// SCW_SECRET_KEY.
+    Simulate {
+        /// Where the simulator listens.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+    },
     /// Validate the configuration and every policy file, then run the policy test cases in the
     /// policy folder's tests/ (exit 1 when one fails).
     Check {
@@ -142,6 +149,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", token(&secret, &sub, &roles, extra, ttl.as_secs())?);
         }
         Command::Demo { listen } => demo(listen).await?,
+        Command::Simulate { listen } => {
+            let key = env("SCW_SECRET_KEY")
+                .filter(|k| uuid::Uuid::try_parse(k).is_ok())
+                .context("SCW_SECRET_KEY must hold the key (a UUID) the simulator will accept")?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("simulated Billing API at http://{}", listener.local_addr()?);
+            tokio::select! {
+                served = simulator::serve(listener, simulator::Simulator::new(&key)) => served?,
+                () = shutdown_signal() => {}
+            }
+        }
     }
     Ok(())
 }

@@ -158,3 +158,41 @@ fn token_mints_a_verifiable_hs256_token() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("GATEWAY_JWT_HS256_SECRET"));
 }
+
+#[test]
+fn simulate_serves_the_billing_api_to_its_key_only() {
+    let out = run(&["simulate", "--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("SCW_SECRET_KEY"));
+
+    let mut child = Command::new(BIN)
+        .args(["simulate", "--listen", "127.0.0.1:0"])
+        .env_clear()
+        .env("SCW_SECRET_KEY", KEY)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("simulator starts");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("address line");
+    let base = line.trim().rsplit(' ').next().expect("url").to_owned();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (ok, refused) = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let url = format!("{base}/billing/v2beta1/taxes");
+        let ok = client
+            .get(&url)
+            .header("x-auth-token", KEY)
+            .send()
+            .await
+            .expect("request");
+        let refused = client.get(&url).send().await.expect("request");
+        (ok.status().as_u16(), refused.status().as_u16())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!((ok, refused), (200, 401));
+}
