@@ -29,6 +29,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod operations;
 pub mod policy;
 pub mod proxy;
