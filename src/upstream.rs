@@ -103,14 +103,7 @@ impl Upstream {
                 }
                 tokio::time::sleep(pause).await;
             }
-            let turn = match self.backoff.check() {
-                Ok(()) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    self.budget.acquire(left).await
-                }
-                Err(e) => Err(e),
-            };
-            let waited = match turn {
+            let waited = match self.take_turn(deadline).await {
                 Ok(waited) => waited,
                 // A retry that cannot have its turn gives the caller the answer already had.
                 Err(e) => return self.judge(last.unwrap_or(Err(e))),
@@ -134,6 +127,16 @@ impl Upstream {
             }
         }
         self.judge(last.unwrap_or(Err(Error::GatewayTimeout)))
+    }
+
+    /// Waits for this call's turn in the budget, unless the gateway is backing off (checked
+    /// again after the wait: a 429 may have come back meanwhile).
+    async fn take_turn(&self, deadline: Instant) -> Result<Duration, Error> {
+        self.backoff.check()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let waited = self.budget.acquire(left).await?;
+        self.backoff.check()?;
+        Ok(waited)
     }
 
     /// One request to the upstream, within `timeout`.

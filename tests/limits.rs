@@ -280,6 +280,39 @@ async fn after_an_upstream_429_nobody_reaches_the_upstream_until_its_retry_after
 }
 
 #[tokio::test]
+async fn calls_waiting_for_their_turn_do_not_go_upstream_after_a_429() {
+    let app = TestApp::spawn_with(|c| c.upstream.rate = per_second(1)).await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "30")
+                .set_delay(Duration::from_millis(300)),
+        )
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    // The first takes the budget's turn; the second waits for the next one, which comes after
+    // the first's 429.
+    let token = app.reader();
+    let (first, second) = tokio::join!(app.get("/billing/v2beta1/taxes", &token), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        app.get("/billing/v2beta1/consumptions", &token).await
+    });
+    assert_error(first, 429, "too_many_requests").await;
+    assert_error(second, 429, "too_many_requests").await;
+    assert_eq!(app.upstream_requests().await.len(), 1);
+    let m = metrics(&app).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"billing_gateway_rejections_total{reason="upstream_backoff"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
 async fn without_retry_after_the_backoff_starts_near_a_second_and_ends() {
     let app = TestApp::spawn().await;
     Mock::given(any())
