@@ -277,7 +277,7 @@ fn router(state: AppState, limits: &ServerLimits) -> Router {
         .merge(billing)
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
         .with_state(state.clone())
-        // Layers run outermost last in this list.
+        // Each `.layer` wraps everything above it, so the last one listed runs first.
         // Oversized headers answer 431 before anything reads them.
         .layer(from_fn(move |req: Request, next: Next| {
             check_headers(max_header_bytes, req, next)
