@@ -52,6 +52,20 @@ pub enum AuthReason {
     NotFound,
 }
 
+/// Which limit a 429 comes from: the rejection's reason in logs and metrics, so an operator can
+/// tell a greedy caller from a spent upstream budget or an upstream that pushed back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// The caller went past its own per-principal rate.
+    Principal,
+    /// The upstream budget is spent and the wait for a turn would be too long.
+    UpstreamBudget,
+    /// The gateway is backing off after an upstream 429 and does not call it meanwhile.
+    UpstreamBackoff,
+    /// The upstream itself answered 429.
+    Upstream,
+}
+
 /// Everything that can end a request early. Each variant maps to exactly one status.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -87,11 +101,16 @@ pub enum Error {
         /// The resource family, as Scaleway's `details[].resource`.
         resource: &'static str,
     },
+    /// The request headers are larger than any Billing call needs.
+    #[error("request headers too large")]
+    HeadersTooLarge,
     /// Too many requests, from the caller or from the upstream; retry after that many seconds.
     #[error("too many requests")]
     TooManyRequests {
         /// Seconds until a retry makes sense.
         retry_after: u64,
+        /// Which limit was hit.
+        reason: Throttle,
     },
     /// The upstream could not be reached, or answered in a way the gateway will not relay.
     #[error("upstream unavailable: {0}")]
@@ -102,6 +121,9 @@ pub enum Error {
     /// The gateway cannot serve right now (no signing keys, shutting down).
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// Too many requests in flight: shed at once rather than queued without bound.
+    #[error("overloaded")]
+    Overloaded,
     /// A bug or an unexpected failure; the cause is logged, never shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -115,12 +137,13 @@ impl Error {
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::InvalidArguments(_) => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied { .. } => StatusCode::FORBIDDEN,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Error::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -132,12 +155,19 @@ impl Error {
             Error::MethodNotAllowed => "method_not_allowed",
             Error::InvalidArguments(_) => "invalid_arguments",
             Error::PayloadTooLarge => "payload_too_large",
+            Error::HeadersTooLarge => "headers_too_large",
             Error::Unauthenticated { .. } => "denied_authentication",
             Error::PermissionDenied { .. } => "permissions_denied",
-            Error::TooManyRequests { .. } => "too_many_requests",
+            Error::TooManyRequests { reason, .. } => match reason {
+                Throttle::Principal => "principal_rate",
+                Throttle::UpstreamBudget => "upstream_budget",
+                Throttle::UpstreamBackoff => "upstream_backoff",
+                Throttle::Upstream => "upstream_rate_limited",
+            },
             Error::BadGateway(_) => "bad_gateway",
             Error::GatewayTimeout => "gateway_timeout",
             Error::Unavailable(_) => "unavailable",
+            Error::Overloaded => "overloaded",
             Error::Internal(_) => "internal",
         }
     }
@@ -155,6 +185,10 @@ impl Error {
                 "help_message": "Billing API calls take their arguments in the query string",
                 "message": "request body too large",
                 "type": "payload_too_large",
+            }),
+            Error::HeadersTooLarge => json!({
+                "message": "request headers too large",
+                "type": "request_header_fields_too_large",
             }),
             Error::Unauthenticated {
                 method,
@@ -179,7 +213,7 @@ impl Error {
                 "message": message,
                 "type": "permissions_denied",
             }),
-            Error::TooManyRequests { retry_after } => json!({
+            Error::TooManyRequests { retry_after, .. } => json!({
                 "help_message": format!("retry after {retry_after} s"),
                 "message": "too many requests",
                 "reset_seconds": retry_after,
@@ -192,7 +226,7 @@ impl Error {
             Error::GatewayTimeout => {
                 json!({"message": "the Billing API did not answer in time", "type": "gateway_timeout"})
             }
-            Error::Unavailable(_) => {
+            Error::Unavailable(_) | Error::Overloaded => {
                 json!({"message": "service temporarily unavailable", "type": "service_unavailable"})
             }
             Error::Internal(_) => json!({"message": "internal error", "type": "internal_error"}),
@@ -219,10 +253,10 @@ impl IntoResponse for Error {
                     HeaderValue::from_static(r#"Bearer realm="billing-gateway""#),
                 );
             }
-            Error::TooManyRequests { retry_after } => {
+            Error::TooManyRequests { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
-            Error::Unavailable(_) => {
+            Error::Unavailable(_) | Error::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
             _ => {}
@@ -248,6 +282,11 @@ mod tests {
             (Error::InvalidArguments(vec![]), 400, "invalid_arguments"),
             (Error::PayloadTooLarge, 413, "payload_too_large"),
             (
+                Error::HeadersTooLarge,
+                431,
+                "request_header_fields_too_large",
+            ),
+            (
                 Error::Unauthenticated {
                     method: AuthMethod::Jwt,
                     reason: AuthReason::Expired,
@@ -266,7 +305,10 @@ mod tests {
                 "permissions_denied",
             ),
             (
-                Error::TooManyRequests { retry_after: 3 },
+                Error::TooManyRequests {
+                    retry_after: 3,
+                    reason: Throttle::Principal,
+                },
                 429,
                 "too_many_requests",
             ),
@@ -277,6 +319,7 @@ mod tests {
                 503,
                 "service_unavailable",
             ),
+            (Error::Overloaded, 503, "service_unavailable"),
             (Error::Internal("bug".into()), 500, "internal_error"),
         ];
         for (error, status, kind) in cases {
@@ -316,5 +359,34 @@ mod tests {
         .body();
         assert_eq!(body["method"], "api_key");
         assert_eq!(body["reason"], "not_found");
+    }
+
+    #[test]
+    fn each_throttle_is_a_429_with_retry_after_and_its_own_reason() {
+        let reasons = [
+            (Throttle::Principal, "principal_rate"),
+            (Throttle::UpstreamBudget, "upstream_budget"),
+            (Throttle::UpstreamBackoff, "upstream_backoff"),
+            (Throttle::Upstream, "upstream_rate_limited"),
+        ];
+        for (reason, kind) in reasons {
+            let response = Error::TooManyRequests {
+                retry_after: 2,
+                reason,
+            }
+            .into_response();
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+            assert_eq!(
+                response.extensions().get::<ErrorKind>().map(|k| k.0),
+                Some(kind)
+            );
+        }
+        let shed = Error::Overloaded.into_response();
+        assert_eq!(shed.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            shed.extensions().get::<ErrorKind>().map(|k| k.0),
+            Some("overloaded")
+        );
     }
 }

@@ -34,6 +34,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod openapi;
 pub mod operations;
 pub mod policy;

@@ -47,6 +47,7 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
     info.operation = Some(call.op.name);
     let principal = authenticate(state, &parts.headers).await?;
     info.subject = Some(principal.subject.clone());
+    state.limits.check_principal(&principal.subject)?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored.
     axum::body::to_bytes(body, MAX_BODY)
         .await

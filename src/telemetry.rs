@@ -75,6 +75,11 @@ pub struct Metrics {
     cache_results: Family<ResultLabels, Counter>,
     cache_entries: Gauge,
     cache_bytes: Gauge,
+    upstream_retries: Family<OperationLabels, Counter>,
+    budget_wait: Histogram,
+    backoff: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Requests being handled, streaming answers included; the load-shedding bound applies to it.
+    pub(crate) in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -120,6 +125,32 @@ impl Default for Metrics {
             prometheus_client::registry::Unit::Bytes,
             cache_bytes.clone(),
         );
+        let upstream_retries = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream calls retried after a connection error, 502 or 503, by operation",
+            upstream_retries.clone(),
+        );
+        let budget_wait = Histogram::new(exponential_buckets(0.001, 2.0, 12));
+        registry.register_with_unit(
+            "upstream_budget_wait",
+            "Time upstream calls waited for their turn in the upstream budget",
+            prometheus_client::registry::Unit::Seconds,
+            budget_wait.clone(),
+        );
+        let backoff = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "upstream_backoff",
+            "Time left before the upstream is called again after it answered 429 (0: not backing off)",
+            prometheus_client::registry::Unit::Seconds,
+            backoff.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Billing and whoami requests being handled, streaming answers included",
+            in_flight.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -128,6 +159,10 @@ impl Default for Metrics {
             cache_results,
             cache_entries,
             cache_bytes,
+            upstream_retries,
+            budget_wait,
+            backoff,
+            in_flight,
         }
     }
 }
@@ -153,6 +188,24 @@ impl Metrics {
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
         self.cache_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Records how long an upstream call waited for its turn in the budget (0 when it had it at
+    /// once), so operators see the budget binding before callers see 429s.
+    pub fn observe_budget_wait(&self, seconds: f64) {
+        self.budget_wait.observe(seconds);
+    }
+
+    /// Counts one retry of an upstream call.
+    pub fn count_retry(&self, operation: &'static str) {
+        self.upstream_retries
+            .get_or_create(&OperationLabels { operation })
+            .inc();
+    }
+
+    /// Sets the backoff gauge (read at scrape time: the backoff ends without any event).
+    pub fn set_upstream_backoff(&self, seconds: f64) {
+        self.backoff.set(seconds);
     }
 
     /// The Prometheus text exposition.

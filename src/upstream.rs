@@ -2,30 +2,55 @@
 //! key injected last, an allowlist of headers, no redirects and a whole-request timeout
 //! (contract §6).
 //!
+//! Every call spends the shared upstream budget ([`crate::limits`]), none is made while backing
+//! off after an upstream 429, and idempotent GETs are retried on connection errors, 502 and 503.
+//!
 //! Requests are built from a validated [`Call`] only; nothing of the caller's request (headers,
 //! body, raw query) is copied. The key lives in a header value marked sensitive, so it prints as
 //! `Sensitive` in any `Debug` output.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use reqwest::redirect;
 use secrecy::ExposeSecret;
+use tokio::time::Instant;
 
 use crate::config::UpstreamConfig;
-use crate::error::Error;
+use crate::error::{Error, Throttle};
+use crate::limits::{Backoff, UPSTREAM_MAX_WAIT, UpstreamBudget, retry_after_secs};
 use crate::operations::{Call, Method};
+use crate::telemetry::Metrics;
 
-/// The upstream client. Cheap to share: one connection pool for all requests.
+/// Retries of an idempotent GET after a connection error, a 502 or a 503 (so three attempts at
+/// most). A POST (coupon redemption) is never retried: it might have been applied.
+pub const MAX_RETRIES: u32 = 2;
+
+/// The pause before the first retry; it doubles for the next, each jittered down to half so
+/// that callers failing together do not retry together.
+pub const RETRY_BASE: Duration = Duration::from_millis(100);
+
+/// The upstream client. Cheap to share: one connection pool, one budget and one backoff for
+/// all requests.
 pub struct Upstream {
     client: reqwest::Client,
     base: String,
     key: HeaderValue,
+    timeout: Duration,
+    budget: UpstreamBudget,
+    backoff: Backoff,
+    metrics: Arc<Metrics>,
 }
 
 static USER_AGENT: &str = concat!("billing-gateway/", env!("CARGO_PKG_VERSION"));
 
+/// What one attempt came to, before the answer is judged.
+type Attempt = Result<reqwest::Response, Error>;
+
 impl Upstream {
     /// Builds the client; fails only on a key that is not a valid header value.
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, Error> {
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, Error> {
         let client = reqwest::Client::builder()
             .redirect(redirect::Policy::none())
             .timeout(cfg.timeout)
@@ -41,13 +66,84 @@ impl Upstream {
             client,
             base: cfg.url.clone(),
             key,
+            timeout: cfg.timeout,
+            budget: UpstreamBudget::new(cfg.rate, UPSTREAM_MAX_WAIT),
+            backoff: Backoff::default(),
+            metrics,
         })
+    }
+
+    /// Time left before the upstream is called again after a 429 (zero when not backing off).
+    pub fn backoff_remaining(&self) -> Duration {
+        self.backoff.remaining()
     }
 
     /// Sends `call` and returns the upstream's answer with its body not yet read.
     ///
-    /// Redirects and 429s are turned into errors here, so no caller can follow or relay them.
+    /// Every attempt waits its turn in the upstream budget; none is made while backing off after
+    /// an upstream 429 (both answer 429 with `Retry-After`, which a cache may answer with a stale
+    /// entry instead). A GET is retried on a connection error, a 502 or a 503, within the
+    /// request's timeout. Redirects and 429s are turned into errors here, so no caller can
+    /// follow or relay them.
     pub async fn send(&self, call: &Call, request_id: &str) -> Result<reqwest::Response, Error> {
+        let deadline = Instant::now() + self.timeout;
+        let retries = if call.op.method == Method::Get {
+            MAX_RETRIES
+        } else {
+            0
+        };
+        let mut last: Option<Attempt> = None;
+        for attempt in 0..=retries {
+            if attempt > 0 {
+                let pause = RETRY_BASE
+                    .saturating_mul(1 << (attempt - 1))
+                    .mul_f64(rand::random_range(0.5..1.0));
+                if Instant::now() + pause >= deadline {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+            }
+            let waited = match self.take_turn(deadline).await {
+                Ok(waited) => waited,
+                // A retry that cannot have its turn gives the caller the answer already had.
+                Err(e) => return self.judge(last.unwrap_or(Err(e))),
+            };
+            self.metrics.observe_budget_wait(waited.as_secs_f64());
+            if attempt > 0 {
+                self.metrics.count_retry(call.op.name);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let outcome = self.attempt(call, request_id, left).await;
+            let retryable = match &outcome {
+                Ok(response) => matches!(
+                    response.status(),
+                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                ),
+                Err(e) => matches!(e, Error::BadGateway(_)),
+            };
+            last = Some(outcome);
+            if !retryable {
+                break;
+            }
+        }
+        self.judge(last.unwrap_or(Err(Error::GatewayTimeout)))
+    }
+
+    /// Waits for this call's turn in the budget, unless the gateway is backing off (checked
+    /// again after the wait: a 429 may have come back meanwhile).
+    async fn take_turn(&self, deadline: Instant) -> Result<Duration, Error> {
+        self.backoff.check()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let waited = self.budget.acquire(left).await?;
+        self.backoff.check()?;
+        Ok(waited)
+    }
+
+    /// One request to the upstream, within `timeout`.
+    async fn attempt(&self, call: &Call, request_id: &str, timeout: Duration) -> Attempt {
+        if timeout.is_zero() {
+            return Err(Error::GatewayTimeout);
+        }
         let mut url = format!("{}{}", self.base, call.path());
         let query = call.query_string();
         if !query.is_empty() {
@@ -66,33 +162,47 @@ impl Upstream {
         let mut request = self
             .client
             .request(method, url)
+            .timeout(timeout)
             .header(header::ACCEPT, accept)
             .header("x-request-id", request_id);
         // Injected last so no earlier header, however built, can displace it.
         request = request.header("x-auth-token", self.key.clone());
-        let response = request.send().await.map_err(|e| {
+        request.send().await.map_err(|e| {
             // reqwest's Display names the URL, never the headers: safe to log.
             if e.is_timeout() {
                 Error::GatewayTimeout
             } else {
                 Error::BadGateway(error_chain(&e))
             }
-        })?;
+        })
+    }
+
+    /// Turns the last attempt into the caller's answer, and lets a 429 start the backoff.
+    fn judge(&self, outcome: Attempt) -> Result<reqwest::Response, Error> {
+        let response = outcome?;
         let status = response.status();
-        if status.is_redirection() {
-            return Err(Error::BadGateway(format!(
-                "the upstream answered {status} (a redirect); redirects are never followed"
-            )));
-        }
         if status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = response
                 .headers()
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(1)
-                .clamp(1, 3600);
-            return Err(Error::TooManyRequests { retry_after });
+                .map(|s| Duration::from_secs(s.max(1)));
+            let delay = self.backoff.rate_limited(retry_after);
+            tracing::warn!(
+                backoff_ms = delay.as_millis() as u64,
+                "the upstream answered 429: not calling it meanwhile"
+            );
+            return Err(Error::TooManyRequests {
+                retry_after: retry_after_secs(delay),
+                reason: Throttle::Upstream,
+            });
+        }
+        self.backoff.succeeded();
+        if status.is_redirection() {
+            return Err(Error::BadGateway(format!(
+                "the upstream answered {status} (a redirect); redirects are never followed"
+            )));
         }
         Ok(response)
     }

@@ -172,7 +172,7 @@ async fn stale_answers_cover_a_failing_upstream_and_fresh_ones_return_with_it() 
     tokio::time::sleep(PAST_SHORT).await;
     app.upstream.reset().await;
     Mock::given(any())
-        .respond_with(ResponseTemplate::new(503).set_body_raw("{}", "application/json"))
+        .respond_with(ResponseTemplate::new(500).set_body_raw("{}", "application/json"))
         .expect(1)
         .mount(&app.upstream)
         .await;

@@ -37,6 +37,13 @@ pub fn config(upstream: &str) -> Config {
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.policy_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
     config.auth.hs256_secret = Some(SecretString::from(HS256));
+    // Generous rates: only the tests about limits set them low.
+    let plenty = billing_gateway::config::Rate {
+        count: 10_000,
+        per: Duration::from_secs(1),
+    };
+    config.limits.principal_rate = plenty;
+    config.upstream.rate = plenty;
     config
 }
 

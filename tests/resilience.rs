@@ -1,0 +1,416 @@
+//! Staying up when things go wrong: hostile and broken clients, overload, flaky upstream
+//! connections and shutdown in the middle of a download.
+//!
+//! Some tests need an upstream that streams slowly or drops connections, which wiremock cannot
+//! do; [`RawUpstream`] is a few lines of plain HTTP/1.1 over a socket for them.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use billing_gateway::app::{App, ServerLimits};
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+use wiremock::matchers::any;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// Generous bound for conditions to come about; a test fails past it, it never measures.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A gateway with chosen server limits in front of `upstream`.
+struct Gateway {
+    base: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Gateway {
+    async fn start(upstream: &str, limits: ServerLimits) -> Gateway {
+        let app = App::build(config(upstream))
+            .await
+            .expect("app builds")
+            .with_limits(limits);
+        let base = format!("http://{}", app.addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until(async {
+            let _ = rx.await;
+        }));
+        Gateway {
+            base,
+            client: reqwest::Client::new(),
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("request")
+            .text()
+            .await
+            .expect("text")
+    }
+}
+
+fn manager() -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    token_with(json!({"sub": "alice", "roles": ["billing-manager"], "iat": now, "exp": now + 600}))
+}
+
+/// What [`RawUpstream`] does with each connection.
+#[derive(Clone, Copy)]
+struct Script {
+    /// Close the first connection after reading its request, without an answer.
+    drop_first: bool,
+    /// Downloads: this many chunks of `chunk` bytes, `pause` apart.
+    chunks: usize,
+    chunk: usize,
+    pause: Duration,
+}
+
+/// An upstream over a plain socket: `/download` streams the scripted body slowly, anything else
+/// answers `{}`. Counts connections and notices when a download's reader goes away.
+struct RawUpstream {
+    url: String,
+    connections: Arc<AtomicUsize>,
+    reader_gone: Arc<Notify>,
+}
+
+impl RawUpstream {
+    async fn start(script: Script) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let reader_gone = Arc::new(Notify::new());
+        let (count, gone) = (connections.clone(), reader_gone.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let gone = gone.clone();
+                tokio::spawn(async move {
+                    let _ = serve_raw(stream, script, n == 0 && script.drop_first, &gone).await;
+                });
+            }
+        });
+        RawUpstream {
+            url,
+            connections,
+            reader_gone,
+        }
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+async fn serve_raw(
+    mut stream: TcpStream,
+    script: Script,
+    drop_it: bool,
+    reader_gone: &Notify,
+) -> std::io::Result<()> {
+    loop {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await? == 0 {
+                return Ok(());
+            }
+            head.push(byte[0]);
+        }
+        if drop_it {
+            return Ok(());
+        }
+        let head = String::from_utf8_lossy(&head);
+        if head.contains("/download") {
+            let len = script.chunks * script.chunk;
+            let start = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/pdf\r\ncontent-length: {len}\r\n\r\n"
+            );
+            stream.write_all(start.as_bytes()).await?;
+            for i in 0..script.chunks {
+                let piece: Vec<u8> = (i * script.chunk..(i + 1) * script.chunk)
+                    .map(|j| (j * 31 % 251) as u8)
+                    .collect();
+                if stream.write_all(&piece).await.is_err() {
+                    reader_gone.notify_one();
+                    return Ok(());
+                }
+                tokio::time::sleep(script.pause).await;
+            }
+        } else {
+            stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+                )
+                .await?;
+        }
+    }
+}
+
+fn download_path() -> String {
+    format!("/billing/v2beta1/invoices/{INVOICE}/download?dl=1")
+}
+
+#[tokio::test]
+async fn oversized_headers_get_a_json_431_and_oversized_bodies_a_413() {
+    let app = TestApp::spawn().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
+        .mount(&app.upstream)
+        .await;
+    let response = app
+        .client
+        .get(format!("{}/billing/v2beta1/taxes", app.base))
+        .bearer_auth(app.reader())
+        .header("x-padding", "a".repeat(40 * 1024))
+        .send()
+        .await
+        .expect("request");
+    assert_error(response, 431, "request_header_fields_too_large").await;
+    let response = app
+        .client
+        .post(format!("{}/billing/v2beta1/redeem-coupon?code=X", app.base))
+        .header("x-auth-token", app.manager())
+        .body(vec![b' '; 64 * 1024])
+        .send()
+        .await
+        .expect("request");
+    assert_error(response, 413, "payload_too_large").await;
+    assert!(app.upstream_requests().await.is_empty());
+    // Normal headers are served as before.
+    assert_eq!(
+        app.get("/billing/v2beta1/taxes", &app.reader())
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_slow_loris_connection_is_closed_and_others_are_served() {
+    let upstream = MockServer::start().await;
+    let gateway = Gateway::start(
+        &upstream.uri(),
+        ServerLimits {
+            header_read_timeout: Duration::from_millis(300),
+            ..ServerLimits::default()
+        },
+    )
+    .await;
+    // One sends half a request head and stalls; another connects and says nothing.
+    let mut half = TcpStream::connect(gateway.addr()).await.expect("connect");
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let mut silent = TcpStream::connect(gateway.addr()).await.expect("connect");
+    for stream in [&mut half, &mut silent] {
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got))
+            .await
+            .expect("the gateway closed the connection");
+        assert!(
+            read.is_err() || !String::from_utf8_lossy(&got).contains("200 OK"),
+            "a stalled request was answered"
+        );
+    }
+    let response = gateway
+        .client
+        .get(format!("{}/healthz", gateway.base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn load_past_the_bound_is_shed_with_a_json_503_and_probes_still_answer() {
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw("{}", "application/json")
+                .set_delay(Duration::from_millis(1500)),
+        )
+        .mount(&upstream)
+        .await;
+    let gateway = Arc::new(
+        Gateway::start(
+            &upstream.uri(),
+            ServerLimits {
+                max_in_flight: 2,
+                ..ServerLimits::default()
+            },
+        )
+        .await,
+    );
+    let token = manager();
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let (gateway, token) = (gateway.clone(), token.clone());
+            tokio::spawn(async move {
+                gateway
+                    .get("/billing/v2beta1/charges", &token)
+                    .await
+                    .status()
+            })
+        })
+        .collect();
+    tokio::time::timeout(PATIENCE, async {
+        while upstream.received_requests().await.unwrap_or_default().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both requests reached the upstream");
+
+    let shed = gateway.get("/billing/v2beta1/charges", &token).await;
+    assert_eq!(shed.headers()["retry-after"], "1");
+    assert_error(shed, 503, "service_unavailable").await;
+    let health = gateway
+        .client
+        .get(format!("{}/healthz", gateway.base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(health.status(), 200, "a probe was shed");
+
+    for request in busy {
+        assert_eq!(request.await.expect("join"), 200);
+    }
+    assert_eq!(
+        gateway
+            .get("/billing/v2beta1/charges", &token)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        upstream.received_requests().await.unwrap_or_default().len(),
+        3
+    );
+    let m = gateway.metrics().await;
+    assert!(
+        m.contains(r#"billing_gateway_rejections_total{reason="overloaded"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_get_is_retried_after_the_upstream_drops_the_connection() {
+    let upstream = RawUpstream::start(Script {
+        drop_first: true,
+        chunks: 0,
+        chunk: 1,
+        pause: Duration::ZERO,
+    })
+    .await;
+    let gateway = Gateway::start(&upstream.url, ServerLimits::default()).await;
+    let response = gateway.get("/billing/v2beta1/taxes", &manager()).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_download_frees_the_upstream_connection_and_service_goes_on() {
+    // A download far longer than the test: only the client leaving can end it.
+    let upstream = RawUpstream::start(Script {
+        drop_first: false,
+        chunks: 100_000,
+        chunk: 16 * 1024,
+        pause: Duration::from_millis(5),
+    })
+    .await;
+    let gateway = Gateway::start(&upstream.url, ServerLimits::default()).await;
+    let gone = upstream.reader_gone.notified();
+    let mut response = gateway.get(&download_path(), &manager()).await;
+    assert_eq!(response.status(), 200);
+    let first = response
+        .chunk()
+        .await
+        .expect("body")
+        .expect("a first chunk");
+    assert!(!first.is_empty());
+    drop(response);
+
+    tokio::time::timeout(PATIENCE, gone)
+        .await
+        .expect("the gateway closed its upstream connection");
+    assert_eq!(
+        gateway
+            .get("/billing/v2beta1/taxes", &manager())
+            .await
+            .status(),
+        200
+    );
+    // The abandoned download gave its place in the concurrency bound back.
+    tokio::time::timeout(PATIENCE, async {
+        while !gateway
+            .metrics()
+            .await
+            .contains("billing_gateway_requests_in_flight 0")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("no request left in flight");
+}
+
+#[tokio::test]
+async fn shutdown_during_a_slow_download_lets_it_finish_then_exits_cleanly() {
+    let script = Script {
+        drop_first: false,
+        chunks: 20,
+        chunk: 8 * 1024,
+        pause: Duration::from_millis(50),
+    };
+    let upstream = RawUpstream::start(script).await;
+    let mut gateway = Gateway::start(&upstream.url, ServerLimits::default()).await;
+    let response = gateway.get(&download_path(), &manager()).await;
+    assert_eq!(response.status(), 200);
+
+    // The SIGTERM path of `serve`: the same future completing.
+    if let Some(stop) = gateway.stop.take() {
+        let _ = stop.send(());
+    }
+    let body = response.bytes().await.expect("the download completes");
+    assert!(
+        body.as_ref() == pattern(script.chunks * script.chunk).as_slice(),
+        "the download was cut or altered"
+    );
+    let handle = gateway.handle.take().expect("handle");
+    tokio::time::timeout(PATIENCE, handle)
+        .await
+        .expect("the server stops")
+        .expect("join")
+        .expect("clean exit");
+    assert!(
+        TcpStream::connect(gateway.addr()).await.is_err(),
+        "still accepting"
+    );
+}
