@@ -87,7 +87,9 @@ impl App {
                     source,
                 })?;
         let state = Arc::new(Shared {
-            auth: Authenticator::new(&config.auth),
+            auth: Authenticator::start(&config.auth)
+                .await
+                .map_err(|e| StartError::Other(e.to_string()))?,
             config,
             policy,
             upstream,
