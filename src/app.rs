@@ -141,7 +141,9 @@ impl App {
                     source,
                 })?;
         let state = Arc::new(Shared {
-            auth: Authenticator::new(&config.auth),
+            auth: Authenticator::start(&config.auth)
+                .await
+                .map_err(|e| StartError::Other(e.to_string()))?,
             cache: Cache::new(&config.cache),
             limits: PrincipalLimits::new(config.limits.principal_rate),
             config,

@@ -62,6 +62,30 @@ pub struct AuthConfig {
     pub leeway: Duration,
 }
 
+/// Where the keys for asymmetric tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `GATEWAY_JWKS_URL`: the JWKS itself.
+    Jwks(String),
+    /// `GATEWAY_JWT_ISSUER` with no JWKS URL: the JWKS named by the issuer's OIDC discovery
+    /// document.
+    Discovery(String),
+}
+
+impl AuthConfig {
+    /// Where asymmetric keys come from, or `None` when only HS256 is enabled. An issuer that is
+    /// not an http(s) URL only pins `iss` (for HS256 tokens); nothing can be discovered from it.
+    pub fn key_source(&self) -> Option<KeySource> {
+        match (&self.jwks_url, &self.issuer) {
+            (Some(url), _) => Some(KeySource::Jwks(url.clone())),
+            (None, Some(issuer)) if parse_http_url(issuer).is_ok() => {
+                Some(KeySource::Discovery(issuer.clone()))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Consumption cache settings.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -247,7 +271,9 @@ impl Config {
                 ));
             }
         }
-        cfg.auth.jwks_url = get("GATEWAY_JWKS_URL", &f.auth.jwks_url);
+        if let Some(url) = get("GATEWAY_JWKS_URL", &f.auth.jwks_url) {
+            cfg.auth.jwks_url = Some(named("GATEWAY_JWKS_URL", parse_http_url(&url))?);
+        }
         cfg.auth.issuer = get("GATEWAY_JWT_ISSUER", &f.auth.issuer);
         cfg.auth.audience = get("GATEWAY_JWT_AUDIENCE", &f.auth.audience);
         if let Some(v) = get("GATEWAY_JWT_LEEWAY", &f.auth.leeway) {
@@ -279,17 +305,20 @@ impl Config {
                 }
             });
         }
-        if cfg.auth.jwks_url.is_some()
-            || (cfg.auth.issuer.is_some() && cfg.auth.hs256_secret.is_none())
-        {
-            return Err(err(
-                "asymmetric tokens (GATEWAY_JWKS_URL, or OIDC discovery from GATEWAY_JWT_ISSUER) \
-                 are not supported by this version yet; use GATEWAY_JWT_HS256_SECRET",
-            ));
+        if let (None, None, Some(issuer)) = (
+            &cfg.auth.key_source(),
+            &cfg.auth.hs256_secret,
+            &cfg.auth.issuer,
+        ) {
+            return Err(err(format!(
+                "GATEWAY_JWT_ISSUER: `{issuer}` is not an http(s) URL, so no JWKS can be discovered \
+                 from it; set GATEWAY_JWKS_URL or GATEWAY_JWT_HS256_SECRET"
+            )));
         }
-        if require_upstream && cfg.auth.hs256_secret.is_none() {
+        if require_upstream && cfg.auth.hs256_secret.is_none() && cfg.auth.key_source().is_none() {
             return Err(err(
-                "no way to authenticate callers: set GATEWAY_JWT_HS256_SECRET (or its _FILE variant)",
+                "no way to authenticate callers: set GATEWAY_JWKS_URL, GATEWAY_JWT_ISSUER (OIDC \
+                 discovery) or GATEWAY_JWT_HS256_SECRET (or its _FILE variant)",
             ));
         }
         Ok(cfg)
@@ -332,6 +361,26 @@ fn parse_url(url: &str) -> Result<String, String> {
         ));
     }
     Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// An absolute `http(s)://host[:port][/path][?query]` URL, as the JWKS or an issuer is named:
+/// no credentials in it (they would be sent along) and no fragment.
+pub(crate) fn parse_http_url(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{url}` must start with https:// or http://"))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if authority.is_empty()
+        || authority.contains('@')
+        || url.contains('#')
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "`{url}` is not a URL such as https://idp.example.com/.well-known/jwks.json"
+        ));
+    }
+    Ok(url.to_owned())
 }
 
 /// `500ms`, `30s`, `5m`, `1h`, `1d`.
@@ -528,6 +577,62 @@ mod tests {
         )
         .expect_err("short secret");
         assert!(e.to_string().contains("32 bytes"));
+    }
+
+    #[test]
+    fn asymmetric_tokens_are_configured_by_jwks_url_or_issuer() {
+        let base = [
+            ("SCW_SECRET_KEY", KEY),
+            ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut vars = base.to_vec();
+            vars.extend_from_slice(extra);
+            load(&vars, None)
+        };
+        let e = with(&[]).expect_err("no way to authenticate").to_string();
+        assert!(e.contains("no way to authenticate"), "{e}");
+
+        let cfg = with(&[("GATEWAY_JWKS_URL", "https://idp.example/keys?v=2")]).expect("jwks");
+        assert_eq!(
+            cfg.auth.key_source(),
+            Some(KeySource::Jwks("https://idp.example/keys?v=2".into()))
+        );
+        let cfg = with(&[("GATEWAY_JWT_ISSUER", "https://idp.example/realms/x")]).expect("oidc");
+        assert_eq!(
+            cfg.auth.key_source(),
+            Some(KeySource::Discovery("https://idp.example/realms/x".into()))
+        );
+        for bad in [
+            "idp.example/keys",
+            "ftp://idp.example/keys",
+            "https:///keys",
+            "https://user:pw@idp.example/keys",
+            "https://idp.example/keys#k",
+        ] {
+            let e = load(
+                &[
+                    ("SCW_SECRET_KEY", KEY),
+                    ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+                    ("GATEWAY_JWKS_URL", bad),
+                ],
+                None,
+            )
+            .expect_err(bad)
+            .to_string();
+            assert!(e.starts_with("GATEWAY_JWKS_URL"), "{e}");
+        }
+        // An issuer that is no URL only pins `iss` for HS256 tokens; alone it is an error.
+        let e = with(&[("GATEWAY_JWT_ISSUER", "billing")])
+            .expect_err("nothing to discover")
+            .to_string();
+        assert!(e.contains("GATEWAY_JWT_ISSUER"), "{e}");
+        let cfg = with(&[
+            ("GATEWAY_JWT_ISSUER", "billing"),
+            ("GATEWAY_JWT_HS256_SECRET", HS),
+        ])
+        .expect("HS256 with an iss check");
+        assert_eq!(cfg.auth.key_source(), None);
     }
 
     #[test]
