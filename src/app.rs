@@ -130,6 +130,15 @@ impl App {
     }
 
     async fn assemble(config: Config, policy: LivePolicy) -> Result<App, StartError> {
+        let jwt_enabled = config.auth.hs256_secret.is_some() || config.auth.key_source().is_some();
+        if !jwt_enabled && !policy.load().has_keys() {
+            return Err(StartError::Other(
+                "no way to authenticate callers: set GATEWAY_JWKS_URL, GATEWAY_JWT_ISSUER (OIDC \
+                 discovery) or GATEWAY_JWT_HS256_SECRET (or its _FILE variant), or define \
+                 [[keys]] in the policy"
+                    .into(),
+            ));
+        }
         let metrics = Arc::new(Metrics::default());
         let upstream = Upstream::new(&config.upstream, metrics.clone())
             .map_err(|e| StartError::Other(e.to_string()))?;

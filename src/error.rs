@@ -156,7 +156,13 @@ impl Error {
             Error::InvalidArguments(_) => "invalid_arguments",
             Error::PayloadTooLarge => "payload_too_large",
             Error::HeadersTooLarge => "headers_too_large",
-            Error::Unauthenticated { .. } => "denied_authentication",
+            // One reason per way authentication fails, so dashboards can tell expired tokens
+            // (a client bug) from bad signatures (an attack or a misconfiguration).
+            Error::Unauthenticated { reason, .. } => match reason {
+                AuthReason::InvalidArgument => "authentication_invalid",
+                AuthReason::Expired => "authentication_expired",
+                AuthReason::NotFound => "authentication_missing",
+            },
             Error::PermissionDenied { .. } => "permissions_denied",
             Error::TooManyRequests { reason, .. } => match reason {
                 Throttle::Principal => "principal_rate",

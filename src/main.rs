@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow, bail};
 use billing_gateway::app::App;
 use billing_gateway::auth::mint_hs256;
-use billing_gateway::config::{Config, parse_duration};
+use billing_gateway::config::{Config, parse_duration, parse_rate};
 use billing_gateway::policy::{self, PolicySet, cases, key_sha256};
 use billing_gateway::{simulator, telemetry};
 use clap::{Parser, Subcommand};
@@ -134,7 +134,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 anyhow!("GATEWAY_JWT_HS256_SECRET (or _FILE) is needed to sign tokens")
             })?;
             let ttl = parse_duration(&ttl).map_err(|e| anyhow!("--ttl: {e}"))?;
+            // Tokens the configured gateway accepts: with an issuer or audience pinned, carry them.
             let mut extra = Map::new();
+            if let Some(iss) = &config.auth.issuer {
+                extra.insert("iss".into(), json!(iss));
+            }
+            if let Some(aud) = &config.auth.audience {
+                extra.insert("aud".into(), json!(aud));
+            }
             for claim in claims {
                 let (k, v) = claim
                     .split_once('=')
@@ -287,6 +294,15 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     ));
     config.auth.hs256_secret = Some(hs256.clone());
     config.listen = listen;
+    // The demo's limits are the defaults unless asked otherwise (load runs raise them).
+    for (var, rate) in [
+        ("GATEWAY_PRINCIPAL_RATE", &mut config.limits.principal_rate),
+        ("GATEWAY_UPSTREAM_RATE", &mut config.upstream.rate),
+    ] {
+        if let Some(v) = env(var) {
+            *rate = parse_rate(&v).map_err(|e| anyhow!("{var}: {e}"))?;
+        }
+    }
     // The repository's policy (or the built-in default) plus one manager key, so the official
     // SDKs can be tried unmodified with it as their SCW_SECRET_KEY.
     let mut sources = match PolicySet::read_sources(&config.policy_dir) {

@@ -365,6 +365,11 @@ impl PolicySet {
         self.roles.keys().map(String::as_str)
     }
 
+    /// Whether any gateway key is defined: with no JWT method configured, keys are the only way in.
+    pub fn has_keys(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
     /// `roles: N, bindings: N, keys: N`, for `check` and reload log lines.
     pub fn summary(&self) -> String {
         format!(

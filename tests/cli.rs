@@ -58,7 +58,14 @@ fn check_names_the_file_and_line_of_a_broken_policy() {
 
 #[test]
 fn serve_fails_fast_on_missing_or_invalid_configuration() {
-    let cases: [(&[(&str, &str)], &str); 4] = [
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (
+            &[
+                ("SCW_SECRET_KEY", KEY),
+                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+            ],
+            "no way to authenticate callers",
+        ),
         (
             &[
                 ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
@@ -153,6 +160,23 @@ fn token_mints_a_verifiable_hs256_token() {
     assert_eq!(data.claims["groups"], serde_json::json!(["a"]));
     let ttl = data.claims["exp"].as_u64().unwrap_or(0) - data.claims["iat"].as_u64().unwrap_or(0);
     assert_eq!(ttl, 300);
+
+    let out = run(
+        &["token", "--roles", "x"],
+        &[
+            ("GATEWAY_JWT_HS256_SECRET", HS256),
+            ("GATEWAY_JWT_ISSUER", "https://idp.example"),
+            ("GATEWAY_JWT_AUDIENCE", "billing"),
+        ],
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(&token)
+        .expect("decodes")
+        .claims;
+    assert_eq!(
+        (claims["iss"].as_str(), claims["aud"].as_str()),
+        (Some("https://idp.example"), Some("billing"))
+    );
 
     let out = run(&["token", "--roles", "x"], &[]);
     assert_eq!(out.status.code(), Some(1));

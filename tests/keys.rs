@@ -282,3 +282,27 @@ fn key_new_refuses_bad_names_projects_and_roles() {
         assert!(out.stdout.is_empty(), "no key printed on failure");
     }
 }
+
+#[tokio::test]
+async fn gateway_keys_alone_are_a_valid_deployment() {
+    let dir = policy_dir(&entry("finance-sync", MANAGER_KEY, "billing-manager", ""));
+    let app = TestApp::spawn_with(|c| {
+        c.policy_dir = dir;
+        c.auth.hs256_secret = None;
+    })
+    .await;
+    Mock::given(any())
+        .respond_with(ok_json(json!({"invoices": []})))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let response = get_with_key(&app, "/billing/v2beta1/invoices", MANAGER_KEY).await;
+    assert_eq!(response.status(), 200);
+    // With no JWT method enabled, a JWT is simply not accepted.
+    assert_error(
+        app.get("/billing/v2beta1/invoices", &app.manager()).await,
+        401,
+        "denied_authentication",
+    )
+    .await;
+}

@@ -717,6 +717,10 @@ async fn gateway_endpoints_answer() {
         metrics.contains(r#"billing_gateway_rejections_total{reason="not_found"} 1"#),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(r#"billing_gateway_rejections_total{reason="authentication_missing"} 1"#),
+        "{metrics}"
+    );
     assert!(!metrics.contains(SECRET_KEY));
 }
 
