@@ -16,6 +16,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
@@ -26,6 +27,8 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tower::util::option_layer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::Authenticator;
 use crate::cache::Cache;
@@ -36,6 +39,7 @@ use crate::policy::PolicySet;
 use crate::proxy;
 use crate::reload::{self, LivePolicy};
 use crate::telemetry::{self, Metrics};
+use crate::tls::Tls;
 use crate::upstream::Upstream;
 
 /// Everything a request handler needs, shared by all of them.
@@ -115,6 +119,7 @@ pub struct App {
     state: AppState,
     policy_poll: Duration,
     limits: ServerLimits,
+    tls: Option<Arc<Tls>>,
 }
 
 impl App {
@@ -142,6 +147,13 @@ impl App {
         let metrics = Arc::new(Metrics::default());
         let upstream = Upstream::new(&config.upstream, metrics.clone())
             .map_err(|e| StartError::Other(e.to_string()))?;
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(
+                Tls::load(&files.cert, &files.key)
+                    .map_err(|e| StartError::Other(format!("TLS: {e}")))?,
+            )),
+            None => None,
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -166,10 +178,12 @@ impl App {
             state,
             policy_poll: reload::DEFAULT_POLL,
             limits: ServerLimits::default(),
+            tls,
         })
     }
 
-    /// How often the policy folder is re-read (default [`reload::DEFAULT_POLL`]); tests shorten it.
+    /// How often the policy folder (and the TLS certificate) is re-read (default
+    /// [`reload::DEFAULT_POLL`]); tests shorten it.
     pub fn poll_policy_every(mut self, every: Duration) -> App {
         self.policy_poll = every;
         self
@@ -202,13 +216,21 @@ impl App {
             state,
             policy_poll,
             limits,
+            tls,
         } = self;
         let router = router(state.clone(), &limits);
         let graceful = GracefulShutdown::new();
-        // The policy watcher lives exactly as long as the accept loop: no task outlives the app.
+        let certificate = async {
+            match &tls {
+                Some(tls) => tls.watch(policy_poll).await,
+                None => std::future::pending().await,
+            }
+        };
+        // The watchers live exactly as long as the accept loop: no task outlives the app.
         tokio::select! {
-            () = serve(listener, router, &limits, &graceful, shutdown) => {}
+            () = serve(listener, router, &limits, tls.clone(), &graceful, shutdown) => {}
             never = reload::watch(state.policy.clone(), policy_poll) => match never {},
+            never = certificate => match never {},
         }
 
         state.draining.store(true, Ordering::SeqCst);
@@ -232,6 +254,7 @@ async fn serve(
     listener: TcpListener,
     router: Router,
     limits: &ServerLimits,
+    tls: Option<Arc<Tls>>,
     graceful: &GracefulShutdown,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -261,6 +284,7 @@ async fn serve(
         };
         tokio::spawn(connection(
             stream,
+            tls.clone(),
             http.clone(),
             router.clone(),
             graceful.watcher(),
@@ -272,6 +296,7 @@ async fn serve(
 /// Serves one connection until it closes (or shutdown closes it once its requests are done).
 async fn connection(
     stream: TcpStream,
+    tls: Option<Arc<Tls>>,
     http: auto::Builder<TokioExecutor>,
     router: Router,
     watcher: Watcher,
@@ -284,9 +309,30 @@ async fn connection(
         Ok(Ok(n)) if n > 0 => {}
         _ => return,
     }
+    match tls {
+        // A handshake that stalls is a slow-loris too.
+        Some(tls) => {
+            match tokio::time::timeout(first_byte_timeout, tls.acceptor().accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, http, router, watcher).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
+        }
+        None => serve_connection(stream, http, router, watcher).await,
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    http: auto::Builder<TokioExecutor>,
+    router: Router,
+    watcher: Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = TowerToHyperService::new(router);
     let conn = http
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .into_owned();
     if let Err(e) = watcher.watch(conn).await {
         // Clients going away mid-answer, timeouts: routine, not the operator's concern.
@@ -322,6 +368,8 @@ fn router(state: AppState, limits: &ServerLimits) -> Router {
         .layer(from_fn(move |req: Request, next: Next| {
             check_headers(max_header_bytes, req, next)
         }))
+        // Browsers: preflights answered here, before authentication (they carry no credential).
+        .layer(option_layer(cors(&state.config.cors_origins)))
         // Outermost: request id, the request's span, its log line and metrics.
         .layer(from_fn_with_state(state.metrics.clone(), telemetry::track))
 }
@@ -404,6 +452,37 @@ async fn check_headers(max: usize, req: Request, next: Next) -> Response {
         return Error::HeadersTooLarge.into_response();
     }
     next.run(req).await
+}
+
+/// CORS for the configured origins only: tokens travel in headers, never cookies, so
+/// credentials are not allowed; the Scaleway and gateway headers a web app reads are exposed.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("x-auth-token"),
+                HeaderName::from_static("x-request-id"),
+            ])
+            .expose_headers([
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("cache-status"),
+                header::AGE,
+                header::RETRY_AFTER,
+                header::CONTENT_DISPOSITION,
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn healthz() -> Response {

@@ -30,6 +30,19 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Per-caller fairness.
     pub limits: LimitsConfig,
+    /// Browser origins allowed to call the gateway (CORS); empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
+    /// Serve HTTPS (HTTP/2 offered) with this certificate and key, re-read when they change.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of the TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
 }
 
 /// The upstream Billing API.
@@ -170,6 +183,8 @@ impl Config {
                     per: Duration::from_secs(1),
                 },
             },
+            cors_origins: Vec::new(),
+            tls: None,
         }
     }
 
@@ -295,6 +310,31 @@ impl Config {
         if let Some(v) = get("GATEWAY_PRINCIPAL_RATE", &f.limits.principal_rate) {
             cfg.limits.principal_rate = named("GATEWAY_PRINCIPAL_RATE", parse_rate(&v))?;
         }
+        if let Some(v) = get("GATEWAY_CORS_ORIGINS", &f.cors.origins) {
+            cfg.cors_origins = v
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(|o| parse_origin(o).map_err(|e| err(format!("GATEWAY_CORS_ORIGINS: {e}"))))
+                .collect::<Result<_, _>>()?;
+        }
+        match (
+            get("GATEWAY_TLS_CERT", &f.tls.cert),
+            get("GATEWAY_TLS_KEY", &f.tls.key),
+        ) {
+            (Some(cert), Some(key)) => {
+                cfg.tls = Some(TlsFiles {
+                    cert: cert.into(),
+                    key: key.into(),
+                });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(err(
+                    "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY go together: set both or neither",
+                ));
+            }
+        }
         if let Some(v) = get("GATEWAY_LOG_FORMAT", &f.log.format) {
             cfg.log_format = Some(match v.as_str() {
                 "json" => LogFormat::Json,
@@ -331,6 +371,21 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         let line = line_at(&text, e.span().map_or(0, |s| s.start));
         err(format!("{}:{line}: {}", path.display(), e.message()))
     })
+}
+
+/// An exact browser origin, `scheme://host[:port]`: no path, no wildcard (a wildcard with
+/// credentials in headers would let any site spend the caller's token).
+fn parse_origin(origin: &str) -> Result<String, String> {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{origin}` is not an origin such as https://app.example.com"))?;
+    if rest.is_empty() || rest.contains(['/', '*', '?', '#', ' ', '@']) {
+        return Err(format!(
+            "`{origin}` is not an origin such as https://app.example.com"
+        ));
+    }
+    Ok(origin.to_owned())
 }
 
 /// The 1-based line of a byte offset, for `file:line:` messages.
@@ -446,6 +501,23 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     log: FileLog,
+    #[serde(default)]
+    cors: FileCors,
+    #[serde(default)]
+    tls: FileTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCors {
+    origins: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: Option<String>,
+    key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -508,6 +580,38 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::load(file, &|k| vars.get(k).cloned(), true)
+    }
+
+    #[test]
+    fn cors_origins_are_exact_and_tls_files_come_in_pairs() {
+        let base = [
+            ("SCW_SECRET_KEY", KEY),
+            ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut vars = base.to_vec();
+            vars.extend_from_slice(extra);
+            load(&vars, None)
+        };
+        let cfg = with(&[(
+            "GATEWAY_CORS_ORIGINS",
+            "https://a.example, http://localhost:3000",
+        )])
+        .expect("origins");
+        assert_eq!(
+            cfg.cors_origins,
+            ["https://a.example", "http://localhost:3000"]
+        );
+        for bad in [
+            "*",
+            "https://a.example/app",
+            "a.example",
+            "https://*.example",
+        ] {
+            assert!(with(&[("GATEWAY_CORS_ORIGINS", bad)]).is_err(), "{bad}");
+        }
+        let e = with(&[("GATEWAY_TLS_CERT", "/c.pem")]).expect_err("half a pair");
+        assert!(e.to_string().contains("GATEWAY_TLS_KEY"));
     }
 
     #[test]

@@ -42,4 +42,5 @@ pub mod proxy;
 pub mod reload;
 pub mod simulator;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
