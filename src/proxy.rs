@@ -109,7 +109,6 @@ async fn forward(
     let result = state.upstream.send(call, request_id).await;
     let elapsed = started.elapsed().as_secs_f64();
     info.upstream_ms = Some(elapsed * 1000.0);
-    state.metrics.observe_upstream(call.op.name, elapsed);
     let upstream = result?;
 
     let mut response = Response::builder().status(upstream.status());
@@ -147,7 +146,6 @@ async fn cached(
         let result = state.upstream.send(call, request_id).await;
         let elapsed = started.elapsed().as_secs_f64();
         *upstream_ms = Some(elapsed * 1000.0);
-        state.metrics.observe_upstream(call.op.name, elapsed);
         let upstream = match result {
             Ok(upstream) => upstream,
             Err(e) => return Fetch::Failed(Uncached::Failed(e)),

@@ -72,6 +72,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     rejections: Family<ReasonLabels, Counter>,
     upstream_duration: HistogramFamily,
+    upstream_calls: Family<RequestLabels, Counter>,
     cache_results: Family<ResultLabels, Counter>,
     cache_entries: Gauge,
     cache_bytes: Gauge,
@@ -96,6 +97,13 @@ impl Default for Metrics {
             "rejections",
             "Requests the gateway answered itself with an error, by reason",
             rejections.clone(),
+        );
+        let upstream_calls = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "upstream_calls",
+            "Calls sent to the Billing API (retries included), by operation and answer status; \
+             status 0: no answer (timeout, connection refused)",
+            upstream_calls.clone(),
         );
         let upstream_duration: HistogramFamily =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 12)));
@@ -156,6 +164,7 @@ impl Default for Metrics {
             requests,
             rejections,
             upstream_duration,
+            upstream_calls,
             cache_results,
             cache_entries,
             cache_bytes,
@@ -168,8 +177,12 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records one upstream call's latency.
-    pub fn observe_upstream(&self, operation: &'static str, seconds: f64) {
+    /// Records one upstream call: its answer's status (0: none — timeout, refused) and the time
+    /// to its response headers.
+    pub fn observe_upstream(&self, operation: &'static str, status: u16, seconds: f64) {
+        self.upstream_calls
+            .get_or_create(&RequestLabels { operation, status })
+            .inc();
         self.upstream_duration
             .get_or_create(&OperationLabels { operation })
             .observe(seconds);

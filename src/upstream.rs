@@ -167,7 +167,15 @@ impl Upstream {
             .header("x-request-id", request_id);
         // Injected last so no earlier header, however built, can displace it.
         request = request.header("x-auth-token", self.key.clone());
-        request.send().await.map_err(|e| {
+        let started = Instant::now();
+        let outcome = request.send().await;
+        // Per attempt, without the budget wait: what the upstream itself takes.
+        self.metrics.observe_upstream(
+            call.op.name,
+            outcome.as_ref().map_or(0, |r| r.status().as_u16()),
+            started.elapsed().as_secs_f64(),
+        );
+        outcome.map_err(|e| {
             // reqwest's Display names the URL, never the headers: safe to log.
             if e.is_timeout() {
                 Error::GatewayTimeout

@@ -721,6 +721,11 @@ async fn gateway_endpoints_answer() {
         metrics.contains(r#"billing_gateway_rejections_total{reason="authentication_missing"} 1"#),
         "{metrics}"
     );
+    assert!(
+        metrics
+            .contains(r#"billing_gateway_upstream_calls_total{operation="taxes",status="200"} 1"#),
+        "{metrics}"
+    );
     assert!(!metrics.contains(SECRET_KEY));
 }
 
