@@ -14,7 +14,7 @@
 import assert from 'node:assert/strict'
 import { Buffer } from 'node:buffer'
 import { randomUUID } from 'node:crypto'
-import { before, describe, it } from 'node:test'
+import { describe, it } from 'node:test'
 
 import { loadProfileFromEnvironmentValues } from '@scaleway/configuration-loader'
 import { Billingv2beta1 } from '@scaleway/sdk-billing'
@@ -97,12 +97,19 @@ async function pages(paginated) {
   return out
 }
 
+/** Runs `f` once, on first use: a failure then fails every test that needs it (a `before` hook
+ * would cancel them instead, and the runner would count no failure). */
+const once = (f) => {
+  let p
+  return () => (p ??= f())
+}
+
 // Every invoice, newest first, listed with the manager token whatever the mode.
 const manager = new Billingv2beta1.API(jwtClient(MANAGER))
 let invoices
 let closed
 let current
-before(async () => {
+const fixtures = once(async () => {
   invoices = await manager.listInvoices({ orderBy: 'start_date_desc', pageSize: 5 }).all()
   closed = invoices.find((i) => i.type === 'periodic' && i.state === 'issued')
   current = invoices.find((i) => i.state === 'draft')
@@ -111,13 +118,19 @@ before(async () => {
 
 function battery(mode, makeClient, token) {
   const cred = { api: undefined, permissions: new Set() }
-  before(async () => {
+  const setUp = once(async () => {
+    await fixtures()
     cred.api = new Billingv2beta1.API(makeClient())
     cred.permissions = await whoami(token)
     if (mode === 'jwt') for (const p of PERMISSIONS) assert.ok(cred.permissions.has(p), `manager lacks ${p}`)
   })
+  const check = (name, fn) =>
+    it(name, async () => {
+      await setUp()
+      await fn()
+    })
 
-  it('listConsumptions: one page, .all() and the async iterator agree', async () => {
+  check('listConsumptions: one page, .all() and the async iterator agree', async () => {
     const { api } = cred
     const first = await api.listConsumptions({ pageSize: 7 })
     assert.ok(first.totalCount > 7)
@@ -141,7 +154,7 @@ function battery(mode, makeClient, token) {
     }
   })
 
-  it('listConsumptions: per project (defaultProjectId) and per category partition the month', async () => {
+  check('listConsumptions: per project (defaultProjectId) and per category partition the month', async () => {
     const all = await cred.api.listConsumptions({ orderBy: 'category_name_asc' }).all()
     const projects = [...new Set(all.map((c) => c.projectId))].sort()
     assert.ok(projects.length >= 2)
@@ -162,14 +175,14 @@ function battery(mode, makeClient, token) {
     assert.ok(db.length > 0 && db.every((c) => c.categoryName === 'Managed Databases'))
   })
 
-  it('listConsumptions: a future month is empty', async () => {
+  check('listConsumptions: a future month is empty', async () => {
     const future = label(new Date(current.billingPeriod.getTime() + 40 * 86400e3))
     const first = await cred.api.listConsumptions({ billingPeriod: future, pageSize: 10 })
     assert.deepEqual([first.totalCount, first.consumptions], [0, []])
     assert.deepEqual(await cred.api.listConsumptions({ billingPeriod: future, pageSize: 10 }).all(), [])
   })
 
-  it('listConsumptions and listTaxes of a closed month match its invoice', async () => {
+  check('listConsumptions and listTaxes of a closed month match its invoice', async () => {
     const billingPeriod = label(closed.billingPeriod)
     const lines = await cred.api.listConsumptions({ billingPeriod, pageSize: 100 }).all()
     assert.equal(lines.reduce((s, c) => s + cents(c.value), 0), cents(closed.totalUndiscount))
@@ -183,7 +196,7 @@ function battery(mode, makeClient, token) {
     assert.deepEqual((await pages(cred.api.listTaxes({ billingPeriod }))).flat(), taxes.taxes)
   })
 
-  it('listInvoices: one page, .all() and the async iterator agree', () =>
+  check('listInvoices: one page, .all() and the async iterator agree', () =>
     permitted(cred, 'invoices:read', async () => {
       const first = await cred.api.listInvoices({ pageSize: 4 })
       assert.ok(first.totalCount > 4)
@@ -197,7 +210,7 @@ function battery(mode, makeClient, token) {
       for (const i of all) assert.equal(cents(i.totalUntaxed) + cents(i.totalTax), cents(i.totalTaxed))
     }))
 
-  it('listInvoices: Date filters travel as ISO strings and select the window', () =>
+  check('listInvoices: Date filters travel as ISO strings and select the window', () =>
     permitted(cred, 'invoices:read', async () => {
       const periodic = invoices.filter((i) => i.type === 'periodic')
       const starts = periodic.map((i) => i.startDate.getTime()).sort((a, b) => a - b)
@@ -220,7 +233,7 @@ function battery(mode, makeClient, token) {
       assert.ok(purchases.totalCount >= 1 && purchases.invoices.every((i) => i.type === 'purchase'))
     }))
 
-  it('getInvoice answers the listed invoice; an unknown id is ResourceNotFoundError', async () => {
+  check('getInvoice answers the listed invoice; an unknown id is ResourceNotFoundError', async () => {
     await permitted(cred, 'invoices:read', async () => {
       const got = await cred.api.getInvoice({ invoiceId: closed.id })
       assert.deepEqual(got, closed)
@@ -231,7 +244,7 @@ function battery(mode, makeClient, token) {
     })
   })
 
-  it('downloadInvoice (dl=1) returns the PDF bytes the JSON envelope holds', () =>
+  check('downloadInvoice (dl=1) returns the PDF bytes the JSON envelope holds', () =>
     permitted(cred, 'invoices:download', async () => {
       const blob = await cred.api.downloadInvoice({ invoiceId: closed.id, fileType: 'pdf' })
       assert.ok(blob instanceof Blob)
@@ -249,7 +262,7 @@ function battery(mode, makeClient, token) {
       assert.deepEqual(Buffer.from(envelope.content, 'base64'), pdf)
     }))
 
-  it('exportInvoices (dl=1) returns the CSV the JSON envelope holds', () =>
+  check('exportInvoices (dl=1) returns the CSV the JSON envelope holds', () =>
     permitted(cred, 'invoices:download', async () => {
       const query = { invoiceType: 'periodic', orderBy: 'start_date_desc' }
       const blob = await cred.api.exportInvoices({ ...query, fileType: 'csv' })
@@ -271,7 +284,7 @@ function battery(mode, makeClient, token) {
       assert.equal((await paged.text()).trim().split('\n').length, 1 + 3)
     }))
 
-  it('listDiscounts: one page, .all() and the async iterator agree', () =>
+  check('listDiscounts: one page, .all() and the async iterator agree', () =>
     permitted(cred, 'discounts:read', async () => {
       const first = await cred.api.listDiscounts({ orderBy: 'start_date_asc' })
       assert.ok(first.totalCount >= 2 && first.discounts.length === first.totalCount)
@@ -286,7 +299,7 @@ function battery(mode, makeClient, token) {
       assert.deepEqual(rate.filters, [{ exclude: false, type: 'category_name', value: 'Compute' }])
     }))
 
-  it('redeemCoupon returns a Discount; an unknown code is ResourceNotFoundError', () =>
+  check('redeemCoupon returns a Discount; an unknown code is ResourceNotFoundError', () =>
     permitted(cred, 'coupons:redeem', async () => {
       const code = `DEMO-SDK-JS-${mode.toUpperCase().replace(' ', '-')}`
       const d = await cred.api.redeemCoupon({ code })
@@ -297,7 +310,7 @@ function battery(mode, makeClient, token) {
       await assert.rejects(cred.api.redeemCoupon({ code: 'NO-SUCH-COUPON' }), Errors.ResourceNotFoundError)
     }))
 
-  it('a bad argument is InvalidArgumentsError naming it', async () => {
+  check('a bad argument is InvalidArgumentsError naming it', async () => {
     const err = await cred.api.listConsumptions({ pageSize: 101 }).catch((e) => e)
     assert.ok(err instanceof Errors.InvalidArgumentsError, String(err))
     assert.equal(err.status, 400)
@@ -307,7 +320,7 @@ function battery(mode, makeClient, token) {
     )
   })
 
-  it('naming another organization is PermissionsDeniedError', async () => {
+  check('naming another organization is PermissionsDeniedError', async () => {
     await assert.rejects(cred.api.listConsumptions({ organizationId: randomUUID() }), Errors.PermissionsDeniedError)
   })
 }
@@ -322,6 +335,7 @@ describe('gateway key: SCW_SECRET_KEY via configuration-loader', { skip: KEY ? f
 
 describe('refusals', () => {
   it('a read-only JWT (hand-written interceptor) is refused invoices with PermissionsDeniedError', async () => {
+    await fixtures()
     const client = createClient({
       apiURL: URL_,
       interceptors: [
