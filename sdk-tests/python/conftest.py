@@ -105,7 +105,10 @@ def key_credential(url: str, key: str) -> Credential:
         env.setenv("SCW_ACCESS_KEY", DUMMY_ACCESS_KEY)
         env.setenv("SCW_SECRET_KEY", key)
         env.setenv("SCW_API_URL", url)
+        # As a real profile would have it: the SDK then fills organization_id in itself.
+        env.setenv("SCW_DEFAULT_ORGANIZATION_ID", ORGANIZATION_ID)
         client = Client.from_env()
+    assert client.default_organization_id == ORGANIZATION_ID
     # No bypass: the key must pass the SDK's own credential checks as it is.
     return Credential(
         mode="gateway_key",
