@@ -52,7 +52,8 @@ stop_demo() {
 }
 trap stop_demo EXIT
 
-value() { sed -n "s/^$1=//p" "$out" | head -n 1; }
+# `NAME=value` lines; anything after the value (a comment) is dropped.
+value() { sed -n "s/^$1=\([^[:space:]]*\).*/\1/p" "$out" | head -n 1; }
 url=""
 for _ in $(seq 1 150); do
   if ! kill -0 "$demo" 2>/dev/null; then
@@ -74,6 +75,11 @@ if [[ -z "$url" ]]; then
   tail -n 30 "$log" >&2
   exit 1
 fi
+# The demo's banner ends with its Ctrl-C line; a GATEWAY_KEY= line may come anywhere before it.
+for _ in $(seq 1 10); do
+  grep -q '^Ctrl-C' "$out" && break
+  sleep 0.2
+done
 
 # The suites configure the SDKs themselves; nothing of the caller's Scaleway profile leaks in.
 for name in $(compgen -e | grep '^SCW_' || true); do unset "$name"; done
