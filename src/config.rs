@@ -121,7 +121,7 @@ pub struct LimitsConfig {
 }
 
 /// A rate such as `20/s`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rate {
     /// How many.
     pub count: u32,

@@ -7,9 +7,10 @@
 //! that really go upstream spend budget. Principals are keyed by their authenticated subject
 //! (or gateway key name), never by address: behind a load balancer every caller shares one.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::Clock;
@@ -46,43 +47,71 @@ fn pace(rate: Rate) -> Duration {
     (rate.per / rate.count.max(1)).max(Duration::from_nanos(1))
 }
 
-/// Each principal's own rate: `count` per `per`, with a burst of twice `count` because the SDKs
-/// fetch pages concurrently.
+type Keyed = DefaultKeyedRateLimiter<String>;
+
+/// A per-principal limiter for `rate`, with a burst of twice `count` because the SDKs fetch
+/// pages concurrently.
+fn keyed(rate: Rate) -> Keyed {
+    let burst = NonZeroU32::new(rate.count.saturating_mul(2)).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(pace(rate))
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst);
+    RateLimiter::keyed(quota)
+}
+
+/// Each principal's own rate: the configured one, or the one its policy grants set
+/// (`rate = "2/s"` on a role or key).
 pub struct PrincipalLimits {
-    limiter: DefaultKeyedRateLimiter<String>,
+    rate: Rate,
+    default: Keyed,
+    /// One limiter per distinct policy rate; few exist, so the lock is brief and rare.
+    overrides: Mutex<HashMap<Rate, Arc<Keyed>>>,
     checks: AtomicU64,
 }
 
 impl PrincipalLimits {
     /// A limiter for `rate` per principal.
     pub fn new(rate: Rate) -> PrincipalLimits {
-        let burst = NonZeroU32::new(rate.count.saturating_mul(2)).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::with_period(pace(rate))
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(burst);
         PrincipalLimits {
-            limiter: RateLimiter::keyed(quota),
+            rate,
+            default: keyed(rate),
+            overrides: Mutex::new(HashMap::new()),
             checks: AtomicU64::new(0),
         }
     }
 
-    /// Counts one request against `subject`; past its rate, a 429 saying when to come back.
-    pub fn check_principal(&self, subject: &str) -> Result<(), Error> {
+    /// Counts one request against `subject`, at `rate` when its policy sets one; past it, a 429
+    /// saying when to come back.
+    pub fn check_principal(&self, subject: &str, rate: Option<Rate>) -> Result<(), Error> {
+        let own;
+        let limiter = match rate {
+            Some(rate) if rate != self.rate => {
+                own = self
+                    .overrides
+                    .lock()
+                    .map_err(|_| Error::Internal("rate limiter lock poisoned".into()))?
+                    .entry(rate)
+                    .or_insert_with(|| Arc::new(keyed(rate)))
+                    .clone();
+                &*own
+            }
+            _ => &self.default,
+        };
         if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.limiter.retain_recent();
-            self.limiter.shrink_to_fit();
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
         }
-        self.limiter
+        limiter
             .check_key(&subject.to_owned())
             .map_err(|not_until| Error::TooManyRequests {
-                retry_after: retry_after_secs(not_until.wait_time_from(self.limiter.clock().now())),
+                retry_after: retry_after_secs(not_until.wait_time_from(limiter.clock().now())),
                 reason: Throttle::Principal,
             })
     }
 
-    /// How many principals the table holds (for tests of the sweep).
+    /// How many principals the default table holds (for tests of the sweep).
     pub fn tracked(&self) -> usize {
-        self.limiter.len()
+        self.default.len()
     }
 }
 
@@ -226,18 +255,18 @@ mod tests {
     fn a_principal_gets_twice_its_rate_as_a_burst_and_others_are_untouched() {
         let limits = PrincipalLimits::new(rate(5));
         let allowed = (0..30)
-            .filter(|_| limits.check_principal("alice").is_ok())
+            .filter(|_| limits.check_principal("alice", None).is_ok())
             .count();
         // The burst is 10; a test slower than one pace step may see one more.
         assert!((10..=11).contains(&allowed), "{allowed}");
-        match limits.check_principal("alice") {
+        match limits.check_principal("alice", None) {
             Err(Error::TooManyRequests {
                 retry_after,
                 reason: Throttle::Principal,
             }) => assert!(retry_after >= 1),
             other => panic!("expected a principal 429, got {other:?}"),
         }
-        assert!(limits.check_principal("bob").is_ok());
+        assert!(limits.check_principal("bob", None).is_ok());
         assert_eq!(limits.tracked(), 2);
     }
 

@@ -47,7 +47,9 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
     info.operation = Some(call.op.name);
     let principal = authenticate(state, &parts.headers).await?;
     info.subject = Some(principal.subject.clone());
-    state.limits.check_principal(&principal.subject)?;
+    state
+        .limits
+        .check_principal(&principal.subject, principal.rate())?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored.
     axum::body::to_bytes(body, MAX_BODY)
         .await

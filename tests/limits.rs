@@ -413,3 +413,53 @@ async fn a_get_is_retried_on_503_and_a_coupon_redemption_never() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn a_policy_rate_overrides_the_default_for_its_holders_only() {
+    let dir = std::env::temp_dir().join(format!("bg-rate-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[roles.reader]\npermissions = [\"consumption:read\"]\n\
+         [roles.slow-reader]\npermissions = [\"consumption:read\"]\nrate = \"1/s\"\n\
+         [[bindings]]\nclaim = \"roles\"\nequals = \"billing-read-only\"\nroles = [\"reader\"]\n\
+         [[bindings]]\nclaim = \"roles\"\nequals = \"slow\"\nroles = [\"slow-reader\"]\n",
+    )
+    .expect("policy");
+    let app = TestApp::spawn_with(|c| {
+        c.policy_dir = dir;
+        c.limits.principal_rate = per_second(100);
+    })
+    .await;
+    Mock::given(any())
+        .respond_with(ok_json(json!({"charges": []})))
+        .mount(&app.upstream)
+        .await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let slow = token_with(json!({"sub": "cron", "roles": ["slow"], "exp": now + 600}));
+    let statuses: Vec<u16> =
+        futures_util::future::join_all((0..6).map(|_| app.get("/billing/v2beta1/charges", &slow)))
+            .await
+            .iter()
+            .map(|r| r.status().as_u16())
+            .collect();
+    // 1/s with a burst of 2: the rest of a quick 6 are refused.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        4,
+        "{statuses:?}"
+    );
+    // The default rate still applies to everyone else.
+    let normal = reader_as("dashboard");
+    for _ in 0..6 {
+        assert_eq!(
+            app.get("/billing/v2beta1/charges", &normal).await.status(),
+            200
+        );
+    }
+}
