@@ -14,20 +14,25 @@
 //! 3. [`auth`] finds the one credential and verifies it (algorithm pinned, `exp` required);
 //!    [`policy`] turns the identity into a [`policy::Principal`] whose grants come from the
 //!    policy files, and [`policy::decide`] allows the call or answers 403. A project-scoped
-//!    grant may fill in the projects it covers.
+//!    grant may fill in the projects it covers. [`limits::PrincipalLimits`] then counts the
+//!    request against the caller's own rate.
 //! 4. [`operations::Call::apply_organization`] fills in the gateway's organization (or refuses
 //!    another one).
-//! 5. [`upstream::Upstream::send`] builds the request from the `Call`, injects the secret key
-//!    last, follows no redirect, and maps timeouts, refusals and 429s to [`error::Error`].
+//! 5. [`upstream::Upstream::send`] waits for the call's turn in the upstream budget (or refuses
+//!    while backing off after a 429), builds the request from the `Call`, injects the secret key
+//!    last, follows no redirect, retries idempotent calls on connection errors, 502 and 503, and
+//!    maps timeouts, refusals and 429s to [`error::Error`].
 //! 6. `consumptions` and `taxes` go through [`cache::Cache`] first: a fresh entry answers at
 //!    once; concurrent misses share one upstream call; a failing upstream is covered by a stale
 //!    entry when there is one.
 //! 7. The answer is relayed as it comes: status, content type (JSON relabelled exactly
 //!    `application/json`), body streamed.
 //!
-//! Configuration is [`config`]; the assembled service is [`app::App`], whose policy [`reload`]
-//! keeps in step with the policy folder; [`simulator`] is an
-//! in-process Billing API for `demo`, tests and benchmarks.
+//! Configuration is [`config`]; the assembled service is [`app::App`] (its accept loop bounds
+//! header size, header time and requests in flight, and serves [`tls`] when configured), whose
+//! policy [`reload`] keeps in step with the policy folder; [`openapi`] describes the served
+//! surface from the operation table; [`simulator`] is an in-process Billing API for `demo`,
+//! tests and benchmarks.
 
 pub mod app;
 pub mod auth;
