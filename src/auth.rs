@@ -4,7 +4,7 @@
 //! This is where a token is verified and nowhere else. A request carries exactly one credential;
 //! a JWT's algorithm picks its key before its signature is checked: HS256 only ever meets the
 //! configured secret, the asymmetric algorithms only ever meet a key from the identity
-//! provider's JWKS ([`jwks`]) whose type and `alg` fit, so `none` and algorithm confusion are
+//! provider's JWKS (the `jwks` submodule) whose type and `alg` fit, so `none` and algorithm confusion are
 //! refused up front. Both kinds then go through one validation (`exp` required, `nbf`, `iat`,
 //! `iss`, `aud`, leeway).
 //!
