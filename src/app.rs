@@ -29,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::util::option_layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::auth::Authenticator;
 use crate::cache::Cache;
@@ -368,6 +369,8 @@ fn router(state: AppState, limits: &ServerLimits) -> Router {
         .layer(from_fn(move |req: Request, next: Next| {
             check_headers(max_header_bytes, req, next)
         }))
+        // A body must arrive as promptly as a head: slow-loris on the body is cut off too.
+        .layer(RequestBodyTimeoutLayer::new(limits.header_read_timeout))
         // Browsers: preflights answered here, before authentication (they carry no credential).
         .layer(option_layer(cors(&state.config.cors_origins)))
         // Outermost: request id, the request's span, its log line and metrics.

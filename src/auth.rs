@@ -84,6 +84,9 @@ struct Verified {
 /// Each remembered token lives until its own `exp`.
 struct UntilExp;
 
+/// How long a verified token is remembered at most (then its signature is checked again).
+const REMEMBER_AT_MOST: Duration = Duration::from_secs(300);
+
 impl Expiry<[u8; 32], Verified> for UntilExp {
     fn expire_after_create(
         &self,
@@ -91,11 +94,16 @@ impl Expiry<[u8; 32], Verified> for UntilExp {
         verified: &Verified,
         _now: std::time::Instant,
     ) -> Option<Duration> {
-        Some(Duration::from_secs(
-            verified
-                .exp
-                .saturating_sub(jsonwebtoken::get_current_timestamp()),
-        ))
+        // Never beyond `exp`, and never long: `exp` is chosen by whoever signed the token, and a
+        // key withdrawn from the JWKS must stop a token it signed within minutes, not at `exp`.
+        Some(
+            Duration::from_secs(
+                verified
+                    .exp
+                    .saturating_sub(jsonwebtoken::get_current_timestamp()),
+            )
+            .min(REMEMBER_AT_MOST),
+        )
     }
 }
 

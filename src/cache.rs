@@ -135,10 +135,20 @@ impl Cache {
     }
 
     /// Freshness: closed billing periods change rarely; the current one (or none named) often.
+    /// Last month counts as current until its invoice is issued (seen up to the 7th).
     pub fn ttl_for(&self, call: &Call, now: OffsetDateTime) -> Duration {
-        let current = format!("{:04}-{:02}", now.year(), u8::from(now.month()));
+        let month = |d: time::Date| format!("{:04}-{:02}", d.year(), u8::from(d.month()));
+        let settling = if now.day() <= 7 {
+            now.date()
+                .replace_day(1)
+                .ok()
+                .and_then(|first| first.previous_day())
+        } else {
+            None
+        };
+        let still_open = settling.map_or_else(|| month(now.date()), month);
         match call.get("billing_period") {
-            Some(period) if period < current.as_str() => self.closed_ttl,
+            Some(period) if period < still_open.as_str() => self.closed_ttl,
             _ => self.ttl,
         }
     }
@@ -209,5 +219,42 @@ impl Cache {
     pub async fn size(&self) -> (u64, u64) {
         self.stale.run_pending_tasks().await;
         (self.stale.entry_count(), self.stale.weighted_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use secrecy::SecretString;
+    use time::macros::datetime;
+
+    #[test]
+    fn closed_periods_are_those_whose_invoice_is_out() {
+        let cache =
+            Cache::new(&Config::new("http://x", uuid::Uuid::nil(), SecretString::from("")).cache);
+        let ttl_at = |period: &str, now| {
+            let call = crate::operations::parse(
+                "GET",
+                "/billing/v2beta1/consumptions",
+                Some(&format!("billing_period={period}")),
+            )
+            .expect("valid");
+            cache.ttl_for(&call, now)
+        };
+        let (open, closed) = (cache.ttl, cache.closed_ttl);
+        assert_eq!(ttl_at("2026-07", datetime!(2026-07-20 12:00 UTC)), open);
+        assert_eq!(ttl_at("2026-06", datetime!(2026-07-20 12:00 UTC)), closed);
+        assert_eq!(
+            ttl_at("2026-06", datetime!(2026-07-03 12:00 UTC)),
+            open,
+            "invoice not out yet"
+        );
+        assert_eq!(
+            ttl_at("2025-12", datetime!(2026-01-05 12:00 UTC)),
+            open,
+            "across a year"
+        );
+        assert_eq!(ttl_at("2025-11", datetime!(2026-01-05 12:00 UTC)), closed);
     }
 }

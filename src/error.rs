@@ -104,6 +104,9 @@ pub enum Error {
     /// The request headers are larger than any Billing call needs.
     #[error("request headers too large")]
     HeadersTooLarge,
+    /// The request body trickled in too slowly: a slow-loris on the body.
+    #[error("request body timed out")]
+    RequestTimeout,
     /// Too many requests, from the caller or from the upstream; retry after that many seconds.
     #[error("too many requests")]
     TooManyRequests {
@@ -138,6 +141,7 @@ impl Error {
             Error::InvalidArguments(_) => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied { .. } => StatusCode::FORBIDDEN,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -156,6 +160,7 @@ impl Error {
             Error::InvalidArguments(_) => "invalid_arguments",
             Error::PayloadTooLarge => "payload_too_large",
             Error::HeadersTooLarge => "headers_too_large",
+            Error::RequestTimeout => "request_timeout",
             // One reason per way authentication fails, so dashboards can tell expired tokens
             // (a client bug) from bad signatures (an attack or a misconfiguration).
             Error::Unauthenticated { reason, .. } => match reason {
@@ -195,6 +200,10 @@ impl Error {
             Error::HeadersTooLarge => json!({
                 "message": "request headers too large",
                 "type": "request_header_fields_too_large",
+            }),
+            Error::RequestTimeout => json!({
+                "message": "the request body did not arrive in time",
+                "type": "request_timeout",
             }),
             Error::Unauthenticated {
                 method,
@@ -292,6 +301,7 @@ mod tests {
                 431,
                 "request_header_fields_too_large",
             ),
+            (Error::RequestTimeout, 408, "request_timeout"),
             (
                 Error::Unauthenticated {
                     method: AuthMethod::Jwt,

@@ -455,16 +455,21 @@ pub fn decide(principal: &Principal, call: &mut Call) -> Result<(), Error> {
     if holding.iter().any(|g| g.projects.is_none()) {
         return Ok(());
     }
-    for grant in &holding {
-        let Some(scope) = grant.projects.as_deref() else {
-            continue;
-        };
-        if let Some(fill) = covers(scope, call) {
-            if let Some((name, values)) = fill {
-                call.set(name, values);
-            }
-            return Ok(());
+    // Every holding grant is scoped here: together they cover the union of their projects (two
+    // bindings giving P1 and P2 let a charges query span both, and fill in both).
+    let mut scope: Vec<Uuid> = holding
+        .iter()
+        .filter_map(|g| g.projects.as_deref())
+        .flatten()
+        .copied()
+        .collect();
+    scope.sort_unstable();
+    scope.dedup();
+    if let Some(fill) = covers(&scope, call) {
+        if let Some((name, values)) = fill {
+            call.set(name, values);
         }
+        return Ok(());
     }
     Err(deny(format!(
         "your `{permission}` grants are limited to projects; {} needs a project_id (or project_ids) within them, \
@@ -789,6 +794,40 @@ mod tests {
         assert_eq!(ro.rate(), Some(parse_rate("100/m").expect("rate")));
         assert_eq!(both.rate(), Some(parse_rate("5/s").expect("rate")));
         assert_eq!(nobody.rate(), None);
+    }
+
+    #[test]
+    fn several_scoped_grants_cover_the_union_of_their_projects() {
+        let two = format!(
+            "{DEFAULT}\n[[bindings]]\nclaim = \"groups\"\nequals = \"a\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n\
+             [[bindings]]\nclaim = \"groups\"\nequals = \"b\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P2}\"]\n"
+        );
+        let set = set(&[&two]).expect("valid");
+        let p = principal(&set, json!({"groups": ["a", "b"]}));
+        let mut both = [P1, P2];
+        both.sort_unstable();
+        assert_eq!(
+            decide_on(&p, "/billing/v2beta1/charges", ""),
+            Ok(format!("project_ids={}&project_ids={}", both[0], both[1]))
+        );
+        assert!(
+            decide_on(
+                &p,
+                "/billing/v2beta1/charges",
+                &format!("project_ids={P1}&project_ids={P2}")
+            )
+            .is_ok()
+        );
+        // Two projects: a consumption query must name one.
+        assert_eq!(decide_on(&p, "/billing/v2beta1/consumptions", ""), Err(403));
+        assert!(
+            decide_on(
+                &p,
+                "/billing/v2beta1/consumptions",
+                &format!("project_id={P2}")
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -50,10 +50,17 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
     state
         .limits
         .check_principal(&principal.subject, principal.rate())?;
-    // The body is never forwarded; it is read only so an oversized one is refused, not ignored.
-    axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| Error::PayloadTooLarge)?;
+    // The body is never forwarded; it is read only so an oversized one is refused, not ignored
+    // (and a trickled one is cut off by the body timeout layer).
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        let too_large = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .any(|e| e.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            Error::PayloadTooLarge
+        } else {
+            Error::RequestTimeout
+        }
+    })?;
     policy::decide(&principal, &mut call)?;
     call.apply_organization(state.config.upstream.organization_id)?;
     if call.op.audited {
@@ -62,7 +69,8 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
             subject = %principal.subject,
             operation = call.op.name,
             invoice_id = call.id.map(|id| id.to_string()),
-            code = call.get("code"),
+            // Enough of a coupon code to tell redemptions apart; not enough to redeem it again.
+            code_prefix = call.get("code").map(|c| c.chars().take(4).collect::<String>()),
             "billing action"
         );
     }
@@ -178,9 +186,10 @@ async fn cached(
             "stored",
             from_entry(&entry, "billing-gateway; fwd=miss; stored"),
         ),
+        // RFC 9211 `collapsed`: this request waited for another's identical fetch.
         Outcome::Coalesced(entry) => (
             "coalesced",
-            from_entry(&entry, "billing-gateway; fwd=miss; stored"),
+            from_entry(&entry, "billing-gateway; fwd=miss; collapsed"),
         ),
         Outcome::Stale(entry) => ("stale", from_entry(&entry, "billing-gateway; fwd=stale")),
         Outcome::TooLarge(body) => ("miss", answer(StatusCode::OK, Some(JSON), body)),
@@ -191,9 +200,15 @@ async fn cached(
                 body,
             } => ("miss", answer(*status, content_type.clone(), body.clone())),
             Uncached::Failed(e) => {
-                info.cache = Some("miss");
-                state.metrics.cache_result("miss");
-                return Err(e.clone());
+                if e.status().is_server_error() {
+                    tracing::error!(error = %e, operation = call.op.name, "upstream failed, no stale answer to serve");
+                }
+                let mut response = e.clone().into_response();
+                response.headers_mut().insert(
+                    &CACHE_STATUS,
+                    HeaderValue::from_static("billing-gateway; fwd=miss"),
+                );
+                ("miss", response)
             }
         },
     };

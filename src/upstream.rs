@@ -52,6 +52,9 @@ impl Upstream {
     /// Builds the client; fails only on a key that is not a valid header value.
     pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, Error> {
         let client = reqwest::Client::builder()
+            // The key goes to the configured upstream and nowhere else: no proxy from the
+            // environment (HTTP_PROXY, ALL_PROXY) sees it.
+            .no_proxy()
             .redirect(redirect::Policy::none())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(std::time::Duration::from_secs(10)))
@@ -177,10 +180,11 @@ impl Upstream {
         );
         outcome.map_err(|e| {
             // reqwest's Display names the URL, never the headers: safe to log.
-            if e.is_timeout() {
+            // A connect timeout is unreachable (502, retried), not slow (504).
+            if e.is_timeout() && !e.is_connect() {
                 Error::GatewayTimeout
             } else {
-                Error::BadGateway(error_chain(&e))
+                Error::BadGateway(error_chain(&e.without_url()))
             }
         })
     }

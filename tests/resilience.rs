@@ -212,6 +212,40 @@ async fn oversized_headers_get_a_json_431_and_oversized_bodies_a_413() {
 }
 
 #[tokio::test]
+async fn a_trickled_request_body_is_cut_off_with_a_json_408() {
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
+        .expect(0)
+        .mount(&upstream)
+        .await;
+    let gateway = Gateway::start(
+        &upstream.uri(),
+        ServerLimits {
+            header_read_timeout: Duration::from_millis(300),
+            ..ServerLimits::default()
+        },
+    )
+    .await;
+    // A valid head promising a body that never comes.
+    let mut stream = TcpStream::connect(gateway.addr()).await.expect("connect");
+    let head = format!(
+        "POST /billing/v2beta1/redeem-coupon?code=X HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 100\r\n\r\n{{",
+        manager()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got))
+        .await
+        .expect("the gateway answered")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&got);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""type":"request_timeout""#), "{answer}");
+}
+
+#[tokio::test]
 async fn a_slow_loris_connection_is_closed_and_others_are_served() {
     let upstream = MockServer::start().await;
     let gateway = Gateway::start(

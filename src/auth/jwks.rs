@@ -160,6 +160,7 @@ impl KeyStore {
     /// answers 503 for asymmetric tokens until keys arrive) and starts the background refresher.
     pub(crate) async fn start(source: KeySource) -> Result<Arc<KeyStore>, String> {
         let client = reqwest::Client::builder()
+            .no_proxy()
             .timeout(FETCH_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("billing-gateway/", env!("CARGO_PKG_VERSION")))
