@@ -353,7 +353,7 @@ describe('refusals', () => {
     const err = await api.listInvoices().catch((e) => e)
     assert.ok(err instanceof Errors.PermissionsDeniedError, String(err))
     assert.equal(err.status, 403)
-    assert.deepEqual(err.list, [{ action: 'read', resource: 'invoice' }])
+    assert.deepEqual(err.list, [{ action: 'read', resource: 'invoices' }])
     await assert.rejects(api.listInvoices({ pageSize: 2 }).all(), Errors.PermissionsDeniedError)
     await assert.rejects(api.downloadInvoice({ invoiceId: closed.id }), Errors.PermissionsDeniedError)
     await assert.rejects(api.exportInvoices(), Errors.PermissionsDeniedError)
