@@ -49,9 +49,12 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
     info.subject = Some(principal.subject.clone());
     state.limits.check_principal(&principal.subject)?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored.
-    axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| Error::PayloadTooLarge)?;
+    // Most calls are GETs without one: nothing to read then.
+    if !http_body::Body::is_end_stream(&body) {
+        axum::body::to_bytes(body, MAX_BODY)
+            .await
+            .map_err(|_| Error::PayloadTooLarge)?;
+    }
     policy::decide(&principal, &mut call)?;
     call.apply_organization(state.config.upstream.organization_id)?;
     if call.op.audited {
@@ -172,7 +175,11 @@ async fn cached(
             }),
         }
     };
-    let (result, response) = match state.cache.get_or_fetch(Cache::key(call), ttl, fetch).await {
+    let (result, response) = match state
+        .cache
+        .get_or_fetch(&Cache::key(call), ttl, fetch)
+        .await
+    {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
         Outcome::Stored(entry) => (
             "stored",
@@ -202,7 +209,8 @@ async fn cached(
     Ok(response)
 }
 
-/// A stored answer: headers built here, the body shared, never re-parsed.
+/// A stored answer: headers built here, the body shared, never re-parsed. Only `Age` and
+/// `Cache-Control` are computed; the rest are static values.
 fn from_entry(entry: &Entry, cache_status: &'static str) -> Response {
     let now = Instant::now();
     let max_age = if entry.stale {
@@ -210,8 +218,10 @@ fn from_entry(entry: &Entry, cache_status: &'static str) -> Response {
     } else {
         entry.fresh_until.saturating_duration_since(now).as_secs()
     };
-    let mut response = answer(StatusCode::OK, Some(JSON), entry.body.clone());
+    let mut response = Response::new(Body::from(entry.body.clone()));
     let headers = response.headers_mut();
+    headers.reserve(4);
+    headers.insert(header::CONTENT_TYPE, JSON);
     headers.insert(&CACHE_STATUS, HeaderValue::from_static(cache_status));
     headers.insert(
         header::AGE,
@@ -239,6 +249,9 @@ fn answer(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) ->
 /// `private`: answers are per organization and only for callers allowed to see them, so no
 /// shared cache downstream may keep them.
 fn cache_control(max_age: u64) -> HeaderValue {
+    if max_age == 0 {
+        return HeaderValue::from_static("private, max-age=0");
+    }
     HeaderValue::try_from(format!("private, max-age={max_age}"))
         .unwrap_or(HeaderValue::from_static("private, no-store"))
 }
