@@ -124,48 +124,59 @@ impl Cache {
         }
     }
 
-    /// The key of a call: the exact upstream request.
-    pub fn key(call: &Call) -> Arc<str> {
-        let query = call.query_string();
-        let mut key = String::with_capacity(call.op.name.len() + 1 + query.len());
+    /// The key of a call: the exact upstream request. Built in one allocation: it is built on
+    /// every cacheable request, hits included.
+    pub fn key(call: &Call) -> String {
+        let query_len: usize = call
+            .query
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 2)
+            .sum();
+        let mut key = String::with_capacity(call.op.name.len() + 1 + query_len);
         key.push_str(call.op.name);
         key.push('?');
-        key.push_str(&query);
-        key.into()
+        call.write_query(&mut key);
+        key
     }
 
     /// Freshness: closed billing periods change rarely; the current one (or none named) often.
     /// Last month counts as current until its invoice is issued (seen up to the 7th).
     pub fn ttl_for(&self, call: &Call, now: OffsetDateTime) -> Duration {
-        let month = |d: time::Date| format!("{:04}-{:02}", d.year(), u8::from(d.month()));
-        let settling = if now.day() <= 7 {
-            now.date()
-                .replace_day(1)
-                .ok()
-                .and_then(|first| first.previous_day())
-        } else {
-            None
-        };
-        let still_open = settling.map_or_else(|| month(now.date()), month);
-        match call.get("billing_period") {
-            Some(period) if period < still_open.as_str() => self.closed_ttl,
-            _ => self.ttl,
+        // Last month stays open until the 7th; a validated period is `YYYY-MM`, compared as
+        // numbers with no string built.
+        let (mut year, mut month) = (now.year(), u8::from(now.month()));
+        if now.day() <= 7 {
+            (year, month) = if month == 1 {
+                (year - 1, 12)
+            } else {
+                (year, month - 1)
+            };
         }
+        let closed = call
+            .get("billing_period")
+            .and_then(|period| {
+                let (year, month) = period.split_once('-')?;
+                Some((year.parse::<i32>().ok()?, month.parse::<u8>().ok()?))
+            })
+            .is_some_and(|period| period < (year, month));
+        if closed { self.closed_ttl } else { self.ttl }
     }
 
     /// Serves `key` from memory, or runs `fetch` once for every concurrent request that misses.
-    pub async fn get_or_fetch<M, F>(&self, key: Arc<str>, ttl: Duration, fetch: F) -> Outcome<M>
+    pub async fn get_or_fetch<M, F>(&self, key: &str, ttl: Duration, fetch: F) -> Outcome<M>
     where
         M: Send + Sync + 'static,
         F: Future<Output = Fetch<M>>,
     {
-        if let Some(entry) = self.fresh.get(&key).await {
+        if let Some(entry) = self.fresh.get(key).await {
             return if entry.stale {
                 Outcome::Stale(entry)
             } else {
                 Outcome::Hit(entry)
             };
         }
+        // Owned only on a miss: a hit looks the key up as it was built.
+        let key: Arc<str> = Arc::from(key);
         let fetched_here = AtomicBool::new(false);
         let init = async {
             fetched_here.store(true, Ordering::Relaxed);
@@ -226,6 +237,7 @@ impl Cache {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::operations;
     use secrecy::SecretString;
     use time::macros::datetime;
 
@@ -256,5 +268,40 @@ mod tests {
             "across a year"
         );
         assert_eq!(ttl_at("2025-11", datetime!(2026-01-05 12:00 UTC)), closed);
+    }
+
+    #[test]
+    fn closed_billing_periods_get_the_closed_ttl() {
+        let cache = Cache::new(&CacheConfig {
+            ttl: Duration::from_secs(300),
+            closed_ttl: Duration::from_secs(86_400),
+            stale_if_error: Duration::from_secs(3600),
+            max_bytes: 1 << 20,
+        });
+        let now = datetime!(2026-03-15 12:00 UTC);
+        let ttl = |query: &str| {
+            let call = operations::parse("GET", "/billing/v2beta1/consumptions", Some(query))
+                .expect("valid");
+            cache.ttl_for(&call, now).as_secs()
+        };
+        assert_eq!(ttl("billing_period=2026-02"), 86_400);
+        assert_eq!(ttl("billing_period=2025-12"), 86_400);
+        assert_eq!(ttl("billing_period=2026-03"), 300, "the current period");
+        assert_eq!(ttl("billing_period=2026-04"), 300, "a future period");
+        assert_eq!(ttl("page=1"), 300, "no period: the current one");
+    }
+
+    #[test]
+    fn the_key_is_the_operation_and_the_canonical_query() {
+        let call = operations::parse(
+            "GET",
+            "/billing/v2beta1/consumptions",
+            Some("pageSize=10&category_name=Object+Storage&billing_period=2026-02"),
+        )
+        .expect("valid");
+        assert_eq!(
+            Cache::key(&call),
+            "consumptions?billing_period=2026-02&category_name=Object+Storage&page_size=10"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! alone, so nothing the caller sent reaches the upstream unless it was validated and
 //! re-encoded here first.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use time::format_description::well_known::Rfc3339;
@@ -461,11 +462,22 @@ impl Call {
 
     /// The canonical, percent-encoded query string (empty when there are no parameters).
     pub fn query_string(&self) -> String {
-        let mut out = form_urlencoded::Serializer::new(String::new());
-        for (name, value) in &self.query {
-            out.append_pair(name, value);
+        let mut out = String::new();
+        self.write_query(&mut out);
+        out
+    }
+
+    /// Appends the canonical query string to `out`: what `form_urlencoded::Serializer` writes,
+    /// without its intermediate `String` (the cache key is built on every cacheable request).
+    pub fn write_query(&self, out: &mut String) {
+        for (i, (name, value)) in self.query.iter().enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            out.extend(form_urlencoded::byte_serialize(name.as_bytes()));
+            out.push('=');
+            out.extend(form_urlencoded::byte_serialize(value.as_bytes()));
         }
-        out.finish()
     }
 
     /// Whether the caller asked for raw file bytes (`dl=1`) rather than the JSON envelope.
@@ -480,7 +492,8 @@ impl Call {
             return Ok(());
         }
         if let Some(asked) = self.get("organization_id") {
-            return if asked == org.to_string() {
+            // Validated values are canonical UUIDs; compared parsed, with no string built.
+            return if Uuid::try_parse(asked).is_ok_and(|asked| asked == org) {
                 Ok(())
             } else {
                 Err(Error::PermissionDenied {
@@ -611,7 +624,11 @@ fn validate_query(op: &Operation, raw: &str) -> Result<Vec<(&'static str, String
     Ok(query)
 }
 
-fn to_snake_case(name: &str) -> String {
+/// Borrowed when there is nothing to change: the SDKs mostly send snake_case already.
+fn to_snake_case(name: &str) -> Cow<'_, str> {
+    if !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Cow::Borrowed(name);
+    }
     let mut out = String::with_capacity(name.len() + 4);
     for c in name.chars() {
         if c.is_ascii_uppercase() {
@@ -621,7 +638,7 @@ fn to_snake_case(name: &str) -> String {
             out.push(c);
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 /// Checks one value and returns the form sent upstream, or a help message.
@@ -753,6 +770,25 @@ mod tests {
         assert_eq!(
             c.query_string(),
             "clamp_to_time_range=true&skus=b&skus=a&start_date_after=2024-01-01T00%3A00%3A00Z"
+        );
+    }
+
+    #[test]
+    fn the_query_string_is_exactly_what_form_urlencoded_writes() {
+        let c = call(
+            "GET",
+            "/billing/v2beta1/charges",
+            "skus=a+b%26c%3Dd&skus=%C3%A9t%C3%A9%2F%2A-._~&resource_names=%25%2B!",
+        )
+        .expect("valid");
+        let mut expected = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in &c.query {
+            expected.append_pair(name, value);
+        }
+        assert_eq!(c.query_string(), expected.finish());
+        assert_eq!(
+            c.query_string(),
+            "resource_names=%25%2B%21&skus=a+b%26c%3Dd&skus=%C3%A9t%C3%A9%2F*-._%7E"
         );
     }
 

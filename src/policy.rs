@@ -423,18 +423,20 @@ fn claim_matches(claims: &Map<String, Value>, path: &[String], equals: &str) -> 
 /// scoped grant may fill in the projects it covers (contract §5).
 pub fn decide(principal: &Principal, call: &mut Call) -> Result<(), Error> {
     let permission = call.op.permission;
-    let holding: Vec<&Grant> = principal
-        .grants
-        .iter()
-        .filter(|g| g.permissions.contains(permission))
-        .collect();
+    // Walked again rather than collected: decided on every request, over a handful of grants.
+    let holding = || {
+        principal
+            .grants
+            .iter()
+            .filter(move |g| g.permissions.contains(permission))
+    };
     let (action, resource) = call.op.denied_as;
     let deny = |message: String| Error::PermissionDenied {
         message,
         action,
         resource,
     };
-    if holding.is_empty() {
+    if holding().next().is_none() {
         let mut roles: Vec<&str> = principal
             .grants
             .iter()
@@ -452,13 +454,12 @@ pub fn decide(principal: &Principal, call: &mut Call) -> Result<(), Error> {
             call.op.name
         )));
     }
-    if holding.iter().any(|g| g.projects.is_none()) {
+    if holding().any(|g| g.projects.is_none()) {
         return Ok(());
     }
     // Every holding grant is scoped here: together they cover the union of their projects (two
     // bindings giving P1 and P2 let a charges query span both, and fill in both).
-    let mut scope: Vec<Uuid> = holding
-        .iter()
+    let mut scope: Vec<Uuid> = holding()
         .filter_map(|g| g.projects.as_deref())
         .flatten()
         .copied()

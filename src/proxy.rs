@@ -51,16 +51,20 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
         .limits
         .check_principal(&principal.subject, principal.rate())?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored
-    // (and a trickled one is cut off by the body timeout layer).
-    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-        let too_large = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-            .any(|e| e.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            Error::PayloadTooLarge
-        } else {
-            Error::RequestTimeout
-        }
-    })?;
+    // (and a trickled one is cut off by the body timeout layer). Most calls are GETs without
+    // one: nothing to read then.
+    if !http_body::Body::is_end_stream(&body) {
+        axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+            let too_large =
+                std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                    .any(|e| e.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Error::PayloadTooLarge
+            } else {
+                Error::RequestTimeout
+            }
+        })?;
+    }
     policy::decide(&principal, &mut call)?;
     call.apply_organization(state.config.upstream.organization_id)?;
     if call.op.audited {
@@ -180,7 +184,11 @@ async fn cached(
             }),
         }
     };
-    let (result, response) = match state.cache.get_or_fetch(Cache::key(call), ttl, fetch).await {
+    let (result, response) = match state
+        .cache
+        .get_or_fetch(&Cache::key(call), ttl, fetch)
+        .await
+    {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
         Outcome::Stored(entry) => (
             "stored",
@@ -217,7 +225,8 @@ async fn cached(
     Ok(response)
 }
 
-/// A stored answer: headers built here, the body shared, never re-parsed.
+/// A stored answer: headers built here, the body shared, never re-parsed. Only `Age` and
+/// `Cache-Control` are computed; the rest are static values.
 fn from_entry(entry: &Entry, cache_status: &'static str) -> Response {
     let now = Instant::now();
     let max_age = if entry.stale {
@@ -225,8 +234,10 @@ fn from_entry(entry: &Entry, cache_status: &'static str) -> Response {
     } else {
         entry.fresh_until.saturating_duration_since(now).as_secs()
     };
-    let mut response = answer(StatusCode::OK, Some(JSON), entry.body.clone());
+    let mut response = Response::new(Body::from(entry.body.clone()));
     let headers = response.headers_mut();
+    headers.reserve(4);
+    headers.insert(header::CONTENT_TYPE, JSON);
     headers.insert(&CACHE_STATUS, HeaderValue::from_static(cache_status));
     headers.insert(
         header::AGE,
@@ -254,6 +265,9 @@ fn answer(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) ->
 /// `private`: answers are per organization and only for callers allowed to see them, so no
 /// shared cache downstream may keep them.
 fn cache_control(max_age: u64) -> HeaderValue {
+    if max_age == 0 {
+        return HeaderValue::from_static("private, max-age=0");
+    }
     HeaderValue::try_from(format!("private, max-age={max_age}"))
         .unwrap_or(HeaderValue::from_static("private, no-store"))
 }

@@ -245,11 +245,16 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
     let start = Instant::now();
     let id: Arc<str> = match req.headers().get(&REQUEST_ID).and_then(sane_request_id) {
         Some(id) => id.into(),
-        None => uuid::Uuid::new_v4().to_string().into(),
+        None => {
+            let mut buf = uuid::Uuid::encode_buffer();
+            (&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf)).into()
+        }
     };
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // A `Uri` shares hyper's buffer: cloning it copies no bytes.
+    let uri = req.uri().clone();
+    let path = uri.path();
     let span = tracing::info_span!("request", request_id = %id);
     let mut response = next.run(req).instrument(span).await;
 
@@ -257,12 +262,11 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
         response.headers_mut().insert(REQUEST_ID.clone(), v);
     }
     let info = response
-        .extensions()
-        .get::<RequestInfo>()
-        .cloned()
+        .extensions_mut()
+        .remove::<RequestInfo>()
         .unwrap_or_default();
     let status = response.status().as_u16();
-    let operation = info.operation.unwrap_or(match path.as_str() {
+    let operation = info.operation.unwrap_or(match path {
         p if p == "/healthz" || p == "/readyz" || p == "/metrics" || p.starts_with("/gateway/") => {
             "gateway"
         }

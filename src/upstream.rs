@@ -148,10 +148,9 @@ impl Upstream {
             return Err(Error::GatewayTimeout);
         }
         let mut url = format!("{}{}", self.base, call.path());
-        let query = call.query_string();
-        if !query.is_empty() {
+        if !call.query.is_empty() {
             url.push('?');
-            url.push_str(&query);
+            call.write_query(&mut url);
         }
         let method = match call.op.method {
             Method::Get => reqwest::Method::GET,

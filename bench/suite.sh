@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# The gateway against real baselines, on loopback, in one run (see bench/README.md):
+#   1. a bare hyper server answering the same body (examples/bench_upstream.rs): the ceiling;
+#   2. nginx with proxy_cache in front of the simulated Billing API, cache warm;
+#   3. the gateway, cache hit, HS256 token;
+#   4. the gateway, cache hit, RS256 token (JWKS served by the bench binary);
+#   5. the gateway's miss path (get invoice, not cacheable) vs the simulator called directly;
+# then the gateway's idle RSS and its peak RSS while it relays a 100 MiB download.
+# Prints one table. Every load run is bounded in time; every server stops at the end.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}        # each measured row
+WARMUP=${WARMUP:-2s}             # each row, before it is measured (fills caches and pools)
+CONNECTIONS=${CONNECTIONS:-32}   # rows 1-4; the miss path uses one connection
+PORT_BASE=${PORT_BASE:-18100}
+DOWNLOAD_RATE=${DOWNLOAD_RATE:-50M}   # the downloading client's pace (curl --limit-rate)
+
+cd "$(dirname "$0")/.."
+ORG=11111111-2222-3333-4444-555555555555
+BILLING=/billing/v2beta1
+
+install_missing() { # command package
+    command -v "$1" >/dev/null && return
+    echo "$1 not found: installing $2 from the Debian packages" >&2
+    apt-get install -y "$2" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$2" >/dev/null; }
+}
+install_missing wrk wrk
+install_missing nginx nginx
+install_missing curl curl
+
+echo "building (release)..." >&2
+# Two invocations: building the example with the binary would unify the dev-dependencies'
+# features into the gateway binary.
+cargo build --release --quiet
+cargo build --release --quiet --example bench_upstream
+GATEWAY=$PWD/target/release/billing-gateway
+UPSTREAM=$PWD/target/release/examples/bench_upstream
+
+# Two cores shared by client and servers: servers on one, wrk (one thread) on the other, each
+# server with one worker, so no row gets more CPU than another.
+if [ "$(nproc)" -ge 2 ]; then
+    SERVER=(taskset -c 0 env TOKIO_WORKER_THREADS=1)
+    CLIENT=(taskset -c 1)
+else
+    SERVER=(env TOKIO_WORKER_THREADS=1)
+    CLIENT=()
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+start() { # name command...: runs in the background, output in $work/name.{out,log}
+    local name=$1
+    shift
+    "$@" >"$work/$name.out" 2>"$work/$name.log" &
+    pids+=("$!")
+    eval "${name}_pid=$!"
+}
+
+wait_for() { # name url [curl args...]
+    local name=$1 url=$2 pid_var="${1}_pid"
+    shift 2
+    for _ in $(seq 100); do
+        curl -sf -o /dev/null "$@" "$url" && return
+        kill -0 "${!pid_var}" 2>/dev/null || { echo "$name died:" >&2; cat "$work/$name.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "$name did not answer $url" >&2
+    exit 1
+}
+
+rss_kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
+
+KEY=$(cat /proc/sys/kernel/random/uuid)
+HS256_SECRET=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+SIM_PORT=$((PORT_BASE + 1)) BARE_PORT=$((PORT_BASE + 2)) NGINX_PORT=$((PORT_BASE + 3))
+GW_PORT=$((PORT_BASE + 4)) GW2_PORT=$((PORT_BASE + 5))
+SIM=http://127.0.0.1:$SIM_PORT BARE=http://127.0.0.1:$BARE_PORT NGINX=http://127.0.0.1:$NGINX_PORT
+GW=http://127.0.0.1:$GW_PORT GW2=http://127.0.0.1:$GW2_PORT
+
+# The simulated Billing API, as upstream of nginx and the gateway.
+start sim "${SERVER[@]}" SCW_SECRET_KEY="$KEY" "$GATEWAY" simulate --listen "127.0.0.1:$SIM_PORT"
+wait_for sim "$SIM$BILLING/invoices" -H "X-Auth-Token: $KEY"
+
+# The one body every row answers: all the organization's consumptions, as an SDK asks for them.
+QUERY="$BILLING/consumptions?organization_id=$ORG"
+curl -sf -H "X-Auth-Token: $KEY" "$SIM$QUERY" >"$work/body.json"
+INVOICE=$(curl -sf -H "X-Auth-Token: $KEY" "$SIM$BILLING/invoices?organization_id=$ORG&page_size=1" |
+    grep -o '"id":"[0-9a-f-]*"' | head -1 | cut -d'"' -f4)
+
+# The bench binary: bare server, JWKS, 100 MiB downloads; it prints an RS256 token.
+start bare "${SERVER[@]}" "$UPSTREAM" --listen "127.0.0.1:$BARE_PORT" --body "$work/body.json"
+wait_for bare "$BARE/jwks"
+RS256=$(sed -n 's/^RS256=//p' "$work/bare.out")
+
+# nginx with proxy_cache, holding the key itself.
+mkdir -p "$work/nginx-cache"
+sed -e "s|@WORK@|$work|g" -e "s|@UPSTREAM@|127.0.0.1:$SIM_PORT|" \
+    -e "s|@LISTEN@|127.0.0.1:$NGINX_PORT|" -e "s|@SECRET_KEY@|$KEY|" bench/nginx.conf >"$work/nginx.conf"
+start nginx "${SERVER[@]}" nginx -e "$work/nginx-error.log" -c "$work/nginx.conf"
+wait_for nginx "$NGINX$QUERY"
+
+gateway_env=(
+    SCW_SECRET_KEY="$KEY" SCW_DEFAULT_ORGANIZATION_ID="$ORG"
+    GATEWAY_JWT_HS256_SECRET="$HS256_SECRET" GATEWAY_POLICY_DIR=policies GATEWAY_LOG_FORMAT=json
+    # Far above what one core can serve, so the limits never shape the numbers.
+    GATEWAY_PRINCIPAL_RATE=1000000/s GATEWAY_UPSTREAM_RATE=1000000/s
+)
+start gw "${SERVER[@]}" "${gateway_env[@]}" SCW_API_URL="$SIM" GATEWAY_JWKS_URL="$BARE/jwks" \
+    GATEWAY_LISTEN="127.0.0.1:$GW_PORT" "$GATEWAY" serve
+wait_for gw "$GW/readyz"
+RSS_IDLE=$(rss_kib "$gw_pid" VmRSS)
+
+token() { env GATEWAY_JWT_HS256_SECRET="$HS256_SECRET" "$GATEWAY" token --ttl 2h "$@"; }
+HS256=$(token --roles billing-read-only --sub bench-hs256)
+MANAGER=$(token --roles billing-manager --sub bench-manager)
+
+# Every row answers the same bytes (checked, not assumed).
+same_body() { # label url [curl args...]
+    local label=$1 url=$2
+    shift 2
+    curl -sf "$@" "$url" -o "$work/check.json" || { echo "$label: request failed" >&2; exit 1; }
+    cmp -s "$work/body.json" "$work/check.json" || { echo "$label: a different body" >&2; exit 1; }
+}
+
+declare -A RPS P50 P99 ERRORS
+measure() { # row connections url [wrk args...]
+    local row=$1 conns=$2 url=$3
+    shift 3
+    "${CLIENT[@]}" wrk -t1 -c"$conns" -d"$WARMUP" "$@" "$url" >/dev/null
+    "${CLIENT[@]}" wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s -s bench/report.lua "$@" "$url" >"$work/$row.txt"
+    local result
+    result=$(sed -n 's/^RESULT //p' "$work/$row.txt")
+    [ -n "$result" ] || { echo "$row: wrk printed no result" >&2; cat "$work/$row.txt" >&2; exit 1; }
+    field() { sed -E "s/.*(^| )$1=([^ ]*).*/\2/" <<<"$result"; }
+    RPS[$row]=$(field rps)
+    P50[$row]=$(field p50_us)
+    P99[$row]=$(field p99_us)
+    ERRORS[$row]=$(($(field errors) + $(field non_2xx_3xx)))
+    echo "  $row: ${RPS[$row]} req/s, p50 ${P50[$row]} us, p99 ${P99[$row]} us, errors ${ERRORS[$row]}" >&2
+}
+
+echo "measuring: $DURATION per row after $WARMUP of warm-up, wrk -t1 -c$CONNECTIONS" >&2
+same_body bare "$BARE$QUERY"
+measure bare "$CONNECTIONS" "$BARE$QUERY" -H "Authorization: Bearer $HS256"
+
+same_body nginx "$NGINX$QUERY"
+curl -sf -D - -o /dev/null "$NGINX$QUERY" | grep -qi '^cache-status: HIT' || { echo "nginx: not a cache hit" >&2; exit 1; }
+measure nginx "$CONNECTIONS" "$NGINX$QUERY" -H "Authorization: Bearer $HS256"
+
+is_hit() { curl -sf -D - -o /dev/null "$@" | grep -qi '^cache-status: billing-gateway; hit' || { echo "gateway: not a cache hit" >&2; exit 1; }; }
+same_body gw-hs256 "$GW$QUERY" -H "Authorization: Bearer $HS256"
+is_hit "$GW$QUERY" -H "Authorization: Bearer $HS256"
+measure hs256 "$CONNECTIONS" "$GW$QUERY" -H "Authorization: Bearer $HS256"
+
+same_body gw-rs256 "$GW$QUERY" -H "Authorization: Bearer $RS256"
+is_hit "$GW$QUERY" -H "Authorization: Bearer $RS256"
+measure rs256 "$CONNECTIONS" "$GW$QUERY" -H "Authorization: Bearer $RS256"
+
+# The miss path: one connection, so latency is service time, not queueing.
+curl -sf -H "X-Auth-Token: $KEY" "$SIM$BILLING/invoices/$INVOICE" >"$work/body.json"
+same_body gw-miss "$GW$BILLING/invoices/$INVOICE" -H "Authorization: Bearer $MANAGER"
+measure direct 1 "$SIM$BILLING/invoices/$INVOICE" -H "X-Auth-Token: $KEY"
+measure miss 1 "$GW$BILLING/invoices/$INVOICE" -H "Authorization: Bearer $MANAGER"
+RSS_AFTER=$(rss_kib "$gw_pid" VmRSS)
+
+# Streaming: a second gateway whose upstream is the bench binary's 100 MiB download.
+start gw2 "${SERVER[@]}" "${gateway_env[@]}" SCW_API_URL="$BARE" GATEWAY_LISTEN="127.0.0.1:$GW2_PORT" "$GATEWAY" serve
+wait_for gw2 "$GW2/readyz"
+RSS2_BEFORE=$(rss_kib "$gw2_pid" VmRSS)
+downloaded=$("${CLIENT[@]}" curl -sf -o /dev/null -w '%{size_download}' --limit-rate "$DOWNLOAD_RATE" \
+    -H "Authorization: Bearer $MANAGER" "$GW2$BILLING/invoices/$INVOICE/download?dl=1")
+RSS2_PEAK=$(rss_kib "$gw2_pid" VmHWM)
+
+ms() { awk -v us="$1" 'BEGIN { printf "%.2f", us / 1000 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+row() { # label key [ratios]
+    local key=$2
+    printf '| %s | %.0f | %s | %s | %s | %s |\n' "$1" "${RPS[$key]}" "$(ms "${P50[$key]}")" \
+        "$(ms "${P99[$key]}")" "${3:-}" "${ERRORS[$key]}"
+}
+vs() { echo "$(ratio "${RPS[$1]}" "${RPS[bare]}")× bare, $(ratio "${RPS[$1]}" "${RPS[nginx]}")× nginx"; }
+added_p50=$((P50[miss] - P50[direct]))
+added_p99=$((P99[miss] - P99[direct]))
+growth=$((RSS2_PEAK - RSS2_BEFORE))
+check() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN { ok = (op == ">=") ? v >= t : v <= t; print ok ? "met" : "MISSED" }'; }
+
+echo
+echo "$(date -u +%F), $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/^Mem:/ {print $2}') GiB;" \
+    "servers on one core with one worker each, wrk -t1 on the other; $DURATION per row, $CONNECTIONS connections (miss path: 1)"
+echo
+echo "| row | req/s | p50 ms | p99 ms | throughput ratio | errors |"
+echo "|---|---:|---:|---:|---|---:|"
+row "1. bare hyper server (ceiling)" bare
+row "2. nginx proxy_cache, warm" nginx "$(ratio "${RPS[nginx]}" "${RPS[bare]}")× bare"
+row "3. gateway, cache hit, HS256" hs256 "$(vs hs256)"
+row "4. gateway, cache hit, RS256" rs256 "$(vs rs256); $(ratio "${RPS[rs256]}" "${RPS[hs256]}")× HS256"
+row "5a. simulator direct, get invoice (1 connection)" direct
+row "5b. gateway miss, get invoice (1 connection)" miss "added: p50 +$(ms $added_p50) ms, p99 +$(ms $added_p99) ms"
+echo
+echo "| memory | KiB |"
+echo "|---|---:|"
+echo "| gateway idle RSS (started, no request yet) | $RSS_IDLE |"
+echo "| gateway RSS after the rows above | $RSS_AFTER |"
+echo "| download gateway RSS before / peak during a $downloaded-byte download ($DOWNLOAD_RATE/s client) | $RSS2_BEFORE / $RSS2_PEAK (+$(mib $growth) MiB) |"
+echo
+echo "targets:"
+echo "  cache hit HS256 >= 0.6x bare:  $(ratio "${RPS[hs256]}" "${RPS[bare]}")  $(check "$(ratio "${RPS[hs256]}" "${RPS[bare]}")" 0.6 '>=')"
+echo "  cache hit HS256 >= 1.0x nginx: $(ratio "${RPS[hs256]}" "${RPS[nginx]}")  $(check "$(ratio "${RPS[hs256]}" "${RPS[nginx]}")" 1.0 '>=')"
+echo "  RS256 >= 0.9x HS256:           $(ratio "${RPS[rs256]}" "${RPS[hs256]}")  $(check "$(ratio "${RPS[rs256]}" "${RPS[hs256]}")" 0.9 '>=')"
+echo "  miss path p50 added <= 0.3 ms: $(ms $added_p50)  $(check "$(ms $added_p50)" 0.3 '<=')"
+echo "  download RSS growth <= 16 MiB: $(mib $growth)  $(check "$(mib $growth)" 16 '<=')"
