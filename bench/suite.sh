@@ -9,8 +9,9 @@
 # Prints one table. Every load run is bounded in time; every server stops at the end.
 set -euo pipefail
 
-DURATION=${DURATION:-10s}        # each measured row
+DURATION=${DURATION:-10s}        # each measured row, in each round
 WARMUP=${WARMUP:-2s}             # each row, before it is measured (fills caches and pools)
+ROUNDS=${ROUNDS:-3}              # every row is measured once per round; the median round counts
 CONNECTIONS=${CONNECTIONS:-32}   # rows 1-4; the miss path uses one connection
 PORT_BASE=${PORT_BASE:-18100}
 DOWNLOAD_RATE=${DOWNLOAD_RATE:-50M}   # the downloading client's pace (curl --limit-rate)
@@ -129,8 +130,7 @@ same_body() { # label url [curl args...]
     cmp -s "$work/body.json" "$work/check.json" || { echo "$label: a different body" >&2; exit 1; }
 }
 
-declare -A RPS P50 P99 ERRORS
-measure() { # row connections url [wrk args...]
+measure() { # row connections url [wrk args...]: one run, appended to $work/row.runs
     local row=$1 conns=$2 url=$3
     shift 3
     "${CLIENT[@]}" wrk -t1 -c"$conns" -d"$WARMUP" "$@" "$url" >/dev/null
@@ -139,35 +139,46 @@ measure() { # row connections url [wrk args...]
     result=$(sed -n 's/^RESULT //p' "$work/$row.txt")
     [ -n "$result" ] || { echo "$row: wrk printed no result" >&2; cat "$work/$row.txt" >&2; exit 1; }
     field() { sed -E "s/.*(^| )$1=([^ ]*).*/\2/" <<<"$result"; }
-    RPS[$row]=$(field rps)
-    P50[$row]=$(field p50_us)
-    P99[$row]=$(field p99_us)
-    ERRORS[$row]=$(($(field errors) + $(field non_2xx_3xx)))
-    echo "  $row: ${RPS[$row]} req/s, p50 ${P50[$row]} us, p99 ${P99[$row]} us, errors ${ERRORS[$row]}" >&2
+    echo "$(field rps) $(field p50_us) $(field p99_us) $(($(field errors) + $(field non_2xx_3xx)))" >>"$work/$row.runs"
+    echo "  $row: $(field rps) req/s, p50 $(field p50_us) us, p99 $(field p99_us) us" >&2
 }
 
-echo "measuring: $DURATION per row after $WARMUP of warm-up, wrk -t1 -c$CONNECTIONS" >&2
-same_body bare "$BARE$QUERY"
-measure bare "$CONNECTIONS" "$BARE$QUERY" -H "Authorization: Bearer $HS256"
+# The round with the median throughput stands for the row (its latencies with it); errors are
+# summed over all rounds. The machine is shared: one noisy moment should not decide a row.
+declare -A RPS P50 P99 ERRORS SPREAD
+settle() { # row
+    local row=$1 median
+    median=$(sort -n "$work/$row.runs" | awk '{ line[NR] = $0 } END { print line[int((NR + 1) / 2)] }')
+    read -r RPS[$row] P50[$row] P99[$row] _ <<<"$median"
+    ERRORS[$row]=$(awk '{ s += $4 } END { print s }' "$work/$row.runs")
+    SPREAD[$row]=$(sort -n "$work/$row.runs" | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f-%.0f", lo, hi }')
+}
 
+same_body bare "$BARE$QUERY"
 same_body nginx "$NGINX$QUERY"
 curl -sf -D - -o /dev/null "$NGINX$QUERY" | grep -qi '^cache-status: HIT' || { echo "nginx: not a cache hit" >&2; exit 1; }
-measure nginx "$CONNECTIONS" "$NGINX$QUERY" -H "Authorization: Bearer $HS256"
-
 is_hit() { curl -sf -D - -o /dev/null "$@" | grep -qi '^cache-status: billing-gateway; hit' || { echo "gateway: not a cache hit" >&2; exit 1; }; }
 same_body gw-hs256 "$GW$QUERY" -H "Authorization: Bearer $HS256"
 is_hit "$GW$QUERY" -H "Authorization: Bearer $HS256"
-measure hs256 "$CONNECTIONS" "$GW$QUERY" -H "Authorization: Bearer $HS256"
-
 same_body gw-rs256 "$GW$QUERY" -H "Authorization: Bearer $RS256"
 is_hit "$GW$QUERY" -H "Authorization: Bearer $RS256"
-measure rs256 "$CONNECTIONS" "$GW$QUERY" -H "Authorization: Bearer $RS256"
+curl -sf -H "X-Auth-Token: $KEY" "$SIM$BILLING/invoices/$INVOICE" >"$work/invoice.json"
+curl -sf -H "Authorization: Bearer $MANAGER" "$GW$BILLING/invoices/$INVOICE" >"$work/check.json"
+cmp -s "$work/invoice.json" "$work/check.json" || { echo "gateway miss: a different body" >&2; exit 1; }
 
-# The miss path: one connection, so latency is service time, not queueing.
-curl -sf -H "X-Auth-Token: $KEY" "$SIM$BILLING/invoices/$INVOICE" >"$work/body.json"
-same_body gw-miss "$GW$BILLING/invoices/$INVOICE" -H "Authorization: Bearer $MANAGER"
-measure direct 1 "$SIM$BILLING/invoices/$INVOICE" -H "X-Auth-Token: $KEY"
-measure miss 1 "$GW$BILLING/invoices/$INVOICE" -H "Authorization: Bearer $MANAGER"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+for round in $(seq "$ROUNDS"); do
+    echo "round $round of $ROUNDS: $DURATION per row after $WARMUP of warm-up, wrk -t1 -c$CONNECTIONS" >&2
+    measure bare "$CONNECTIONS" "$BARE$QUERY" -H "Authorization: Bearer $HS256"
+    measure nginx "$CONNECTIONS" "$NGINX$QUERY" -H "Authorization: Bearer $HS256"
+    measure hs256 "$CONNECTIONS" "$GW$QUERY" -H "Authorization: Bearer $HS256"
+    measure rs256 "$CONNECTIONS" "$GW$QUERY" -H "Authorization: Bearer $RS256"
+    # The miss path: one connection, so latency is service time, not queueing.
+    measure direct 1 "$SIM$BILLING/invoices/$INVOICE" -H "X-Auth-Token: $KEY"
+    measure miss 1 "$GW$BILLING/invoices/$INVOICE" -H "Authorization: Bearer $MANAGER"
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+for row in bare nginx hs256 rs256 direct miss; do settle "$row"; done
 RSS_AFTER=$(rss_kib "$gw_pid" VmRSS)
 
 # Streaming: a second gateway whose upstream is the bench binary's 100 MiB download.
@@ -183,8 +194,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 row() { # label key [ratios]
     local key=$2
-    printf '| %s | %.0f | %s | %s | %s | %s |\n' "$1" "${RPS[$key]}" "$(ms "${P50[$key]}")" \
-        "$(ms "${P99[$key]}")" "${3:-}" "${ERRORS[$key]}"
+    printf '| %s | %.0f (%s) | %s | %s | %s | %s |\n' "$1" "${RPS[$key]}" "${SPREAD[$key]}" \
+        "$(ms "${P50[$key]}")" "$(ms "${P99[$key]}")" "${3:-}" "${ERRORS[$key]}"
 }
 vs() { echo "$(ratio "${RPS[$1]}" "${RPS[bare]}")× bare, $(ratio "${RPS[$1]}" "${RPS[nginx]}")× nginx"; }
 added_p50=$((P50[miss] - P50[direct]))
@@ -194,9 +205,10 @@ check() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN { ok = (op == ">=") ? v >= t
 
 echo
 echo "$(date -u +%F), $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/^Mem:/ {print $2}') GiB;" \
-    "servers on one core with one worker each, wrk -t1 on the other; $DURATION per row, $CONNECTIONS connections (miss path: 1)"
+    "servers on one core with one worker each, wrk -t1 on the other; $ROUNDS rounds of $DURATION per row," \
+    "$CONNECTIONS connections (miss path: 1); load average $LOAD_BEFORE before, $LOAD_AFTER after"
 echo
-echo "| row | req/s | p50 ms | p99 ms | throughput ratio | errors |"
+echo "| row | req/s, median round (range) | p50 ms | p99 ms | throughput ratio | errors |"
 echo "|---|---:|---:|---:|---|---:|"
 row "1. bare hyper server (ceiling)" bare
 row "2. nginx proxy_cache, warm" nginx "$(ratio "${RPS[nginx]}" "${RPS[bare]}")× bare"
