@@ -124,15 +124,7 @@ async fn a_hundred_concurrent_cold_requests_make_one_upstream_call() {
         assert_eq!(status, 200);
         assert_eq!(body, first);
     }
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"billing_gateway_cache_requests_total{result="stored"} 1"#),
         "{metrics}"
@@ -394,15 +386,7 @@ async fn cached_bytes_stay_within_the_bound() {
             .await;
         assert_eq!(r.status(), 200);
     }
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     let bytes: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("billing_gateway_cache_size_bytes "))

@@ -29,17 +29,6 @@ fn reader_as(sub: &str) -> String {
     token_with(json!({"sub": sub, "roles": ["billing-read-only"], "iat": now, "exp": now + 600}))
 }
 
-async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("request")
-        .text()
-        .await
-        .expect("text")
-}
-
 /// The value of one sample line of the exposition, 0 when absent.
 fn sample(metrics: &str, series: &str) -> f64 {
     metrics
@@ -107,7 +96,7 @@ async fn a_principal_over_its_rate_is_throttled_while_another_is_served() {
     );
     // Throttled requests never reached the upstream (charges are not cached).
     assert_eq!(app.upstream_requests().await.len(), served + 1);
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert_eq!(
         sample(
             &m,
@@ -212,7 +201,7 @@ async fn upstream_calls_never_exceed_the_budget_in_any_one_second_window() {
     // Some waited their turn and were served; past the bounded wait the rest were refused.
     assert!(served > 5, "{served} served");
     assert!(refused >= 1, "nothing refused");
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert_eq!(
         sample(
             &m,
@@ -257,7 +246,7 @@ async fn after_an_upstream_429_nobody_reaches_the_upstream_until_its_retry_after
         assert_error(response, 429, "too_many_requests").await;
     }
     assert_eq!(app.upstream_requests().await.len(), 1);
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert_eq!(
         sample(
             &m,
@@ -302,7 +291,7 @@ async fn calls_waiting_for_their_turn_do_not_go_upstream_after_a_429() {
     assert_error(first, 429, "too_many_requests").await;
     assert_error(second, 429, "too_many_requests").await;
     assert_eq!(app.upstream_requests().await.len(), 1);
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert_eq!(
         sample(
             &m,
@@ -339,7 +328,7 @@ async fn without_retry_after_the_backoff_starts_near_a_second_and_ends() {
     let after = app.get("/billing/v2beta1/taxes", &app.reader()).await;
     assert_eq!(after.status(), 200);
     assert_eq!(app.upstream_requests().await.len(), 2);
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert_eq!(
         sample(&m, "billing_gateway_upstream_backoff_seconds"),
         0.0,
@@ -403,7 +392,7 @@ async fn a_get_is_retried_on_503_and_a_coupon_redemption_never() {
     let sent = app.upstream_requests().await;
     let posts = sent.iter().filter(|r| r.method.as_str() == "POST").count();
     assert_eq!(posts, 1, "a POST was retried");
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert_eq!(
         sample(
             &m,

@@ -696,15 +696,7 @@ async fn gateway_endpoints_answer() {
     assert_error(r, 401, "denied_authentication").await;
 
     app.get("/billing/v2beta1/taxes", &app.reader()).await;
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("request")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"billing_gateway_requests_total{operation="taxes",status="200"} 1"#),
         "{metrics}"

@@ -103,6 +103,18 @@ impl TestApp {
             .expect("request")
     }
 
+    /// The gateway's Prometheus exposition.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Every request wiremock received.
     pub async fn upstream_requests(&self) -> Vec<wiremock::Request> {
         self.upstream.received_requests().await.unwrap_or_default()
