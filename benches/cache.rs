@@ -2,9 +2,9 @@
 
 use std::hint::black_box;
 
+use billing_gateway::billing;
 use billing_gateway::cache::{Cache, Fetch, Outcome};
 use billing_gateway::config::Config;
-use billing_gateway::operations;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use secrecy::SecretString;
@@ -14,14 +14,14 @@ const QUERY: &str =
 
 fn benches(c: &mut Criterion) {
     let org = uuid::Uuid::from_u128(0x1111_2222_3333_4444_5555_6666_7777_8888);
-    let mut call = operations::parse("GET", "/billing/v2beta1/consumptions", Some(QUERY))
-        .expect("valid query");
+    let mut call =
+        billing::parse("GET", "/billing/v2beta1/consumptions", Some(QUERY)).expect("valid query");
     call.apply_organization(org).expect("org");
 
     c.bench_function("cache/key", |b| b.iter(|| Cache::key(black_box(&call))));
     c.bench_function("operations/parse+key", |b| {
         b.iter(|| {
-            let mut call = operations::parse(
+            let mut call = billing::parse(
                 "GET",
                 "/billing/v2beta1/consumptions",
                 Some(black_box(QUERY)),

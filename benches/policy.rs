@@ -5,7 +5,7 @@
 use std::hint::black_box;
 use std::path::PathBuf;
 
-use billing_gateway::operations;
+use billing_gateway::billing;
 use billing_gateway::policy::{self, PolicySet};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use serde_json::{Map, Value, json};
@@ -42,7 +42,7 @@ fn benches(c: &mut Criterion) {
     let reader = claims(json!({"sub": "bench", "roles": ["billing-read-only"], "exp": 1}));
     let team = claims(json!({"sub": "web", "groups": ["team-web", "other"], "exp": 1}));
     let call = |query: &str| {
-        operations::parse("GET", "/billing/v2beta1/consumptions", Some(query)).expect("valid")
+        billing::parse("GET", "/billing/v2beta1/consumptions", Some(query)).expect("valid")
     };
 
     c.bench_function("policy/principal_for_claims", |b| {

@@ -17,8 +17,8 @@ use moka::Expiry;
 use moka::future::Cache as Moka;
 use time::OffsetDateTime;
 
+use crate::billing::Call;
 use crate::config::CacheConfig;
-use crate::operations::Call;
 
 /// While the upstream is failing, a stale answer is re-served from `fresh` for this long before
 /// the next attempt, so an outage does not make every request wait for a timeout.
@@ -236,8 +236,8 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::billing;
     use crate::config::Config;
-    use crate::operations;
     use secrecy::SecretString;
     use time::macros::datetime;
 
@@ -246,7 +246,7 @@ mod tests {
         let cache =
             Cache::new(&Config::new("http://x", uuid::Uuid::nil(), SecretString::from("")).cache);
         let ttl_at = |period: &str, now| {
-            let call = crate::operations::parse(
+            let call = billing::parse(
                 "GET",
                 "/billing/v2beta1/consumptions",
                 Some(&format!("billing_period={period}")),
@@ -280,8 +280,8 @@ mod tests {
         });
         let now = datetime!(2026-03-15 12:00 UTC);
         let ttl = |query: &str| {
-            let call = operations::parse("GET", "/billing/v2beta1/consumptions", Some(query))
-                .expect("valid");
+            let call =
+                billing::parse("GET", "/billing/v2beta1/consumptions", Some(query)).expect("valid");
             cache.ttl_for(&call, now).as_secs()
         };
         assert_eq!(ttl("billing_period=2026-02"), 86_400);
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn the_key_is_the_operation_and_the_canonical_query() {
-        let call = operations::parse(
+        let call = billing::parse(
             "GET",
             "/billing/v2beta1/consumptions",
             Some("pageSize=10&category_name=Object+Storage&billing_period=2026-02"),

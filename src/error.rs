@@ -285,9 +285,25 @@ impl IntoResponse for Error {
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorKind(pub &'static str);
 
+/// Seconds for a `Retry-After` header: whole, rounded up, at least 1 (0 would invite a retry
+/// storm).
+pub fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
+        .max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(std::time::Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(std::time::Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(std::time::Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(std::time::Duration::from_secs(3)), 3);
+    }
 
     #[test]
     fn every_error_maps_to_its_status_and_a_scaleway_type() {

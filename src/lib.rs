@@ -7,16 +7,16 @@
 //!
 //! 1. [`telemetry::track`] gives it a request id (the caller's when sane) and a span; it writes
 //!    the request's one log line and its metrics when the answer leaves.
-//! 2. [`proxy::handle`] asks [`operations::parse`] which operation the method and raw path name
+//! 2. [`proxy::handle`] asks [`billing::parse`] which operation the method and raw path name
 //!    and validates every query parameter against that operation's table: unknown paths are 404,
-//!    bad or unknown parameters 400, and the result is a [`operations::Call`] — the only thing the
+//!    bad or unknown parameters 400, and the result is a [`billing::Call`] — the only thing the
 //!    upstream request is ever built from.
 //! 3. [`auth`] finds the one credential and verifies it (algorithm pinned, `exp` required);
 //!    [`policy`] turns the identity into a [`policy::Principal`] whose grants come from the
 //!    policy files, and [`policy::decide`] allows the call or answers 403. A project-scoped
 //!    grant may fill in the projects it covers. [`limits::PrincipalLimits`] then counts the
 //!    request against the caller's own rate.
-//! 4. [`operations::Call::apply_organization`] fills in the gateway's organization (or refuses
+//! 4. [`billing::Call::apply_organization`] fills in the gateway's organization (or refuses
 //!    another one).
 //! 5. [`upstream::Upstream::send`] waits for the call's turn in the upstream budget (or refuses
 //!    while backing off after a 429), builds the request from the `Call`, injects the secret key
@@ -28,24 +28,22 @@
 //! 7. The answer is relayed as it comes: status, content type (JSON relabelled exactly
 //!    `application/json`), body streamed.
 //!
-//! Configuration is [`config`]; the assembled service is [`app::App`] (its accept loop bounds
-//! header size, header time and requests in flight, and serves [`tls`] when configured), whose
-//! policy [`reload`] keeps in step with the policy folder; [`openapi`] describes the served
+//! Configuration is [`config`]; the assembled service is [`server::App`] (its accept loop bounds
+//! header size, header time and requests in flight, and serves [`server::tls`] when configured), whose
+//! policy [`policy::reload`] keeps in step with the policy folder; [`billing::openapi`] describes the served
 //! surface from the operation table; [`simulator`] is an in-process Billing API for `demo`,
 //! tests and benchmarks.
 
-pub mod app;
 pub mod auth;
+pub mod billing;
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod limits;
-pub mod openapi;
-pub mod operations;
 pub mod policy;
 pub mod proxy;
-pub mod reload;
+pub mod server;
 pub mod simulator;
+pub mod state;
 pub mod telemetry;
-pub mod tls;
 pub mod upstream;

@@ -6,8 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use billing_gateway::app::App;
 use billing_gateway::config::TlsFiles;
+use billing_gateway::server::App;
 use common::*;
 use serde_json::json;
 use wiremock::matchers::any;

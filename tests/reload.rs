@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use billing_gateway::app::App;
-use billing_gateway::reload::{LivePolicy, Reload};
+use billing_gateway::policy::reload::{LivePolicy, Reload};
+use billing_gateway::server::App;
 use common::*;
 use serde_json::json;
 use tokio::sync::oneshot;

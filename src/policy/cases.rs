@@ -17,8 +17,8 @@
 //! upstream = "/billing/v2beta1/consumptions?organization_id={organization_id}"  # allow only, optional
 //! ```
 //!
-//! A case is pure: [`crate::operations::parse`], [`crate::policy::decide`], then
-//! [`crate::operations::Call::apply_organization`]; nothing is sent anywhere. `upstream` is the
+//! A case is pure: [`crate::billing::parse`], [`crate::policy::decide`], then
+//! [`crate::billing::Call::apply_organization`]; nothing is sent anywhere. `upstream` is the
 //! request the gateway would send (path and query after validation, project scoping and the
 //! organization fill-in); its query is compared as a set of pairs. `{organization_id}` in `path`
 //! or `upstream` stands for the organization the run fills in.
@@ -33,7 +33,6 @@ use uuid::Uuid;
 
 use super::{PolicyError, PolicySet, Principal};
 use crate::error::Error;
-use crate::operations;
 
 /// One file of cases, parsed and checked for shape.
 #[derive(Debug)]
@@ -254,7 +253,7 @@ fn upstream_request(
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
     };
-    let mut call = operations::parse(method, path, query)?;
+    let mut call = crate::billing::parse(method, path, query)?;
     super::decide(principal, &mut call)?;
     call.apply_organization(org)?;
     let query = call.query_string();

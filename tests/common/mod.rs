@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use billing_gateway::app::App;
 use billing_gateway::auth::mint_hs256;
 use billing_gateway::config::Config;
+use billing_gateway::server::App;
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;

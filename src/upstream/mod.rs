@@ -2,12 +2,16 @@
 //! key injected last, an allowlist of headers, no redirects and a whole-request timeout
 //! (contract §6).
 //!
-//! Every call spends the shared upstream budget ([`crate::limits`]), none is made while backing
+//! Every call spends the shared upstream budget ([`UpstreamBudget`]), none is made while backing
 //! off after an upstream 429, and idempotent GETs are retried on connection errors, 502 and 503.
 //!
 //! Requests are built from a validated [`Call`] only; nothing of the caller's request (headers,
 //! body, raw query) is copied. The key lives in a header value marked sensitive, so it prints as
 //! `Sensitive` in any `Debug` output.
+
+mod budget;
+
+pub use budget::{Backoff, UPSTREAM_MAX_WAIT, UpstreamBudget};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +21,10 @@ use reqwest::redirect;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
+use crate::billing::{Call, Method};
 use crate::config::UpstreamConfig;
+use crate::error::retry_after_secs;
 use crate::error::{Error, Throttle};
-use crate::limits::{Backoff, UPSTREAM_MAX_WAIT, UpstreamBudget, retry_after_secs};
-use crate::operations::{Call, Method};
 use crate::telemetry::Metrics;
 
 /// Retries of an idempotent GET after a connection error, a 502 or a 503 (so three attempts at

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::operations::{Kind, Method, OPERATIONS, Operation, Param};
+use crate::billing::{Kind, Method, OPERATIONS, Operation, Param};
 
 /// The whole document.
 pub fn document() -> Value {

@@ -480,7 +480,7 @@ mod tests {
             panic!()
         };
         let rsa =
-            EncodingKey::from_rsa_pem(include_bytes!("../tests/keys/rsa-1.pem")).expect("pem");
+            EncodingKey::from_rsa_pem(include_bytes!("../../tests/keys/rsa-1.pem")).expect("pem");
         let mut header = Header::new(Algorithm::RS256);
         header.jku = Some("http://127.0.0.1:9/keys".into());
         let rs256 = jsonwebtoken::encode(&header, &claims, &rsa).expect("sign");

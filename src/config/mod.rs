@@ -129,6 +129,13 @@ pub struct Rate {
     pub per: Duration,
 }
 
+impl Rate {
+    /// One cell every `per / count`, never a zero period.
+    pub fn pace(self) -> Duration {
+        (self.per / self.count.max(1)).max(Duration::from_nanos(1))
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

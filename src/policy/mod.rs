@@ -8,6 +8,7 @@
 //! Pure: no I/O but reading the policy folder. Anything no grant allows is denied.
 
 pub mod cases;
+pub mod reload;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,9 +21,9 @@ use subtle::ConstantTimeEq;
 use toml::Spanned;
 use uuid::Uuid;
 
+use crate::billing::{Call, Permission, Permissions};
 use crate::config::{Rate, parse_rate};
 use crate::error::Error;
-use crate::operations::{Call, Permission, Permissions};
 
 /// Roles from one binding or key, with the projects they are limited to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -565,10 +566,10 @@ struct KeyDef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operations::parse;
+    use crate::billing::parse;
     use serde_json::json;
 
-    const DEFAULT: &str = include_str!("../policies/default.toml");
+    const DEFAULT: &str = include_str!("../../policies/default.toml");
     const P1: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
     const P2: &str = "99999999-8888-7777-6666-555555555555";
 

@@ -1,0 +1,62 @@
+//! `key new`: a gateway key, printed once, and the policy entry holding only its SHA-256.
+
+use super::env;
+use anyhow::{anyhow, bail};
+use billing_gateway::config::Config;
+use billing_gateway::policy::{self, PolicySet};
+
+/// Generates a key and its `[[keys]]` entry, checked against the policy folder.
+pub(super) fn new(name: &str, roles: &[String], projects: &[String]) -> anyhow::Result<()> {
+    if !policy::is_key_name(name) {
+        bail!("--name `{name}`: use letters, digits, `.`, `_` and `-` (at most 64)");
+    }
+    let roles: Vec<&str> = roles
+        .iter()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .collect();
+    if roles.is_empty() {
+        bail!("--roles: name at least one role");
+    }
+    let projects = projects
+        .iter()
+        .map(|p| {
+            uuid::Uuid::try_parse(p.trim())
+                .map(|p| p.to_string())
+                .map_err(|_| anyhow!("--projects: `{p}` is not a project id (a UUID)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let list = |items: &[&str]| -> anyhow::Result<String> {
+        let quoted = items
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(format!("[{}]", quoted.join(", ")))
+    };
+    let key = uuid::Uuid::new_v4();
+    let mut entry = format!(
+        "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = {}\n",
+        policy::key_sha256(&key),
+        list(&roles)?
+    );
+    if !projects.is_empty() {
+        let projects: Vec<&str> = projects.iter().map(String::as_str).collect();
+        entry += &format!("projects = {}\n", list(&projects)?);
+    }
+    // Checked against the policy folder when there is one: roles must exist, names be unique.
+    let config = Config::load(None, &env, false)?;
+    match PolicySet::read_sources(&config.policy_dir) {
+        Ok(mut sources) => {
+            sources.push(("(the new entry)".into(), entry.clone()));
+            PolicySet::from_sources(&sources)?;
+        }
+        Err(e) => eprintln!("note: the entry is not checked against a policy folder: {e}"),
+    }
+    println!(
+        "gateway key `{name}` (shown once: the policy stores only its SHA-256):\n\n    {key}\n\n\
+         Give it to the caller as its SCW_SECRET_KEY (X-Auth-Token), and paste this entry into a\n\
+         *.toml in the policy folder ({}):\n\n{entry}",
+        config.policy_dir.display()
+    );
+    Ok(())
+}

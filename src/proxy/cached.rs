@@ -1,0 +1,157 @@
+//! Cacheable calls (`consumptions`, `taxes`): answered from the cache, or fetched once for
+//! every concurrent caller, or covered by a stale entry while the upstream fails; `Cache-Status`
+//! and `Age` say which.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use time::OffsetDateTime;
+
+use super::forward::exact_json;
+use crate::billing::Call;
+use crate::cache::{Cache, Entry, Fetch, Outcome};
+use crate::error::{Error, JSON};
+use crate::state::AppState;
+use crate::telemetry::RequestInfo;
+
+/// An upstream answer the cache does not store, shared by every request that waited for it.
+enum Uncached {
+    Answer {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+    Failed(Error),
+}
+
+/// Cacheable operations: authorization has already happened, so the entry is shared only with
+/// callers allowed to make this exact upstream request.
+pub(super) async fn cached(
+    state: &AppState,
+    call: &Call,
+    request_id: &str,
+    info: &mut RequestInfo,
+) -> Result<Response, Error> {
+    let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
+    let upstream_ms = &mut info.upstream_ms;
+    let fetch = async {
+        let started = Instant::now();
+        let result = state.upstream.send(call, request_id).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        *upstream_ms = Some(elapsed * 1000.0);
+        let upstream = match result {
+            Ok(upstream) => upstream,
+            Err(e) => return Fetch::Failed(Uncached::Failed(e)),
+        };
+        let status = upstream.status();
+        let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+        let body = match upstream.bytes().await {
+            Ok(body) => body,
+            Err(e) => return Fetch::Failed(Uncached::Failed(Error::BadGateway(e.to_string()))),
+        };
+        match status {
+            StatusCode::OK => Fetch::Store(body),
+            s if s.is_server_error() => Fetch::Failed(Uncached::Answer {
+                status,
+                content_type,
+                body,
+            }),
+            _ => Fetch::Pass(Uncached::Answer {
+                status,
+                content_type,
+                body,
+            }),
+        }
+    };
+    let (result, response) = match state
+        .cache
+        .get_or_fetch(&Cache::key(call), ttl, fetch)
+        .await
+    {
+        Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
+        Outcome::Stored(entry) => (
+            "stored",
+            from_entry(&entry, "billing-gateway; fwd=miss; stored"),
+        ),
+        // RFC 9211 `collapsed`: this request waited for another's identical fetch.
+        Outcome::Coalesced(entry) => (
+            "coalesced",
+            from_entry(&entry, "billing-gateway; fwd=miss; collapsed"),
+        ),
+        Outcome::Stale(entry) => ("stale", from_entry(&entry, "billing-gateway; fwd=stale")),
+        Outcome::TooLarge(body) => ("miss", answer(StatusCode::OK, Some(JSON), body)),
+        Outcome::Passed(uncached) => match &*uncached {
+            Uncached::Answer {
+                status,
+                content_type,
+                body,
+            } => ("miss", answer(*status, content_type.clone(), body.clone())),
+            Uncached::Failed(e) => {
+                if e.status().is_server_error() {
+                    tracing::error!(error = %e, operation = call.op.name, "upstream failed, no stale answer to serve");
+                }
+                let mut response = e.clone().into_response();
+                response.headers_mut().insert(
+                    &CACHE_STATUS,
+                    HeaderValue::from_static("billing-gateway; fwd=miss"),
+                );
+                ("miss", response)
+            }
+        },
+    };
+    info.cache = Some(result);
+    state.metrics.cache_result(result);
+    Ok(response)
+}
+
+/// A stored answer: headers built here, the body shared, never re-parsed. Only `Age` and
+/// `Cache-Control` are computed; the rest are static values.
+fn from_entry(entry: &Entry, cache_status: &'static str) -> Response {
+    let now = Instant::now();
+    let max_age = if entry.stale {
+        0
+    } else {
+        entry.fresh_until.saturating_duration_since(now).as_secs()
+    };
+    let mut response = Response::new(Body::from(entry.body.clone()));
+    let headers = response.headers_mut();
+    headers.reserve(4);
+    headers.insert(header::CONTENT_TYPE, JSON);
+    headers.insert(&CACHE_STATUS, HeaderValue::from_static(cache_status));
+    headers.insert(
+        header::AGE,
+        HeaderValue::from(now.saturating_duration_since(entry.stored_at).as_secs()),
+    );
+    headers.insert(header::CACHE_CONTROL, cache_control(max_age));
+    response
+}
+
+fn answer(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    if let Some(ct) = content_type {
+        headers.insert(header::CONTENT_TYPE, exact_json(ct));
+    }
+    headers.insert(
+        &CACHE_STATUS,
+        HeaderValue::from_static("billing-gateway; fwd=miss"),
+    );
+    headers.insert(header::CACHE_CONTROL, cache_control(0));
+    response
+}
+
+/// `private`: answers are per organization and only for callers allowed to see them, so no
+/// shared cache downstream may keep them.
+fn cache_control(max_age: u64) -> HeaderValue {
+    if max_age == 0 {
+        return HeaderValue::from_static("private, max-age=0");
+    }
+    HeaderValue::try_from(format!("private, max-age={max_age}"))
+        .unwrap_or(HeaderValue::from_static("private, no-store"))
+}
+
+static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");

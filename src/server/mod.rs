@@ -1,0 +1,218 @@
+//! The assembled service: [`App::build`] binds the listener (port 0 allowed) and wires the
+//! route table and middleware; [`App::run_until`] runs the accept loop until shutdown, finishing
+//! in-flight requests within a grace period.
+//!
+//! The accept loop is hyper's own connection builder rather than `axum::serve`, for the bounds
+//! [`ServerLimits`] puts on hostile or broken clients: header size, header read time, requests
+//! in flight.
+
+mod accept;
+mod probes;
+mod router;
+pub mod tls;
+
+use accept::serve;
+use router::router;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::auth::Authenticator;
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::limits::PrincipalLimits;
+use crate::policy::PolicySet;
+use crate::policy::reload::{self, LivePolicy};
+use crate::server::tls::Tls;
+use crate::state::{AppState, Shared};
+use crate::telemetry::Metrics;
+use crate::upstream::Upstream;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A policy file is broken.
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Anything else found while assembling.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The bounds the server puts on clients, so a hostile or broken one cannot exhaust it.
+/// [`Default`] is what the gateway runs with; tests shrink them.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Most bytes of request headers answered normally; more is a 431. Twice this is a hard cap
+    /// on the whole request head, past which the connection is answered a bare 431 and closed.
+    pub max_header_bytes: usize,
+    /// How long a client may take to send a request head (a slow-loris defence); an idle
+    /// keep-alive connection is closed after it too.
+    pub header_read_timeout: Duration,
+    /// Billing requests handled at once, streaming answers included; past it new ones are
+    /// answered 503 at once rather than queued without bound.
+    pub max_in_flight: usize,
+    /// How long in-flight requests (downloads included) may take to finish once shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            // Enough for any JWT an IdP issues, a few times over.
+            max_header_bytes: 32 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_in_flight: 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A bound, ready-to-run gateway.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    policy_poll: Duration,
+    limits: ServerLimits,
+    tls: Option<Arc<Tls>>,
+}
+
+impl App {
+    /// Loads the policy folder and builds the gateway; the folder is re-read while it runs.
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let policy = LivePolicy::load_dir(&config.policy_dir)?;
+        App::assemble(config, policy).await
+    }
+
+    /// Builds the gateway with an already loaded policy, which never changes.
+    pub async fn with_policy(config: Config, policy: PolicySet) -> Result<App, StartError> {
+        App::assemble(config, LivePolicy::fixed(policy)).await
+    }
+
+    async fn assemble(config: Config, policy: LivePolicy) -> Result<App, StartError> {
+        let jwt_enabled = config.auth.hs256_secret.is_some() || config.auth.key_source().is_some();
+        if !jwt_enabled && !policy.load().has_keys() {
+            return Err(StartError::Other(
+                "no way to authenticate callers: set GATEWAY_JWKS_URL, GATEWAY_JWT_ISSUER (OIDC \
+                 discovery) or GATEWAY_JWT_HS256_SECRET (or its _FILE variant), or define \
+                 [[keys]] in the policy"
+                    .into(),
+            ));
+        }
+        let metrics = Arc::new(Metrics::default());
+        let upstream = Upstream::new(&config.upstream, metrics.clone())
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(
+                Tls::load(&files.cert, &files.key)
+                    .map_err(|e| StartError::Other(format!("TLS: {e}")))?,
+            )),
+            None => None,
+        };
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let state = Arc::new(Shared {
+            auth: Authenticator::start(&config.auth)
+                .await
+                .map_err(|e| StartError::Other(e.to_string()))?,
+            cache: Cache::new(&config.cache),
+            limits: PrincipalLimits::new(config.limits.principal_rate),
+            config,
+            policy: Arc::new(policy),
+            upstream,
+            metrics,
+            draining: AtomicBool::new(false),
+        });
+        Ok(App {
+            listener,
+            state,
+            policy_poll: reload::DEFAULT_POLL,
+            limits: ServerLimits::default(),
+            tls,
+        })
+    }
+
+    /// How often the policy folder (and the TLS certificate) is re-read (default
+    /// [`reload::DEFAULT_POLL`]); tests shorten it.
+    pub fn poll_policy_every(mut self, every: Duration) -> App {
+        self.policy_poll = every;
+        self
+    }
+
+    /// The policy in force, to reload it by hand (what SIGHUP does) or inspect it.
+    pub fn policy(&self) -> Arc<LivePolicy> {
+        self.state.policy.clone()
+    }
+
+    /// Replaces the server's bounds on clients.
+    pub fn with_limits(mut self, limits: ServerLimits) -> App {
+        self.limits = limits;
+        self
+    }
+
+    /// The bound address (the real port when 0 was asked).
+    pub fn addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, turns `/readyz` 503 and lets
+    /// in-flight requests (downloads included) finish within the grace period.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let App {
+            listener,
+            state,
+            policy_poll,
+            limits,
+            tls,
+        } = self;
+        let router = router(state.clone(), &limits);
+        let graceful = GracefulShutdown::new();
+        let certificate = async {
+            match &tls {
+                Some(tls) => tls.watch(policy_poll).await,
+                None => std::future::pending().await,
+            }
+        };
+        // The watchers live exactly as long as the accept loop: no task outlives the app.
+        tokio::select! {
+            () = serve(listener, router, &limits, tls.clone(), &graceful, shutdown) => {}
+            never = reload::watch(state.policy.clone(), policy_poll) => match never {},
+            never = certificate => match never {},
+        }
+
+        state.draining.store(true, Ordering::SeqCst);
+        tracing::info!(
+            connections = graceful.count(),
+            "shutting down: finishing in-flight requests"
+        );
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all requests finished"),
+            () = tokio::time::sleep(limits.shutdown_grace) => {
+                tracing::warn!("grace period over: closing the connections still open");
+            }
+        }
+        Ok(())
+    }
+}

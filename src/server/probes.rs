@@ -1,0 +1,46 @@
+//! The gateway's own unauthenticated endpoints: liveness, readiness, metrics, the OpenAPI
+//! document. Probes and scrapes are never shed, so a busy gateway is not mistaken for a dead one.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::{Error, json_response};
+use crate::state::AppState;
+
+pub(super) async fn healthz() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+pub(super) async fn openapi() -> Response {
+    json_response(StatusCode::OK, &crate::billing::openapi::document())
+}
+
+pub(super) async fn readyz(State(state): State<AppState>) -> Response {
+    if state.draining.load(Ordering::SeqCst) {
+        return Error::Unavailable("shutting down".into()).into_response();
+    }
+    if !state.auth.ready() {
+        return Error::Unavailable("no signing keys".into()).into_response();
+    }
+    json_response(StatusCode::OK, &json!({"status": "ready"}))
+}
+
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+    let (entries, bytes) = state.cache.size().await;
+    state.metrics.cache_size(entries, bytes);
+    state
+        .metrics
+        .set_upstream_backoff(state.upstream.backoff_remaining().as_secs_f64());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,37 @@
+//! The state every handler shares: one [`Shared`] per app, built by [`crate::server::App`] and
+//! handed to the proxy's handlers and the probes as one `Arc`. It lives apart from both so the
+//! server (which wires handlers) and the proxy (which uses the state) never import each other.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use crate::auth::Authenticator;
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::limits::PrincipalLimits;
+use crate::policy::reload::LivePolicy;
+use crate::telemetry::Metrics;
+use crate::upstream::Upstream;
+
+/// Everything a request handler needs, shared by all of them.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// Token verification.
+    pub auth: Authenticator,
+    /// The policy in force, hot-reloaded from the policy folder.
+    pub policy: Arc<LivePolicy>,
+    /// The Billing API client, with the upstream budget and backoff.
+    pub upstream: Upstream,
+    /// Stored consumption and tax answers.
+    pub cache: Cache,
+    /// Each principal's own rate, checked on every authenticated Billing request.
+    pub limits: PrincipalLimits,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set once shutdown begins: `/readyz` turns 503 so load balancers stop sending.
+    pub draining: AtomicBool,
+}
+
+/// The handlers' state: one `Arc`, cloned per request.
+pub type AppState = Arc<Shared>;

@@ -1,0 +1,122 @@
+//! What the gateway tells its operators: request ids, one log line per request, audit events
+//! and Prometheus metrics.
+//!
+//! Metrics live in a per-app registry (not a process-wide recorder), so tests can run many apps
+//! in one process and read each one's numbers. Log lines carry ids, names and numbers only: never
+//! a token, a key, a query string or a body.
+
+mod metrics;
+
+pub use metrics::Metrics;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+use crate::config::LogFormat;
+use crate::error::ErrorKind;
+
+/// `X-Request-Id`, both ways.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id, as echoed to the caller and sent upstream.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+/// What the handler learned about a request, left on the response for the request log.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    /// The Billing operation, when the path named one.
+    pub operation: Option<&'static str>,
+    /// The authenticated subject, when authentication succeeded.
+    pub subject: Option<String>,
+    /// Time to the upstream's response headers, when the upstream was called.
+    pub upstream_ms: Option<f64>,
+    /// How the cache answered (`hit`, `stored`, `coalesced`, `stale`, `miss`), for cacheable calls.
+    pub cache: Option<&'static str>,
+}
+
+/// Accepts a caller's request id when it is short and plain, so it is safe in logs and headers.
+fn sane_request_id(v: &HeaderValue) -> Option<&str> {
+    let s = v.to_str().ok()?;
+    let ok = (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then_some(s)
+}
+
+/// Outermost middleware: assigns the request id, runs the request in its span, then writes the
+/// request's one log line and its metrics.
+pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let id: Arc<str> = match req.headers().get(&REQUEST_ID).and_then(sane_request_id) {
+        Some(id) => id.into(),
+        None => {
+            let mut buf = uuid::Uuid::encode_buffer();
+            (&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf)).into()
+        }
+    };
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    // A `Uri` shares hyper's buffer: cloning it copies no bytes.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = next.run(req).instrument(span).await;
+
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
+    let info = response
+        .extensions_mut()
+        .remove::<RequestInfo>()
+        .unwrap_or_default();
+    let status = response.status().as_u16();
+    let operation = info.operation.unwrap_or(match path {
+        p if p == "/healthz" || p == "/readyz" || p == "/metrics" || p.starts_with("/gateway/") => {
+            "gateway"
+        }
+        _ => "unknown",
+    });
+    let rejection = response.extensions().get::<ErrorKind>().map(|k| k.0);
+    metrics.request_done(operation, status, rejection);
+    tracing::info!(
+        request_id = %id,
+        %method,
+        path = %path,
+        operation,
+        subject = info.subject.as_deref().unwrap_or("-"),
+        status,
+        rejection = rejection.unwrap_or("-"),
+        cache = info.cache.unwrap_or("-"),
+        upstream_ms = info.upstream_ms,
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+/// Installs the process's log subscriber (the binary calls this once; tests do not).
+pub fn init_logging(format: Option<LogFormat>) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Pretty
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second call (tests) finds a subscriber already set; that is fine.
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
