@@ -31,8 +31,8 @@
 //! Configuration is [`config`]; the assembled service is [`app::App`] (its accept loop bounds
 //! header size, header time and requests in flight, and serves [`tls`] when configured), whose
 //! policy [`reload`] keeps in step with the policy folder; [`openapi`] describes the served
-//! surface from the operation table; [`simulator`] is an in-process Billing API for `demo`,
-//! tests and benchmarks.
+//! surface from the operation table. The in-process Billing API that `demo`, tests and benchmarks
+//! use as an upstream is the workspace crate `billing-sim` (`crates/billing-sim`).
 
 pub mod app;
 pub mod auth;
@@ -45,7 +45,6 @@ pub mod operations;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
-pub mod simulator;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -9,7 +9,8 @@ use billing_gateway::app::App;
 use billing_gateway::auth::mint_hs256;
 use billing_gateway::config::{Config, parse_duration, parse_rate};
 use billing_gateway::policy::{self, PolicySet, cases, key_sha256};
-use billing_gateway::{simulator, telemetry};
+use billing_gateway::telemetry;
+use billing_sim::{ORGANIZATION_ID, Simulator};
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
@@ -169,7 +170,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {listen}"))?;
             println!("simulated Billing API at http://{}", listener.local_addr()?);
             tokio::select! {
-                served = simulator::serve(listener, simulator::Simulator::new(&key)) => served?,
+                served = billing_sim::serve(listener, Simulator::new(&key)) => served?,
                 () = shutdown_signal() => {}
             }
         }
@@ -279,7 +280,7 @@ fn token(
 async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     telemetry::init_logging(None);
     let key = uuid::Uuid::new_v4().to_string();
-    let sim = simulator::Simulator::new(&key);
+    let sim = Simulator::new(&key);
     let invoice = sim
         .invoice_ids()
         .get(1)
@@ -287,9 +288,9 @@ async fn demo(listen: SocketAddr) -> anyhow::Result<()> {
         .context("the simulator has no invoice")?;
     let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim_url = format!("http://{}", sim_listener.local_addr()?);
-    tokio::spawn(simulator::serve(sim_listener, sim));
+    tokio::spawn(billing_sim::serve(sim_listener, sim));
 
-    let org = simulator::ORGANIZATION_ID.parse()?;
+    let org = ORGANIZATION_ID.parse()?;
     let mut config = Config::new(&sim_url, org, SecretString::from(key));
     let hs256 = SecretString::from(format!(
         "{:032x}{:032x}",
