@@ -3,6 +3,9 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY crates ./crates
+# Not built, but Cargo.toml declares the benches and cargo refuses a manifest whose targets are missing.
+COPY benches ./benches
 COPY policies ./policies
 RUN cargo build --release --locked
 

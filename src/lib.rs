@@ -31,8 +31,8 @@
 //! Configuration is [`config`]; the assembled service is [`server::App`] (its accept loop bounds
 //! header size, header time and requests in flight, and serves [`server::tls`] when configured), whose
 //! policy [`policy::reload`] keeps in step with the policy folder; [`billing::openapi`] describes the served
-//! surface from the operation table; [`simulator`] is an in-process Billing API for `demo`,
-//! tests and benchmarks.
+//! surface from the operation table. The in-process Billing API that `demo`, tests and
+//! benchmarks use as an upstream is the workspace crate `billing-sim` (`crates/billing-sim`).
 
 pub mod auth;
 pub mod billing;
@@ -43,7 +43,6 @@ pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod server;
-pub mod simulator;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;

@@ -7,7 +7,7 @@ use anyhow::{Context, anyhow, bail};
 use billing_gateway::config::{Config, parse_rate};
 use billing_gateway::policy::{PolicySet, key_sha256};
 use billing_gateway::server::App;
-use billing_gateway::{simulator, telemetry};
+use billing_gateway::telemetry;
 use secrecy::SecretString;
 use serde_json::Map;
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 pub(super) async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     telemetry::init_logging(None);
     let key = uuid::Uuid::new_v4().to_string();
-    let sim = simulator::Simulator::new(&key);
+    let sim = billing_sim::Simulator::new(&key);
     let invoice = sim
         .invoice_ids()
         .get(1)
@@ -24,9 +24,9 @@ pub(super) async fn run(listen: SocketAddr) -> anyhow::Result<()> {
         .context("the simulator has no invoice")?;
     let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim_url = format!("http://{}", sim_listener.local_addr()?);
-    tokio::spawn(simulator::serve(sim_listener, sim));
+    tokio::spawn(billing_sim::serve(sim_listener, sim));
 
-    let org = simulator::ORGANIZATION_ID.parse()?;
+    let org = billing_sim::ORGANIZATION_ID.parse()?;
     let mut config = Config::new(&sim_url, org, SecretString::from(key));
     let hs256 = SecretString::from(format!(
         "{:032x}{:032x}",

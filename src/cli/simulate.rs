@@ -2,7 +2,6 @@
 
 use super::{env, shutdown_signal};
 use anyhow::Context;
-use billing_gateway::simulator;
 use std::net::SocketAddr;
 
 /// `simulate`: the simulated Billing API alone, accepting the key in `SCW_SECRET_KEY`.
@@ -15,7 +14,7 @@ pub(super) async fn run(listen: SocketAddr) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("simulated Billing API at http://{}", listener.local_addr()?);
     tokio::select! {
-        served = simulator::serve(listener, simulator::Simulator::new(&key)) => served?,
+        served = billing_sim::serve(listener, billing_sim::Simulator::new(&key)) => served?,
         () = shutdown_signal() => {}
     }
     Ok(())
