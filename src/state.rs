@@ -7,16 +7,20 @@ use std::sync::atomic::AtomicBool;
 
 use crate::auth::Authenticator;
 use crate::cache::Cache;
-use crate::config::Config;
 use crate::limits::PrincipalLimits;
 use crate::policy::reload::LivePolicy;
 use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
+use uuid::Uuid;
 
 /// Everything a request handler needs, shared by all of them.
 pub struct Shared {
-    /// The validated configuration.
-    pub config: Config,
+    /// The one organization this gateway serves (`SCW_DEFAULT_ORGANIZATION_ID`).
+    ///
+    /// Not the whole [`crate::config::Config`]: that holds the secret key, whose one long-lived
+    /// copy is the upstream client's header value, and the HS256 secret, whose one copy is the
+    /// authenticator's key. Handlers need neither.
+    pub organization_id: Uuid,
     /// Token verification.
     pub auth: Authenticator,
     /// The policy in force, hot-reloaded from the policy folder.

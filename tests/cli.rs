@@ -28,11 +28,66 @@ fn temp_dir() -> std::path::PathBuf {
     dir
 }
 
+/// What `serve` needs to start with the shipped policy.
+const SERVABLE: [(&str, &str); 3] = [
+    ("SCW_SECRET_KEY", KEY),
+    ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+    ("GATEWAY_JWT_HS256_SECRET", HS256),
+];
+
 #[test]
 fn check_accepts_the_shipped_policy() {
-    let out = run(&["check"], &[]);
+    let out = run(&["check"], &SERVABLE);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("billing-manager"));
+}
+
+#[test]
+fn check_on_an_empty_environment_lists_every_missing_setting_in_one_run() {
+    let out = run(&["check"], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for name in [
+        "SCW_SECRET_KEY",
+        "SCW_DEFAULT_ORGANIZATION_ID",
+        // No way to authenticate callers: the shipped policy defines no [[keys]].
+        "GATEWAY_JWT_HS256_SECRET",
+        "GATEWAY_JWKS_URL",
+    ] {
+        assert!(err.contains(name), "{name} not named: {err}");
+    }
+    assert!(err.contains("3 problems found"), "{err}");
+    assert!(!err.contains("configuration valid"), "{err}");
+}
+
+#[test]
+fn check_lists_problems_from_the_environment_and_the_file_together() {
+    let dir = temp_dir();
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[upstream]\nrate = \"fast\"\n[cache]\nttl = \"5 minutes\"\n",
+    )
+    .expect("write");
+    let out = run(
+        &["check", "--config", file.to_str().expect("utf-8")],
+        &[
+            ("SCW_SECRET_KEY", KEY),
+            ("GATEWAY_JWT_HS256_SECRET", HS256),
+            ("GATEWAY_UPSTREAM_TIMEOUT", "soon"),
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let f = file.display();
+    for expected in [
+        "SCW_DEFAULT_ORGANIZATION_ID: missing".to_owned(),
+        "GATEWAY_UPSTREAM_TIMEOUT: `soon` is not a duration".to_owned(),
+        format!("{f}:2: upstream.rate: `fast` is not a rate"),
+        format!("{f}:4: cache.ttl: `5 minutes` is not a duration"),
+    ] {
+        assert!(err.contains(&expected), "{expected}: {err}");
+    }
 }
 
 #[test]
@@ -96,12 +151,15 @@ fn serve_fails_fast_on_missing_or_invalid_configuration() {
             "/nonexistent/policies",
         ),
     ];
+    // `check` refuses exactly what `serve` refuses, naming the same thing.
     for (env, names) in cases {
-        let out = run(&["serve"], env);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains(names), "{names}: {err}");
-        assert!(!err.contains("panicked") && !err.contains(KEY), "{err}");
+        for command in ["serve", "check"] {
+            let out = run(&[command], env);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+            assert!(err.contains(names), "{command}: {names}: {err}");
+            assert!(!err.contains("panicked") && !err.contains(KEY), "{err}");
+        }
     }
 }
 

@@ -4,10 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+const ORG: &str = "11111111-2222-3333-4444-555555555555";
+
+/// `check` with what `serve` needs (it vouches for `serve`), plus `extra_env`.
 fn check(policy_dir: Option<&Path>, extra_env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_billing-gateway"));
     cmd.arg("check")
         .env_clear()
+        .env("SCW_SECRET_KEY", "5ec7e7ca-fe00-4bad-9000-00000000beef")
+        .env("SCW_DEFAULT_ORGANIZATION_ID", ORG)
+        .env(
+            "GATEWAY_JWT_HS256_SECRET",
+            "check-test-hs256-secret-0123456789abcdef",
+        )
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     if let Some(dir) = policy_dir {
         cmd.env("GATEWAY_POLICY_DIR", dir);
@@ -42,12 +51,12 @@ fn the_shipped_policies_pass_their_cases() {
         text(&out.stdout)
     );
 
-    // The same cases pass with a real organization configured: `{organization_id}` follows it.
+    // The same cases pass with another organization configured: `{organization_id}` follows it.
     let out = check(
         None,
         &[(
             "SCW_DEFAULT_ORGANIZATION_ID",
-            "11111111-2222-3333-4444-555555555555",
+            "22222222-3333-4444-5555-666666666666",
         )],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -96,7 +105,7 @@ upstream = "/billing/v2beta1/consumptions?project_id=aaaaaaaa-bbbb-cccc-dddd-eee
     );
     assert!(
         stderr.contains(&format!(
-            "{}:13: case 3: allowed, but the upstream request is `/billing/v2beta1/consumptions?organization_id=00000000-0000-0000-0000-000000000000`",
+            "{}:13: case 3: allowed, but the upstream request is `/billing/v2beta1/consumptions?organization_id={ORG}`",
             file.display()
         )),
         "{stderr}"

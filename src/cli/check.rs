@@ -1,28 +1,56 @@
-//! `check`: the configuration and every policy file validated, the policy test cases run.
+//! `check`: everything `serve` would refuse, found without connecting anywhere: the
+//! configuration, every policy file, the TLS files, a way for callers to authenticate; then the
+//! policy test cases.
 
 use super::env;
 use anyhow::bail;
-use billing_gateway::config::Config;
+use billing_gateway::config::{Config, Needs};
 use billing_gateway::policy::{PolicySet, cases};
+use billing_gateway::server::tls::Tls;
 use std::path::Path;
 
-/// Exit 0 when everything holds; otherwise every problem, `file:line` first.
+/// Exit 0 when `serve` would start and every case holds; otherwise every problem, one per line
+/// (each naming its variable or `file:line`), in one run.
 pub(super) fn run(config: Option<&Path>) -> anyhow::Result<()> {
-    let config = Config::load(config, &env, false)?;
-    let policy = PolicySet::load_dir(&config.policy_dir)?;
+    // Read with `serve`'s needs: a check that passes what `serve` refuses vouches for nothing.
+    let (config, problems) = Config::gather(config, &env, Needs::Serve);
+    let mut problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    let policy = PolicySet::load_dir(&config.policy_dir)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    if let Some(tls) = &config.tls
+        && let Err(e) = Tls::load(&tls.cert, &tls.key)
+    {
+        problems.push(format!("TLS: {e}"));
+    }
+    if let Some(policy) = &policy
+        && let Err(e) = config.require_authentication(policy.has_keys())
+    {
+        problems.push(e.to_string());
+    }
     let tests = config.policy_dir.join("tests");
-    let files = cases::load_dir(&tests)?;
-    // With no organization configured (a CI run), a fixed placeholder is filled in: the nil UUID.
+    let cases = cases::load_dir(&tests)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    let (Some(policy), Some(files)) = (policy, cases) else {
+        bail!("{} found", count(problems.len()));
+    };
     let report = cases::run(&policy, &files, config.upstream.organization_id);
     for failure in &report.failures {
         eprintln!("{failure}");
     }
-    if !report.failures.is_empty() {
-        bail!(
-            "{} of {} policy test cases failed",
-            report.failures.len(),
+    match (problems.len(), report.failures.len()) {
+        (0, 0) => {}
+        (0, failed) => bail!("{failed} of {} policy test cases failed", report.total),
+        (n, 0) => bail!("{} found", count(n)),
+        (n, failed) => bail!(
+            "{} found; {failed} of {} policy test cases failed",
+            count(n),
             report.total
-        );
+        ),
     }
     let roles: Vec<_> = policy.role_names().collect();
     println!(
@@ -33,4 +61,11 @@ pub(super) fn run(config: Option<&Path>) -> anyhow::Result<()> {
         tests.display()
     );
     Ok(())
+}
+
+fn count(n: usize) -> String {
+    match n {
+        1 => "1 problem".to_owned(),
+        n => format!("{n} problems"),
+    }
 }

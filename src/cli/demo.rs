@@ -3,8 +3,8 @@
 
 use super::token::token;
 use super::{env, shutdown_signal};
-use anyhow::{Context, anyhow, bail};
-use billing_gateway::config::{Config, parse_rate};
+use anyhow::{Context, bail};
+use billing_gateway::config::Config;
 use billing_gateway::policy::{PolicySet, key_sha256};
 use billing_gateway::server::App;
 use billing_gateway::telemetry;
@@ -36,14 +36,7 @@ pub(super) async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     config.auth.hs256_secret = Some(hs256.clone());
     config.listen = listen;
     // The demo's limits are the defaults unless asked otherwise (load runs raise them).
-    for (var, rate) in [
-        ("GATEWAY_PRINCIPAL_RATE", &mut config.limits.principal_rate),
-        ("GATEWAY_UPSTREAM_RATE", &mut config.upstream.rate),
-    ] {
-        if let Some(v) = env(var) {
-            *rate = parse_rate(&v).map_err(|e| anyhow!("{var}: {e}"))?;
-        }
-    }
+    config.apply_env(&["GATEWAY_PRINCIPAL_RATE", "GATEWAY_UPSTREAM_RATE"], &env)?;
     // The repository's policy (or the built-in default) plus one manager key, so the official
     // SDKs can be tried unmodified with it as their SCW_SECRET_KEY.
     let mut sources = match PolicySet::read_sources(&config.policy_dir) {

@@ -2,7 +2,7 @@
 
 use super::env;
 use anyhow::{anyhow, bail};
-use billing_gateway::config::Config;
+use billing_gateway::config::{Config, Needs};
 use billing_gateway::policy::{self, PolicySet};
 
 /// Generates a key and its `[[keys]]` entry, checked against the policy folder.
@@ -44,7 +44,7 @@ pub(super) fn new(name: &str, roles: &[String], projects: &[String]) -> anyhow::
         entry += &format!("projects = {}\n", list(&projects)?);
     }
     // Checked against the policy folder when there is one: roles must exist, names be unique.
-    let config = Config::load(None, &env, false)?;
+    let config = Config::load(None, &env, Needs::Tools)?;
     match PolicySet::read_sources(&config.policy_dir) {
         Ok(mut sources) => {
             sources.push(("(the new entry)".into(), entry.clone()));

@@ -1,14 +1,14 @@
 //! `serve`: the gateway in production, against the real Billing API.
 
 use super::{env, shutdown_signal};
-use billing_gateway::config::Config;
+use billing_gateway::config::{Config, Needs};
 use billing_gateway::server::App;
 use billing_gateway::telemetry;
 use std::path::Path;
 
 /// `serve`: the gateway against the Billing API, until SIGTERM or Ctrl-C.
 pub(super) async fn run(config: Option<&Path>) -> anyhow::Result<()> {
-    let config = Config::load(config, &env, true)?;
+    let config = Config::load(config, &env, Needs::Serve)?;
     telemetry::init_logging(config.log_format);
     let app = App::build(config).await?;
     tracing::info!(addr = %app.addr()?, "billing-gateway listening");

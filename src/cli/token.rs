@@ -3,13 +3,13 @@
 use super::env;
 use anyhow::{Context, anyhow};
 use billing_gateway::auth::mint_hs256;
-use billing_gateway::config::{Config, parse_duration};
+use billing_gateway::config::{Config, Needs, parse_duration};
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
 
 /// `token`: mints a token the configured gateway accepts.
 pub(super) fn run(roles: &[String], sub: &str, claims: &[String], ttl: &str) -> anyhow::Result<()> {
-    let config = Config::load(None, &env, false)?;
+    let config = Config::load(None, &env, Needs::Tools)?;
     let secret = config
         .auth
         .hs256_secret

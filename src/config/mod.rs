@@ -1,20 +1,42 @@
-//! Typed configuration from a TOML file plus the environment (which wins), validated once at
+//! Typed configuration: the TOML file plus the environment (which wins), validated once at
 //! startup (contract §3).
 //!
-//! Secrets come only from the environment or files it names, and live in `secrecy` types so no
-//! `Debug`, log line or error can print them. Tests build [`Config`] values directly with
-//! [`Config::new`] instead of setting environment variables.
+//! [`Config`] is a plain struct of typed values; tests and `demo` build it with [`Config::new`]
+//! and set fields. Operators reach it through [`Config::load`], which reads every setting
+//! through the one table in `sources.rs` (variable, file key, parser) and the value types of
+//! [`units`]: a setting is defined once, there. Loading reports every problem at once, each
+//! naming its variable or `file:line`, so a broken deployment is fixed in one round.
+//!
+//! Secrets (`SCW_SECRET_KEY`, `GATEWAY_JWT_HS256_SECRET`) come only from the environment or the
+//! files their `_FILE` variants name, and live in `secrecy` types so no `Debug`, log line or
+//! error can print them.
 
+mod sources;
+pub mod units;
+
+pub use sources::line_at;
+pub use units::{
+    HttpUrl, Rate, parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate,
+    parse_size,
+};
+
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use secrecy::SecretString;
-use serde::Deserialize;
 use uuid::Uuid;
 
+/// The Billing API, when `SCW_API_URL` does not say otherwise.
+pub const DEFAULT_API_URL: &str = "https://api.scaleway.com";
+
 /// The whole configuration of one gateway.
-#[derive(Debug, Clone)]
+///
+/// Deliberately not `Clone` (nor are [`UpstreamConfig`] and [`AuthConfig`]): it holds the
+/// secrets, and [`crate::server::App`] consumes it so that each secret lives in one place only.
+#[derive(Debug)]
 pub struct Config {
     /// Where the gateway listens; port 0 picks a free one.
     pub listen: SocketAddr,
@@ -46,7 +68,7 @@ pub struct TlsFiles {
 }
 
 /// The upstream Billing API.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct UpstreamConfig {
     /// Base URL without a trailing slash.
     pub url: String,
@@ -61,7 +83,7 @@ pub struct UpstreamConfig {
 }
 
 /// Token verification settings.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AuthConfig {
     // (Gateway keys need no setting here: they live in the policy files.)
     /// Enables HS256 tokens.
@@ -92,7 +114,7 @@ impl AuthConfig {
     pub fn key_source(&self) -> Option<KeySource> {
         match (&self.jwks_url, &self.issuer) {
             (Some(url), _) => Some(KeySource::Jwks(url.clone())),
-            (None, Some(issuer)) if parse_http_url(issuer).is_ok() => {
+            (None, Some(issuer)) if issuer.parse::<HttpUrl>().is_ok() => {
                 Some(KeySource::Discovery(issuer.clone()))
             }
             _ => None,
@@ -120,22 +142,6 @@ pub struct LimitsConfig {
     pub principal_rate: Rate,
 }
 
-/// A rate such as `20/s`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Rate {
-    /// How many.
-    pub count: u32,
-    /// Per how long.
-    pub per: Duration,
-}
-
-impl Rate {
-    /// One cell every `per / count`, never a zero period.
-    pub fn pace(self) -> Duration {
-        (self.per / self.count.max(1)).max(Duration::from_nanos(1))
-    }
-}
-
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -145,14 +151,81 @@ pub enum LogFormat {
     Json,
 }
 
-/// A configuration problem, worded for the operator who must fix it.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(String);
-
-fn err(msg: impl Into<String>) -> ConfigError {
-    ConfigError(msg.into())
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "json" => Ok(LogFormat::Json),
+            "pretty" => Ok(LogFormat::Pretty),
+            _ => Err(format!("`{s}` is neither json nor pretty")),
+        }
+    }
 }
+
+/// What the command at hand needs from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// `serve`, and `check` (which vouches for `serve`): every setting without a default, the
+    /// secret key and the organization included.
+    Serve,
+    /// `token` and `key new`: they use the HS256 secret, the `iss`/`aud` pins or the policy
+    /// folder, never the upstream, so its settings may be missing (a malformed value still
+    /// counts).
+    Tools,
+}
+
+/// One thing wrong with the configuration, worded for the operator who must fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where to look: the environment variable, or `file:line`; `None` for a rule between
+    /// settings, whose message names them all.
+    pub at: Option<String>,
+    /// What is wrong; never a secret's value.
+    pub message: String,
+}
+
+impl Problem {
+    fn at(at: impl fmt::Display, message: impl Into<String>) -> Problem {
+        Problem {
+            at: Some(at.to_string()),
+            message: message.into(),
+        }
+    }
+
+    fn between(message: impl Into<String>) -> Problem {
+        Problem {
+            at: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.at {
+            Some(at) => write!(f, "{at}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Every problem found while loading: one line each, so one run shows them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            all => {
+                write!(f, "{} configuration problems:", all.len())?;
+                all.iter().try_for_each(|p| write!(f, "\n  {p}"))
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
 
 impl Config {
     /// A configuration with every default, for tests and `demo`.
@@ -195,381 +268,81 @@ impl Config {
         }
     }
 
-    /// Reads `file` (or `gateway.toml` when present) and the environment through `env`.
-    ///
-    /// With `require_upstream` false (for `check` and `token`), a missing secret key or
-    /// organization is not an error; such a configuration must never serve.
+    /// Reads `file` (or `gateway.toml` when present) and the environment through `env`; every
+    /// problem, or a configuration `needs` can run with.
     pub fn load(
         file: Option<&Path>,
         env: &dyn Fn(&str) -> Option<String>,
-        require_upstream: bool,
-    ) -> Result<Config, ConfigError> {
-        let file_cfg = match file {
-            Some(path) => read_file(path)?,
-            None if Path::new("gateway.toml").exists() => read_file(Path::new("gateway.toml"))?,
-            None => FileConfig::default(),
-        };
-        let get = |var: &str, from_file: &Option<String>| {
-            env(var)
-                .filter(|v| !v.is_empty())
-                .or_else(|| from_file.clone())
-        };
-        let secret = |var: &str| -> Result<Option<SecretString>, ConfigError> {
-            if let Some(v) = env(var).filter(|v| !v.is_empty()) {
-                return Ok(Some(SecretString::from(v)));
-            }
-            let file_var = format!("{var}_FILE");
-            match env(&file_var).filter(|v| !v.is_empty()) {
-                Some(path) => std::fs::read_to_string(&path)
-                    .map(|s| {
-                        Some(SecretString::from(
-                            s.trim_end_matches(['\r', '\n']).to_owned(),
-                        ))
-                    })
-                    .map_err(|e| err(format!("{file_var}: cannot read {path}: {e}"))),
-                None => Ok(None),
-            }
-        };
+        needs: Needs,
+    ) -> Result<Config, ConfigErrors> {
+        match Config::gather(file, env, needs) {
+            (config, problems) if problems.is_empty() => Ok(config),
+            (_, problems) => Err(ConfigErrors(problems)),
+        }
+    }
 
-        let mut cfg = Config::new("", Uuid::nil(), SecretString::from(String::new()));
-        let f = &file_cfg;
-
-        let url = get("SCW_API_URL", &f.upstream.url)
-            .unwrap_or_else(|| "https://api.scaleway.com".to_owned());
-        cfg.upstream.url = parse_url(&url).map_err(|e| err(format!("SCW_API_URL: {e}")))?;
-
-        match get("SCW_DEFAULT_ORGANIZATION_ID", &f.upstream.organization_id) {
-            Some(org) => {
-                cfg.upstream.organization_id = Uuid::try_parse(&org).map_err(|_| {
-                    err(format!(
-                        "SCW_DEFAULT_ORGANIZATION_ID: `{org}` is not a UUID"
-                    ))
-                })?;
-            }
-            None if require_upstream => {
-                return Err(err(
-                    "SCW_DEFAULT_ORGANIZATION_ID is required: the organization this gateway serves",
-                ));
-            }
-            None => {}
-        }
-        match secret("SCW_SECRET_KEY")? {
-            Some(key) => {
-                use secrecy::ExposeSecret;
-                if Uuid::try_parse(key.expose_secret()).is_err() {
-                    // Never echo the value: it may be a real key with a typo.
-                    return Err(err("SCW_SECRET_KEY is not a Scaleway secret key (a UUID)"));
-                }
-                cfg.upstream.secret_key = key;
-            }
-            None if require_upstream => {
-                return Err(err(
-                    "SCW_SECRET_KEY (or SCW_SECRET_KEY_FILE) is required: the Scaleway API secret key",
-                ));
-            }
-            None => {}
-        }
-        if let Some(v) = get("GATEWAY_UPSTREAM_TIMEOUT", &f.upstream.timeout) {
-            cfg.upstream.timeout = named("GATEWAY_UPSTREAM_TIMEOUT", parse_duration(&v))?;
-        }
-        if let Some(v) = get("GATEWAY_UPSTREAM_RATE", &f.upstream.rate) {
-            cfg.upstream.rate = named("GATEWAY_UPSTREAM_RATE", parse_rate(&v))?;
-        }
-        if let Some(v) = get("GATEWAY_LISTEN", &f.listen) {
-            cfg.listen = v.parse().map_err(|_| {
-                err(format!(
-                    "GATEWAY_LISTEN: `{v}` is not an address such as 127.0.0.1:8080"
-                ))
-            })?;
-        }
-        if let Some(v) = get("GATEWAY_POLICY_DIR", &f.policy.dir) {
-            cfg.policy_dir = PathBuf::from(v);
-        }
-        cfg.auth.hs256_secret = secret("GATEWAY_JWT_HS256_SECRET")?;
-        if let Some(s) = &cfg.auth.hs256_secret {
-            use secrecy::ExposeSecret;
-            if s.expose_secret().len() < 32 {
-                return Err(err(
-                    "GATEWAY_JWT_HS256_SECRET must be at least 32 bytes (256 bits) long",
-                ));
-            }
-        }
-        if let Some(url) = get("GATEWAY_JWKS_URL", &f.auth.jwks_url) {
-            cfg.auth.jwks_url = Some(named("GATEWAY_JWKS_URL", parse_http_url(&url))?);
-        }
-        cfg.auth.issuer = get("GATEWAY_JWT_ISSUER", &f.auth.issuer);
-        cfg.auth.audience = get("GATEWAY_JWT_AUDIENCE", &f.auth.audience);
-        if let Some(v) = get("GATEWAY_JWT_LEEWAY", &f.auth.leeway) {
-            cfg.auth.leeway = named("GATEWAY_JWT_LEEWAY", parse_duration(&v))?;
-        }
-        if let Some(v) = get("GATEWAY_CACHE_TTL", &f.cache.ttl) {
-            cfg.cache.ttl = named("GATEWAY_CACHE_TTL", parse_duration(&v))?;
-        }
-        if let Some(v) = get("GATEWAY_CACHE_CLOSED_TTL", &f.cache.closed_ttl) {
-            cfg.cache.closed_ttl = named("GATEWAY_CACHE_CLOSED_TTL", parse_duration(&v))?;
-        }
-        if let Some(v) = get("GATEWAY_CACHE_STALE_IF_ERROR", &f.cache.stale_if_error) {
-            cfg.cache.stale_if_error = named("GATEWAY_CACHE_STALE_IF_ERROR", parse_duration(&v))?;
-        }
-        if let Some(v) = get("GATEWAY_CACHE_MAX_BYTES", &f.cache.max_bytes) {
-            cfg.cache.max_bytes = named("GATEWAY_CACHE_MAX_BYTES", parse_size(&v))?;
-        }
-        if let Some(v) = get("GATEWAY_PRINCIPAL_RATE", &f.limits.principal_rate) {
-            cfg.limits.principal_rate = named("GATEWAY_PRINCIPAL_RATE", parse_rate(&v))?;
-        }
-        if let Some(v) = get("GATEWAY_CORS_ORIGINS", &f.cors.origins) {
-            cfg.cors_origins = v
-                .split(',')
-                .map(str::trim)
-                .filter(|o| !o.is_empty())
-                .map(|o| parse_origin(o).map_err(|e| err(format!("GATEWAY_CORS_ORIGINS: {e}"))))
-                .collect::<Result<_, _>>()?;
-        }
-        match (
-            get("GATEWAY_TLS_CERT", &f.tls.cert),
-            get("GATEWAY_TLS_KEY", &f.tls.key),
-        ) {
-            (Some(cert), Some(key)) => {
-                cfg.tls = Some(TlsFiles {
-                    cert: cert.into(),
-                    key: key.into(),
-                });
-            }
-            (None, None) => {}
-            _ => {
-                return Err(err(
-                    "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY go together: set both or neither",
-                ));
-            }
-        }
-        if let Some(v) = get("GATEWAY_LOG_FORMAT", &f.log.format) {
-            cfg.log_format = Some(match v.as_str() {
-                "json" => LogFormat::Json,
-                "pretty" => LogFormat::Pretty,
-                _ => {
-                    return Err(err(format!(
-                        "GATEWAY_LOG_FORMAT: `{v}` is neither json nor pretty"
-                    )));
-                }
-            });
+    /// [`Config::load`] without the verdict: every setting that could be read (defaults for
+    /// the rest, a nil organization and an empty key when missing) and every problem. For
+    /// `check`, which goes on to the policy folder to report its problems in the same run; a
+    /// configuration with problems must never serve.
+    pub fn gather(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        needs: Needs,
+    ) -> (Config, Vec<Problem>) {
+        let (mut config, mut problems) = sources::gather(file, env, needs);
+        if let Some(TlsFiles { cert, key }) = &config.tls
+            && (cert.as_os_str().is_empty() || key.as_os_str().is_empty())
+        {
+            problems.push(Problem::between(
+                "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY (tls.cert, tls.key) go together: set both \
+                 or neither",
+            ));
+            config.tls = None;
         }
         if let (None, None, Some(issuer)) = (
-            &cfg.auth.key_source(),
-            &cfg.auth.hs256_secret,
-            &cfg.auth.issuer,
+            config.auth.key_source(),
+            &config.auth.hs256_secret,
+            &config.auth.issuer,
         ) {
-            return Err(err(format!(
-                "GATEWAY_JWT_ISSUER: `{issuer}` is not an http(s) URL, so no JWKS can be discovered \
-                 from it; set GATEWAY_JWKS_URL or GATEWAY_JWT_HS256_SECRET"
-            )));
-        }
-        Ok(cfg)
-    }
-}
-
-fn named<T>(var: &str, r: Result<T, String>) -> Result<T, ConfigError> {
-    r.map_err(|e| err(format!("{var}: {e}")))
-}
-
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| err(format!("{}: cannot read: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
-        let line = line_at(&text, e.span().map_or(0, |s| s.start));
-        err(format!("{}:{line}: {}", path.display(), e.message()))
-    })
-}
-
-/// An exact browser origin, `scheme://host[:port]`: no path, no wildcard (a wildcard with
-/// credentials in headers would let any site spend the caller's token).
-fn parse_origin(origin: &str) -> Result<String, String> {
-    let rest = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"))
-        .ok_or_else(|| format!("`{origin}` is not an origin such as https://app.example.com"))?;
-    if rest.is_empty() || rest.contains(['/', '*', '?', '#', ' ', '@']) {
-        return Err(format!(
-            "`{origin}` is not an origin such as https://app.example.com"
-        ));
-    }
-    Ok(origin.to_owned())
-}
-
-/// The 1-based line of a byte offset, for `file:line:` messages.
-pub fn line_at(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
-}
-
-/// `http(s)://host[:port][/prefix]`, without query, fragment or trailing slash.
-fn parse_url(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| format!("`{url}` must start with https:// or http://"))?;
-    let host = rest.split('/').next().unwrap_or_default();
-    if host.is_empty() || rest.contains(['?', '#', ' ', '@']) {
-        return Err(format!(
-            "`{url}` is not a base URL such as https://api.scaleway.com"
-        ));
-    }
-    Ok(url.trim_end_matches('/').to_owned())
-}
-
-/// An absolute `http(s)://host[:port][/path][?query]` URL, as the JWKS or an issuer is named:
-/// no credentials in it (they would be sent along) and no fragment.
-pub(crate) fn parse_http_url(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| format!("`{url}` must start with https:// or http://"))?;
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    if authority.is_empty()
-        || authority.contains('@')
-        || url.contains('#')
-        || url.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(format!(
-            "`{url}` is not a URL such as https://idp.example.com/.well-known/jwks.json"
-        ));
-    }
-    Ok(url.to_owned())
-}
-
-/// `500ms`, `30s`, `5m`, `1h`, `1d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 500ms, 30s, 5m or 1h"))?;
-    let ms = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => {
-            return Err(format!(
-                "`{s}` is not a duration such as 500ms, 30s, 5m or 1h"
+            problems.push(Problem::at(
+                "GATEWAY_JWT_ISSUER",
+                format!(
+                    "`{issuer}` is not an http(s) URL, so no JWKS can be discovered from it; \
+                     set GATEWAY_JWKS_URL or GATEWAY_JWT_HS256_SECRET"
+                ),
             ));
         }
-    };
-    Ok(Duration::from_millis(n.saturating_mul(ms)))
-}
+        (config, problems)
+    }
 
-/// `64MiB`, `512KiB`, `1GiB`, or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size such as 64MiB"))?;
-    let mult = match unit {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return Err(format!("`{s}` is not a size such as 64MiB")),
-    };
-    Ok(n.saturating_mul(mult))
-}
+    /// Overrides the named settings from the environment only (the file is not read): `demo`
+    /// takes its rates this way, through the same parsers as `serve`.
+    pub fn apply_env(
+        &mut self,
+        names: &[&str],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigErrors> {
+        match sources::overlay(self, names, env) {
+            problems if problems.is_empty() => Ok(()),
+            problems => Err(ConfigErrors(problems)),
+        }
+    }
 
-/// `N/s` or `N/m`, N at least 1.
-pub fn parse_rate(s: &str) -> Result<Rate, String> {
-    let bad = || format!("`{s}` is not a rate such as 20/s or 100/m");
-    let (n, per) = s.split_once('/').ok_or_else(bad)?;
-    let count: u32 = n.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
-    let per = match per {
-        "s" => Duration::from_secs(1),
-        "m" => Duration::from_secs(60),
-        _ => return Err(bad()),
-    };
-    Ok(Rate { count, per })
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<String>,
-    #[serde(default)]
-    upstream: FileUpstream,
-    #[serde(default)]
-    policy: FilePolicy,
-    #[serde(default)]
-    auth: FileAuth,
-    #[serde(default)]
-    cache: FileCache,
-    #[serde(default)]
-    limits: FileLimits,
-    #[serde(default)]
-    log: FileLog,
-    #[serde(default)]
-    cors: FileCors,
-    #[serde(default)]
-    tls: FileTls,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileCors {
-    origins: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileTls {
-    cert: Option<String>,
-    key: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileUpstream {
-    url: Option<String>,
-    organization_id: Option<String>,
-    timeout: Option<String>,
-    rate: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilePolicy {
-    dir: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileAuth {
-    jwks_url: Option<String>,
-    issuer: Option<String>,
-    audience: Option<String>,
-    leeway: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileCache {
-    ttl: Option<String>,
-    closed_ttl: Option<String>,
-    stale_if_error: Option<String>,
-    max_bytes: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    principal_rate: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLog {
-    format: Option<String>,
+    /// Whether any caller could authenticate: a token source configured, or gateway keys in
+    /// the policy (`policy_has_keys`). `serve` refuses to start without one, and `check`
+    /// reports it, from this one rule.
+    pub fn require_authentication(&self, policy_has_keys: bool) -> Result<(), Problem> {
+        let tokens = self.auth.hs256_secret.is_some() || self.auth.key_source().is_some();
+        if tokens || policy_has_keys {
+            return Ok(());
+        }
+        Err(Problem::between(
+            "no way to authenticate callers: set GATEWAY_JWKS_URL, GATEWAY_JWT_ISSUER (OIDC \
+             discovery) or GATEWAY_JWT_HS256_SECRET (or its _FILE variant), or define [[keys]] \
+             in the policy",
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -581,25 +354,168 @@ mod tests {
     const KEY: &str = "aaaaaaaa-0000-4000-8000-000000000001";
     const HS: &str = "0123456789abcdef0123456789abcdef";
 
-    fn load(vars: &[(&str, &str)], file: Option<&Path>) -> Result<Config, ConfigError> {
+    fn gather(vars: &[(&str, &str)], file: Option<&Path>, needs: Needs) -> (Config, Vec<String>) {
         let vars: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::load(file, &|k| vars.get(k).cloned(), true)
+        let (config, problems) = Config::gather(file, &|k| vars.get(k).cloned(), needs);
+        (config, problems.iter().map(ToString::to_string).collect())
+    }
+
+    fn load(vars: &[(&str, &str)], file: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(file, &|k| vars.get(k).cloned(), Needs::Serve)
+    }
+
+    /// `base` plus `extra`, loaded for `serve`.
+    fn with(extra: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let mut vars = vec![
+            ("SCW_SECRET_KEY", KEY),
+            ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+        ];
+        vars.extend_from_slice(extra);
+        load(&vars, None)
+    }
+
+    fn temp_file(text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bg-config-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let file = dir.join("gateway.toml");
+        std::fs::write(&file, text).expect("write");
+        file
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_each_naming_its_variable_or_line() {
+        let file = temp_file(
+            "listen = \"nowhere\"\n[upstream]\ntimeuot = \"10s\"\nsecret_key = \"x\"\n\
+             [cache]\nmax_bytes = 1024\n",
+        );
+        let (_, problems) = gather(
+            &[
+                ("GATEWAY_UPSTREAM_RATE", "fast"),
+                ("GATEWAY_JWT_HS256_SECRET", "short"),
+            ],
+            Some(&file),
+            Needs::Serve,
+        );
+        let f = file.display();
+        let expected = [
+            "SCW_SECRET_KEY: missing".to_owned(),
+            "SCW_DEFAULT_ORGANIZATION_ID: missing".to_owned(),
+            format!("{f}:1: listen: `nowhere` is not an address"),
+            "GATEWAY_JWT_HS256_SECRET: must be at least 32 bytes".to_owned(),
+            format!("{f}:6: cache.max_bytes: must be a quoted string"),
+            "GATEWAY_UPSTREAM_RATE: `fast` is not a rate".to_owned(),
+            format!(
+                "{f}:3: unknown key `upstream.timeuot` (known in [upstream]: organization_id, url, timeout, rate)"
+            ),
+            format!(
+                "{f}:4: upstream.secret_key: secrets are never read from the configuration file; set SCW_SECRET_KEY or SCW_SECRET_KEY_FILE"
+            ),
+        ];
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+        for (problem, expected) in problems.iter().zip(&expected) {
+            assert!(problem.starts_with(expected), "{problem} / {expected}");
+        }
+    }
+
+    #[test]
+    fn tools_do_without_the_upstream_but_not_with_a_malformed_value() {
+        let (config, problems) = gather(&[("GATEWAY_JWT_HS256_SECRET", HS)], None, Needs::Tools);
+        assert_eq!(problems, Vec::<String>::new());
+        assert!(config.auth.hs256_secret.is_some());
+        let (_, problems) = gather(&[("GATEWAY_CACHE_TTL", "soon")], None, Needs::Tools);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn environment_wins_over_the_file_and_an_empty_value_is_no_value() {
+        let file = temp_file(
+            "[upstream]\ntimeout = \"10s\"\nurl = \"http://file.example/\"\n\
+             organization_id = \"11111111-2222-3333-4444-555555555555\"\n[auth]\naudience = \"\"\n",
+        );
+        let vars = [
+            ("SCW_SECRET_KEY", KEY),
+            ("GATEWAY_UPSTREAM_TIMEOUT", "2s"),
+            ("SCW_DEFAULT_ORGANIZATION_ID", ""),
+        ];
+        let cfg = load(&vars, Some(&file)).expect("valid");
+        assert_eq!(cfg.upstream.timeout, Duration::from_secs(2));
+        assert_eq!(cfg.upstream.url, "http://file.example");
+        assert_eq!(cfg.upstream.organization_id.to_string(), ORG);
+        assert_eq!(cfg.auth.audience, None);
+    }
+
+    #[test]
+    fn a_broken_file_and_a_misplaced_table_are_located() {
+        let file = temp_file("[upstream]\nurl = \"http://x\"\nurl = \"http://y\"\n");
+        let e = load(&[("SCW_SECRET_KEY", KEY)], Some(&file))
+            .expect_err("duplicate key")
+            .to_string();
+        assert!(e.contains(&format!("{}:3:", file.display())), "{e}");
+
+        let file = temp_file("upstream = \"http://x\"\n[tls.cert]\npath = \"/c.pem\"\n");
+        let (_, problems) = gather(&[], Some(&file), Needs::Tools);
+        let f = file.display();
+        assert_eq!(
+            problems,
+            [
+                format!(
+                    "{f}:2: tls.cert: must be a quoted string, as the variable would hold it (found table)"
+                ),
+                format!("{f}:1: upstream: must be a table such as [upstream]"),
+            ]
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_or_their_file_and_are_never_echoed() {
+        let dir = temp_file("").with_file_name("key");
+        std::fs::write(&dir, format!("{KEY}\n")).expect("write");
+        let path = dir.to_str().expect("utf-8");
+        let cfg = load(
+            &[
+                ("SCW_SECRET_KEY_FILE", path),
+                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+            ],
+            None,
+        )
+        .expect("key from its file");
+        use secrecy::ExposeSecret;
+        assert_eq!(cfg.upstream.secret_key.expose_secret(), KEY);
+
+        let e = load(
+            &[
+                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+                ("SCW_SECRET_KEY", "not-a-uuid-s3cr3t"),
+            ],
+            None,
+        )
+        .expect_err("bad key")
+        .to_string();
+        assert!(e.contains("SCW_SECRET_KEY") && !e.contains("s3cr3t"), "{e}");
+        let e = load(
+            &[
+                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
+                ("SCW_SECRET_KEY_FILE", "/nonexistent/key"),
+            ],
+            None,
+        )
+        .expect_err("unreadable")
+        .to_string();
+        assert!(
+            e.starts_with("SCW_SECRET_KEY_FILE: cannot read /nonexistent/key"),
+            "{e}"
+        );
     }
 
     #[test]
     fn cors_origins_are_exact_and_tls_files_come_in_pairs() {
-        let base = [
-            ("SCW_SECRET_KEY", KEY),
-            ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
-        ];
-        let with = |extra: &[(&'static str, &'static str)]| {
-            let mut vars = base.to_vec();
-            vars.extend_from_slice(extra);
-            load(&vars, None)
-        };
         let cfg = with(&[(
             "GATEWAY_CORS_ORIGINS",
             "https://a.example, http://localhost:3000",
@@ -619,85 +535,22 @@ mod tests {
         }
         let e = with(&[("GATEWAY_TLS_CERT", "/c.pem")]).expect_err("half a pair");
         assert!(e.to_string().contains("GATEWAY_TLS_KEY"));
-    }
-
-    #[test]
-    fn units_parse() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5 minutes").is_err());
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert!(parse_size("64MB").is_err());
-        assert_eq!(parse_rate("100/m").map(|r| r.count), Ok(100));
-        assert!(parse_rate("0/s").is_err());
-    }
-
-    #[test]
-    fn environment_wins_over_the_file_and_unknown_keys_fail() {
-        let dir = std::env::temp_dir().join(format!("bg-config-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("tmp");
-        let file = dir.join("gateway.toml");
-        std::fs::write(
-            &file,
-            "[upstream]\ntimeout = \"10s\"\nurl = \"http://file.example/\"\n",
-        )
-        .expect("write");
-        let base = [
-            ("SCW_SECRET_KEY", KEY),
-            ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
-            ("GATEWAY_JWT_HS256_SECRET", HS),
-        ];
-        let mut vars = base.to_vec();
-        vars.push(("GATEWAY_UPSTREAM_TIMEOUT", "2s"));
-        let cfg = load(&vars, Some(&file)).expect("valid");
-        assert_eq!(cfg.upstream.timeout, Duration::from_secs(2));
-        assert_eq!(cfg.upstream.url, "http://file.example");
-
-        std::fs::write(&file, "\n[upstream]\ntimeuot = \"10s\"\n").expect("write");
-        let e = load(&base, Some(&file))
-            .expect_err("unknown key")
-            .to_string();
-        assert!(e.contains("gateway.toml:3") && e.contains("timeuot"), "{e}");
-    }
-
-    #[test]
-    fn missing_or_malformed_secrets_are_clear_errors_that_do_not_echo_them() {
-        let e = load(&[("SCW_DEFAULT_ORGANIZATION_ID", ORG)], None).expect_err("no key");
-        assert!(e.to_string().contains("SCW_SECRET_KEY"));
-        let e = load(
-            &[
-                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
-                ("SCW_SECRET_KEY", "not-a-uuid-s3cr3t"),
-            ],
-            None,
-        )
-        .expect_err("bad key");
-        assert!(!e.to_string().contains("s3cr3t"));
-        let e = load(
-            &[
-                ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
-                ("SCW_SECRET_KEY", KEY),
-                ("GATEWAY_JWT_HS256_SECRET", "short"),
-            ],
-            None,
-        )
-        .expect_err("short secret");
-        assert!(e.to_string().contains("32 bytes"));
+        let cfg = with(&[
+            ("GATEWAY_TLS_CERT", "/c.pem"),
+            ("GATEWAY_TLS_KEY", "/k.pem"),
+        ])
+        .expect("a pair");
+        assert_eq!(cfg.tls.map(|t| t.key), Some(PathBuf::from("/k.pem")));
     }
 
     #[test]
     fn asymmetric_tokens_are_configured_by_jwks_url_or_issuer() {
-        let base = [
-            ("SCW_SECRET_KEY", KEY),
-            ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
-        ];
-        let with = |extra: &[(&'static str, &'static str)]| {
-            let mut vars = base.to_vec();
-            vars.extend_from_slice(extra);
-            load(&vars, None)
-        };
         // Gateway keys alone are a valid setup; the app checks the policy holds some.
-        assert_eq!(with(&[]).expect("keys only").auth.key_source(), None);
+        let cfg = with(&[]).expect("keys only");
+        assert_eq!(cfg.auth.key_source(), None);
+        assert!(cfg.require_authentication(true).is_ok());
+        let e = cfg.require_authentication(false).expect_err("no way in");
+        assert!(e.to_string().contains("GATEWAY_JWT_HS256_SECRET"), "{e}");
 
         let cfg = with(&[("GATEWAY_JWKS_URL", "https://idp.example/keys?v=2")]).expect("jwks");
         assert_eq!(
@@ -716,16 +569,9 @@ mod tests {
             "https://user:pw@idp.example/keys",
             "https://idp.example/keys#k",
         ] {
-            let e = load(
-                &[
-                    ("SCW_SECRET_KEY", KEY),
-                    ("SCW_DEFAULT_ORGANIZATION_ID", ORG),
-                    ("GATEWAY_JWKS_URL", bad),
-                ],
-                None,
-            )
-            .expect_err(bad)
-            .to_string();
+            let e = with(&[("GATEWAY_JWKS_URL", bad)])
+                .expect_err(bad)
+                .to_string();
             assert!(e.starts_with("GATEWAY_JWKS_URL"), "{e}");
         }
         // An issuer that is no URL only pins `iss` for HS256 tokens; alone it is an error.
@@ -739,6 +585,53 @@ mod tests {
         ])
         .expect("HS256 with an iss check");
         assert_eq!(cfg.auth.key_source(), None);
+    }
+
+    #[test]
+    fn demo_overrides_named_settings_through_the_same_parsers() {
+        let mut cfg = Config::new("http://x", Uuid::nil(), SecretString::from(KEY.to_owned()));
+        let vars = HashMap::from([
+            ("GATEWAY_PRINCIPAL_RATE", "1000/s"),
+            ("GATEWAY_CACHE_TTL", "1s"),
+        ]);
+        let env = |k: &str| vars.get(k).map(|v| v.to_string());
+        cfg.apply_env(&["GATEWAY_PRINCIPAL_RATE", "GATEWAY_UPSTREAM_RATE"], &env)
+            .expect("rates");
+        assert_eq!(cfg.limits.principal_rate.count, 1000);
+        assert_eq!(cfg.upstream.rate.count, 20);
+        assert_eq!(cfg.cache.ttl, Duration::from_secs(300), "not named");
+        let vars = HashMap::from([("GATEWAY_UPSTREAM_RATE", "lots")]);
+        let env = |k: &str| vars.get(k).map(|v| v.to_string());
+        let e = cfg
+            .apply_env(&["GATEWAY_UPSTREAM_RATE"], &env)
+            .expect_err("bad rate");
+        assert!(
+            e.to_string().starts_with("GATEWAY_UPSTREAM_RATE: `lots`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_readme_documents_every_setting_of_the_table() {
+        let readme = include_str!("../../README.md");
+        for setting in sources::SETTINGS {
+            assert!(
+                readme.contains(&format!("`{}`", setting.env)),
+                "{}",
+                setting.env
+            );
+            if let sources::Place::File(key) = setting.place {
+                assert!(readme.contains(&format!("`{key}`")), "{key}");
+            }
+        }
+        let mut names: Vec<&str> = sources::SETTINGS.iter().map(|s| s.env).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            sources::SETTINGS.len(),
+            "a variable is in the table twice"
+        );
     }
 
     #[test]

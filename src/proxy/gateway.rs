@@ -51,7 +51,7 @@ pub async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Respon
                 StatusCode::OK,
                 &json!({
                     "subject": principal.subject,
-                    "organization_id": state.config.upstream.organization_id,
+                    "organization_id": state.organization_id,
                     "grants": grants,
                     "permissions": permissions,
                 }),

@@ -68,7 +68,7 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
         })?;
     }
     policy::decide(&principal, &mut call)?;
-    call.apply_organization(state.config.upstream.organization_id)?;
+    call.apply_organization(state.organization_id)?;
     if call.op.audited {
         tracing::info!(
             target: "audit",

@@ -89,6 +89,7 @@ pub struct App {
     policy_poll: Duration,
     limits: ServerLimits,
     tls: Option<Arc<Tls>>,
+    cors_origins: Vec<String>,
 }
 
 impl App {
@@ -103,16 +104,13 @@ impl App {
         App::assemble(config, LivePolicy::fixed(policy)).await
     }
 
+    /// Takes the configuration by value and keeps none of it whole: the secret key ends up only
+    /// in the upstream client, the HS256 secret only in the authenticator, and `config` (with
+    /// its `SecretString`s) is dropped when this returns.
     async fn assemble(config: Config, policy: LivePolicy) -> Result<App, StartError> {
-        let jwt_enabled = config.auth.hs256_secret.is_some() || config.auth.key_source().is_some();
-        if !jwt_enabled && !policy.load().has_keys() {
-            return Err(StartError::Other(
-                "no way to authenticate callers: set GATEWAY_JWKS_URL, GATEWAY_JWT_ISSUER (OIDC \
-                 discovery) or GATEWAY_JWT_HS256_SECRET (or its _FILE variant), or define \
-                 [[keys]] in the policy"
-                    .into(),
-            ));
-        }
+        config
+            .require_authentication(policy.load().has_keys())
+            .map_err(|p| StartError::Other(p.to_string()))?;
         let metrics = Arc::new(Metrics::default());
         let upstream = Upstream::new(&config.upstream, metrics.clone())
             .map_err(|e| StartError::Other(e.to_string()))?;
@@ -136,7 +134,7 @@ impl App {
                 .map_err(|e| StartError::Other(e.to_string()))?,
             cache: Cache::new(&config.cache),
             limits: PrincipalLimits::new(config.limits.principal_rate),
-            config,
+            organization_id: config.upstream.organization_id,
             policy: Arc::new(policy),
             upstream,
             metrics,
@@ -148,6 +146,7 @@ impl App {
             policy_poll: reload::DEFAULT_POLL,
             limits: ServerLimits::default(),
             tls,
+            cors_origins: config.cors_origins,
         })
     }
 
@@ -186,8 +185,9 @@ impl App {
             policy_poll,
             limits,
             tls,
+            cors_origins,
         } = self;
-        let router = router(state.clone(), &limits);
+        let router = router(state.clone(), &limits, &cors_origins);
         let graceful = GracefulShutdown::new();
         let certificate = async {
             match &tls {

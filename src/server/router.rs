@@ -24,7 +24,7 @@ use crate::state::AppState;
 use crate::telemetry::{self, Metrics};
 
 /// The route table and every middleware layer.
-pub(super) fn router(state: AppState, limits: &ServerLimits) -> Router {
+pub(super) fn router(state: AppState, limits: &ServerLimits, cors_origins: &[String]) -> Router {
     let in_flight = InFlight {
         permits: Arc::new(Semaphore::new(limits.max_in_flight)),
         metrics: state.metrics.clone(),
@@ -54,7 +54,7 @@ pub(super) fn router(state: AppState, limits: &ServerLimits) -> Router {
         // A body must arrive as promptly as a head: slow-loris on the body is cut off too.
         .layer(RequestBodyTimeoutLayer::new(limits.header_read_timeout))
         // Browsers: preflights answered here, before authentication (they carry no credential).
-        .layer(option_layer(cors(&state.config.cors_origins)))
+        .layer(option_layer(cors(cors_origins)))
         // Outermost: request id, the request's span, its log line and metrics.
         .layer(from_fn_with_state(state.metrics.clone(), telemetry::track))
 }
