@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use toml::Spanned;
 use uuid::Uuid;
 
-use crate::billing::{Call, Permission, Permissions};
+use crate::billing::{Call, Permission, Permissions, Scope};
 use crate::config::{Rate, parse_rate};
 use crate::error::Error;
 
@@ -499,27 +499,27 @@ pub fn require(principal: &Principal, permission: Permission) -> Result<(), Erro
 
 type Fill = Option<(&'static str, Vec<String>)>;
 
-/// `Some(fill)` when a grant scoped to `scope` covers the call (with what to fill in).
+/// `Some(fill)` when a grant scoped to `scope` covers the call (with what to fill in), as the
+/// operation's [`Scope`] says.
 fn covers(scope: &[Uuid], call: &Call) -> Option<Fill> {
     let in_scope = |s: &str| scope.iter().any(|p| p.to_string() == s);
-    match call.op.name {
-        "consumptions" if call.get("organization_id").is_none() => match call.get("project_id") {
+    match call.op.scope {
+        Scope::None => None,
+        // Naming the organization instead of a project asks about all of it.
+        Scope::One(_) if call.names_organization() => None,
+        Scope::One(param) => match call.get(param) {
             Some(asked) => in_scope(asked).then_some(None),
-            None if scope.len() == 1 => Some(Some(("project_id", vec![scope[0].to_string()]))),
+            None if scope.len() == 1 => Some(Some((param, vec![scope[0].to_string()]))),
             None => None,
         },
-        "charges" => {
-            let mut asked = call.get_all("project_ids").peekable();
+        Scope::Many(param) => {
+            let mut asked = call.get_all(param).peekable();
             if asked.peek().is_none() {
-                Some(Some((
-                    "project_ids",
-                    scope.iter().map(Uuid::to_string).collect(),
-                )))
+                Some(Some((param, scope.iter().map(Uuid::to_string).collect())))
             } else {
                 asked.all(in_scope).then_some(None)
             }
         }
-        _ => None,
     }
 }
 
@@ -566,7 +566,7 @@ struct KeyDef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::billing::parse;
+    use crate::billing::{OPERATIONS, Operation, by_name, parse};
     use serde_json::json;
 
     const DEFAULT: &str = include_str!("../../policies/default.toml");
@@ -667,6 +667,83 @@ mod tests {
             ),
             Err(403)
         );
+    }
+
+    /// One project in the grant: what each operation's [`Scope`] lets it do with no project
+    /// asked.
+    fn scoped_to_p1() -> Principal {
+        let text = format!(
+            "{DEFAULT}\n[[bindings]]\nclaim = \"groups\"\nequals = \"team\"\nroles = [\"billing-manager\"]\nprojects = [\"{P1}\"]\n"
+        );
+        principal(&set(&[&text]).expect("valid"), json!({"groups": ["team"]}))
+    }
+
+    /// A call of `op` as the table has it, with no parameter.
+    fn bare_call(op: &'static Operation) -> Call {
+        Call {
+            op,
+            id: op.path.contains('{').then(Uuid::nil),
+            query: Vec::new(),
+        }
+    }
+
+    fn decide_bare(p: &Principal, op: &'static Operation) -> Result<String, u16> {
+        let mut call = bare_call(op);
+        decide(p, &mut call).map_err(|e| e.status().as_u16())?;
+        Ok(call.query_string())
+    }
+
+    #[test]
+    fn every_scoped_operation_is_covered_and_filled_in_and_no_other() {
+        let p = scoped_to_p1();
+        for op in OPERATIONS {
+            let expected = match op.scope {
+                Scope::None => Err(403),
+                Scope::One(param) | Scope::Many(param) => Ok(format!("{param}={P1}")),
+            };
+            assert_eq!(decide_bare(&p, op), expected, "{}", op.name);
+        }
+    }
+
+    /// Policy reads the table, not operation names: giving an operation another scope moves
+    /// what a scoped grant may do with it.
+    #[test]
+    fn a_scope_change_in_the_table_moves_the_decision() {
+        let p = scoped_to_p1();
+        for op in OPERATIONS {
+            for scope in [Scope::None, Scope::One("x_id"), Scope::Many("x_ids")] {
+                let op: &'static Operation = Box::leak(Box::new(Operation {
+                    scope,
+                    ..op.clone()
+                }));
+                let expected = match scope {
+                    Scope::None => Err(403),
+                    Scope::One(param) | Scope::Many(param) => Ok(format!("{param}={P1}")),
+                };
+                assert_eq!(decide_bare(&p, op), expected, "{} as {scope:?}", op.name);
+            }
+        }
+        // A single project replaces the organization: naming the organization asks about all
+        // of it, which a project-scoped grant does not cover; a project list does not.
+        let org = "11111111-1111-1111-1111-111111111111";
+        for (scope, expected) in [
+            (Scope::One("x_id"), Err(403)),
+            (
+                Scope::Many("x_ids"),
+                Ok(format!("organization_id={org}&x_ids={P1}")),
+            ),
+        ] {
+            let op: &'static Operation = Box::leak(Box::new(Operation {
+                scope,
+                ..by_name("taxes").expect("taxes").clone()
+            }));
+            let mut call = bare_call(op);
+            call.set("organization_id", [org.to_owned()]);
+            let decided = decide(&p, &mut call)
+                .map(|()| call.query_string())
+                .map_err(|e| e.status().as_u16());
+            assert_eq!(decided, expected, "{scope:?}");
+        }
     }
 
     fn key_entry(name: &str, key: &str, extra: &str) -> String {
