@@ -474,10 +474,31 @@ pub fn decide(principal: &Principal, call: &mut Call) -> Result<(), Error> {
         return Ok(());
     }
     Err(deny(format!(
-        "your `{permission}` grants are limited to projects; {} needs a project_id (or project_ids) within them, \
-         or an organization-wide grant",
-        call.op.name
+        "your `{permission}` grants are limited to projects; {}",
+        scope_hint(call)
     )))
+}
+
+/// What would let a project-scoped caller make this call: only what the operation's [`Scope`]
+/// takes (never a parameter the operation would refuse).
+fn scope_hint(call: &Call) -> String {
+    let op = call.op.name;
+    match call.op.scope {
+        Scope::None => {
+            format!("{op} is organization-wide only: it needs an organization-wide grant")
+        }
+        Scope::One(param) if call.names_organization() => format!(
+            "{op} about the whole organization needs an organization-wide grant; \
+             name a {param} within them instead"
+        ),
+        Scope::One(param) => {
+            format!("{op} needs a {param} within them, or an organization-wide grant")
+        }
+        Scope::Many(param) => format!(
+            "{op} needs its {param} all within them (none: all of them), \
+             or an organization-wide grant"
+        ),
+    }
 }
 
 /// Allows a gateway action that no operation describes (cache purge): it needs an
@@ -744,6 +765,63 @@ mod tests {
                 .map_err(|e| e.status().as_u16());
             assert_eq!(decided, expected, "{scope:?}");
         }
+    }
+
+    fn denial(p: &Principal, call: &mut Call) -> String {
+        match decide(p, call) {
+            Err(Error::PermissionDenied { message, .. }) => message,
+            other => panic!("{}: expected a denial, got {other:?}", call.op.name),
+        }
+    }
+
+    /// A scoped 403 suggests only what the operation takes: a project parameter where it has
+    /// one (never on `taxes`, which refuses `project_id`), else an organization-wide grant.
+    #[test]
+    fn scoped_denials_suggest_only_what_the_operation_takes() {
+        let p = scoped_to_p1();
+        let scope_params: Vec<&str> = OPERATIONS
+            .iter()
+            .filter_map(|op| op.scope.param())
+            .collect();
+        for op in OPERATIONS {
+            let mut call = bare_call(op);
+            match op.scope {
+                Scope::None => {}
+                // Another project than the grant's.
+                Scope::One(param) | Scope::Many(param) => call.set(param, [P2.to_owned()]),
+            }
+            let message = denial(&p, &mut call);
+            assert!(message.contains("limited to projects"), "{message}");
+            assert!(message.contains("organization-wide grant"), "{message}");
+            for param in &scope_params {
+                let suggested = message.split([' ', ',', ';']).any(|w| w == *param);
+                assert_eq!(
+                    suggested,
+                    op.scope.param() == Some(*param),
+                    "{}: {message}",
+                    op.name
+                );
+            }
+        }
+        let mut taxes = parse("GET", "/billing/v2beta1/taxes", None).expect("valid");
+        assert_eq!(
+            denial(&p, &mut taxes),
+            "your `consumption:read` grants are limited to projects; \
+             taxes is organization-wide only: it needs an organization-wide grant"
+        );
+        // Naming the organization where a project replaces it: name the project instead.
+        let org = "11111111-1111-1111-1111-111111111111";
+        let mut consumptions = parse(
+            "GET",
+            "/billing/v2beta1/consumptions",
+            Some(&format!("organization_id={org}")),
+        )
+        .expect("valid");
+        let message = denial(&p, &mut consumptions);
+        assert!(
+            message.contains("name a project_id within them"),
+            "{message}"
+        );
     }
 
     fn key_entry(name: &str, key: &str, extra: &str) -> String {
