@@ -399,8 +399,10 @@ fn rate(
         .transpose()
 }
 
-/// Follows a dot path; an array matches when any element equals, a string when it equals or
-/// one of its space-separated words does (OAuth `scope`).
+/// Follows a dot path. An array matches when one of its elements is a string equal to `equals`
+/// (whole: `["Former finance"]` does not match `finance`); only a string claim is split into
+/// words, matching when it equals `equals` or one of its space-separated words does (OAuth
+/// `scope`).
 fn claim_matches(claims: &Map<String, Value>, path: &[String], equals: &str) -> bool {
     let Some((first, rest)) = path.split_first() else {
         return false;
@@ -409,14 +411,10 @@ fn claim_matches(claims: &Map<String, Value>, path: &[String], equals: &str) -> 
     for key in rest {
         value = value.and_then(|v| v.get(key));
     }
-    let scalar = |v: &Value| match v {
-        Value::String(s) => s == equals || s.split(' ').any(|w| w == equals),
-        _ => false,
-    };
     match value {
-        Some(Value::Array(items)) => items.iter().any(scalar),
-        Some(v) => scalar(v),
-        None => false,
+        Some(Value::Array(items)) => items.iter().any(|item| item.as_str() == Some(equals)),
+        Some(Value::String(s)) => s == equals || s.split(' ').any(|word| word == equals),
+        _ => false,
     }
 }
 
@@ -646,6 +644,48 @@ mod tests {
         assert!(!claim_matches(&c, &path("scope"), "bill"));
         assert!(!claim_matches(&c, &path("n"), "3"));
         assert!(!claim_matches(&c, &path("missing.deeper"), "a"));
+    }
+
+    /// An array claim matches an element exactly; only a string claim is split into words.
+    #[test]
+    fn array_elements_are_matched_whole_never_split_into_words() {
+        let claims = json!({
+            "groups": ["Former finance", "team web"],
+            "roles": ["not a billing-manager", 3, ["billing-manager"]],
+            "scope": "openid billing-manager",
+            "realm_access": {"roles": ["ex billing-read-only"]},
+        });
+        let Value::Object(c) = claims else { panic!() };
+        let path = |s: &str| s.split('.').map(str::to_owned).collect::<Vec<_>>();
+        assert!(!claim_matches(&c, &path("groups"), "finance"));
+        assert!(!claim_matches(&c, &path("groups"), "Former"));
+        assert!(claim_matches(&c, &path("groups"), "Former finance"));
+        assert!(claim_matches(&c, &path("groups"), "team web"));
+        assert!(!claim_matches(&c, &path("groups"), "web"));
+        assert!(!claim_matches(&c, &path("roles"), "billing-manager"));
+        assert!(!claim_matches(&c, &path("roles"), "3"));
+        assert!(!claim_matches(
+            &c,
+            &path("realm_access.roles"),
+            "billing-read-only"
+        ));
+        assert!(claim_matches(&c, &path("scope"), "billing-manager"));
+        assert!(claim_matches(&c, &path("scope"), "openid billing-manager"));
+
+        let set = set(&[DEFAULT]).expect("default policy");
+        let sentence = principal(&set, json!({"roles": ["not a billing-manager"]}));
+        assert!(sentence.grants.is_empty());
+        assert_eq!(
+            decide_on(&sentence, "/billing/v2beta1/invoices", ""),
+            Err(403)
+        );
+        let words = principal(
+            &set,
+            json!({"roles": ["billing-read-only billing-manager"]}),
+        );
+        assert!(words.grants.is_empty());
+        let string = principal(&set, json!({"roles": "billing-read-only billing-manager"}));
+        assert_eq!(string.grants.len(), 2, "a string claim is split into words");
     }
 
     #[test]
