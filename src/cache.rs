@@ -140,7 +140,8 @@ impl Cache {
     }
 
     /// Freshness: closed billing periods change rarely; the current one (or none named) often.
-    /// Last month counts as current until its invoice is issued (seen up to the 7th).
+    /// Last month counts as current until its invoice is issued (seen up to the 7th). The period
+    /// is read from the operation's [`period`](crate::billing::Operation::period) parameter.
     pub fn ttl_for(&self, call: &Call, now: OffsetDateTime) -> Duration {
         // Last month stays open until the 7th; a validated period is `YYYY-MM`, compared as
         // numbers with no string built.
@@ -153,7 +154,9 @@ impl Cache {
             };
         }
         let closed = call
-            .get("billing_period")
+            .op
+            .period
+            .and_then(|param| call.get(param))
             .and_then(|period| {
                 let (year, month) = period.split_once('-')?;
                 Some((year.parse::<i32>().ok()?, month.parse::<u8>().ok()?))
@@ -289,6 +292,42 @@ mod tests {
         assert_eq!(ttl("billing_period=2026-03"), 300, "the current period");
         assert_eq!(ttl("billing_period=2026-04"), 300, "a future period");
         assert_eq!(ttl("page=1"), 300, "no period: the current one");
+    }
+
+    /// The cache reads the period parameter from the table: an operation without one is
+    /// always about the current period, and naming another parameter moves freshness with it.
+    #[test]
+    fn the_period_parameter_comes_from_the_table() {
+        let cache = Cache::new(&CacheConfig {
+            ttl: Duration::from_secs(300),
+            closed_ttl: Duration::from_secs(86_400),
+            stale_if_error: Duration::from_secs(3600),
+            max_bytes: 1 << 20,
+        });
+        let now = datetime!(2026-03-15 12:00 UTC);
+        let consumptions = billing::by_name("consumptions").expect("consumptions");
+        let ttl = |period: Option<&'static str>| {
+            let op: &'static billing::Operation = Box::leak(Box::new(billing::Operation {
+                period,
+                ..consumptions.clone()
+            }));
+            let call = billing::Call {
+                op,
+                id: None,
+                query: vec![
+                    ("billing_period", "2026-01".to_owned()),
+                    ("category_name", "2026-02".to_owned()),
+                ],
+            };
+            cache.ttl_for(&call, now).as_secs()
+        };
+        assert_eq!(ttl(consumptions.period), 86_400);
+        assert_eq!(ttl(None), 300, "no period parameter: the current period");
+        assert_eq!(ttl(Some("category_name")), 86_400);
+        assert_eq!(ttl(Some("order_by")), 300, "not given: the current period");
+        for op in billing::OPERATIONS.iter().filter(|op| op.cacheable) {
+            assert_eq!(op.period, Some("billing_period"), "{}", op.name);
+        }
     }
 
     #[test]

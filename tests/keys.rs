@@ -143,7 +143,9 @@ async fn a_project_scoped_key_gets_its_project_filled_in() {
     assert!(
         denied["message"]
             .as_str()
-            .is_some_and(|m| m.contains("limited to projects")),
+            .is_some_and(|m| m.contains("limited to projects")
+                && m.contains("organization-wide grant")
+                && !m.contains("project_id")),
         "{denied}"
     );
 

@@ -46,7 +46,7 @@ fn the_shipped_policies_pass_their_cases() {
     let out = check(None, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("12 policy test cases passed (policies/tests)"),
+        text(&out.stdout).contains("14 policy test cases passed (policies/tests)"),
         "{}",
         text(&out.stdout)
     );
@@ -64,7 +64,7 @@ fn the_shipped_policies_pass_their_cases() {
     let out = check(Some(Path::new("policies/examples")), &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("14 policy test cases passed (policies/examples/tests)"),
+        text(&out.stdout).contains("16 policy test cases passed (policies/examples/tests)"),
         "{}",
         text(&out.stdout)
     );

@@ -85,6 +85,10 @@ async fn the_secret_key_is_absent_from_every_log_line_at_trace_level() {
         logs.contains("\"target\":\"audit\""),
         "no audit event for the download and coupon"
     );
+    assert!(
+        logs.contains("\"param\":\"code\",\"param_prefix\":\"WELC\""),
+        "the coupon's audit event names the first characters of its code"
+    );
     assert!(!logs.contains(SECRET_KEY), "the secret key was logged");
     assert!(!logs.contains(&manager), "a caller's token was logged");
 }

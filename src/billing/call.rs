@@ -8,7 +8,7 @@ use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 use uuid::Uuid;
 
-use super::operations::{Kind, OPERATIONS, Operation, OrgRule};
+use super::operations::{Audit, Kind, OPERATIONS, Operation, OrgRule, Scope};
 use crate::error::{ArgError, Error};
 
 /// A validated request for one operation: the only input the upstream URL and cache key are
@@ -75,9 +75,24 @@ impl Call {
         }
     }
 
-    /// Whether the caller asked for raw file bytes (`dl=1`) rather than the JSON envelope.
+    /// Whether the caller asked a file endpoint for the raw bytes (`dl=1`) rather than the JSON
+    /// envelope.
     pub fn wants_raw_file(&self) -> bool {
-        self.get("dl").is_some()
+        self.op
+            .download
+            .is_some_and(|d| self.get(d.raw_flag).is_some())
+    }
+
+    /// The value of the operation's audited parameter, cut as its [`Audit::Prefix`] says:
+    /// `(parameter, prefix)`, or `None` when the operation's audit events name no parameter (or
+    /// the call does not give it).
+    pub fn audit_prefix(&self) -> Option<(&'static str, String)> {
+        match self.op.audit {
+            Audit::Prefix { param, chars } => self
+                .get(param)
+                .map(|value| (param, value.chars().take(chars).collect())),
+            Audit::None | Audit::Event => None,
+        }
     }
 
     /// Fills in or checks `organization_id` as the operation's [`OrgRule`] says.
@@ -99,11 +114,24 @@ impl Call {
                 })
             };
         }
-        if rule == OrgRule::FillUnlessProject && self.get("project_id").is_some() {
+        if rule == OrgRule::FillUnlessProject && self.names_project() {
             return Ok(());
         }
         self.set("organization_id", [org.to_string()]);
         Ok(())
+    }
+
+    /// Whether the call names an organization (given by the caller or filled in).
+    pub fn names_organization(&self) -> bool {
+        self.get("organization_id").is_some()
+    }
+
+    /// Whether the call names the project of a [`Scope::One`] operation.
+    fn names_project(&self) -> bool {
+        match self.op.scope {
+            Scope::One(param) => self.get(param).is_some(),
+            Scope::None | Scope::Many(_) => false,
+        }
     }
 }
 
@@ -113,11 +141,14 @@ pub fn parse(method: &str, path: &str, raw_query: Option<&str>) -> Result<Call, 
     let (op, id) = route(method, path)?;
     let query = validate_query(op, raw_query.unwrap_or(""))?;
     let has = |name: &str| query.iter().any(|(n, _)| *n == name);
-    if op.org == OrgRule::FillUnlessProject && has("organization_id") && has("project_id") {
+    if let (OrgRule::FillUnlessProject, Scope::One(project)) = (op.org, op.scope)
+        && has("organization_id")
+        && has(project)
+    {
         return Err(Error::InvalidArguments(vec![ArgError::new(
-            "project_id",
+            project,
             "constraint",
-            "organization_id and project_id are exclusive: give at most one",
+            format!("organization_id and {project} are exclusive: give at most one"),
         )]));
     }
     Ok(Call { op, id, query })
@@ -481,6 +512,45 @@ mod tests {
                 .map(|e| e.status().as_u16()),
             Some(405)
         );
+    }
+
+    #[test]
+    fn audit_events_name_a_prefix_of_the_parameter_the_table_says() {
+        let c = call("POST", "/billing/v2beta1/redeem-coupon", "code=WELCOME2026").expect("valid");
+        assert_eq!(c.audit_prefix(), Some(("code", "WELC".to_owned())));
+        let c = call("GET", "/billing/v2beta1/export-invoices", "dl=1").expect("valid");
+        assert_eq!(c.op.audit, Audit::Event);
+        assert_eq!(c.audit_prefix(), None);
+
+        let mut op = c.op.clone();
+        op.audit = Audit::Prefix {
+            param: "file_type",
+            chars: 2,
+        };
+        let op: &'static Operation = Box::leak(Box::new(op));
+        let c = Call {
+            op,
+            ..call("GET", "/billing/v2beta1/export-invoices", "file_type=csv").expect("valid")
+        };
+        assert_eq!(c.audit_prefix(), Some(("file_type", "cs".to_owned())));
+    }
+
+    #[test]
+    fn only_file_endpoints_take_the_raw_flag() {
+        for op in OPERATIONS {
+            let has_flag = op.params.iter().any(|p| matches!(p.kind, Kind::Flag));
+            assert_eq!(has_flag, op.download.is_some(), "{}", op.name);
+        }
+        let id = "7b1e9d40-3c55-4d2e-8f61-0a9b8c7d6e5f";
+        let path = format!("/billing/v2beta1/invoices/{id}/download");
+        assert!(!call("GET", &path, "").expect("valid").wants_raw_file());
+        // Without the table's `download`, `dl` is no longer a raw-file request.
+        let c = call("GET", &path, "dl=1").expect("valid");
+        let op: &'static Operation = Box::leak(Box::new(Operation {
+            download: None,
+            ..c.op.clone()
+        }));
+        assert!(!Call { op, ..c }.wants_raw_file());
     }
 
     #[test]

@@ -118,21 +118,13 @@ fn billing_operation(op: &Operation) -> Value {
                    "schema": {"type": "string", "format": "uuid", "examples": ["7b1e9d40-3c55-4d2e-8f61-0a9b8c7d6e5f"]}}),
         );
     }
-    let ok = if op.params.iter().any(|p| p.name == "dl") {
-        let file_type = match op
-            .params
-            .iter()
-            .find(|p| p.name == "file_type")
-            .map(|p| p.kind)
-        {
-            Some(Kind::Enum(["csv"])) => "text/csv",
-            _ => "application/pdf",
-        };
+    let ok = if let Some(download) = op.download {
+        let flag = download.raw_flag;
         json!({
-            "description": "without `dl`: the file as a JSON envelope; with `dl=1`: the raw bytes, streamed",
+            "description": format!("without `{flag}`: the file as a JSON envelope; with `{flag}=1`: the raw bytes, streamed"),
             "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/File"}},
-                file_type: {"schema": {"type": "string", "format": "binary"}},
+                download.content_type: {"schema": {"type": "string", "format": "binary"}},
             },
         })
     } else {
@@ -201,4 +193,35 @@ fn parameter(param: &Param) -> Value {
         "explode": param.list,
         "schema": schema,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// File endpoints, and only they, document the raw bytes, in the table's content type.
+    #[test]
+    fn file_responses_come_from_the_table() {
+        let doc = document();
+        for op in OPERATIONS {
+            let method = match op.method {
+                Method::Get => "get",
+                Method::Post => "post",
+            };
+            let content = doc["paths"][op.path][method]["responses"]["200"]["content"]
+                .as_object()
+                .expect("content");
+            let types: Vec<&str> = content.keys().map(String::as_str).collect();
+            match op.download {
+                Some(d) => assert_eq!(types, ["application/json", d.content_type], "{}", op.name),
+                None => assert_eq!(types, ["application/json"], "{}", op.name),
+            }
+        }
+        let export = &doc["paths"]["/billing/v2beta1/export-invoices"]["get"]["responses"]["200"];
+        assert!(export["content"]["text/csv"].is_object());
+        assert_eq!(
+            export["description"],
+            "without `dl`: the file as a JSON envelope; with `dl=1`: the raw bytes, streamed"
+        );
+    }
 }

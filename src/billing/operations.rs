@@ -1,10 +1,15 @@
 //! The Billing API surface as data: every operation the gateway serves, with its method, path
-//! template, permission, parameters and their validation.
+//! template, permission, parameters and their validation, and what policy, cache, audit and the
+//! OpenAPI document need to know of it: its project scoping ([`Scope`]), the billing-period
+//! parameter that drives cache freshness, what its audit events name ([`Audit`]) and whether it
+//! serves a file ([`Download`]).
 //!
-//! Nothing else in the crate knows a Billing path or parameter name. A request becomes a
-//! [`Call`] here, or an error; the upstream URL and the cache key are both built from a `Call`
-//! alone, so nothing the caller sent reaches the upstream unless it was validated and
-//! re-encoded here first.
+//! Nothing else in the crate knows a Billing path or parameter name: the rest reads these
+//! fields. A request becomes a [`Call`] here, or an error; the upstream URL and the cache key
+//! are both built from a `Call` alone, so nothing the caller sent reaches the upstream unless it
+//! was validated and re-encoded here first.
+//!
+//! [`Call`]: super::Call
 
 use std::fmt;
 
@@ -182,12 +187,76 @@ pub enum OrgRule {
     None,
     /// Filled in when absent; another organization is refused.
     Fill,
-    /// As `Fill`, except that a `project_id` replaces it (the two are exclusive).
+    /// As `Fill`, except that the project of a [`Scope::One`] replaces it (the two are
+    /// exclusive).
     FillUnlessProject,
 }
 
+/// Which projects a call is about: what a grant limited to projects can cover (contract §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Not about projects: only an organization-wide grant covers it.
+    None,
+    /// About at most one project, named by this (UUID) parameter. A scoped grant covers a call
+    /// whose project is in its list; with none asked and exactly one project in the list, the
+    /// gateway fills it in. A call naming `organization_id` instead is about the whole
+    /// organization, which no scoped grant covers.
+    One(&'static str),
+    /// About any number of projects, named by this (repeatable UUID) parameter. A scoped grant
+    /// covers a call whose projects are all in its list; with none asked, the gateway asks for
+    /// the whole list.
+    Many(&'static str),
+}
+
+impl Scope {
+    /// The parameter naming the project(s), when the operation takes one.
+    pub fn param(self) -> Option<&'static str> {
+        match self {
+            Scope::None => None,
+            Scope::One(name) | Scope::Many(name) => Some(name),
+        }
+    }
+}
+
+/// What the audit event of an operation's call names, beyond the subject, the operation and
+/// the invoice of the path (contract §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audit {
+    /// Calls are not audit events.
+    None,
+    /// Every call is an audit event.
+    Event,
+    /// Every call is an audit event naming the first `chars` characters of `param`: enough to
+    /// tell calls apart, not enough to make one again (a coupon code).
+    Prefix {
+        /// The parameter whose value is cut.
+        param: &'static str,
+        /// How many characters of it the event keeps.
+        chars: usize,
+    },
+}
+
+/// A file endpoint: the JSON envelope `{name, content_type, content}` by default, the raw bytes
+/// when the caller sets `raw_flag` (contract §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Download {
+    /// The [`Kind::Flag`] parameter asking for the raw bytes.
+    pub raw_flag: &'static str,
+    /// The content type of the raw bytes.
+    pub content_type: &'static str,
+}
+
+const RAW_PDF: Download = Download {
+    raw_flag: "dl",
+    content_type: "application/pdf",
+};
+const RAW_CSV: Download = Download {
+    raw_flag: "dl",
+    content_type: "text/csv",
+};
+
 /// One Billing API operation: everything the gateway needs to know to serve it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Operation {
     /// Short name for logs, metrics, policy messages and cache keys.
     pub name: &'static str,
@@ -203,10 +272,17 @@ pub struct Operation {
     pub params: &'static [Param],
     /// How `organization_id` is handled.
     pub org: OrgRule,
+    /// Which projects a call is about, for grants limited to projects.
+    pub scope: Scope,
     /// Whether 200 answers may be served from the cache.
     pub cacheable: bool,
-    /// Whether calls are written to the audit log (files, coupons).
-    pub audited: bool,
+    /// The [`Kind::Period`] parameter naming the billing period asked about: a closed period's
+    /// answers stay fresh longer in the cache. `None`: every answer is about the current one.
+    pub period: Option<&'static str>,
+    /// What calls write to the audit log (files, coupons).
+    pub audit: Audit,
+    /// Whether it serves a file, and how the raw bytes are asked for.
+    pub download: Option<Download>,
 }
 
 const ORDER_CONSUMPTION: Kind = Kind::Enum(&[
@@ -264,8 +340,11 @@ pub static OPERATIONS: &[Operation] = &[
             p("billing_period", Kind::Period),
         ],
         org: OrgRule::FillUnlessProject,
+        scope: Scope::One("project_id"),
         cacheable: true,
-        audited: false,
+        period: Some("billing_period"),
+        audit: Audit::None,
+        download: None,
     },
     Operation {
         name: "taxes",
@@ -281,8 +360,11 @@ pub static OPERATIONS: &[Operation] = &[
             p("billing_period", Kind::Period),
         ],
         org: OrgRule::Fill,
+        scope: Scope::None,
         cacheable: true,
-        audited: false,
+        period: Some("billing_period"),
+        audit: Audit::None,
+        download: None,
     },
     Operation {
         name: "invoices",
@@ -292,8 +374,11 @@ pub static OPERATIONS: &[Operation] = &[
         denied_as: ("read", "invoices"),
         params: &INVOICE_FILTERS,
         org: OrgRule::Fill,
+        scope: Scope::None,
         cacheable: false,
-        audited: false,
+        period: None,
+        audit: Audit::None,
+        download: None,
     },
     Operation {
         name: "export-invoices",
@@ -313,8 +398,11 @@ pub static OPERATIONS: &[Operation] = &[
             p("dl", Kind::Flag),
         ],
         org: OrgRule::Fill,
+        scope: Scope::None,
         cacheable: false,
-        audited: true,
+        period: None,
+        audit: Audit::Event,
+        download: Some(RAW_CSV),
     },
     Operation {
         name: "get-invoice",
@@ -324,8 +412,11 @@ pub static OPERATIONS: &[Operation] = &[
         denied_as: ("read", "invoices"),
         params: &[],
         org: OrgRule::None,
+        scope: Scope::None,
         cacheable: false,
-        audited: false,
+        period: None,
+        audit: Audit::None,
+        download: None,
     },
     Operation {
         name: "download-invoice",
@@ -335,8 +426,11 @@ pub static OPERATIONS: &[Operation] = &[
         denied_as: ("read", "invoices"),
         params: &[p("file_type", Kind::Enum(&["pdf"])), p("dl", Kind::Flag)],
         org: OrgRule::None,
+        scope: Scope::None,
         cacheable: false,
-        audited: true,
+        period: None,
+        audit: Audit::Event,
+        download: Some(RAW_PDF),
     },
     Operation {
         name: "discounts",
@@ -361,8 +455,11 @@ pub static OPERATIONS: &[Operation] = &[
             ORG,
         ],
         org: OrgRule::Fill,
+        scope: Scope::None,
         cacheable: false,
-        audited: false,
+        period: None,
+        audit: Audit::None,
+        download: None,
     },
     Operation {
         name: "redeem-coupon",
@@ -372,8 +469,14 @@ pub static OPERATIONS: &[Operation] = &[
         denied_as: ("write", "coupons"),
         params: &[required("code", Kind::Text), ORG],
         org: OrgRule::Fill,
+        scope: Scope::None,
         cacheable: false,
-        audited: true,
+        period: None,
+        audit: Audit::Prefix {
+            param: "code",
+            chars: 4,
+        },
+        download: None,
     },
     Operation {
         name: "charges",
@@ -399,12 +502,120 @@ pub static OPERATIONS: &[Operation] = &[
             p("clamp_to_time_range", Kind::Bool),
         ],
         org: OrgRule::Fill,
+        scope: Scope::Many("project_ids"),
         cacheable: false,
-        audited: false,
+        period: None,
+        audit: Audit::None,
+        download: None,
     },
 ];
 
 /// Looks an operation up by its short name (policy tests, benches).
 pub fn by_name(name: &str) -> Option<&'static Operation> {
     OPERATIONS.iter().find(|op| op.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(op: &Operation, name: &str) -> Param {
+        *op.params
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("{} takes no `{name}`", op.name))
+    }
+
+    /// Every parameter a field names is one the operation takes, of the kind the field needs.
+    #[test]
+    fn the_fields_name_parameters_the_operation_takes() {
+        for op in OPERATIONS {
+            match op.scope {
+                Scope::None => {}
+                Scope::One(name) => {
+                    let p = param(op, name);
+                    assert!(matches!(p.kind, Kind::Uuid) && !p.list, "{}", op.name);
+                }
+                Scope::Many(name) => {
+                    let p = param(op, name);
+                    assert!(matches!(p.kind, Kind::Uuid) && p.list, "{}", op.name);
+                }
+            }
+            if let Some(name) = op.period {
+                assert!(matches!(param(op, name).kind, Kind::Period), "{}", op.name);
+                assert!(
+                    op.cacheable,
+                    "{}: a period only matters to the cache",
+                    op.name
+                );
+            }
+            if let Audit::Prefix { param: name, chars } = op.audit {
+                assert!(matches!(param(op, name).kind, Kind::Text), "{}", op.name);
+                assert!(chars > 0, "{}", op.name);
+            }
+            if let Some(download) = op.download {
+                assert!(
+                    matches!(param(op, download.raw_flag).kind, Kind::Flag),
+                    "{}",
+                    op.name
+                );
+                assert_ne!(op.audit, Audit::None, "{}: files are audited", op.name);
+            }
+            if op.org == OrgRule::FillUnlessProject {
+                assert!(
+                    matches!(op.scope, Scope::One(_)),
+                    "{}: only a single project replaces the organization",
+                    op.name
+                );
+            }
+        }
+    }
+
+    /// The table says what the contract says (§5 scope, §7 files and cache, §9 audit).
+    #[test]
+    fn the_table_holds_the_contract() {
+        let ops = |f: &dyn Fn(&Operation) -> bool| {
+            OPERATIONS
+                .iter()
+                .filter(|op| f(op))
+                .map(|op| op.name)
+                .collect::<Vec<_>>()
+        };
+        let scoped: Vec<_> = OPERATIONS
+            .iter()
+            .filter(|op| op.scope != Scope::None)
+            .map(|op| (op.name, op.scope))
+            .collect();
+        assert_eq!(
+            scoped,
+            [
+                ("consumptions", Scope::One("project_id")),
+                ("charges", Scope::Many("project_ids")),
+            ]
+        );
+        assert_eq!(ops(&|op| op.cacheable), ["consumptions", "taxes"]);
+        assert_eq!(ops(&|op| op.period.is_some()), ["consumptions", "taxes"]);
+        assert_eq!(
+            ops(&|op| op.audit != Audit::None),
+            ["export-invoices", "download-invoice", "redeem-coupon"]
+        );
+        assert_eq!(
+            by_name("redeem-coupon").map(|op| op.audit),
+            Some(Audit::Prefix {
+                param: "code",
+                chars: 4
+            })
+        );
+        let files: Vec<_> = OPERATIONS
+            .iter()
+            .filter_map(|op| op.download.map(|d| (op.name, d.raw_flag, d.content_type)))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("export-invoices", "dl", "text/csv"),
+                ("download-invoice", "dl", "application/pdf"),
+            ]
+        );
+    }
 }

@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use toml::Spanned;
 use uuid::Uuid;
 
-use crate::billing::{Call, Permission, Permissions};
+use crate::billing::{Call, Permission, Permissions, Scope};
 use crate::config::{Rate, parse_rate};
 use crate::error::Error;
 
@@ -399,8 +399,10 @@ fn rate(
         .transpose()
 }
 
-/// Follows a dot path; an array matches when any element equals, a string when it equals or
-/// one of its space-separated words does (OAuth `scope`).
+/// Follows a dot path. An array matches when one of its elements is a string equal to `equals`
+/// (whole: `["Former finance"]` does not match `finance`); only a string claim is split into
+/// words, matching when it equals `equals` or one of its space-separated words does (OAuth
+/// `scope`).
 fn claim_matches(claims: &Map<String, Value>, path: &[String], equals: &str) -> bool {
     let Some((first, rest)) = path.split_first() else {
         return false;
@@ -409,14 +411,10 @@ fn claim_matches(claims: &Map<String, Value>, path: &[String], equals: &str) -> 
     for key in rest {
         value = value.and_then(|v| v.get(key));
     }
-    let scalar = |v: &Value| match v {
-        Value::String(s) => s == equals || s.split(' ').any(|w| w == equals),
-        _ => false,
-    };
     match value {
-        Some(Value::Array(items)) => items.iter().any(scalar),
-        Some(v) => scalar(v),
-        None => false,
+        Some(Value::Array(items)) => items.iter().any(|item| item.as_str() == Some(equals)),
+        Some(Value::String(s)) => s == equals || s.split(' ').any(|word| word == equals),
+        _ => false,
     }
 }
 
@@ -474,10 +472,31 @@ pub fn decide(principal: &Principal, call: &mut Call) -> Result<(), Error> {
         return Ok(());
     }
     Err(deny(format!(
-        "your `{permission}` grants are limited to projects; {} needs a project_id (or project_ids) within them, \
-         or an organization-wide grant",
-        call.op.name
+        "your `{permission}` grants are limited to projects; {}",
+        scope_hint(call)
     )))
+}
+
+/// What would let a project-scoped caller make this call: only what the operation's [`Scope`]
+/// takes (never a parameter the operation would refuse).
+fn scope_hint(call: &Call) -> String {
+    let op = call.op.name;
+    match call.op.scope {
+        Scope::None => {
+            format!("{op} is organization-wide only: it needs an organization-wide grant")
+        }
+        Scope::One(param) if call.names_organization() => format!(
+            "{op} about the whole organization needs an organization-wide grant; \
+             name a {param} within them instead"
+        ),
+        Scope::One(param) => {
+            format!("{op} needs a {param} within them, or an organization-wide grant")
+        }
+        Scope::Many(param) => format!(
+            "{op} needs its {param} all within them (none: all of them), \
+             or an organization-wide grant"
+        ),
+    }
 }
 
 /// Allows a gateway action that no operation describes (cache purge): it needs an
@@ -499,27 +518,27 @@ pub fn require(principal: &Principal, permission: Permission) -> Result<(), Erro
 
 type Fill = Option<(&'static str, Vec<String>)>;
 
-/// `Some(fill)` when a grant scoped to `scope` covers the call (with what to fill in).
+/// `Some(fill)` when a grant scoped to `scope` covers the call (with what to fill in), as the
+/// operation's [`Scope`] says.
 fn covers(scope: &[Uuid], call: &Call) -> Option<Fill> {
     let in_scope = |s: &str| scope.iter().any(|p| p.to_string() == s);
-    match call.op.name {
-        "consumptions" if call.get("organization_id").is_none() => match call.get("project_id") {
+    match call.op.scope {
+        Scope::None => None,
+        // Naming the organization instead of a project asks about all of it.
+        Scope::One(_) if call.names_organization() => None,
+        Scope::One(param) => match call.get(param) {
             Some(asked) => in_scope(asked).then_some(None),
-            None if scope.len() == 1 => Some(Some(("project_id", vec![scope[0].to_string()]))),
+            None if scope.len() == 1 => Some(Some((param, vec![scope[0].to_string()]))),
             None => None,
         },
-        "charges" => {
-            let mut asked = call.get_all("project_ids").peekable();
+        Scope::Many(param) => {
+            let mut asked = call.get_all(param).peekable();
             if asked.peek().is_none() {
-                Some(Some((
-                    "project_ids",
-                    scope.iter().map(Uuid::to_string).collect(),
-                )))
+                Some(Some((param, scope.iter().map(Uuid::to_string).collect())))
             } else {
                 asked.all(in_scope).then_some(None)
             }
         }
-        _ => None,
     }
 }
 
@@ -566,7 +585,7 @@ struct KeyDef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::billing::parse;
+    use crate::billing::{OPERATIONS, Operation, by_name, parse};
     use serde_json::json;
 
     const DEFAULT: &str = include_str!("../../policies/default.toml");
@@ -627,6 +646,48 @@ mod tests {
         assert!(!claim_matches(&c, &path("missing.deeper"), "a"));
     }
 
+    /// An array claim matches an element exactly; only a string claim is split into words.
+    #[test]
+    fn array_elements_are_matched_whole_never_split_into_words() {
+        let claims = json!({
+            "groups": ["Former finance", "team web"],
+            "roles": ["not a billing-manager", 3, ["billing-manager"]],
+            "scope": "openid billing-manager",
+            "realm_access": {"roles": ["ex billing-read-only"]},
+        });
+        let Value::Object(c) = claims else { panic!() };
+        let path = |s: &str| s.split('.').map(str::to_owned).collect::<Vec<_>>();
+        assert!(!claim_matches(&c, &path("groups"), "finance"));
+        assert!(!claim_matches(&c, &path("groups"), "Former"));
+        assert!(claim_matches(&c, &path("groups"), "Former finance"));
+        assert!(claim_matches(&c, &path("groups"), "team web"));
+        assert!(!claim_matches(&c, &path("groups"), "web"));
+        assert!(!claim_matches(&c, &path("roles"), "billing-manager"));
+        assert!(!claim_matches(&c, &path("roles"), "3"));
+        assert!(!claim_matches(
+            &c,
+            &path("realm_access.roles"),
+            "billing-read-only"
+        ));
+        assert!(claim_matches(&c, &path("scope"), "billing-manager"));
+        assert!(claim_matches(&c, &path("scope"), "openid billing-manager"));
+
+        let set = set(&[DEFAULT]).expect("default policy");
+        let sentence = principal(&set, json!({"roles": ["not a billing-manager"]}));
+        assert!(sentence.grants.is_empty());
+        assert_eq!(
+            decide_on(&sentence, "/billing/v2beta1/invoices", ""),
+            Err(403)
+        );
+        let words = principal(
+            &set,
+            json!({"roles": ["billing-read-only billing-manager"]}),
+        );
+        assert!(words.grants.is_empty());
+        let string = principal(&set, json!({"roles": "billing-read-only billing-manager"}));
+        assert_eq!(string.grants.len(), 2, "a string claim is split into words");
+    }
+
     #[test]
     fn scoped_grants_cover_only_their_projects() {
         let scoped = format!(
@@ -666,6 +727,140 @@ mod tests {
                 &format!("project_ids={P1}&project_ids={P2}")
             ),
             Err(403)
+        );
+    }
+
+    /// One project in the grant: what each operation's [`Scope`] lets it do with no project
+    /// asked.
+    fn scoped_to_p1() -> Principal {
+        let text = format!(
+            "{DEFAULT}\n[[bindings]]\nclaim = \"groups\"\nequals = \"team\"\nroles = [\"billing-manager\"]\nprojects = [\"{P1}\"]\n"
+        );
+        principal(&set(&[&text]).expect("valid"), json!({"groups": ["team"]}))
+    }
+
+    /// A call of `op` as the table has it, with no parameter.
+    fn bare_call(op: &'static Operation) -> Call {
+        Call {
+            op,
+            id: op.path.contains('{').then(Uuid::nil),
+            query: Vec::new(),
+        }
+    }
+
+    fn decide_bare(p: &Principal, op: &'static Operation) -> Result<String, u16> {
+        let mut call = bare_call(op);
+        decide(p, &mut call).map_err(|e| e.status().as_u16())?;
+        Ok(call.query_string())
+    }
+
+    #[test]
+    fn every_scoped_operation_is_covered_and_filled_in_and_no_other() {
+        let p = scoped_to_p1();
+        for op in OPERATIONS {
+            let expected = match op.scope {
+                Scope::None => Err(403),
+                Scope::One(param) | Scope::Many(param) => Ok(format!("{param}={P1}")),
+            };
+            assert_eq!(decide_bare(&p, op), expected, "{}", op.name);
+        }
+    }
+
+    /// Policy reads the table, not operation names: giving an operation another scope moves
+    /// what a scoped grant may do with it.
+    #[test]
+    fn a_scope_change_in_the_table_moves_the_decision() {
+        let p = scoped_to_p1();
+        for op in OPERATIONS {
+            for scope in [Scope::None, Scope::One("x_id"), Scope::Many("x_ids")] {
+                let op: &'static Operation = Box::leak(Box::new(Operation {
+                    scope,
+                    ..op.clone()
+                }));
+                let expected = match scope {
+                    Scope::None => Err(403),
+                    Scope::One(param) | Scope::Many(param) => Ok(format!("{param}={P1}")),
+                };
+                assert_eq!(decide_bare(&p, op), expected, "{} as {scope:?}", op.name);
+            }
+        }
+        // A single project replaces the organization: naming the organization asks about all
+        // of it, which a project-scoped grant does not cover; a project list does not.
+        let org = "11111111-1111-1111-1111-111111111111";
+        for (scope, expected) in [
+            (Scope::One("x_id"), Err(403)),
+            (
+                Scope::Many("x_ids"),
+                Ok(format!("organization_id={org}&x_ids={P1}")),
+            ),
+        ] {
+            let op: &'static Operation = Box::leak(Box::new(Operation {
+                scope,
+                ..by_name("taxes").expect("taxes").clone()
+            }));
+            let mut call = bare_call(op);
+            call.set("organization_id", [org.to_owned()]);
+            let decided = decide(&p, &mut call)
+                .map(|()| call.query_string())
+                .map_err(|e| e.status().as_u16());
+            assert_eq!(decided, expected, "{scope:?}");
+        }
+    }
+
+    fn denial(p: &Principal, call: &mut Call) -> String {
+        match decide(p, call) {
+            Err(Error::PermissionDenied { message, .. }) => message,
+            other => panic!("{}: expected a denial, got {other:?}", call.op.name),
+        }
+    }
+
+    /// A scoped 403 suggests only what the operation takes: a project parameter where it has
+    /// one (never on `taxes`, which refuses `project_id`), else an organization-wide grant.
+    #[test]
+    fn scoped_denials_suggest_only_what_the_operation_takes() {
+        let p = scoped_to_p1();
+        let scope_params: Vec<&str> = OPERATIONS
+            .iter()
+            .filter_map(|op| op.scope.param())
+            .collect();
+        for op in OPERATIONS {
+            let mut call = bare_call(op);
+            match op.scope {
+                Scope::None => {}
+                // Another project than the grant's.
+                Scope::One(param) | Scope::Many(param) => call.set(param, [P2.to_owned()]),
+            }
+            let message = denial(&p, &mut call);
+            assert!(message.contains("limited to projects"), "{message}");
+            assert!(message.contains("organization-wide grant"), "{message}");
+            for param in &scope_params {
+                let suggested = message.split([' ', ',', ';']).any(|w| w == *param);
+                assert_eq!(
+                    suggested,
+                    op.scope.param() == Some(*param),
+                    "{}: {message}",
+                    op.name
+                );
+            }
+        }
+        let mut taxes = parse("GET", "/billing/v2beta1/taxes", None).expect("valid");
+        assert_eq!(
+            denial(&p, &mut taxes),
+            "your `consumption:read` grants are limited to projects; \
+             taxes is organization-wide only: it needs an organization-wide grant"
+        );
+        // Naming the organization where a project replaces it: name the project instead.
+        let org = "11111111-1111-1111-1111-111111111111";
+        let mut consumptions = parse(
+            "GET",
+            "/billing/v2beta1/consumptions",
+            Some(&format!("organization_id={org}")),
+        )
+        .expect("valid");
+        let message = denial(&p, &mut consumptions);
+        assert!(
+            message.contains("name a project_id within them"),
+            "{message}"
         );
     }
 

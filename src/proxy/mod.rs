@@ -20,6 +20,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::{Authenticator, Credential};
+use crate::billing::Audit;
 use crate::error::{AuthMethod, AuthReason, Error};
 use crate::policy::{self, Principal};
 use crate::state::AppState;
@@ -69,14 +70,16 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
     }
     policy::decide(&principal, &mut call)?;
     call.apply_organization(state.organization_id)?;
-    if call.op.audited {
+    if call.op.audit != Audit::None {
+        // The parameter the table audits, cut short: enough to tell calls apart, not to repeat one.
+        let (param, prefix) = call.audit_prefix().unzip();
         tracing::info!(
             target: "audit",
             subject = %principal.subject,
             operation = call.op.name,
             invoice_id = call.id.map(|id| id.to_string()),
-            // Enough of a coupon code to tell redemptions apart; not enough to redeem it again.
-            code_prefix = call.get("code").map(|c| c.chars().take(4).collect::<String>()),
+            param,
+            param_prefix = prefix,
             "billing action"
         );
     }
