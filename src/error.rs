@@ -104,6 +104,10 @@ pub enum Error {
     /// The request headers are larger than any Billing call needs.
     #[error("request headers too large")]
     HeadersTooLarge,
+    /// The request body could not be read: broken chunked encoding, or the client went away
+    /// while sending it.
+    #[error("malformed request body")]
+    MalformedBody,
     /// The request body trickled in too slowly: a slow-loris on the body.
     #[error("request body timed out")]
     RequestTimeout,
@@ -138,7 +142,7 @@ impl Error {
         match self {
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Error::InvalidArguments(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidArguments(_) | Error::MalformedBody => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -158,6 +162,7 @@ impl Error {
             Error::NotFound => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::InvalidArguments(_) => "invalid_arguments",
+            Error::MalformedBody => "malformed_body",
             Error::PayloadTooLarge => "payload_too_large",
             Error::HeadersTooLarge => "headers_too_large",
             Error::RequestTimeout => "request_timeout",
@@ -192,6 +197,12 @@ impl Error {
             Error::InvalidArguments(details) => {
                 json!({"details": details, "message": "invalid argument(s)", "type": "invalid_arguments"})
             }
+            // Scaleway's own shape for a request it cannot make sense of; the SDKs surface its
+            // message.
+            Error::MalformedBody => json!({
+                "message": "the request body could not be read (malformed chunked encoding?)",
+                "type": "invalid_request_error",
+            }),
             Error::PayloadTooLarge => json!({
                 "help_message": "Billing API calls take their arguments in the query string",
                 "message": "request body too large",
@@ -311,6 +322,7 @@ mod tests {
             (Error::NotFound, 404, "not_found"),
             (Error::MethodNotAllowed, 405, "method_not_allowed"),
             (Error::InvalidArguments(vec![]), 400, "invalid_arguments"),
+            (Error::MalformedBody, 400, "invalid_request_error"),
             (Error::PayloadTooLarge, 413, "payload_too_large"),
             (
                 Error::HeadersTooLarge,

@@ -12,6 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    billing_gateway::install_crypto_provider();
     match cli::run(cli::Cli::parse().command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

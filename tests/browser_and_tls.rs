@@ -113,10 +113,7 @@ fn write(dir: &Path, pair: &Pair) {
 
 fn client_trusting(pair: &Pair, addr: std::net::SocketAddr) -> reqwest::Client {
     reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(pair.cert_pem.as_bytes()).expect("pem"),
-        )
+        .tls_certs_only([reqwest::Certificate::from_pem(pair.cert_pem.as_bytes()).expect("pem")])
         .resolve("localhost", addr)
         .build()
         .expect("client")

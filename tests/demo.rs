@@ -58,6 +58,7 @@ async fn demo_serves_the_simulated_api_with_the_printed_tokens() {
         invoice.expect("download line printed"),
     );
     let key = key.expect("gateway key printed");
+    billing_gateway::install_crypto_provider();
     let client = reqwest::Client::new();
     let get = |path: String, token: &str| {
         client

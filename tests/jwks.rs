@@ -148,7 +148,12 @@ async fn no_token_is_ever_checked_with_a_key_of_another_kind() {
     let hs256 = |secret: &[u8]| {
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(RSA_1.kid());
-        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret)).expect("sign")
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(secret).expect("key"),
+        )
+        .expect("sign")
     };
     // The classic confusion: an HMAC whose secret is the public key, in every form it is published.
     let pem = std::fs::read(concat!(

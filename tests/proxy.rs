@@ -233,13 +233,13 @@ async fn hostile_requests_are_refused_and_never_forwarded() {
     let hs512 = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
         &claims(json!({"roles": ["billing-manager"]})),
-        &jsonwebtoken::EncodingKey::from_secret(HS256.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(HS256.as_bytes()).expect("key"),
     )
     .expect("sign");
     let wrong_key = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims(json!({"roles": ["billing-manager"]})),
-        &jsonwebtoken::EncodingKey::from_secret(b"another-secret-another-secret-00"),
+        &jsonwebtoken::EncodingKey::from_secret(b"another-secret-another-secret-00").expect("key"),
     )
     .expect("sign");
     let mut tampered = good.clone();

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -212,7 +213,7 @@ async fn oversized_headers_get_a_json_431_and_oversized_bodies_a_413() {
 }
 
 #[tokio::test]
-async fn a_trickled_request_body_is_cut_off_with_a_json_408() {
+async fn a_request_body_that_never_comes_is_cut_off_with_a_json_408() {
     let upstream = MockServer::start().await;
     Mock::given(any())
         .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
@@ -222,7 +223,7 @@ async fn a_trickled_request_body_is_cut_off_with_a_json_408() {
     let gateway = Gateway::start(
         &upstream.uri(),
         ServerLimits {
-            header_read_timeout: Duration::from_millis(300),
+            body_deadline: Duration::from_millis(300),
             ..ServerLimits::default()
         },
     )
@@ -243,6 +244,152 @@ async fn a_trickled_request_body_is_cut_off_with_a_json_408() {
     let answer = String::from_utf8_lossy(&got);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""type":"request_timeout""#), "{answer}");
+}
+
+/// Reads one answer off a raw connection, then on until the gateway closes it (a reset counts
+/// as closed too): the answer's text and when its first byte came.
+async fn answer_then_close(reader: &mut (impl AsyncReadExt + Unpin)) -> (String, Instant) {
+    let mut got = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(PATIENCE, reader.read(&mut got))
+        .await
+        .expect("the gateway answered")
+        .expect("read");
+    let at = Instant::now();
+    got.truncate(n);
+    let rest = tokio::time::timeout(PATIENCE, reader.read_to_end(&mut got))
+        .await
+        .expect("the gateway closed the connection");
+    assert!(
+        rest.is_ok() || rest.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the connection did not close cleanly"
+    );
+    (String::from_utf8_lossy(&got).into_owned(), at)
+}
+
+#[tokio::test]
+async fn a_body_trickled_a_byte_a_second_gets_a_json_408_at_the_deadline_and_frees_its_place() {
+    const DEADLINE: Duration = Duration::from_secs(2);
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
+        .mount(&upstream)
+        .await;
+    // One place in flight: if the trickled request kept it, the next request would be shed.
+    let gateway = Gateway::start(
+        &upstream.uri(),
+        ServerLimits {
+            body_deadline: DEADLINE,
+            max_in_flight: 1,
+            ..ServerLimits::default()
+        },
+    )
+    .await;
+    // 20 bytes promised, one sent each second: every byte comes well within any idle timeout,
+    // the whole body only after 19 s.
+    let (mut reader, mut writer) = TcpStream::connect(gateway.addr())
+        .await
+        .expect("connect")
+        .into_split();
+    let head = format!(
+        "POST /billing/v2beta1/redeem-coupon?code=X HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 20\r\n\r\n{{",
+        manager()
+    );
+    // The head and the first body byte in one write, so the gateway's clock cannot start
+    // before `first_byte`.
+    let first_byte = Instant::now();
+    writer.write_all(head.as_bytes()).await.expect("write");
+    let trickle = tokio::spawn(async move {
+        for _ in 1..20 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if writer.write_all(b" ").await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let (answer, at) = answer_then_close(&mut reader).await;
+    let took = at - first_byte;
+    assert!(
+        took >= DEADLINE && took < DEADLINE + Duration::from_secs(2),
+        "answered {took:?} after the first body byte; the deadline is {DEADLINE:?}, so between \
+         {DEADLINE:?} and {:?}",
+        DEADLINE + Duration::from_secs(2)
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("content-type: application/json\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains(r#""type":"request_timeout""#), "{answer}");
+    trickle.abort();
+
+    // Nothing went upstream, and the place is free again: the next request is served.
+    assert!(
+        upstream
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert_eq!(
+        gateway
+            .get("/billing/v2beta1/taxes", &manager())
+            .await
+            .status(),
+        200
+    );
+    tokio::time::timeout(PATIENCE, async {
+        while !gateway
+            .metrics()
+            .await
+            .contains("billing_gateway_requests_in_flight 0")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("no request left in flight");
+    let m = gateway.metrics().await;
+    assert!(
+        m.contains(r#"billing_gateway_rejections_total{reason="request_timeout"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_gets_a_json_400_not_a_408() {
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
+        .expect(0)
+        .mount(&upstream)
+        .await;
+    let gateway = Gateway::start(&upstream.uri(), ServerLimits::default()).await;
+    let mut stream = TcpStream::connect(gateway.addr()).await.expect("connect");
+    // `zz` is no chunk size.
+    let request = format!(
+        "POST /billing/v2beta1/redeem-coupon?code=X HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\
+         Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n",
+        manager()
+    );
+    let sent = Instant::now();
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let (answer, at) = answer_then_close(&mut stream).await;
+    assert!(
+        at - sent < Duration::from_secs(2),
+        "answered only after {:?}",
+        at - sent
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("content-type: application/json\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(r#""type":"invalid_request_error""#),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

@@ -105,6 +105,7 @@ impl Key {
                     "{kid:?}: symmetric keys are never taken from a JWKS"
                 ));
             }
+            _ => return Err(format!("{kid:?}: unsupported key type")),
         };
         let algs = match jwk.common.key_algorithm {
             None => algs,
@@ -124,7 +125,7 @@ impl Key {
 
 /// The signing algorithm a JWK's `alg` names, if it names one.
 fn key_alg(alg: KeyAlgorithm) -> Option<Algorithm> {
-    alg.to_string().parse().ok()
+    Algorithm::try_from(alg).ok()
 }
 
 /// The keys currently held and how to get more.
@@ -159,6 +160,7 @@ impl KeyStore {
     /// Builds the store, fetches the keys once (a failure is logged: the gateway starts and
     /// answers 503 for asymmetric tokens until keys arrive) and starts the background refresher.
     pub(crate) async fn start(source: KeySource) -> Result<Arc<KeyStore>, String> {
+        crate::install_crypto_provider();
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(FETCH_TIMEOUT)

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use tower_http::timeout::TimeoutError;
 
 use crate::auth::{Authenticator, Credential};
 use crate::billing::Audit;
@@ -54,17 +55,20 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
         .limits
         .check_principal(&principal.subject, principal.rate())?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored
-    // (and a trickled one is cut off by the body timeout layer). Most calls are GETs without
-    // one: nothing to read then.
+    // (and a slow one is cut off by the body deadline layer). Most calls are GETs without one:
+    // nothing to read then.
     if !http_body::Body::is_end_stream(&body) {
         axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-            let too_large =
-                std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                    .any(|e| e.is::<http_body_util::LengthLimitError>());
-            if too_large {
+            let caused_by = |is: fn(&(dyn std::error::Error + 'static)) -> bool| {
+                std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source()).any(is)
+            };
+            if caused_by(|e| e.is::<TimeoutError>()) {
+                Error::RequestTimeout
+            } else if caused_by(|e| e.is::<http_body_util::LengthLimitError>()) {
                 Error::PayloadTooLarge
             } else {
-                Error::RequestTimeout
+                // Broken chunked encoding, or a client gone mid-body.
+                Error::MalformedBody
             }
         })?;
     }

@@ -63,6 +63,9 @@ pub struct ServerLimits {
     /// How long a client may take to send a request head (a slow-loris defence); an idle
     /// keep-alive connection is closed after it too.
     pub header_read_timeout: Duration,
+    /// How long a client may take to send a whole request body, however it paces it: a body
+    /// trickled a byte at a time is cut off with a 408 as surely as one that stalls.
+    pub body_deadline: Duration,
     /// Billing requests handled at once, streaming answers included; past it new ones are
     /// answered 503 at once rather than queued without bound.
     pub max_in_flight: usize,
@@ -76,6 +79,7 @@ impl Default for ServerLimits {
             // Enough for any JWT an IdP issues, a few times over.
             max_header_bytes: 32 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            body_deadline: Duration::from_secs(10),
             max_in_flight: 1024,
             shutdown_grace: Duration::from_secs(30),
         }

@@ -14,7 +14,7 @@ use axum::routing::{delete, get};
 use tokio::sync::Semaphore;
 use tower::util::option_layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
+use tower_http::timeout::RequestBodyDeadlineLayer;
 
 use super::ServerLimits;
 use super::probes::{healthz, metrics, openapi, readyz};
@@ -51,8 +51,9 @@ pub(super) fn router(state: AppState, limits: &ServerLimits, cors_origins: &[Str
         .layer(from_fn(move |req: Request, next: Next| {
             check_headers(max_header_bytes, req, next)
         }))
-        // A body must arrive as promptly as a head: slow-loris on the body is cut off too.
-        .layer(RequestBodyTimeoutLayer::new(limits.header_read_timeout))
+        // A body must arrive whole within the deadline: slow-loris on the body is cut off too,
+        // a trickle of one byte a second included (an idle timeout never fires on that).
+        .layer(RequestBodyDeadlineLayer::new(limits.body_deadline))
         // Browsers: preflights answered here, before authentication (they carry no credential).
         .layer(option_layer(cors(cors_origins)))
         // Outermost: request id, the request's span, its log line and metrics.

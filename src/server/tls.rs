@@ -42,12 +42,10 @@ impl Tls {
     /// Reads the PEM certificate chain and private key; errors name the file at fault.
     pub fn load(cert: &Path, key: &Path) -> Result<Tls, String> {
         let current = Arc::new(Reloading(ArcSwap::from_pointee(certified_key(cert, key)?)));
-        let mut config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_no_client_auth()
-                .with_cert_resolver(current.clone());
+        crate::install_crypto_provider();
+        let mut config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(current.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),

@@ -62,6 +62,7 @@ impl TestApp {
         let handle = tokio::spawn(app.run_until(async {
             let _ = rx.await;
         }));
+        billing_gateway::install_crypto_provider();
         TestApp {
             base,
             upstream,
