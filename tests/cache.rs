@@ -12,7 +12,10 @@ use wiremock::{Mock, ResponseTemplate};
 
 const P1: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 const P2: &str = "99999999-8888-7777-6666-555555555555";
+/// A freshness short enough to wait out.
 const SHORT: Duration = Duration::from_millis(300);
+/// Sleeping this long is not synchronisation: an entry growing old is what those tests are
+/// about, and nothing short of a request (which would change what is tested) shows it expired.
 const PAST_SHORT: Duration = Duration::from_millis(450);
 
 fn consumptions(marker: &str) -> ResponseTemplate {
@@ -268,20 +271,13 @@ async fn closed_periods_stay_fresh_after_the_current_period_expires() {
 
 #[tokio::test]
 async fn a_scoped_caller_cannot_read_another_projects_cached_answer() {
-    let dir = std::env::temp_dir().join(format!("bg-cache-policy-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let default = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/policies/default.toml"
-    ))
-    .expect("default");
-    std::fs::write(dir.join("default.toml"), default).expect("write");
-    std::fs::write(
-        dir.join("teams.toml"),
-        format!("[[bindings]]\nclaim = \"groups\"\nequals = \"team-web\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n"),
-    )
-    .expect("write");
-    let app = TestApp::spawn_with(|c| c.policy_dir = dir.clone()).await;
+    let teams = format!(
+        "[[bindings]]\nclaim = \"groups\"\nequals = \"team-web\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n"
+    );
+    let app = TestApp::builder()
+        .policy(&[("default.toml", DEFAULT_POLICY), ("teams.toml", &teams)])
+        .spawn()
+        .await;
     Mock::given(query_param("project_id", P2))
         .respond_with(consumptions("p2"))
         .expect(1)

@@ -281,11 +281,15 @@ async fn calls_waiting_for_their_turn_do_not_go_upstream_after_a_429() {
         .expect(1)
         .mount(&app.upstream)
         .await;
-    // The first takes the budget's turn; the second waits for the next one, which comes after
-    // the first's 429.
+    // The first takes the budget's turn; the second, sent once the first has reached the
+    // upstream, waits for the next turn, which comes after the first's 429.
     let token = app.reader();
     let (first, second) = tokio::join!(app.get("/billing/v2beta1/taxes", &token), async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        eventually(
+            || async { app.upstream_requests().await.len() == 1 },
+            PATIENCE,
+        )
+        .await;
         app.get("/billing/v2beta1/consumptions", &token).await
     });
     assert_error(first, 429, "too_many_requests").await;
@@ -323,7 +327,8 @@ async fn without_retry_after_the_backoff_starts_near_a_second_and_ends() {
     assert_error(during, 429, "too_many_requests").await;
     assert_eq!(app.upstream_requests().await.len(), 1);
 
-    // Condition, not measurement: come back when told to.
+    // Not synchronisation: the backoff's length is what is tested. A client that comes back when
+    // told to (plus a little) is served.
     tokio::time::sleep(Duration::from_secs(wait) + Duration::from_millis(100)).await;
     let after = app.get("/billing/v2beta1/taxes", &app.reader()).await;
     assert_eq!(after.status(), 200);
@@ -405,21 +410,17 @@ async fn a_get_is_retried_on_503_and_a_coupon_redemption_never() {
 
 #[tokio::test]
 async fn a_policy_rate_overrides_the_default_for_its_holders_only() {
-    let dir = std::env::temp_dir().join(format!("bg-rate-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(
-        dir.join("policy.toml"),
-        "[roles.reader]\npermissions = [\"consumption:read\"]\n\
-         [roles.slow-reader]\npermissions = [\"consumption:read\"]\nrate = \"1/s\"\n\
-         [[bindings]]\nclaim = \"roles\"\nequals = \"billing-read-only\"\nroles = [\"reader\"]\n\
-         [[bindings]]\nclaim = \"roles\"\nequals = \"slow\"\nroles = [\"slow-reader\"]\n",
-    )
-    .expect("policy");
-    let app = TestApp::spawn_with(|c| {
-        c.policy_dir = dir;
-        c.limits.principal_rate = per_second(100);
-    })
-    .await;
+    let app = TestApp::builder()
+        .policy(&[(
+            "policy.toml",
+            "[roles.reader]\npermissions = [\"consumption:read\"]\n\
+             [roles.slow-reader]\npermissions = [\"consumption:read\"]\nrate = \"1/s\"\n\
+             [[bindings]]\nclaim = \"roles\"\nequals = \"billing-read-only\"\nroles = [\"reader\"]\n\
+             [[bindings]]\nclaim = \"roles\"\nequals = \"slow\"\nroles = [\"slow-reader\"]\n",
+        )])
+        .config(|c| c.limits.principal_rate = per_second(100))
+        .spawn()
+        .await;
     Mock::given(any())
         .respond_with(ok_json(json!({"charges": []})))
         .mount(&app.upstream)

@@ -736,7 +736,12 @@ async fn shutdown_lets_an_in_flight_request_finish_then_stops_accepting() {
             .send();
         tokio::spawn(request)
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // In flight: the gateway has sent it upstream, whose answer takes a while.
+    eventually(
+        || async { app.upstream_requests().await.len() == 1 },
+        PATIENCE,
+    )
+    .await;
     app.shutdown();
     let response = in_flight.await.expect("join").expect("request completes");
     assert_eq!(response.status(), 200);
