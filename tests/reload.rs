@@ -190,10 +190,17 @@ async fn reload_applies_a_valid_edit_at_once_and_rejects_a_broken_one() {
     let dir = app.policy_dir().to_owned();
     assert!(matches!(app.policy().reload(), Reload::Unchanged));
     assert_eq!(manager_invoices(&app).await, 403);
+    let summary = || app.policy().load().summary();
+    assert_eq!(summary(), "roles: 2, bindings: 1, keys: 0");
 
     write(&dir.join("policy.toml"), &with_managers());
     assert!(matches!(app.policy().reload(), Reload::Applied));
     assert_eq!(manager_invoices(&app).await, 200);
+    assert_eq!(
+        summary(),
+        "roles: 2, bindings: 2, keys: 0",
+        "what is enforced"
+    );
 
     write(&dir.join("team.toml"), BROKEN);
     match app.policy().reload() {
