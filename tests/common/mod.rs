@@ -93,12 +93,15 @@ enum Policy {
     Dir(PathBuf),
 }
 
+/// A change to the configuration, made before the app is built.
+type ConfigEdit<'a> = Box<dyn FnOnce(&mut Config) + 'a>;
+
 /// What [`TestApp::builder`] returns; every setting is optional.
 pub struct TestAppBuilder<'a> {
     limits: Option<ServerLimits>,
     policy: Policy,
     poll: Option<Duration>,
-    edits: Vec<Box<dyn FnOnce(&mut Config) + 'a>>,
+    edits: Vec<ConfigEdit<'a>>,
     upstream: Option<MockServer>,
     upstream_url: Option<String>,
 }
