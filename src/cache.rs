@@ -124,8 +124,33 @@ impl Cache {
         }
     }
 
-    /// The key of a call: the exact upstream request. Built in one allocation: it is built on
-    /// every cacheable request, hits included.
+    /// The key of a call: the exact upstream request (contract §8), the operation and its
+    /// canonical query, never the caller. Built in one allocation: it is built on every
+    /// cacheable request, hits included.
+    ///
+    /// ```
+    /// use billing_gateway::billing::parse;
+    /// use billing_gateway::cache::Cache;
+    ///
+    /// let org = "11111111-2222-3333-4444-555555555555".parse().expect("uuid");
+    /// let key = |query: &str| {
+    ///     let mut call = parse("GET", "/billing/v2beta1/consumptions", Some(query)).expect("valid");
+    ///     call.apply_organization(org).expect("our organization");
+    ///     Cache::key(&call)
+    /// };
+    /// // The organization filled in, the query canonical: equivalent requests share one entry.
+    /// assert_eq!(
+    ///     key("page=1&billing_period=2026-07"),
+    ///     "consumptions?billing_period=2026-07&organization_id=11111111-2222-3333-4444-555555555555&page=1"
+    /// );
+    /// assert_eq!(key("billing_period=2026-07&pageSize=10"), key("page_size=10&billing_period=2026-07"));
+    /// // Another period, or one project's consumption, is another upstream request.
+    /// assert_ne!(key("billing_period=2026-06"), key("billing_period=2026-07"));
+    /// assert_eq!(
+    ///     key("project_id=aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"),
+    ///     "consumptions?project_id=aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+    /// );
+    /// ```
     pub fn key(call: &Call) -> String {
         let query_len: usize = call
             .query

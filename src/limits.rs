@@ -79,8 +79,9 @@ impl PrincipalLimits {
             })
     }
 
-    /// How many principals the default table holds (for tests of the sweep).
-    pub fn tracked(&self) -> usize {
+    /// How many principals the default table holds.
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
         self.default.len()
     }
 }
@@ -114,5 +115,21 @@ mod tests {
         }
         assert!(limits.check_principal("bob", None).is_ok());
         assert_eq!(limits.tracked(), 2);
+    }
+
+    #[test]
+    fn principals_back_at_a_full_burst_are_forgotten_so_the_table_stays_small() {
+        // A pace of 1 µs: a principal seen once is back at a full burst a microsecond later.
+        let limits = PrincipalLimits::new(rate(1_000_000));
+        let passers_by = SWEEP_EVERY - 1;
+        for i in 0..passers_by {
+            assert!(limits.check_principal(&format!("caller-{i}"), None).is_ok());
+        }
+        assert_eq!(limits.tracked() as u64, passers_by);
+        // Not synchronisation: the passing of (many paces') time is what makes them forgettable.
+        std::thread::sleep(Duration::from_millis(5));
+        // The next check sweeps: only the principal just checked is left.
+        assert!(limits.check_principal("alice", None).is_ok());
+        assert_eq!(limits.tracked(), 1);
     }
 }

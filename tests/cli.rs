@@ -22,12 +22,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn temp_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("bg-cli-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    dir
-}
-
 /// What `serve` needs to start with the shipped policy.
 const SERVABLE: [(&str, &str); 3] = [
     ("SCW_SECRET_KEY", KEY),
@@ -62,8 +56,8 @@ fn check_on_an_empty_environment_lists_every_missing_setting_in_one_run() {
 
 #[test]
 fn check_lists_problems_from_the_environment_and_the_file_together() {
-    let dir = temp_dir();
-    let file = dir.join("gateway.toml");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("gateway.toml");
     std::fs::write(
         &file,
         "[upstream]\nrate = \"fast\"\n[cache]\nttl = \"5 minutes\"\n",
@@ -92,15 +86,15 @@ fn check_lists_problems_from_the_environment_and_the_file_together() {
 
 #[test]
 fn check_names_the_file_and_line_of_a_broken_policy() {
-    let dir = temp_dir();
+    let dir = tempfile::tempdir().expect("tmp");
     std::fs::write(
-        dir.join("team.toml"),
+        dir.path().join("team.toml"),
         "[roles.x]\ndescription = \"x\"\npermissions = [\"invoices:reed\"]\n",
     )
     .expect("write");
     let out = run(
         &["check"],
-        &[("GATEWAY_POLICY_DIR", dir.to_str().expect("utf-8"))],
+        &[("GATEWAY_POLICY_DIR", dir.path().to_str().expect("utf-8"))],
     );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
@@ -165,8 +159,8 @@ fn serve_fails_fast_on_missing_or_invalid_configuration() {
 
 #[test]
 fn serve_refuses_an_unknown_config_file_key() {
-    let dir = temp_dir();
-    let file = dir.join("gateway.toml");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("gateway.toml");
     std::fs::write(
         &file,
         "listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://x\"\nkey = \"oops\"\n",

@@ -333,15 +333,7 @@ async fn with_no_key_at_all_asymmetric_tokens_and_readyz_answer_503_until_keys_a
         .respond_with(jwks(&[&RSA_1]))
         .mount(&idp)
         .await;
-    let mut ready = false;
-    for _ in 0..50 {
-        if readyz(&app).await == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "keys never arrived");
+    eventually(|| async { readyz(&app).await == 200 }, PATIENCE).await;
     assert_eq!(app.get(CHARGES, &token).await.status(), 200);
 }
 

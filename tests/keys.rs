@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use billing_gateway::config::Config;
 use billing_gateway::policy::key_sha256;
 use common::*;
 use serde_json::{Value, json};
@@ -28,14 +28,13 @@ fn entry(name: &str, key: &str, roles: &str, extra: &str) -> String {
     )
 }
 
-/// A policy folder: the shipped default.toml plus `keys.toml`.
-fn policy_dir(keys: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bg-keys-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.toml");
-    std::fs::copy(default, dir.join("default.toml")).expect("copy");
-    std::fs::write(dir.join("keys.toml"), keys).expect("write");
-    dir
+/// A gateway whose policy folder is the shipped default.toml plus `keys.toml`.
+async fn spawn_with_policy_keys(keys: &str, edit: impl FnOnce(&mut Config)) -> TestApp {
+    TestApp::builder()
+        .policy(&[("default.toml", DEFAULT_POLICY), ("keys.toml", keys)])
+        .config(edit)
+        .spawn()
+        .await
 }
 
 async fn spawn_with_keys() -> TestApp {
@@ -50,8 +49,7 @@ async fn spawn_with_keys() -> TestApp {
         ),
     ]
     .concat();
-    let dir = policy_dir(&keys);
-    TestApp::spawn_with(|c| c.policy_dir = dir).await
+    spawn_with_policy_keys(&keys, |_| {}).await
 }
 
 async fn get_with_key(app: &TestApp, path_and_query: &str, key: &str) -> reqwest::Response {
@@ -237,8 +235,7 @@ async fn key_new_prints_a_key_that_its_printed_entry_authenticates() {
     assert!(!entry.contains(&key), "the entry must hold only the hash");
     assert!(entry.contains(&key_sha256(&key.parse().expect("uuid"))));
 
-    let dir = policy_dir(entry);
-    let app = TestApp::spawn_with(|c| c.policy_dir = dir).await;
+    let app = spawn_with_policy_keys(entry, |_| {}).await;
     Mock::given(any())
         .respond_with(ok_json(json!({"consumptions": []})))
         .expect(1)
@@ -287,11 +284,10 @@ fn key_new_refuses_bad_names_projects_and_roles() {
 
 #[tokio::test]
 async fn gateway_keys_alone_are_a_valid_deployment() {
-    let dir = policy_dir(&entry("finance-sync", MANAGER_KEY, "billing-manager", ""));
-    let app = TestApp::spawn_with(|c| {
-        c.policy_dir = dir;
-        c.auth.hs256_secret = None;
-    })
+    let app = spawn_with_policy_keys(
+        &entry("finance-sync", MANAGER_KEY, "billing-manager", ""),
+        |c| c.auth.hs256_secret = None,
+    )
     .await;
     Mock::given(any())
         .respond_with(ok_json(json!({"invoices": []})))

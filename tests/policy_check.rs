@@ -1,8 +1,10 @@
 //! `billing-gateway check` runs the policy test cases in `<policy dir>/tests/` and fails, like
 //! `opa test`, naming each case that does not behave as it says.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
+
+use tempfile::TempDir;
 
 const ORG: &str = "11111111-2222-3333-4444-555555555555";
 
@@ -32,12 +34,13 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// A policy folder with the shipped default.toml and `tests/cases.toml`.
-fn folder_with_cases(cases: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bg-check-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(dir.join("tests")).expect("tmp");
+/// Removed when dropped.
+fn folder_with_cases(cases: &str) -> TempDir {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(dir.path().join("tests")).expect("tests folder");
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.toml");
-    std::fs::copy(default, dir.join("default.toml")).expect("copy");
-    std::fs::write(dir.join("tests/cases.toml"), cases).expect("write");
+    std::fs::copy(default, dir.path().join("default.toml")).expect("copy");
+    std::fs::write(dir.path().join("tests/cases.toml"), cases).expect("write");
     dir
 }
 
@@ -92,10 +95,10 @@ expect = "allow"
 upstream = "/billing/v2beta1/consumptions?project_id=aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
 "#,
     );
-    let out = check(Some(&dir), &[]);
+    let out = check(Some(dir.path()), &[]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let file = dir.join("tests/cases.toml");
+    let file = dir.path().join("tests/cases.toml");
     assert!(
         stderr.contains(&format!(
             "{}:1: case 1 (read-only reads invoices): expected allow, got deny: permission `invoices:read` is required",
@@ -123,12 +126,14 @@ fn a_malformed_case_file_is_located() {
     let dir = folder_with_cases(
         "[[cases]]\nclaims = {}\npath = \"/billing/v2beta1/taxes\"\nexpect = \"allow\"\nupstrem = \"/x\"\n",
     );
-    let out = check(Some(&dir), &[]);
+    let out = check(Some(dir.path()), &[]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!("{}:5:", dir.join("tests/cases.toml").display()))
-            && stderr.contains("upstrem"),
+        stderr.contains(&format!(
+            "{}:5:",
+            dir.path().join("tests/cases.toml").display()
+        )) && stderr.contains("upstrem"),
         "{stderr}"
     );
 }

@@ -5,18 +5,15 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use billing_gateway::policy::reload::{LivePolicy, Reload};
-use billing_gateway::server::App;
+use billing_gateway::policy::reload::{DEFAULT_POLL, Reload};
 use common::*;
 use serde_json::json;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{Mock, ResponseTemplate};
 
 const ROLES: &str = r#"
 [roles.billing-read-only]
@@ -45,103 +42,32 @@ const BROKEN: &str =
 const FAST: Duration = Duration::from_millis(50);
 const NEVER: Duration = Duration::from_secs(3600);
 
-struct Running {
-    base: String,
-    upstream: MockServer,
-    client: reqwest::Client,
-    policy: Arc<LivePolicy>,
-    stop: Option<oneshot::Sender<()>>,
-    handle: Option<JoinHandle<std::io::Result<()>>>,
+/// A gateway reading `builder`'s policy folder, in front of an upstream that lists invoices.
+async fn start(builder: TestAppBuilder<'_>) -> TestApp {
+    let app = builder.spawn().await;
+    Mock::given(method("GET"))
+        .and(path("/billing/v2beta1/invoices"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(json!({"invoices": []}).to_string(), "application/json"),
+        )
+        .mount(&app.upstream)
+        .await;
+    app
 }
 
-impl Running {
-    async fn start(dir: &Path, poll: Duration) -> Running {
-        let upstream = MockServer::start().await;
-        Mock::given(method("GET"))
-            .and(path("/billing/v2beta1/invoices"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .set_body_raw(json!({"invoices": []}).to_string(), "application/json"),
-            )
-            .mount(&upstream)
-            .await;
-        let mut config = config(&upstream.uri());
-        config.policy_dir = dir.to_owned();
-        let app = App::build(config)
-            .await
-            .expect("app builds")
-            .poll_policy_every(poll);
-        let policy = app.policy();
-        let base = format!("http://{}", app.addr().expect("addr"));
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(app.run_until(async {
-            let _ = rx.await;
-        }));
-        Running {
-            base,
-            upstream,
-            client: reqwest::Client::new(),
-            policy,
-            stop: Some(tx),
-            handle: Some(handle),
-        }
-    }
-
-    /// The status a manager token gets for `GET /billing/v2beta1/invoices`.
-    async fn manager_invoices(&self) -> u16 {
-        let now = jsonwebtoken::get_current_timestamp();
-        let token = token_with(
-            json!({"sub": "maria", "roles": ["billing-manager"], "iat": now, "exp": now + 600}),
-        );
-        self.client
-            .get(format!("{}/billing/v2beta1/invoices", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request")
-            .status()
-            .as_u16()
-    }
-
-    /// Asks until the answer is `status` (the watcher polls every few ms); false if it never is.
-    async fn eventually(&self, status: u16) -> bool {
-        for _ in 0..200 {
-            if self.manager_invoices().await == status {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        false
-    }
-
-    async fn invoices_sent_upstream(&self) -> usize {
-        self.upstream
-            .received_requests()
-            .await
-            .unwrap_or_default()
-            .len()
-    }
-
-    /// Stops the app and checks that its policy watcher stopped with it.
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(handle) = self.handle.take() {
-            handle.await.expect("joined").expect("served");
-        }
-        assert_eq!(
-            Arc::strong_count(&self.policy),
-            1,
-            "something (the watcher?) outlived the app"
-        );
-    }
+/// The status a manager token gets for `GET /billing/v2beta1/invoices`.
+async fn manager_invoices(app: &TestApp) -> u16 {
+    app.get("/billing/v2beta1/invoices", &app.manager())
+        .await
+        .status()
+        .as_u16()
 }
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bg-reload-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("tmp");
-    dir
+/// Asks until the answer is `status` (the watcher polls every [`FAST`]); fails past
+/// [`PATIENCE`].
+async fn until_status(app: &TestApp, status: u16) {
+    eventually(|| async { manager_invoices(app).await == status }, PATIENCE).await;
 }
 
 /// Replaces a file the way editors and config tools do: a new file renamed over the old one.
@@ -153,14 +79,27 @@ fn write(file: &Path, text: &str) {
 
 #[tokio::test]
 async fn a_valid_edit_takes_effect_while_serving() {
-    let dir = temp_dir();
-    write(&dir.join("policy.toml"), ROLES);
-    let app = Running::start(&dir, FAST).await;
-    assert_eq!(app.manager_invoices().await, 403);
+    let app = start(
+        TestApp::builder()
+            .policy(&[("policy.toml", ROLES)])
+            .poll(FAST),
+    )
+    .await;
+    assert_eq!(manager_invoices(&app).await, 403);
 
-    write(&dir.join("policy.toml"), &with_managers());
-    assert!(app.eventually(200).await, "the edit was never applied");
-    assert_eq!(app.invoices_sent_upstream().await, 1, "a 403 went upstream");
+    write(&app.policy_dir().join("policy.toml"), &with_managers());
+    // Within a few of the app's polls: well before the default poll would have seen it, so the
+    // interval the app was given is the one it runs with.
+    eventually(
+        || async { manager_invoices(&app).await == 200 },
+        DEFAULT_POLL / 2,
+    )
+    .await;
+    assert_eq!(
+        app.upstream_requests().await.len(),
+        1,
+        "a 403 went upstream"
+    );
     app.stop().await;
 }
 
@@ -200,19 +139,18 @@ async fn a_broken_edit_is_logged_once_and_the_last_good_policy_stays() {
             .finish(),
     );
     tracing::callsite::rebuild_interest_cache();
-    let dir = temp_dir();
-    write(&dir.join("policy.toml"), &with_managers());
-    let app = Running::start(&dir, FAST).await;
-    assert_eq!(app.manager_invoices().await, 200);
+    let app = start(
+        TestApp::builder()
+            .policy(&[("policy.toml", &with_managers())])
+            .poll(FAST),
+    )
+    .await;
+    let dir = app.policy_dir();
+    assert_eq!(manager_invoices(&app).await, 200);
 
     write(&dir.join("team.toml"), BROKEN);
     let rejected = "team.toml:4: unknown role `billing-admin`";
-    for _ in 0..200 {
-        if logs.text().contains(rejected) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(|| async { logs.text().contains(rejected) }, PATIENCE).await;
     let text = logs.text();
     let line = text
         .lines()
@@ -223,18 +161,18 @@ async fn a_broken_edit_is_logged_once_and_the_last_good_policy_stays() {
         "{line}"
     );
     assert_eq!(
-        app.manager_invoices().await,
+        manager_invoices(&app).await,
         200,
         "the good policy was lost"
     );
     // Already seen: neither re-applied nor logged again.
-    assert!(matches!(app.policy.reload(), Reload::Unchanged));
+    assert!(matches!(app.policy().reload(), Reload::Unchanged));
     assert_eq!(logs.text().matches(rejected).count(), 1);
 
     // Fixing the file (here: removing it) is picked up like any edit.
     std::fs::remove_file(dir.join("team.toml")).expect("rm");
     write(&dir.join("policy.toml"), ROLES);
-    assert!(app.eventually(403).await, "the fix was never applied");
+    until_status(&app, 403).await;
     assert!(logs.text().contains("policy reloaded"));
     app.stop().await;
 }
@@ -242,18 +180,30 @@ async fn a_broken_edit_is_logged_once_and_the_last_good_policy_stays() {
 /// What SIGHUP runs, called directly: the edit applies before `reload` returns.
 #[tokio::test]
 async fn reload_applies_a_valid_edit_at_once_and_rejects_a_broken_one() {
-    let dir = temp_dir();
-    write(&dir.join("policy.toml"), ROLES);
-    let app = Running::start(&dir, NEVER).await;
-    assert!(matches!(app.policy.reload(), Reload::Unchanged));
-    assert_eq!(app.manager_invoices().await, 403);
+    // No poll tick in the test's lifetime: every change below is `reload`'s doing.
+    let app = start(
+        TestApp::builder()
+            .policy(&[("policy.toml", ROLES)])
+            .poll(NEVER),
+    )
+    .await;
+    let dir = app.policy_dir().to_owned();
+    assert!(matches!(app.policy().reload(), Reload::Unchanged));
+    assert_eq!(manager_invoices(&app).await, 403);
+    let summary = || app.policy().load().summary();
+    assert_eq!(summary(), "roles: 2, bindings: 1, keys: 0");
 
     write(&dir.join("policy.toml"), &with_managers());
-    assert!(matches!(app.policy.reload(), Reload::Applied));
-    assert_eq!(app.manager_invoices().await, 200);
+    assert!(matches!(app.policy().reload(), Reload::Applied));
+    assert_eq!(manager_invoices(&app).await, 200);
+    assert_eq!(
+        summary(),
+        "roles: 2, bindings: 2, keys: 0",
+        "what is enforced"
+    );
 
     write(&dir.join("team.toml"), BROKEN);
-    match app.policy.reload() {
+    match app.policy().reload() {
         Reload::Rejected(e) => assert_eq!(
             e.to_string(),
             format!(
@@ -263,12 +213,12 @@ async fn reload_applies_a_valid_edit_at_once_and_rejects_a_broken_one() {
         ),
         other => panic!("expected a rejection, got {other:?}"),
     }
-    assert_eq!(app.manager_invoices().await, 200);
+    assert_eq!(manager_invoices(&app).await, 200);
 
     // An unreadable folder is no policy change either.
     std::fs::remove_dir_all(&dir).expect("rm");
-    assert!(matches!(app.policy.reload(), Reload::Rejected(_)));
-    assert_eq!(app.manager_invoices().await, 200);
+    assert!(matches!(app.policy().reload(), Reload::Rejected(_)));
+    assert_eq!(manager_invoices(&app).await, 200);
     app.stop().await;
 }
 
@@ -288,17 +238,23 @@ fn swap(link: &Path, target: &str) {
 #[cfg(unix)]
 #[tokio::test]
 async fn a_swapped_policy_folder_link_is_picked_up() {
-    let root = temp_dir();
+    let root = tempfile::tempdir().expect("tmp");
+    let root = root.path();
     for (version, text) in [("v1", ROLES.to_owned()), ("v2", with_managers())] {
         std::fs::create_dir(root.join(version)).expect("mkdir");
         write(&root.join(version).join("policy.toml"), &text);
     }
     symlink("v1", &root.join("current"));
-    let app = Running::start(&root.join("current"), FAST).await;
-    assert_eq!(app.manager_invoices().await, 403);
+    let app = start(
+        TestApp::builder()
+            .policy_dir(root.join("current"))
+            .poll(FAST),
+    )
+    .await;
+    assert_eq!(manager_invoices(&app).await, 403);
 
     swap(&root.join("current"), "v2");
-    assert!(app.eventually(200).await, "the swap was never seen");
+    until_status(&app, 200).await;
     app.stop().await;
 }
 
@@ -307,7 +263,8 @@ async fn a_swapped_policy_folder_link_is_picked_up() {
 #[cfg(unix)]
 #[tokio::test]
 async fn a_kubernetes_configmap_update_is_picked_up() {
-    let dir = temp_dir();
+    let dir = tempfile::tempdir().expect("tmp");
+    let dir = dir.path();
     for (version, text) in [
         ("..2026_07_01_v1", ROLES.to_owned()),
         ("..2026_07_02_v2", with_managers()),
@@ -317,13 +274,10 @@ async fn a_kubernetes_configmap_update_is_picked_up() {
     }
     symlink("..2026_07_01_v1", &dir.join("..data"));
     symlink("..data/policy.toml", &dir.join("policy.toml"));
-    let app = Running::start(&dir, FAST).await;
-    assert_eq!(app.manager_invoices().await, 403);
+    let app = start(TestApp::builder().policy_dir(dir).poll(FAST)).await;
+    assert_eq!(manager_invoices(&app).await, 403);
 
     swap(&dir.join("..data"), "..2026_07_02_v2");
-    assert!(
-        app.eventually(200).await,
-        "the ConfigMap update was never seen"
-    );
+    until_status(&app, 200).await;
     app.stop().await;
 }

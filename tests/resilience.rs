@@ -10,76 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use billing_gateway::server::{App, ServerLimits};
+use billing_gateway::server::ServerLimits;
 use common::*;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use wiremock::matchers::any;
-use wiremock::{Mock, MockServer, ResponseTemplate};
-
-/// Generous bound for conditions to come about; a test fails past it, it never measures.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A gateway with chosen server limits in front of `upstream`.
-struct Gateway {
-    base: String,
-    client: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    handle: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Gateway {
-    async fn start(upstream: &str, limits: ServerLimits) -> Gateway {
-        let app = App::build(config(upstream))
-            .await
-            .expect("app builds")
-            .with_limits(limits);
-        let base = format!("http://{}", app.addr().expect("addr"));
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(app.run_until(async {
-            let _ = rx.await;
-        }));
-        Gateway {
-            base,
-            client: reqwest::Client::new(),
-            stop: Some(tx),
-            handle: Some(handle),
-        }
-    }
-
-    fn addr(&self) -> &str {
-        self.base.trim_start_matches("http://")
-    }
-
-    async fn get(&self, path: &str, token: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request")
-    }
-
-    async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .expect("request")
-            .text()
-            .await
-            .expect("text")
-    }
-}
-
-fn manager() -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": "alice", "roles": ["billing-manager"], "iat": now, "exp": now + 600}))
-}
+use wiremock::{Mock, ResponseTemplate};
 
 /// What [`RawUpstream`] does with each connection.
 #[derive(Clone, Copy)]
@@ -161,6 +99,7 @@ async fn serve_raw(
                     reader_gone.notify_one();
                     return Ok(());
                 }
+                // Not synchronisation: a slow upstream is what these tests are about.
                 tokio::time::sleep(script.pause).await;
             }
         } else {
@@ -212,28 +151,34 @@ async fn oversized_headers_get_a_json_431_and_oversized_bodies_a_413() {
     );
 }
 
+/// A gateway that gives clients `header_read_timeout` to send a request head.
+fn impatient() -> ServerLimits {
+    ServerLimits {
+        header_read_timeout: Duration::from_millis(300),
+        ..ServerLimits::default()
+    }
+}
+
 #[tokio::test]
 async fn a_request_body_that_never_comes_is_cut_off_with_a_json_408() {
-    let upstream = MockServer::start().await;
+    let app = TestApp::builder()
+        .limits(ServerLimits {
+            body_deadline: Duration::from_millis(300),
+            ..ServerLimits::default()
+        })
+        .spawn()
+        .await;
     Mock::given(any())
         .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
         .expect(0)
-        .mount(&upstream)
+        .mount(&app.upstream)
         .await;
-    let gateway = Gateway::start(
-        &upstream.uri(),
-        ServerLimits {
-            body_deadline: Duration::from_millis(300),
-            ..ServerLimits::default()
-        },
-    )
-    .await;
     // A valid head promising a body that never comes.
-    let mut stream = TcpStream::connect(gateway.addr()).await.expect("connect");
+    let mut stream = TcpStream::connect(app.addr()).await.expect("connect");
     let head = format!(
         "POST /billing/v2beta1/redeem-coupon?code=X HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\
          Content-Length: 100\r\n\r\n{{",
-        manager()
+        app.manager()
     );
     stream.write_all(head.as_bytes()).await.expect("write");
     let mut got = Vec::new();
@@ -269,31 +214,29 @@ async fn answer_then_close(reader: &mut (impl AsyncReadExt + Unpin)) -> (String,
 #[tokio::test]
 async fn a_body_trickled_a_byte_a_second_gets_a_json_408_at_the_deadline_and_frees_its_place() {
     const DEADLINE: Duration = Duration::from_secs(2);
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
-        .mount(&upstream)
-        .await;
     // One place in flight: if the trickled request kept it, the next request would be shed.
-    let gateway = Gateway::start(
-        &upstream.uri(),
-        ServerLimits {
+    let app = TestApp::builder()
+        .limits(ServerLimits {
             body_deadline: DEADLINE,
             max_in_flight: 1,
             ..ServerLimits::default()
-        },
-    )
-    .await;
+        })
+        .spawn()
+        .await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
+        .mount(&app.upstream)
+        .await;
     // 20 bytes promised, one sent each second: every byte comes well within any idle timeout,
     // the whole body only after 19 s.
-    let (mut reader, mut writer) = TcpStream::connect(gateway.addr())
+    let (mut reader, mut writer) = TcpStream::connect(app.addr())
         .await
         .expect("connect")
         .into_split();
     let head = format!(
         "POST /billing/v2beta1/redeem-coupon?code=X HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\
          Content-Type: application/json\r\nContent-Length: 20\r\n\r\n{{",
-        manager()
+        app.manager()
     );
     // The head and the first body byte in one write, so the gateway's clock cannot start
     // before `first_byte`.
@@ -326,21 +269,21 @@ async fn a_body_trickled_a_byte_a_second_gets_a_json_408_at_the_deadline_and_fre
 
     // Nothing went upstream, and the place is free again: the next request is served.
     assert!(
-        upstream
+        app.upstream
             .received_requests()
             .await
             .unwrap_or_default()
             .is_empty()
     );
     assert_eq!(
-        gateway
-            .get("/billing/v2beta1/taxes", &manager())
+        app
+            .get("/billing/v2beta1/taxes", &app.manager())
             .await
             .status(),
         200
     );
     tokio::time::timeout(PATIENCE, async {
-        while !gateway
+        while !app
             .metrics()
             .await
             .contains("billing_gateway_requests_in_flight 0")
@@ -350,7 +293,7 @@ async fn a_body_trickled_a_byte_a_second_gets_a_json_408_at_the_deadline_and_fre
     })
     .await
     .expect("no request left in flight");
-    let m = gateway.metrics().await;
+    let m = app.metrics().await;
     assert!(
         m.contains(r#"billing_gateway_rejections_total{reason="request_timeout"} 1"#),
         "{m}"
@@ -359,19 +302,18 @@ async fn a_body_trickled_a_byte_a_second_gets_a_json_408_at_the_deadline_and_fre
 
 #[tokio::test]
 async fn a_malformed_chunked_body_gets_a_json_400_not_a_408() {
-    let upstream = MockServer::start().await;
+    let app = TestApp::spawn().await;
     Mock::given(any())
         .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
         .expect(0)
-        .mount(&upstream)
+        .mount(&app.upstream)
         .await;
-    let gateway = Gateway::start(&upstream.uri(), ServerLimits::default()).await;
-    let mut stream = TcpStream::connect(gateway.addr()).await.expect("connect");
+    let mut stream = TcpStream::connect(app.addr()).await.expect("connect");
     // `zz` is no chunk size.
     let request = format!(
         "POST /billing/v2beta1/redeem-coupon?code=X HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\
          Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n",
-        manager()
+        app.manager()
     );
     let sent = Instant::now();
     stream.write_all(request.as_bytes()).await.expect("write");
@@ -394,21 +336,13 @@ async fn a_malformed_chunked_body_gets_a_json_400_not_a_408() {
 
 #[tokio::test]
 async fn a_slow_loris_connection_is_closed_and_others_are_served() {
-    let upstream = MockServer::start().await;
-    let gateway = Gateway::start(
-        &upstream.uri(),
-        ServerLimits {
-            header_read_timeout: Duration::from_millis(300),
-            ..ServerLimits::default()
-        },
-    )
-    .await;
+    let app = TestApp::builder().limits(impatient()).spawn().await;
     // One sends half a request head and stalls; another connects and says nothing.
-    let mut half = TcpStream::connect(gateway.addr()).await.expect("connect");
+    let mut half = TcpStream::connect(app.addr()).await.expect("connect");
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
         .await
         .expect("write");
-    let mut silent = TcpStream::connect(gateway.addr()).await.expect("connect");
+    let mut silent = TcpStream::connect(app.addr()).await.expect("connect");
     for stream in [&mut half, &mut silent] {
         let mut got = Vec::new();
         let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut got))
@@ -419,9 +353,9 @@ async fn a_slow_loris_connection_is_closed_and_others_are_served() {
             "a stalled request was answered"
         );
     }
-    let response = gateway
+    let response = app
         .client
-        .get(format!("{}/healthz", gateway.base))
+        .get(format!("{}/healthz", app.base))
         .send()
         .await
         .expect("request");
@@ -430,51 +364,43 @@ async fn a_slow_loris_connection_is_closed_and_others_are_served() {
 
 #[tokio::test]
 async fn load_past_the_bound_is_shed_with_a_json_503_and_probes_still_answer() {
-    let upstream = MockServer::start().await;
+    let app = Arc::new(
+        TestApp::builder()
+            .limits(ServerLimits {
+                max_in_flight: 2,
+                ..ServerLimits::default()
+            })
+            .spawn()
+            .await,
+    );
     Mock::given(any())
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_raw("{}", "application/json")
                 .set_delay(Duration::from_millis(1500)),
         )
-        .mount(&upstream)
+        .mount(&app.upstream)
         .await;
-    let gateway = Arc::new(
-        Gateway::start(
-            &upstream.uri(),
-            ServerLimits {
-                max_in_flight: 2,
-                ..ServerLimits::default()
-            },
-        )
-        .await,
-    );
-    let token = manager();
+    let token = app.manager();
     let busy: Vec<_> = (0..2)
         .map(|_| {
-            let (gateway, token) = (gateway.clone(), token.clone());
-            tokio::spawn(async move {
-                gateway
-                    .get("/billing/v2beta1/charges", &token)
-                    .await
-                    .status()
-            })
+            let (app, token) = (app.clone(), token.clone());
+            tokio::spawn(async move { app.get("/billing/v2beta1/charges", &token).await.status() })
         })
         .collect();
-    tokio::time::timeout(PATIENCE, async {
-        while upstream.received_requests().await.unwrap_or_default().len() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("both requests reached the upstream");
+    // Both places are taken once both requests are waiting on the (slow) upstream.
+    eventually(
+        || async { app.upstream_requests().await.len() == 2 },
+        PATIENCE,
+    )
+    .await;
 
-    let shed = gateway.get("/billing/v2beta1/charges", &token).await;
+    let shed = app.get("/billing/v2beta1/charges", &token).await;
     assert_eq!(shed.headers()["retry-after"], "1");
     assert_error(shed, 503, "service_unavailable").await;
-    let health = gateway
+    let health = app
         .client
-        .get(format!("{}/healthz", gateway.base))
+        .get(format!("{}/healthz", app.base))
         .send()
         .await
         .expect("request");
@@ -484,17 +410,11 @@ async fn load_past_the_bound_is_shed_with_a_json_503_and_probes_still_answer() {
         assert_eq!(request.await.expect("join"), 200);
     }
     assert_eq!(
-        gateway
-            .get("/billing/v2beta1/charges", &token)
-            .await
-            .status(),
+        app.get("/billing/v2beta1/charges", &token).await.status(),
         200
     );
-    assert_eq!(
-        upstream.received_requests().await.unwrap_or_default().len(),
-        3
-    );
-    let m = gateway.metrics().await;
+    assert_eq!(app.upstream_requests().await.len(), 3);
+    let m = app.metrics().await;
     assert!(
         m.contains(r#"billing_gateway_rejections_total{reason="overloaded"} 1"#),
         "{m}"
@@ -510,8 +430,8 @@ async fn a_get_is_retried_after_the_upstream_drops_the_connection() {
         pause: Duration::ZERO,
     })
     .await;
-    let gateway = Gateway::start(&upstream.url, ServerLimits::default()).await;
-    let response = gateway.get("/billing/v2beta1/taxes", &manager()).await;
+    let app = TestApp::builder().upstream_url(&upstream.url).spawn().await;
+    let response = app.get("/billing/v2beta1/taxes", &app.manager()).await;
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
 }
@@ -526,9 +446,9 @@ async fn a_client_leaving_mid_download_frees_the_upstream_connection_and_service
         pause: Duration::from_millis(5),
     })
     .await;
-    let gateway = Gateway::start(&upstream.url, ServerLimits::default()).await;
+    let app = TestApp::builder().upstream_url(&upstream.url).spawn().await;
     let gone = upstream.reader_gone.notified();
-    let mut response = gateway.get(&download_path(), &manager()).await;
+    let mut response = app.get(&download_path(), &app.manager()).await;
     assert_eq!(response.status(), 200);
     let first = response
         .chunk()
@@ -542,24 +462,21 @@ async fn a_client_leaving_mid_download_frees_the_upstream_connection_and_service
         .await
         .expect("the gateway closed its upstream connection");
     assert_eq!(
-        gateway
-            .get("/billing/v2beta1/taxes", &manager())
+        app.get("/billing/v2beta1/taxes", &app.manager())
             .await
             .status(),
         200
     );
     // The abandoned download gave its place in the concurrency bound back.
-    tokio::time::timeout(PATIENCE, async {
-        while !gateway
-            .metrics()
-            .await
-            .contains("billing_gateway_requests_in_flight 0")
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("no request left in flight");
+    eventually(
+        || async {
+            app.metrics()
+                .await
+                .contains("billing_gateway_requests_in_flight 0")
+        },
+        PATIENCE,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -571,27 +488,18 @@ async fn shutdown_during_a_slow_download_lets_it_finish_then_exits_cleanly() {
         pause: Duration::from_millis(50),
     };
     let upstream = RawUpstream::start(script).await;
-    let mut gateway = Gateway::start(&upstream.url, ServerLimits::default()).await;
-    let response = gateway.get(&download_path(), &manager()).await;
+    let mut app = TestApp::builder().upstream_url(&upstream.url).spawn().await;
+    let response = app.get(&download_path(), &app.manager()).await;
     assert_eq!(response.status(), 200);
 
     // The SIGTERM path of `serve`: the same future completing.
-    if let Some(stop) = gateway.stop.take() {
-        let _ = stop.send(());
-    }
+    app.shutdown();
     let body = response.bytes().await.expect("the download completes");
     assert!(
         body.as_ref() == pattern(script.chunks * script.chunk).as_slice(),
         "the download was cut or altered"
     );
-    let handle = gateway.handle.take().expect("handle");
-    tokio::time::timeout(PATIENCE, handle)
-        .await
-        .expect("the server stops")
-        .expect("join")
-        .expect("clean exit");
-    assert!(
-        TcpStream::connect(gateway.addr()).await.is_err(),
-        "still accepting"
-    );
+    let addr = app.addr();
+    app.stop().await;
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
 }

@@ -137,6 +137,31 @@ impl Call {
 
 /// Finds the operation for a method and raw (still percent-encoded) path, and validates the
 /// raw query string against it.
+///
+/// ```
+/// use billing_gateway::billing::parse;
+/// use billing_gateway::error::Error;
+///
+/// // However the SDK spells and orders the parameters, one canonical query, sorted by name.
+/// let call = parse("GET", "/billing/v2beta1/consumptions", Some("pageSize=10&billing_period=2026-07"))
+///     .expect("valid");
+/// assert_eq!(call.op.name, "consumptions");
+/// assert_eq!(call.query_string(), "billing_period=2026-07&page_size=10");
+///
+/// // The one path parameter is a UUID, and the upstream path is rebuilt from it.
+/// let id = "7b1e9d40-3c55-4d2e-8f61-0a9b8c7d6e5f";
+/// let call = parse("GET", &format!("/billing/v2beta1/invoices/{id}"), None).expect("valid");
+/// assert_eq!(call.path(), format!("/billing/v2beta1/invoices/{id}"));
+///
+/// // Anything else never becomes a call, so never reaches the upstream.
+/// assert!(parse("GET", "/billing/v2beta1/invoices/..%2Fsecret", None).is_err());
+/// assert!(matches!(parse("GET", "/billing/v2beta1/anything", None), Err(Error::NotFound)));
+/// assert!(matches!(parse("DELETE", "/billing/v2beta1/invoices", None), Err(Error::MethodNotAllowed)));
+/// for query in ["page=0", "page_size=101", "colour=blue", "project_id=not-a-uuid"] {
+///     let refused = parse("GET", "/billing/v2beta1/consumptions", Some(query));
+///     assert!(matches!(refused, Err(Error::InvalidArguments(_))), "{query}");
+/// }
+/// ```
 pub fn parse(method: &str, path: &str, raw_query: Option<&str>) -> Result<Call, Error> {
     let (op, id) = route(method, path)?;
     let query = validate_query(op, raw_query.unwrap_or(""))?;

@@ -381,10 +381,11 @@ mod tests {
         load(&vars, None)
     }
 
-    fn temp_file(text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("bg-config-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("tmp");
-        let file = dir.join("gateway.toml");
+    /// A file holding `text`, removed when dropped.
+    fn temp_file(text: &str) -> tempfile::TempPath {
+        let file = tempfile::NamedTempFile::new()
+            .expect("tmp")
+            .into_temp_path();
         std::fs::write(&file, text).expect("write");
         file
     }
@@ -400,7 +401,7 @@ mod tests {
                 ("GATEWAY_UPSTREAM_RATE", "fast"),
                 ("GATEWAY_JWT_HS256_SECRET", "short"),
             ],
-            Some(&file),
+            Some(&*file),
             Needs::Serve,
         );
         let f = file.display();
@@ -444,7 +445,7 @@ mod tests {
             ("GATEWAY_UPSTREAM_TIMEOUT", "2s"),
             ("SCW_DEFAULT_ORGANIZATION_ID", ""),
         ];
-        let cfg = load(&vars, Some(&file)).expect("valid");
+        let cfg = load(&vars, Some(&*file)).expect("valid");
         assert_eq!(cfg.upstream.timeout, Duration::from_secs(2));
         assert_eq!(cfg.upstream.url, "http://file.example");
         assert_eq!(cfg.upstream.organization_id.to_string(), ORG);
@@ -454,13 +455,13 @@ mod tests {
     #[test]
     fn a_broken_file_and_a_misplaced_table_are_located() {
         let file = temp_file("[upstream]\nurl = \"http://x\"\nurl = \"http://y\"\n");
-        let e = load(&[("SCW_SECRET_KEY", KEY)], Some(&file))
+        let e = load(&[("SCW_SECRET_KEY", KEY)], Some(&*file))
             .expect_err("duplicate key")
             .to_string();
         assert!(e.contains(&format!("{}:3:", file.display())), "{e}");
 
         let file = temp_file("upstream = \"http://x\"\n[tls.cert]\npath = \"/c.pem\"\n");
-        let (_, problems) = gather(&[], Some(&file), Needs::Tools);
+        let (_, problems) = gather(&[], Some(&*file), Needs::Tools);
         let f = file.display();
         assert_eq!(
             problems,
@@ -475,9 +476,8 @@ mod tests {
 
     #[test]
     fn secrets_come_from_the_environment_or_their_file_and_are_never_echoed() {
-        let dir = temp_file("").with_file_name("key");
-        std::fs::write(&dir, format!("{KEY}\n")).expect("write");
-        let path = dir.to_str().expect("utf-8");
+        let file = temp_file(&format!("{KEY}\n"));
+        let path = file.to_str().expect("utf-8");
         let cfg = load(
             &[
                 ("SCW_SECRET_KEY_FILE", path),

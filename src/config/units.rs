@@ -84,6 +84,16 @@ pub struct Rate {
 
 impl Rate {
     /// One cell every `per / count`, never a zero period.
+    ///
+    /// ```
+    /// use billing_gateway::config::Rate;
+    /// use std::time::Duration;
+    ///
+    /// let rate = |count, secs| Rate { count, per: Duration::from_secs(secs) };
+    /// assert_eq!(rate(20, 1).pace(), Duration::from_millis(50));
+    /// assert_eq!(rate(100, 60).pace(), Duration::from_millis(600));
+    /// assert_eq!(rate(0, 1).pace(), Duration::from_secs(1)); // never a division by zero
+    /// ```
     pub fn pace(self) -> Duration {
         (self.per / self.count.max(1)).max(Duration::from_nanos(1))
     }
@@ -234,6 +244,18 @@ impl HttpUrl {
 
 /// An absolute http(s) URL (a JWKS, an issuer, a discovered `jwks_uri`), as [`HttpUrl`]
 /// serializes it.
+///
+/// ```
+/// use billing_gateway::config::parse_http_url;
+///
+/// assert_eq!(
+///     parse_http_url("https://IdP.Example.com:443/realms/acme/certs").as_deref(),
+///     Ok("https://idp.example.com/realms/acme/certs")
+/// );
+/// assert!(parse_http_url("ftp://idp.example.com/certs").is_err());
+/// assert!(parse_http_url("https://user:pw@idp.example.com/certs").is_err());
+/// assert!(parse_http_url("/realms/acme/certs").is_err());
+/// ```
 pub fn parse_http_url(s: &str) -> Result<String, String> {
     s.parse::<HttpUrl>().map(|u| u.as_str().to_owned())
 }

@@ -49,7 +49,8 @@ pub enum Reload {
 }
 
 impl LivePolicy {
-    /// A policy that never changes (`demo`'s built-in default, tests).
+    /// A policy that never changes: `demo`'s, built at start from the repository's policy (or
+    /// the built-in default) plus the key it prints.
     pub fn fixed(policy: PolicySet) -> LivePolicy {
         LivePolicy {
             current: ArcSwap::from_pointee(policy),

@@ -54,7 +54,7 @@ pub enum StartError {
 }
 
 /// The bounds the server puts on clients, so a hostile or broken one cannot exhaust it.
-/// [`Default`] is what the gateway runs with; tests shrink them.
+/// [`Default`] is what `serve` runs with; [`App::with_limits`] sets others.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
     /// Most bytes of request headers answered normally; more is a 431. Twice this is a hard cap
@@ -154,19 +154,24 @@ impl App {
         })
     }
 
-    /// How often the policy folder (and the TLS certificate) is re-read (default
-    /// [`reload::DEFAULT_POLL`]); tests shorten it.
+    /// How often the policy folder and the TLS certificate files are re-read: the longest an
+    /// edit waits to take effect (SIGHUP applies one at once whatever this is). The default,
+    /// [`reload::DEFAULT_POLL`], is what `serve` runs with; a program embedding the gateway that
+    /// needs edits seen sooner, or fewer reads of a slow volume, sets its own.
     pub fn poll_policy_every(mut self, every: Duration) -> App {
         self.policy_poll = every;
         self
     }
 
-    /// The policy in force, to reload it by hand (what SIGHUP does) or inspect it.
+    /// The policy in force, shared with the running app: [`LivePolicy::reload`] on it re-reads
+    /// the folder at once, exactly as SIGHUP does, for a program embedding the gateway that
+    /// triggers reloads its own way (a deploy hook, an admin command); [`LivePolicy::load`]
+    /// shows what is being enforced.
     pub fn policy(&self) -> Arc<LivePolicy> {
         self.state.policy.clone()
     }
 
-    /// Replaces the server's bounds on clients.
+    /// Replaces the server's bounds on clients (default: [`ServerLimits::default`]).
     pub fn with_limits(mut self, limits: ServerLimits) -> App {
         self.limits = limits;
         self

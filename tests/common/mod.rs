@@ -1,14 +1,33 @@
-//! The test harness: the real gateway on 127.0.0.1:0 in front of a wiremock upstream.
+//! The one test harness: the real gateway on 127.0.0.1:0 in front of a wiremock upstream (or any
+//! upstream URL), built by [`TestApp::builder`].
+//!
+//! ```ignore
+//! let app = TestApp::builder()
+//!     .policy(&[("default.toml", DEFAULT_POLICY), ("team.toml", TEAM)]) // a temporary folder
+//!     .limits(ServerLimits { max_in_flight: 2, ..ServerLimits::default() })
+//!     .poll(Duration::from_millis(50))
+//!     .config(|c| c.cache.ttl = Duration::from_millis(300))
+//!     .spawn()
+//!     .await;
+//! ```
+//!
+//! Waiting: [`eventually`] polls a condition up to [`PATIENCE`] instead of sleeping for a guessed
+//! time; a sleep is left only where the passing of time is what a test is about.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use billing_gateway::auth::mint_hs256;
 use billing_gateway::config::Config;
-use billing_gateway::server::App;
+use billing_gateway::policy::reload::LivePolicy;
+use billing_gateway::server::{App, ServerLimits};
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
+use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wiremock::MockServer;
@@ -20,14 +39,35 @@ pub const OTHER_ORG: &str = "22222222-3333-4444-5555-666666666666";
 pub const HS256: &str = "test-hs256-secret-0123456789abcdef";
 pub const INVOICE: &str = "7b1e9d40-3c55-4d2e-8f61-0a9b8c7d6e5f";
 
+/// The shipped `policies/default.toml`, to put beside a test's own policy files.
+pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
+
+/// Generous bound for a condition to come about; a test fails past it, it never measures it.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub const SLOW: Duration = Duration::from_secs(3);
+
+/// A running gateway and what a test needs to talk to it.
 pub struct TestApp {
+    /// `http://127.0.0.1:PORT` (`https://` when TLS is configured).
     pub base: String,
+    /// The wiremock upstream. With [`TestAppBuilder::upstream_url`] the gateway calls that URL
+    /// instead and this one stays idle.
     pub upstream: MockServer,
+    /// Follows no redirects: a test sees exactly what the gateway answered.
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
+    /// The serving task; completes once shutdown has finished the requests in flight.
     pub handle: Option<JoinHandle<std::io::Result<()>>>,
+    addr: SocketAddr,
+    policy: Arc<LivePolicy>,
+    policy_dir: PathBuf,
+    /// The folder [`TestAppBuilder::policy`] wrote, removed when the app is dropped.
+    _policy_files: Option<TempDir>,
 }
 
+/// The configuration every test starts from: the shipped policy, HS256 tokens signed with
+/// [`HS256`], rates high enough never to get in the way, listening on a free port.
 pub fn config(upstream: &str) -> Config {
     let mut config = Config::new(
         upstream,
@@ -47,24 +87,119 @@ pub fn config(upstream: &str) -> Config {
     config
 }
 
-impl TestApp {
-    pub async fn spawn() -> TestApp {
-        TestApp::spawn_with(|_| {}).await
+enum Policy {
+    Shipped,
+    Files(Vec<(String, String)>),
+    Dir(PathBuf),
+}
+
+/// A change to the configuration, made before the app is built.
+type ConfigEdit<'a> = Box<dyn FnOnce(&mut Config) + 'a>;
+
+/// What [`TestApp::builder`] returns; every setting is optional.
+pub struct TestAppBuilder<'a> {
+    limits: Option<ServerLimits>,
+    policy: Policy,
+    poll: Option<Duration>,
+    edits: Vec<ConfigEdit<'a>>,
+    upstream: Option<MockServer>,
+    upstream_url: Option<String>,
+}
+
+impl<'a> TestAppBuilder<'a> {
+    /// The server's bounds on clients (header size and time, requests in flight, grace).
+    pub fn limits(mut self, limits: ServerLimits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
-    pub async fn spawn_with(edit: impl FnOnce(&mut Config)) -> TestApp {
-        let upstream = MockServer::start().await;
-        let mut config = config(&upstream.uri());
-        edit(&mut config);
-        let app = App::build(config).await.expect("app builds");
-        let base = format!("http://{}", app.addr().expect("addr"));
+    /// A policy folder of these `(file name, text)` pairs, written to a temporary folder that
+    /// the app removes when dropped. Names may have folders (`tests/cases.toml`).
+    pub fn policy(mut self, files: &[(&str, &str)]) -> Self {
+        self.policy = Policy::Files(
+            files
+                .iter()
+                .map(|(name, text)| ((*name).to_owned(), (*text).to_owned()))
+                .collect(),
+        );
+        self
+    }
+
+    /// A policy folder the test made (and removes) itself, e.g. a symbolic link it swaps.
+    pub fn policy_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.policy = Policy::Dir(dir.into());
+        self
+    }
+
+    /// How often the policy folder and the TLS certificate are re-read.
+    pub fn poll(mut self, every: Duration) -> Self {
+        self.poll = Some(every);
+        self
+    }
+
+    /// Any other change to the [`config`]; applied in order, after the settings above.
+    pub fn config(mut self, edit: impl FnOnce(&mut Config) + 'a) -> Self {
+        self.edits.push(Box::new(edit));
+        self
+    }
+
+    /// Use this wiremock server (e.g. with mocks mounted already) rather than a fresh one.
+    pub fn upstream(mut self, upstream: MockServer) -> Self {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    /// Send upstream calls to this URL (a hand-written server wiremock cannot imitate, or a
+    /// dead address); `TestApp::upstream` then stays idle.
+    pub fn upstream_url(mut self, url: impl Into<String>) -> Self {
+        self.upstream_url = Some(url.into());
+        self
+    }
+
+    /// Builds the app and serves it in a task until [`TestApp::shutdown`] (or drop).
+    pub async fn spawn(self) -> TestApp {
+        let upstream = match self.upstream {
+            Some(upstream) => upstream,
+            None => MockServer::start().await,
+        };
+        let mut config = config(self.upstream_url.as_deref().unwrap_or(&upstream.uri()));
+        let policy_files = match self.policy {
+            Policy::Shipped => None,
+            Policy::Dir(dir) => {
+                config.policy_dir = dir;
+                None
+            }
+            Policy::Files(files) => {
+                let dir = write_policy(&files);
+                config.policy_dir = dir.path().to_owned();
+                Some(dir)
+            }
+        };
+        for edit in self.edits {
+            edit(&mut config);
+        }
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let policy_dir = config.policy_dir.clone();
+        let mut app = App::build(config).await.expect("app builds");
+        if let Some(limits) = self.limits {
+            app = app.with_limits(limits);
+        }
+        if let Some(every) = self.poll {
+            app = app.poll_policy_every(every);
+        }
+        let addr = app.addr().expect("addr");
+        let policy = app.policy();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run_until(async {
             let _ = rx.await;
         }));
         billing_gateway::install_crypto_provider();
         TestApp {
-            base,
+            base: format!("{scheme}://{addr}"),
             upstream,
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -72,7 +207,62 @@ impl TestApp {
                 .expect("client"),
             shutdown: Some(tx),
             handle: Some(handle),
+            addr,
+            policy,
+            policy_dir,
+            _policy_files: policy_files,
         }
+    }
+}
+
+/// Writes `files` into a new temporary folder.
+fn write_policy(files: &[(String, String)]) -> TempDir {
+    let dir = tempfile::tempdir().expect("temporary policy folder");
+    for (name, text) in files {
+        let file = dir.path().join(name);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent).expect("policy subfolder");
+        }
+        std::fs::write(&file, text).expect("policy file");
+    }
+    dir
+}
+
+impl TestApp {
+    /// Everything at its default: the shipped policy, a fresh wiremock upstream.
+    pub fn builder<'a>() -> TestAppBuilder<'a> {
+        TestAppBuilder {
+            limits: None,
+            policy: Policy::Shipped,
+            poll: None,
+            edits: Vec::new(),
+            upstream: None,
+            upstream_url: None,
+        }
+    }
+
+    pub async fn spawn() -> TestApp {
+        TestApp::builder().spawn().await
+    }
+
+    /// `builder().config(edit).spawn()`.
+    pub async fn spawn_with(edit: impl FnOnce(&mut Config)) -> TestApp {
+        TestApp::builder().config(edit).spawn().await
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The live policy: what SIGHUP reloads, for reload tests to call and inspect.
+    pub fn policy(&self) -> &Arc<LivePolicy> {
+        &self.policy
+    }
+
+    /// The policy folder the gateway reads (a temporary one with [`TestAppBuilder::policy`]).
+    pub fn policy_dir(&self) -> &Path {
+        &self.policy_dir
     }
 
     /// Starts graceful shutdown; `handle` completes when in-flight requests are done.
@@ -80,6 +270,24 @@ impl TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Shuts down, waits up to [`PATIENCE`] for a clean exit, and checks that no task of the
+    /// app (the policy watcher, say) outlived it: nothing but this handle holds the policy.
+    pub async fn stop(mut self) {
+        self.shutdown();
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(PATIENCE, handle)
+                .await
+                .expect("the server stops")
+                .expect("joined")
+                .expect("clean exit");
+        }
+        assert_eq!(
+            Arc::strong_count(&self.policy),
+            1,
+            "something (the policy watcher?) outlived the app"
+        );
     }
 
     pub fn token(&self, roles: &[&str]) -> String {
@@ -122,6 +330,28 @@ impl TestApp {
     }
 }
 
+/// Polls `condition` every few milliseconds until it holds; panics, naming the caller's line,
+/// if it still does not after `within` (use [`PATIENCE`]: the bound is a failure, not a
+/// measurement, so it can be generous).
+#[track_caller]
+pub fn eventually<F, Fut>(mut condition: F, within: Duration) -> impl Future<Output = ()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let caller = std::panic::Location::caller();
+    async move {
+        let deadline = tokio::time::Instant::now() + within;
+        while !condition().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the condition at {caller} did not hold within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 pub fn token_with(claims: Value) -> String {
     let Value::Object(claims) = claims else {
         panic!("claims must be an object")
@@ -157,5 +387,3 @@ pub async fn assert_error(response: reqwest::Response, status: u16, kind: &str) 
     assert!(json["message"].is_string(), "{json}");
     json
 }
-
-pub const SLOW: Duration = Duration::from_secs(3);
