@@ -273,3 +273,70 @@ fn simulate_serves_the_billing_api_to_its_key_only() {
     let _ = child.wait();
     assert_eq!((ok, refused), (200, 401));
 }
+
+#[test]
+fn a_syntax_error_is_reported_where_the_unclosed_value_begins() {
+    // The `]` missing at the end of line 3: the parser only notices at line 5's table header.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("team.toml"),
+        "[roles.x]\ndescription = \"x\"\npermissions = [\"consumption:read\"\n\n[[bindings]]\n\
+         claim = \"groups\"\nequals = \"x\"\nroles = [\"x\"]\n",
+    )
+    .expect("write");
+    let out = run(
+        &["check"],
+        &[
+            SERVABLE[0],
+            SERVABLE[1],
+            SERVABLE[2],
+            ("GATEWAY_POLICY_DIR", dir.to_str().expect("utf-8")),
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("team.toml:3: "), "{err}");
+    assert!(err.contains("still open at line 5"), "{err}");
+
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\n[cors]\norigins = \"\"\"https://a.example\n\n[cache]\nttl = \"1m\"\n",
+    )
+    .expect("write");
+    let out = run(
+        &["check", "--config", file.to_str().expect("utf-8")],
+        &SERVABLE,
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("gateway.toml:3: "), "{err}");
+    assert!(err.contains("still open at the end of the file"), "{err}");
+    assert!(!err.contains("gateway.toml:7"), "{err}");
+}
+
+#[test]
+fn key_new_with_an_unknown_role_lists_the_roles_the_policy_defines() {
+    let out = run(
+        &[
+            "key",
+            "new",
+            "--name",
+            "ci",
+            "--roles",
+            "billing-admin,billing-read-only",
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "unknown role `billing-admin`; the policy folder (policies) defines: \
+             billing-manager, billing-read-only"
+        ),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "no key printed on failure");
+}

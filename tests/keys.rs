@@ -304,3 +304,23 @@ async fn gateway_keys_alone_are_a_valid_deployment() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_gateway_key_sent_as_a_bearer_token_is_told_where_it_goes() {
+    let app = spawn_with_keys().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .expect(0)
+        .mount(&app.upstream)
+        .await;
+    let r = app.get("/billing/v2beta1/consumptions", READER_KEY).await;
+    assert!(r.headers().contains_key("www-authenticate"));
+    let body = assert_error(r, 401, "denied_authentication").await;
+    assert_eq!(body["method"], "api_key");
+    assert_eq!(body["reason"], "invalid_argument");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("X-Auth-Token") && !message.contains("well-formed JWT"),
+        "{message}"
+    );
+}

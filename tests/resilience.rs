@@ -276,8 +276,7 @@ async fn a_body_trickled_a_byte_a_second_gets_a_json_408_at_the_deadline_and_fre
             .is_empty()
     );
     assert_eq!(
-        app
-            .get("/billing/v2beta1/taxes", &app.manager())
+        app.get("/billing/v2beta1/taxes", &app.manager())
             .await
             .status(),
         200

@@ -115,6 +115,11 @@ fn denied(method: AuthMethod, reason: AuthReason, message: &'static str) -> Erro
     }
 }
 
+/// The gateway key a credential is, when it is one: a UUID in its canonical hyphenated form.
+fn as_key(token: &str) -> Option<Uuid> {
+    Uuid::try_parse(token).ok().filter(|_| token.len() == 36)
+}
+
 fn invalid(message: &'static str) -> Error {
     denied(AuthMethod::Jwt, AuthReason::InvalidArgument, message)
 }
@@ -215,11 +220,18 @@ impl Authenticator {
             (Some(_), Some(_)) => Err(invalid(
                 "send exactly one credential: Authorization or X-Auth-Token",
             )),
+            // A gateway key is never a bearer token: say where it goes rather than call it a
+            // malformed JWT (and do not accept it: one header, one meaning).
+            (Some(token), None) if as_key(token).is_some() => Err(denied(
+                AuthMethod::ApiKey,
+                AuthReason::InvalidArgument,
+                "a gateway key goes in the X-Auth-Token header, not in Authorization: Bearer \
+                 (which takes a JWT)",
+            )),
             (Some(token), None) => Ok(Credential::Jwt(token)),
-            (None, Some(token)) => match Uuid::try_parse(token) {
-                Ok(key) if token.len() == 36 => Ok(Credential::Key(key)),
-                _ => Ok(Credential::Jwt(token)),
-            },
+            (None, Some(token)) => {
+                Ok(as_key(token).map_or(Credential::Jwt(token), Credential::Key))
+            }
             (None, None) => Err(denied(
                 AuthMethod::Jwt,
                 AuthReason::NotFound,
@@ -582,5 +594,18 @@ mod tests {
         );
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert!(Authenticator::credential(&h).is_err());
+        // A gateway key as a bearer token is refused with where it goes, not as a bad JWT.
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer aaaaaaaa-0000-4000-8000-000000000001"),
+        );
+        assert!(matches!(
+            Authenticator::credential(&h),
+            Err(Error::Unauthenticated {
+                method: AuthMethod::ApiKey,
+                reason: AuthReason::InvalidArgument,
+                message,
+            }) if message.contains("X-Auth-Token")
+        ));
     }
 }

@@ -1,22 +1,42 @@
-//! `demo`: the gateway in front of the embedded simulated Billing API, with ready-to-paste
-//! tokens and `curl` lines; no Scaleway account needed.
+//! `demo`: `serve` in front of the embedded simulated Billing API, with ready-to-paste tokens,
+//! `curl` lines and SDK settings; no Scaleway account needed.
+//!
+//! Everything but the upstream is `serve`'s: the configuration file and environment (CORS, TLS,
+//! limits, the policy folder...), the policy folder re-read every few seconds and on SIGHUP,
+//! SIGTERM and Ctrl-C for a graceful stop. The demo supplies the upstream settings (the
+//! simulator's URL, key and organization) and, unless one is configured, an HS256 secret for
+//! the tokens it prints. Its gateway key for the SDKs lives in memory, merged into the policy on
+//! every reload.
 
-use super::token::token;
+use super::token::{pinned_claims, token};
 use super::{env, shutdown_signal};
-use anyhow::{Context, bail};
-use billing_gateway::config::Config;
+use anyhow::Context;
+use billing_gateway::billing::Permission;
+use billing_gateway::config::{Config, Needs};
+use billing_gateway::policy::reload::LivePolicy;
 use billing_gateway::policy::{PolicySet, key_sha256};
 use billing_gateway::server::App;
 use billing_gateway::telemetry;
-use secrecy::SecretString;
-use serde_json::Map;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
-/// Runs the demo until Ctrl-C.
-pub(super) async fn run(listen: SocketAddr) -> anyhow::Result<()> {
-    telemetry::init_logging(None);
-    let key = uuid::Uuid::new_v4().to_string();
-    let sim = billing_sim::Simulator::new(&key);
+/// The settings the demo always supplies: its upstream is the simulator, whatever the shell
+/// holds (a Scaleway profile's real key must neither reach the demo nor break it).
+const SIMULATED: [&str; 4] = [
+    "SCW_API_URL",
+    "SCW_SECRET_KEY",
+    "SCW_SECRET_KEY_FILE",
+    "SCW_DEFAULT_ORGANIZATION_ID",
+];
+
+/// The policy folder when none is configured; missing, the built-in default applies.
+const DEFAULT_POLICY_DIR: &str = "policies";
+const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
+
+/// Runs the demo until SIGTERM or Ctrl-C.
+pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let sim_key = uuid::Uuid::new_v4().to_string();
+    let sim = billing_sim::Simulator::new(&sim_key);
     let invoice = sim
         .invoice_ids()
         .get(1)
@@ -24,52 +44,98 @@ pub(super) async fn run(listen: SocketAddr) -> anyhow::Result<()> {
         .context("the simulator has no invoice")?;
     let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim_url = format!("http://{}", sim_listener.local_addr()?);
-    tokio::spawn(billing_sim::serve(sim_listener, sim));
 
-    let org = billing_sim::ORGANIZATION_ID.parse()?;
-    let mut config = Config::new(&sim_url, org, SecretString::from(key));
-    let hs256 = SecretString::from(format!(
+    let random_secret = format!(
         "{:032x}{:032x}",
         rand::random::<u128>(),
         rand::random::<u128>()
-    ));
-    config.auth.hs256_secret = Some(hs256.clone());
-    config.listen = listen;
-    // The demo's limits are the defaults unless asked otherwise (load runs raise them).
-    config.apply_env(&["GATEWAY_PRINCIPAL_RATE", "GATEWAY_UPSTREAM_RATE"], &env)?;
-    // The repository's policy (or the built-in default) plus one manager key, so the official
-    // SDKs can be tried unmodified with it as their SCW_SECRET_KEY.
-    let mut sources = match PolicySet::read_sources(&config.policy_dir) {
-        Ok(sources) => sources,
-        Err(e) if !config.policy_dir.exists() => {
-            tracing::info!("{e}; using the built-in default policy");
-            vec![("policies/default.toml".into(), DEFAULT_POLICY.into())]
+    );
+    let set = |var: &str| env(var).filter(|v| !v.is_empty());
+    // `serve`'s configuration, read through an environment in which the demo supplies what it
+    // must: the simulator as the upstream, `--listen`, and an HS256 secret when none is set.
+    let demo_env = |var: &str| -> Option<String> {
+        match var {
+            "SCW_API_URL" => Some(sim_url.clone()),
+            "SCW_SECRET_KEY" => Some(sim_key.clone()),
+            "SCW_SECRET_KEY_FILE" => None,
+            "SCW_DEFAULT_ORGANIZATION_ID" => Some(billing_sim::ORGANIZATION_ID.to_owned()),
+            "GATEWAY_LISTEN" => listen.map(|l| l.to_string()).or_else(|| set(var)),
+            "GATEWAY_JWT_HS256_SECRET" => set(var).or_else(|| {
+                set("GATEWAY_JWT_HS256_SECRET_FILE")
+                    .is_none()
+                    .then(|| random_secret.clone())
+            }),
+            _ => set(var),
         }
-        Err(e) => bail!(e),
     };
+    let config = Config::load(file, &demo_env, Needs::Serve)?;
+    telemetry::init_logging(config.log_format);
+    let ignored: Vec<&str> = SIMULATED.into_iter().filter(|v| set(v).is_some()).collect();
+    if !ignored.is_empty() {
+        tracing::info!(
+            ignored = %ignored.join(", "),
+            "the demo's upstream is its simulator: these settings are not used"
+        );
+    }
+    let hs256 = config
+        .auth
+        .hs256_secret
+        .clone()
+        .context("the demo always has an HS256 secret")?;
+    let claims = pinned_claims(&config.auth);
+    let organization = config.upstream.organization_id;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+
+    // The policy folder (re-read like `serve`'s) or, when there is no `policies/` here, the
+    // built-in default; plus, on every load, one key for the official SDKs.
     let gateway_key = uuid::Uuid::new_v4();
-    sources.push((
-        "demo-key.toml".into(),
-        format!(
-            "[[keys]]\nname = \"demo-sdk\"\nsha256 = \"{}\"\nroles = [\"billing-manager\"]\n",
-            key_sha256(&gateway_key)
-        ),
-    ));
-    let app = App::with_policy(config, PolicySet::from_sources(&sources)?).await?;
-    let base = format!("http://{}", app.addr()?);
+    let sdk_key = vec![(
+        PathBuf::from("(demo: the SDK key)"),
+        sdk_key_policy(&gateway_key),
+    )];
+    let dir = config.policy_dir.clone();
+    let (policy, policy_line) = if dir == Path::new(DEFAULT_POLICY_DIR) && !dir.exists() {
+        tracing::info!("no {DEFAULT_POLICY_DIR}/ folder here: using the built-in default policy");
+        let sources = [
+            vec![(
+                PathBuf::from("(built-in) policies/default.toml"),
+                DEFAULT_POLICY.to_owned(),
+            )],
+            sdk_key,
+        ]
+        .concat();
+        let policy = LivePolicy::fixed(PolicySet::from_sources(&sources)?);
+        let line = "the built-in default (no policies/ folder here)".to_owned();
+        (policy, line)
+    } else {
+        let policy = LivePolicy::load_dir_with(&dir, sdk_key).context("policy")?;
+        let line = format!(
+            "{} (re-read every 2 s and on SIGHUP; `billing-gateway key new` prints entries for it)",
+            dir.display()
+        );
+        (policy, line)
+    };
+
+    let app = App::with_live_policy(config, policy).await?;
+    tokio::spawn(billing_sim::serve(sim_listener, sim));
+    let base = format!("{scheme}://{}", app.addr()?);
     let ttl = 12 * 3600;
     let read_only = token(
         &hs256,
         "demo-reader",
         &["billing-read-only".into()],
-        Map::new(),
+        claims.clone(),
         ttl,
     )?;
     let manager = token(
         &hs256,
         "demo-manager",
         &["billing-manager".into()],
-        Map::new(),
+        claims,
         ttl,
     )?;
     println!(
@@ -81,12 +147,34 @@ pub(super) async fn run(listen: SocketAddr) -> anyhow::Result<()> {
          curl -s -H \"Authorization: Bearer $READ_ONLY\" '{base}/billing/v2beta1/invoices'   # 403: read-only\n\
          curl -s -H \"X-Auth-Token: $MANAGER\" '{base}/billing/v2beta1/invoices?page_size=2'\n\
          curl -s -H \"X-Auth-Token: $MANAGER\" -o invoice.pdf '{base}/billing/v2beta1/invoices/{invoice}/download?dl=1'\n\
-         curl -s -H \"X-Auth-Token: $MANAGER\" '{base}/gateway/v1/whoami'\n\
-         SCW_SECRET_KEY=$GATEWAY_KEY SCW_API_URL={base} ...   # the official SDKs, unmodified\n\n\
+         curl -s -H \"X-Auth-Token: $GATEWAY_KEY\" '{base}/gateway/v1/whoami'\n\n\
+         # The official SDKs and the scw CLI, unmodified, with the gateway key as their secret key\n\
+         # (Python Client.from_env(), JS loadProfileFromEnvironmentValues(); the access key is never sent):\n\
+         export SCW_ACCESS_KEY=SCWXXXXXXXXXXXXXXXXX SCW_SECRET_KEY={gateway_key} SCW_DEFAULT_ORGANIZATION_ID={organization} SCW_API_URL={base}\n\
+         python3 -c 'from scaleway import Client; from scaleway.billing.v2beta1 import BillingV2Beta1API as B; print(B(Client.from_env()).list_invoices().total_count)'   # pip install scaleway\n\n\
+         Policy: {policy_line}\n\
          Ctrl-C stops it."
     );
     app.run_until(shutdown_signal()).await?;
     Ok(())
 }
 
-const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
+/// The demo's gateway key (`demo-sdk`), with a role of its own holding every permission, so it
+/// does not depend on what the policy folder defines.
+fn sdk_key_policy(key: &uuid::Uuid) -> String {
+    let permissions: Vec<String> = Permission::ALL
+        .iter()
+        .map(|p| format!("\"{}\"", p.name()))
+        .collect();
+    format!(
+        "[roles.demo-sdk]\n\
+         description = \"The demo's key for the official SDKs: every permission\"\n\
+         permissions = [{}]\n\n\
+         [[keys]]\n\
+         name = \"demo-sdk\"\n\
+         sha256 = \"{}\"\n\
+         roles = [\"demo-sdk\"]\n",
+        permissions.join(", "),
+        key_sha256(key)
+    )
+}

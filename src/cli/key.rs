@@ -47,6 +47,22 @@ pub(super) fn new(name: &str, roles: &[String], projects: &[String]) -> anyhow::
     let config = Config::load(None, &env, Needs::Tools)?;
     match PolicySet::read_sources(&config.policy_dir) {
         Ok(mut sources) => {
+            let defined = PolicySet::from_sources(&sources)?;
+            let defined: Vec<&str> = defined.role_names().collect();
+            let unknown: Vec<String> = roles
+                .iter()
+                .filter(|r| !defined.contains(r))
+                .map(|r| format!("`{r}`"))
+                .collect();
+            if !unknown.is_empty() {
+                bail!(
+                    "--roles: unknown role{} {}; the policy folder ({}) defines: {}",
+                    if unknown.len() == 1 { "" } else { "s" },
+                    unknown.join(", "),
+                    config.policy_dir.display(),
+                    defined.join(", ")
+                );
+            }
             sources.push(("(the new entry)".into(), entry.clone()));
             PolicySet::from_sources(&sources)?;
         }

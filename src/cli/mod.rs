@@ -31,11 +31,16 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run the gateway against an embedded simulated Billing API; no Scaleway account needed.
+    /// Run the gateway (`serve`, configured and reloaded the same way) against an embedded
+    /// simulated Billing API; no Scaleway account needed.
     Demo {
-        /// Where the gateway listens.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
+        /// Where the gateway listens (default: GATEWAY_LISTEN, else 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// TOML configuration file (default: gateway.toml when present); its upstream settings
+        /// are replaced by the simulator's.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Serve only the simulated Billing API (for benchmarks and SDK tests): it accepts the key in
     /// SCW_SECRET_KEY.
@@ -108,7 +113,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             claims,
             ttl,
         } => token::run(&roles, &sub, &claims, &ttl),
-        Command::Demo { listen } => demo::run(listen).await,
+        Command::Demo { listen, config } => demo::run(config.as_deref(), listen).await,
         Command::Simulate { listen } => simulate::run(listen).await,
     }
 }

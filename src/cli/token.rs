@@ -3,26 +3,20 @@
 use super::env;
 use anyhow::{Context, anyhow};
 use billing_gateway::auth::mint_hs256;
-use billing_gateway::config::{Config, Needs, parse_duration};
+use billing_gateway::config::{AuthConfig, Config, Needs, parse_duration};
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
 
 /// `token`: mints a token the configured gateway accepts.
 pub(super) fn run(roles: &[String], sub: &str, claims: &[String], ttl: &str) -> anyhow::Result<()> {
     let config = Config::load(None, &env, Needs::Tools)?;
+    // Tokens the configured gateway accepts: with an issuer or audience pinned, carry them.
+    let mut extra = pinned_claims(&config.auth);
     let secret = config
         .auth
         .hs256_secret
         .ok_or_else(|| anyhow!("GATEWAY_JWT_HS256_SECRET (or _FILE) is needed to sign tokens"))?;
     let ttl = parse_duration(ttl).map_err(|e| anyhow!("--ttl: {e}"))?;
-    // Tokens the configured gateway accepts: with an issuer or audience pinned, carry them.
-    let mut extra = Map::new();
-    if let Some(iss) = &config.auth.issuer {
-        extra.insert("iss".into(), json!(iss));
-    }
-    if let Some(aud) = &config.auth.audience {
-        extra.insert("aud".into(), json!(aud));
-    }
     for claim in claims {
         let (k, v) = claim
             .split_once('=')
@@ -36,6 +30,19 @@ pub(super) fn run(roles: &[String], sub: &str, claims: &[String], ttl: &str) -> 
     }
     println!("{}", token(&secret, sub, roles, extra, ttl.as_secs())?);
     Ok(())
+}
+
+/// What a token needs to be accepted besides its signature: the `iss` and `aud` the
+/// configuration pins, when it pins them.
+pub(super) fn pinned_claims(auth: &AuthConfig) -> Map<String, Value> {
+    let mut claims = Map::new();
+    if let Some(iss) = &auth.issuer {
+        claims.insert("iss".into(), json!(iss));
+    }
+    if let Some(aud) = &auth.audience {
+        claims.insert("aud".into(), json!(aud));
+    }
+    claims
 }
 
 /// An HS256 token for `sub` with `roles`, valid `ttl` seconds.

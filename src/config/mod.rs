@@ -14,7 +14,7 @@
 mod sources;
 pub mod units;
 
-pub use sources::line_at;
+pub use sources::{line_at, syntax_error_at};
 pub use units::{
     HttpUrl, Rate, parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate,
     parse_size,
@@ -471,6 +471,46 @@ mod tests {
                 ),
                 format!("{f}:1: upstream: must be a table such as [upstream]"),
             ]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_is_located_where_the_unfinished_value_begins() {
+        // An unclosed array, a multi-line array missing its `]`, an unclosed multi-line string:
+        // the parser stops lines later; the line reported is where the value began.
+        for (text, line, stopped) in [
+            ("a = 1\nb = [\"x\"\n\n[t]\nc = 2\n", 2, "line 4"),
+            ("a = 1\nb = [\n  \"x\",\n  \"y\"\n\n[t]\n", 2, "line 6"),
+            ("a = 1\nb = \"\"\"x\ny\n\nc = 2\n", 2, "the end of the file"),
+        ] {
+            let table = toml::de::DeTable::parse(text).expect_err("broken");
+            let offset = table.span().map_or(0, |s| s.start);
+            let (at, message) = syntax_error_at(text, offset, table.message());
+            assert_eq!(at, line, "{text:?}: {message}");
+            assert!(message.contains(stopped), "{text:?}: {message}");
+        }
+        // An error on its own line stays there; so does a duplicate key at a line's start.
+        for (text, line) in [
+            ("a = 1\nb \"x\"\n", 2),
+            ("a = 1\nb = \"x\" y\n", 2),
+            ("a = 1\n\na = 2\n", 3),
+        ] {
+            let e = toml::de::DeTable::parse(text).expect_err("broken");
+            let (at, message) = syntax_error_at(text, e.span().map_or(0, |s| s.start), e.message());
+            assert_eq!((at, message.as_str()), (line, e.message()), "{text:?}");
+        }
+        // Through the loader: at the line the array began, and not the parser's cascade of
+        // complaints about the lines it swallowed.
+        let file = temp_file("listen = \"127.0.0.1:0\"\n[cache]\nttl = [\"5m\"\n\n[upstream]\n");
+        let (_, problems) = gather(&[], Some(&file), Needs::Tools);
+        let f = file.display();
+        assert!(
+            problems[0].starts_with(&format!("{f}:3: ")) && problems[0].contains("line 5"),
+            "{problems:#?}"
+        );
+        assert!(
+            !problems.iter().any(|p| p.starts_with(&format!("{f}:5:"))),
+            "{problems:#?}"
         );
     }
 

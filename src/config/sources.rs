@@ -360,11 +360,14 @@ fn read_secret(
 fn parse<'a>(path: &'a Path, text: &'a str, problems: &mut Vec<Problem>) -> Document<'a> {
     let (table, errors) = DeTable::parse_recoverable(text);
     for e in errors {
-        let line = line_at(text, e.span().map_or(0, |s| s.start));
-        problems.push(Problem::at(
-            format!("{}:{line}", path.display()),
-            e.message(),
-        ));
+        let offset = e.span().map_or(0, |s| s.start);
+        let (line, message) = syntax_error_at(text, offset, e.message());
+        problems.push(Problem::at(format!("{}:{line}", path.display()), message));
+        if line != line_at(text, offset) {
+            // A value left open: the parser's later complaints are about the rest of the file
+            // read as part of it, and would only mislead.
+            break;
+        }
     }
     Document {
         path,
@@ -471,6 +474,58 @@ fn unknown(path: &str, prefix: &str) -> String {
         None => "at the top level".to_owned(),
     };
     format!("unknown key `{path}` (known {place}: {})", known.join(", "))
+}
+
+/// Where a TOML syntax error found at byte `offset` really is, and its message worded for it.
+///
+/// The parser notices a missing `]`, `}` or closing `"""` only at the next token, which may be
+/// several lines later (past blank lines, at the next table header, at the end of the file).
+/// When the error is the first thing on its line, the lines before it are re-parsed alone: while
+/// they still end inside an unfinished value, the value began earlier, and the line it began on
+/// is the one reported, the message adding where the parser stopped.
+pub fn syntax_error_at(text: &str, offset: usize, message: &str) -> (usize, String) {
+    let offset = offset.min(text.len());
+    let stopped = line_at(text, offset);
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    if !text[line_start..offset].trim().is_empty() {
+        return (stopped, message.to_owned());
+    }
+    // `end`: the start of a line; `text[..end]` the lines before it.
+    let mut end = line_start;
+    let mut opened = None;
+    for _ in 0..MAX_LINES_BACK {
+        if end == 0 || !unfinished(&text[..end]) {
+            break;
+        }
+        end = text[..end - 1].rfind('\n').map_or(0, |i| i + 1);
+        opened = Some(line_at(text, end));
+    }
+    match opened {
+        Some(line) if line != stopped => {
+            let at = if offset == text.len() {
+                "the end of the file".to_owned()
+            } else {
+                format!("line {stopped}")
+            };
+            let message = format!(
+                "{message} (the value begun on this line is still open at {at}: is a closing \
+                 bracket, brace or quote missing?)"
+            );
+            (line, message)
+        }
+        _ => (stopped, message.to_owned()),
+    }
+}
+
+/// How far back [`syntax_error_at`] looks for the start of an unfinished value.
+const MAX_LINES_BACK: usize = 500;
+
+/// Whether `text` (whole lines) ends inside a value: it fails to parse, at its very end.
+fn unfinished(text: &str) -> bool {
+    match DeTable::parse(text) {
+        Ok(_) => false,
+        Err(e) => e.span().is_some_and(|s| s.start >= text.trim_end().len()),
+    }
 }
 
 /// The 1-based line of a byte offset, for `file:line:` messages.

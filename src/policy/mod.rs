@@ -175,8 +175,22 @@ impl PolicySet {
                 line: crate::config::line_at(text, span.start),
                 message,
             };
-            let doc: PolicyFile = toml::from_str(text)
-                .map_err(|e| at(e.span().unwrap_or(0..0), e.message().to_owned()))?;
+            let doc: PolicyFile = toml::from_str(text).map_err(|e| {
+                let offset = e.span().map_or(0, |s| s.start);
+                match toml::de::DeTable::parse(text) {
+                    // Not TOML at all: located where the unfinished value began, if one did.
+                    Err(_) => {
+                        let (line, message) =
+                            crate::config::syntax_error_at(text, offset, e.message());
+                        PolicyError {
+                            file: file.clone(),
+                            line,
+                            message,
+                        }
+                    }
+                    Ok(_) => at(offset..offset, e.message().to_owned()),
+                }
+            })?;
             for (name, role) in doc.roles {
                 let span = role.span();
                 if let Some(first) = set.roles.get(&name) {

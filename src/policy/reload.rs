@@ -27,6 +27,9 @@ pub struct LivePolicy {
 
 struct Source {
     dir: PathBuf,
+    /// Sources held in memory, appended to the folder's files on every load: `demo`'s key for
+    /// the SDKs, which no edit of the folder removes.
+    extra: Vec<(PathBuf, String)>,
     /// The texts last looked at (applied or rejected), so an edit is acted on, and logged, once.
     seen: Mutex<Seen>,
 }
@@ -61,12 +64,23 @@ impl LivePolicy {
     /// Loads `dir`, which later reloads re-read. A broken folder is an error here: the gateway
     /// does not start without a good policy.
     pub fn load_dir(dir: &Path) -> Result<LivePolicy, PolicyError> {
+        LivePolicy::load_dir_with(dir, Vec::new())
+    }
+
+    /// [`LivePolicy::load_dir`] plus `extra` policy texts held in memory (each named by its
+    /// path in errors), merged after the folder's files on every reload: an edit of the folder
+    /// never drops them, and a folder edit that conflicts with them is rejected like any other.
+    pub fn load_dir_with(
+        dir: &Path,
+        extra: Vec<(PathBuf, String)>,
+    ) -> Result<LivePolicy, PolicyError> {
         let sources = PolicySet::read_sources(dir)?;
-        let policy = PolicySet::from_sources(&sources)?;
+        let policy = PolicySet::from_sources(&merged(&sources, &extra))?;
         Ok(LivePolicy {
             current: ArcSwap::from_pointee(policy),
             source: Some(Source {
                 dir: dir.to_owned(),
+                extra,
                 seen: Mutex::new(Seen {
                     sources,
                     unreadable: None,
@@ -107,7 +121,7 @@ impl LivePolicy {
         if PolicySet::read_sources(&source.dir).ok().as_ref() != Some(&sources) {
             return Reload::Unchanged;
         }
-        let result = PolicySet::from_sources(&sources);
+        let result = PolicySet::from_sources(&merged(&sources, &source.extra));
         seen.sources = sources;
         match result {
             Ok(policy) => {
@@ -127,13 +141,21 @@ impl LivePolicy {
     }
 }
 
-/// Reloads every `every` and on SIGHUP, forever; the app runs it alongside its server, so it
-/// stops when the server does.
-pub async fn watch(policy: Arc<LivePolicy>, every: Duration) -> Infallible {
+/// The folder's files, then the in-memory ones.
+fn merged(folder: &[(PathBuf, String)], extra: &[(PathBuf, String)]) -> Vec<(PathBuf, String)> {
+    folder.iter().chain(extra).cloned().collect()
+}
+
+/// Reloads every `every` and on SIGHUP (received through `hangup`), forever; the app runs it
+/// alongside its server, so it stops when the server does. A fixed policy is never re-read, but
+/// SIGHUP is still taken (and logged) rather than ending the process.
+pub async fn watch(policy: Arc<LivePolicy>, every: Duration, mut hangup: Hangup) -> Infallible {
     if policy.source.is_none() {
-        return std::future::pending().await;
+        loop {
+            hangup.recv().await;
+            tracing::info!("SIGHUP: this policy is fixed (no policy folder); nothing to re-read");
+        }
     }
-    let mut hangup = Hangup::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -146,14 +168,17 @@ pub async fn watch(policy: Arc<LivePolicy>, every: Duration) -> Infallible {
     }
 }
 
-/// SIGHUP where there is such a thing.
-struct Hangup {
+/// SIGHUP where there is such a thing. Created when the app is built, before it announces
+/// itself: from then on SIGHUP reloads the policy instead of ending the process (its default),
+/// even before the watcher runs.
+pub struct Hangup {
     #[cfg(unix)]
     signal: Option<tokio::signal::unix::Signal>,
 }
 
 impl Hangup {
-    fn new() -> Hangup {
+    /// Takes SIGHUP over from its default action; needs a Tokio runtime.
+    pub fn listen() -> Hangup {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};

@@ -94,6 +94,8 @@ pub struct App {
     limits: ServerLimits,
     tls: Option<Arc<Tls>>,
     cors_origins: Vec<String>,
+    /// Taken when the app is built, so SIGHUP never ends a gateway that has announced itself.
+    hangup: reload::Hangup,
 }
 
 impl App {
@@ -106,6 +108,12 @@ impl App {
     /// Builds the gateway with an already loaded policy, which never changes.
     pub async fn with_policy(config: Config, policy: PolicySet) -> Result<App, StartError> {
         App::assemble(config, LivePolicy::fixed(policy)).await
+    }
+
+    /// Builds the gateway with a policy loaded by the caller, reloaded as it says (`demo`: the
+    /// folder plus its in-memory SDK key).
+    pub async fn with_live_policy(config: Config, policy: LivePolicy) -> Result<App, StartError> {
+        App::assemble(config, policy).await
     }
 
     /// Takes the configuration by value and keeps none of it whole: the secret key ends up only
@@ -151,6 +159,7 @@ impl App {
             limits: ServerLimits::default(),
             tls,
             cors_origins: config.cors_origins,
+            hangup: reload::Hangup::listen(),
         })
     }
 
@@ -195,6 +204,7 @@ impl App {
             limits,
             tls,
             cors_origins,
+            hangup,
         } = self;
         let router = router(state.clone(), &limits, &cors_origins);
         let graceful = GracefulShutdown::new();
@@ -207,7 +217,7 @@ impl App {
         // The watchers live exactly as long as the accept loop: no task outlives the app.
         tokio::select! {
             () = serve(listener, router, &limits, tls.clone(), &graceful, shutdown) => {}
-            never = reload::watch(state.policy.clone(), policy_poll) => match never {},
+            never = reload::watch(state.policy.clone(), policy_poll, hangup) => match never {},
             never = certificate => match never {},
         }
 
