@@ -1,0 +1,277 @@
+//! Memory the gateway process really holds, measured from outside as the kernel sees it
+//! (`VmRSS`), not only as the gateway counts it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+/// One test at a time: each measures memory, and another's would blur it.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// The real binary, `serve`, killed when dropped.
+struct Served {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    fn start(upstream: &str, cache_max_bytes: u64) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_billing-gateway"))
+            .arg("serve")
+            .env_clear()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("SCW_SECRET_KEY", SECRET_KEY)
+            .env("SCW_DEFAULT_ORGANIZATION_ID", ORG)
+            .env("SCW_API_URL", upstream)
+            .env("GATEWAY_LISTEN", "127.0.0.1:0")
+            .env("GATEWAY_JWT_HS256_SECRET", HS256)
+            .env("GATEWAY_CACHE_MAX_BYTES", cache_max_bytes.to_string())
+            .env("GATEWAY_PRINCIPAL_RATE", "100000/s")
+            .env("GATEWAY_UPSTREAM_RATE", "100000/s")
+            .env("GATEWAY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn,billing_gateway::cli=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the gateway logs before exiting")
+                .expect("log line");
+            let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if event["message"] == "billing-gateway listening" {
+                break event["addr"].as_str().expect("addr").to_owned();
+            }
+        };
+        // Keep draining the log so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Served {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn rss(&self) -> u64 {
+        rss(self.child.id())
+    }
+}
+
+/// Answers every consumption query with the same small body, counting them.
+#[derive(Clone, Default)]
+struct Counting(Arc<AtomicUsize>);
+
+impl Respond for Counting {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let sent_right = request.url.path() == "/billing/v2beta1/consumptions"
+            && request
+                .url
+                .query_pairs()
+                .any(|(k, v)| k == "organization_id" && v == ORG)
+            && request
+                .headers
+                .get("x-auth-token")
+                .is_some_and(|v| v == SECRET_KEY);
+        if !sent_right {
+            return ResponseTemplate::new(400);
+        }
+        self.0.fetch_add(1, Ordering::SeqCst);
+        ResponseTemplate::new(200).set_body_raw(
+            json!({
+                "consumptions": [{
+                    "value": {"currency_code": "EUR", "units": 3, "nanos": 140_000_000},
+                    "product_name": "Block Storage 5K",
+                    "resource_name": "b-ssd-5k",
+                    "sku": "/storage/block/5k",
+                    "project_id": ORG,
+                    "category_name": "Storage",
+                    "unit": "GB-month",
+                    "billed_quantity": "42.5",
+                    "consumer_id": ORG
+                }],
+                "total_count": 1,
+                "total_discount_untaxed_value": 0.0
+            })
+            .to_string(),
+            "application/json",
+        )
+    }
+}
+
+/// Sends `count` distinct consumption queries (long `category_name`s of a closed month),
+/// `first` onwards, 16 at a time.
+async fn fill(base: &str, token: &str, first: usize, count: usize) {
+    let client = reqwest::Client::new();
+    let next = Arc::new(AtomicUsize::new(first));
+    let end = first + count;
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, next, base, token) =
+                (client.clone(), next.clone(), base.to_owned(), token.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= end {
+                        break;
+                    }
+                    let category = format!("{i:0>8}-{}", "storage-".repeat(30));
+                    let r = client
+                        .get(format!(
+                            "{base}/billing/v2beta1/consumptions?billing_period=2025-01&category_name={category}"
+                        ))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                        .expect("request");
+                    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+                    r.bytes().await.expect("body");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.expect("worker");
+    }
+}
+
+async fn gauge(base: &str, name: &str) -> u64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .expect("gauge")
+}
+
+/// Fixed growth of the gateway under the same load with nothing stored, measured by running
+/// this test with `GATEWAY_CACHE_MAX_BYTES=0`: +0.7 MiB (buffers, pools, allocator pages).
+const FIXED_ALLOWANCE: u64 = 1 << 20;
+
+#[tokio::test]
+async fn the_cache_bound_bounds_the_process_memory() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // 3 MiB holds about 1,800 of these entries (a 350-byte key, a 390-byte body); 2,100
+    // distinct queries fill it past its bound.
+    let bound: u64 = 3 << 20;
+    let (warm, queries, refill) = (64, 2100, 500);
+    let upstream = MockServer::builder()
+        .disable_request_recording()
+        .start()
+        .await;
+    let counted = Counting::default();
+    Mock::given(wiremock::matchers::any())
+        .respond_with(counted.clone())
+        .mount(&upstream)
+        .await;
+    let gateway = Served::start(&upstream.uri(), bound);
+    let now = jsonwebtoken::get_current_timestamp();
+    let manager = token_with(
+        json!({"sub": "mem", "roles": ["billing-manager"], "iat": now, "exp": now + 600}),
+    );
+    let started = Instant::now();
+    // Connections, pools and the runtime's first allocations before the baseline.
+    fill(&gateway.base, &manager, 0, warm).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = gateway.rss();
+    fill(&gateway.base, &manager, warm, queries).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let full = gateway.rss();
+    let entries = gauge(&gateway.base, "billing_gateway_cache_entries").await;
+    let counted_bytes = gauge(&gateway.base, "billing_gateway_cache_size_bytes").await;
+    let growth = full.saturating_sub(before);
+    println!(
+        "{queries} distinct queries in {:.1?}: RSS {:.1} -> {:.1} MiB (+{:.2}), \
+         {entries} entries counted as {:.2} MiB ({} bytes each), {:.0} bytes of RSS each",
+        started.elapsed(),
+        before as f64 / MIB,
+        full as f64 / MIB,
+        growth as f64 / MIB,
+        counted_bytes as f64 / MIB,
+        counted_bytes / entries.max(1),
+        growth as f64 / entries.max(1) as f64,
+    );
+    // Every query went upstream once, with the key and the organization (`Counting` checks).
+    assert_eq!(counted.0.load(Ordering::SeqCst), warm + queries);
+    assert!(
+        counted_bytes <= bound && counted_bytes > bound / 2,
+        "the cache holds {counted_bytes} bytes, bound {bound}"
+    );
+    assert!(
+        growth <= bound * 3 / 2 + FIXED_ALLOWANCE,
+        "RSS grew by {:.1} MiB for a {:.1} MiB cache (the gauge says {:.1} MiB)",
+        growth as f64 / MIB,
+        bound as f64 / MIB,
+        counted_bytes as f64 / MIB
+    );
+
+    let purge = reqwest::Client::new()
+        .delete(format!("{}/gateway/v1/cache", gateway.base))
+        .bearer_auth(&manager)
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(purge.status(), 204);
+    assert_eq!(
+        gauge(&gateway.base, "billing_gateway_cache_size_bytes").await,
+        0
+    );
+    assert_eq!(
+        gauge(&gateway.base, "billing_gateway_cache_entries").await,
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let purged = gateway.rss();
+    // mimalloc keeps freed pages for reuse rather than handing them back at once: what a purge
+    // frees shows as the next entries costing no new memory.
+    fill(&gateway.base, &manager, warm + queries, refill).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refilled = gateway.rss();
+    println!(
+        "after the purge: RSS {:.1} MiB; {refill} new entries later: {:.1} MiB ({:.1?} in all)",
+        purged as f64 / MIB,
+        refilled as f64 / MIB,
+        started.elapsed()
+    );
+    assert!(
+        refilled <= full + FIXED_ALLOWANCE,
+        "entries stored after a purge took new memory: {:.1} -> {:.1} MiB",
+        full as f64 / MIB,
+        refilled as f64 / MIB
+    );
+}
