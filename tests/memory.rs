@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -273,5 +276,167 @@ async fn the_cache_bound_bounds_the_process_memory() {
         "entries stored after a purge took new memory: {:.1} -> {:.1} MiB",
         full as f64 / MIB,
         refilled as f64 / MIB
+    );
+}
+
+/// The block a [`Chunked`] upstream repeats: 64 KiB of a pattern (a prime-sized block would
+/// align less; this is enough to notice a byte moved).
+fn block() -> Vec<u8> {
+    (0..64 * 1024).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+/// An upstream over a plain socket answering every request `200` with a chunked JSON-labelled
+/// body of `blocks` copies of [`block`], as fast as it is read; keeps each request's head.
+struct Chunked {
+    url: String,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Chunked {
+    async fn start(blocks: usize) -> Chunked {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    seen.lock()
+                        .expect("lock")
+                        .push(String::from_utf8_lossy(&head).into_owned());
+                    let block = block();
+                    let mut chunk = format!("{:x}\r\n", block.len()).into_bytes();
+                    chunk.extend_from_slice(&block);
+                    chunk.extend_from_slice(b"\r\n");
+                    let start = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                 transfer-encoding: chunked\r\n\r\n";
+                    if stream.write_all(start.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    for _ in 0..blocks {
+                        if stream.write_all(&chunk).await.is_err() {
+                            return; // the gateway hung up
+                        }
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n").await;
+                });
+            }
+        });
+        Chunked { url, heads }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().expect("lock").clone()
+    }
+}
+
+#[tokio::test]
+async fn a_cacheable_answer_longer_than_the_store_limit_streams_through_unheld() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // 200 MiB: read whole, as it was, it would add at least that much.
+    let blocks = 3200;
+    let size = blocks * 64 * 1024;
+    let upstream = Chunked::start(blocks).await;
+    // 1 MiB of cache: answers over ~100 KiB are not stored.
+    let app = TestApp::spawn_with(|c| {
+        c.upstream.url = upstream.url.clone();
+        c.cache.max_bytes = 1 << 20;
+    })
+    .await;
+    let pid = std::process::id();
+    let before = rss(pid);
+    let response = app
+        .get(
+            "/billing/v2beta1/consumptions?billing_period=2025-01",
+            &app.reader(),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(
+        response.headers()["cache-status"],
+        "billing-gateway; fwd=miss"
+    );
+    let block = block();
+    let (mut received, mut peak) = (0usize, before);
+    let mut body = response.bytes_stream();
+    let mut next_sample = 0;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.expect("the whole body arrives");
+        // Byte for byte what the upstream sent.
+        let mut at = 0;
+        while at < chunk.len() {
+            let offset = (received + at) % block.len();
+            let n = (block.len() - offset).min(chunk.len() - at);
+            assert!(
+                chunk[at..at + n] == block[offset..offset + n],
+                "altered at byte {}",
+                received + at
+            );
+            at += n;
+        }
+        received += chunk.len();
+        if received >= next_sample {
+            peak = peak.max(rss(pid));
+            next_sample += 1 << 20;
+        }
+    }
+    assert_eq!(received, size);
+    let growth = peak.saturating_sub(before);
+    println!(
+        "{} MiB streamed: RSS {:.1} MiB before, peak {:.1} MiB (+{:.1})",
+        size >> 20,
+        before as f64 / MIB,
+        peak as f64 / MIB,
+        growth as f64 / MIB
+    );
+    // The gateway holds at most the store limit and a chunk or two in flight; this process also
+    // runs the client and the upstream. 32 MiB is six times less than the body.
+    assert!(
+        growth < 32 << 20,
+        "RSS grew by {:.1} MiB while {} MiB went through",
+        growth as f64 / MIB,
+        size >> 20
+    );
+    // Not stored: the next request goes upstream again, and is not stored either.
+    let again = app
+        .get(
+            "/billing/v2beta1/consumptions?billing_period=2025-01",
+            &app.manager(),
+        )
+        .await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["cache-status"], "billing-gateway; fwd=miss");
+    drop(again);
+    let heads = upstream.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in &heads {
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.starts_with(&format!(
+                "get /billing/v2beta1/consumptions?billing_period=2025-01&organization_id={ORG} "
+            )),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("x-auth-token: {SECRET_KEY}")),
+            "{head}"
+        );
+    }
+    let metrics = app.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "billing_gateway_cache_entries 0"),
+        "{metrics}"
     );
 }

@@ -480,6 +480,91 @@ async fn upstream_errors_pass_through_with_their_status_and_json_is_relabelled_e
 }
 
 #[tokio::test]
+async fn upstream_error_bodies_never_carry_the_secret_key() {
+    let app = TestApp::spawn().await;
+    let upper = SECRET_KEY.to_ascii_uppercase();
+    let quoting = |status: u16, content_type: &str| {
+        ResponseTemplate::new(status).set_body_raw(
+            format!(
+                r#"{{"message":"token {SECRET_KEY} is not allowed here","type":"denied","help":"X-Auth-Token: {upper}"}}"#
+            ),
+            content_type,
+        )
+    };
+    // Forwarded: an invoice, a coupon; cached: consumption (a 4xx passed on) and taxes (a 5xx
+    // with no stale answer to cover it). Each reached with the key, as it must be.
+    for (p, status, content_type) in [
+        (
+            format!("/billing/v2beta1/invoices/{INVOICE}"),
+            403,
+            "application/json; charset=utf-8",
+        ),
+        (
+            "/billing/v2beta1/redeem-coupon".to_owned(),
+            400,
+            "application/json",
+        ),
+        (
+            "/billing/v2beta1/consumptions".to_owned(),
+            401,
+            "application/json",
+        ),
+        ("/billing/v2beta1/taxes".to_owned(), 500, "text/plain"),
+    ] {
+        Mock::given(path(p))
+            .and(header("x-auth-token", SECRET_KEY))
+            .respond_with(quoting(status, content_type))
+            .expect(1)
+            .mount(&app.upstream)
+            .await;
+    }
+    let manager = app.manager();
+    let coupon = app
+        .client
+        .post(format!(
+            "{}/billing/v2beta1/redeem-coupon?code=WELCOME",
+            app.base
+        ))
+        .header("x-auth-token", &manager)
+        .send()
+        .await
+        .expect("request");
+    let answers = vec![
+        (
+            app.get(&format!("/billing/v2beta1/invoices/{INVOICE}"), &manager)
+                .await,
+            403,
+        ),
+        (coupon, 400),
+        (
+            app.get("/billing/v2beta1/consumptions", &manager).await,
+            401,
+        ),
+        (app.get("/billing/v2beta1/taxes", &manager).await, 500),
+    ];
+    for (response, status) in answers {
+        assert_eq!(response.status().as_u16(), status);
+        let length = response.content_length();
+        let body = response.text().await.expect("body");
+        assert!(
+            !body.to_ascii_lowercase().contains(SECRET_KEY),
+            "the secret key was relayed: {body}"
+        );
+        assert_eq!(
+            body,
+            r#"{"message":"token [secret key removed] is not allowed here","type":"denied","help":"X-Auth-Token: [secret key removed]"}"#
+        );
+        if let Some(length) = length {
+            assert_eq!(
+                length,
+                body.len() as u64,
+                "the length is the scrubbed body's"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn upstream_rate_limit_becomes_429_with_retry_after() {
     let app = TestApp::spawn().await;
     Mock::given(any())
@@ -587,6 +672,63 @@ async fn a_large_download_streams_through_byte_identical() {
     let got = response.bytes().await.expect("body");
     assert_eq!(got.len(), pdf.len());
     assert!(got == pdf, "the download was altered");
+}
+
+#[tokio::test]
+async fn content_disposition_reaches_callers_on_file_downloads_only() {
+    let app = TestApp::spawn().await;
+    let attachment = "attachment; filename=\"invoice.pdf\"";
+    let download = format!("/billing/v2beta1/invoices/{INVOICE}/download");
+    // Raw bytes of a file: the one answer that keeps it.
+    Mock::given(path(download.clone()))
+        .and(query_param("dl", "1"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-disposition", attachment)
+                .set_body_raw(b"%PDF-1.7".to_vec(), "application/pdf"),
+        )
+        .up_to_n_times(1)
+        .mount(&app.upstream)
+        .await;
+    // The same call answered in JSON, the JSON envelope, a list, a cached answer.
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-disposition", attachment)
+                .set_body_raw(
+                    json!({"name": "invoice.pdf", "content_type": "application/pdf", "content": "JVBERi0xLjc="})
+                        .to_string(),
+                    "application/json",
+                ),
+        )
+        .mount(&app.upstream)
+        .await;
+    let manager = app.manager();
+    let file = app.get(&format!("{download}?dl=1"), &manager).await;
+    assert_eq!(file.status(), 200);
+    assert_eq!(file.headers()["content-type"], "application/pdf");
+    assert_eq!(file.headers()["content-disposition"], attachment);
+    for p in [
+        format!("{download}?dl=1"),
+        download.clone(),
+        "/billing/v2beta1/invoices".to_owned(),
+        "/billing/v2beta1/consumptions".to_owned(),
+    ] {
+        let response = app.get(&p, &manager).await;
+        assert_eq!(response.status(), 200, "{p}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/json",
+            "{p}"
+        );
+        assert!(
+            response.headers().get("content-disposition").is_none(),
+            "{p}: a JSON answer named as a file"
+        );
+    }
+    let sent = app.upstream_requests().await;
+    assert_eq!(sent.len(), 5);
+    assert_eq!(sent[1].url.query(), Some("dl=1"));
 }
 
 #[tokio::test]

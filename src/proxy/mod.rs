@@ -5,6 +5,7 @@
 //! Each step returns an [`Error`] that renders as a Scaleway-shaped answer; nothing reaches the
 //! upstream unless every step before it succeeded.
 
+mod body;
 mod cached;
 mod forward;
 mod gateway;
