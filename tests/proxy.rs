@@ -760,6 +760,116 @@ async fn python_sdk_get_with_an_empty_json_body_is_accepted_but_large_bodies_are
     assert_error(response, 413, "payload_too_large").await;
 }
 
+/// Sends a request head announcing a 2-byte body with `Expect: 100-continue`, and the body only
+/// if the gateway answers `100 Continue`. Returns the status lines received, in order.
+async fn expect_continue(base: &str, verb: &str, target: &str, auth: &str) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{verb} {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut statuses = Vec::new();
+    let mut received = Vec::new();
+    loop {
+        // Up to the end of one answer's head.
+        while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("the gateway answers")
+                .expect("read");
+            assert!(n > 0, "closed without an answer after {statuses:?}");
+            received.extend_from_slice(&buf[..n]);
+        }
+        let end = received
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        let head = String::from_utf8_lossy(&received[..end]).into_owned();
+        received.drain(..end);
+        statuses.push(head.lines().next().unwrap_or("").to_owned());
+        if head.starts_with("HTTP/1.1 100") {
+            stream.write_all(b"{}").await.expect("write the body");
+        } else {
+            return statuses;
+        }
+    }
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_only_to_an_allowed_caller() {
+    let app = TestApp::spawn().await;
+    Mock::given(path("/billing/v2beta1/redeem-coupon"))
+        .respond_with(ok_json(json!({"coupon": {}})))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let bearer = |token: String| format!("Authorization: Bearer {token}");
+    let refused = [
+        (
+            "no credential",
+            "POST",
+            "/billing/v2beta1/redeem-coupon?code=X".to_owned(),
+            "X-Nothing: 1".to_owned(),
+            "401",
+        ),
+        (
+            "a bad token",
+            "POST",
+            "/billing/v2beta1/redeem-coupon?code=X".to_owned(),
+            bearer("not.a.jwt".into()),
+            "401",
+        ),
+        (
+            "not allowed to redeem",
+            "POST",
+            "/billing/v2beta1/redeem-coupon?code=X".to_owned(),
+            bearer(app.reader()),
+            "403",
+        ),
+        (
+            "not allowed to read invoices",
+            "GET",
+            "/billing/v2beta1/invoices".to_owned(),
+            bearer(app.reader()),
+            "403",
+        ),
+        (
+            "another organization",
+            "GET",
+            format!("/billing/v2beta1/invoices?organization_id={OTHER_ORG}"),
+            bearer(app.manager()),
+            "403",
+        ),
+    ];
+    for (what, verb, target, auth, status) in refused {
+        let statuses = expect_continue(&app.base, verb, &target, &auth).await;
+        assert_eq!(statuses.len(), 1, "{what}: {statuses:?}");
+        assert!(
+            statuses[0].starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {statuses:?}"
+        );
+    }
+    let statuses = expect_continue(
+        &app.base,
+        "POST",
+        "/billing/v2beta1/redeem-coupon?code=X",
+        &bearer(app.manager()),
+    )
+    .await;
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert!(statuses[0].starts_with("HTTP/1.1 100"), "{statuses:?}");
+    assert!(statuses[1].starts_with("HTTP/1.1 200"), "{statuses:?}");
+    // Only the allowed call reached the upstream.
+    let sent = app.upstream_requests().await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].url.path(), "/billing/v2beta1/redeem-coupon");
+}
+
 #[tokio::test]
 async fn request_ids_are_echoed_when_sane_and_replaced_when_not() {
     let app = TestApp::spawn().await;

@@ -53,9 +53,13 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
     state
         .limits
         .check_principal(&principal.subject, principal.rate())?;
+    policy::decide(&principal, &mut call)?;
+    call.apply_organization(state.config.upstream.organization_id)?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored
     // (and a trickled one is cut off by the body timeout layer). Most calls are GETs without
-    // one: nothing to read then.
+    // one: nothing to read then. Read only once the caller is known and allowed: hyper answers
+    // `Expect: 100-continue` when the body is first read, and a refused caller must not be
+    // invited to send it.
     if !http_body::Body::is_end_stream(&body) {
         axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
             let too_large =
@@ -68,8 +72,6 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
             }
         })?;
     }
-    policy::decide(&principal, &mut call)?;
-    call.apply_organization(state.config.upstream.organization_id)?;
     if call.op.audited {
         tracing::info!(
             target: "audit",
