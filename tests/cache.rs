@@ -396,3 +396,42 @@ async fn cached_bytes_stay_within_the_bound() {
         "{bytes} cached bytes, bound {bound}"
     );
 }
+
+#[tokio::test]
+async fn an_answer_too_long_to_store_reaches_every_concurrent_caller_whole() {
+    // A 64 KiB cache stores answers of up to 6.4 KiB.
+    let app = TestApp::spawn_with(|c| c.cache.max_bytes = 64 * 1024).await;
+    let long = "x".repeat(20_000);
+    Mock::given(query_param("category_name", "Long"))
+        .respond_with(consumptions(&long).set_delay(SHORT))
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    let path = "/billing/v2beta1/consumptions?category_name=Long";
+    let answers = futures_util::future::join_all((0..3).map(|_| app.get(path, &token))).await;
+    for response in answers {
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "content-type"), "application/json");
+        assert_eq!(
+            header(&response, "cache-status"),
+            "billing-gateway; fwd=miss"
+        );
+        let body: Value = response.json().await.expect("the whole JSON answer");
+        assert_eq!(body["consumptions"][0]["product_name"], long.as_str());
+    }
+    // The first caller's answer streamed through to it alone; the two that waited for it
+    // fetched their own, since nothing was held whole to share.
+    let sent = app.upstream_requests().await;
+    assert_eq!(sent.len(), 3);
+    assert!(sent.iter().all(|r| {
+        r.url
+            .query_pairs()
+            .any(|(k, v)| k == "organization_id" && v == ORG)
+    }));
+    assert!(
+        app.metrics()
+            .await
+            .lines()
+            .any(|l| l == "billing_gateway_cache_entries 0")
+    );
+}

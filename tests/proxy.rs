@@ -480,6 +480,91 @@ async fn upstream_errors_pass_through_with_their_status_and_json_is_relabelled_e
 }
 
 #[tokio::test]
+async fn upstream_error_bodies_never_carry_the_secret_key() {
+    let app = TestApp::spawn().await;
+    let upper = SECRET_KEY.to_ascii_uppercase();
+    let quoting = |status: u16, content_type: &str| {
+        ResponseTemplate::new(status).set_body_raw(
+            format!(
+                r#"{{"message":"token {SECRET_KEY} is not allowed here","type":"denied","help":"X-Auth-Token: {upper}"}}"#
+            ),
+            content_type,
+        )
+    };
+    // Forwarded: an invoice, a coupon; cached: consumption (a 4xx passed on) and taxes (a 5xx
+    // with no stale answer to cover it). Each reached with the key, as it must be.
+    for (p, status, content_type) in [
+        (
+            format!("/billing/v2beta1/invoices/{INVOICE}"),
+            403,
+            "application/json; charset=utf-8",
+        ),
+        (
+            "/billing/v2beta1/redeem-coupon".to_owned(),
+            400,
+            "application/json",
+        ),
+        (
+            "/billing/v2beta1/consumptions".to_owned(),
+            401,
+            "application/json",
+        ),
+        ("/billing/v2beta1/taxes".to_owned(), 500, "text/plain"),
+    ] {
+        Mock::given(path(p))
+            .and(header("x-auth-token", SECRET_KEY))
+            .respond_with(quoting(status, content_type))
+            .expect(1)
+            .mount(&app.upstream)
+            .await;
+    }
+    let manager = app.manager();
+    let coupon = app
+        .client
+        .post(format!(
+            "{}/billing/v2beta1/redeem-coupon?code=WELCOME",
+            app.base
+        ))
+        .header("x-auth-token", &manager)
+        .send()
+        .await
+        .expect("request");
+    let answers = vec![
+        (
+            app.get(&format!("/billing/v2beta1/invoices/{INVOICE}"), &manager)
+                .await,
+            403,
+        ),
+        (coupon, 400),
+        (
+            app.get("/billing/v2beta1/consumptions", &manager).await,
+            401,
+        ),
+        (app.get("/billing/v2beta1/taxes", &manager).await, 500),
+    ];
+    for (response, status) in answers {
+        assert_eq!(response.status().as_u16(), status);
+        let length = response.content_length();
+        let body = response.text().await.expect("body");
+        assert!(
+            !body.to_ascii_lowercase().contains(SECRET_KEY),
+            "the secret key was relayed: {body}"
+        );
+        assert_eq!(
+            body,
+            r#"{"message":"token [secret key removed] is not allowed here","type":"denied","help":"X-Auth-Token: [secret key removed]"}"#
+        );
+        if let Some(length) = length {
+            assert_eq!(
+                length,
+                body.len() as u64,
+                "the length is the scrubbed body's"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn upstream_rate_limit_becomes_429_with_retry_after() {
     let app = TestApp::spawn().await;
     Mock::given(any())
@@ -591,6 +676,63 @@ async fn a_large_download_streams_through_byte_identical() {
 }
 
 #[tokio::test]
+async fn content_disposition_reaches_callers_on_file_downloads_only() {
+    let app = TestApp::spawn().await;
+    let attachment = "attachment; filename=\"invoice.pdf\"";
+    let download = format!("/billing/v2beta1/invoices/{INVOICE}/download");
+    // Raw bytes of a file: the one answer that keeps it.
+    Mock::given(path(download.clone()))
+        .and(query_param("dl", "1"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-disposition", attachment)
+                .set_body_raw(b"%PDF-1.7".to_vec(), "application/pdf"),
+        )
+        .up_to_n_times(1)
+        .mount(&app.upstream)
+        .await;
+    // The same call answered in JSON, the JSON envelope, a list, a cached answer.
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-disposition", attachment)
+                .set_body_raw(
+                    json!({"name": "invoice.pdf", "content_type": "application/pdf", "content": "JVBERi0xLjc="})
+                        .to_string(),
+                    "application/json",
+                ),
+        )
+        .mount(&app.upstream)
+        .await;
+    let manager = app.manager();
+    let file = app.get(&format!("{download}?dl=1"), &manager).await;
+    assert_eq!(file.status(), 200);
+    assert_eq!(file.headers()["content-type"], "application/pdf");
+    assert_eq!(file.headers()["content-disposition"], attachment);
+    for p in [
+        format!("{download}?dl=1"),
+        download.clone(),
+        "/billing/v2beta1/invoices".to_owned(),
+        "/billing/v2beta1/consumptions".to_owned(),
+    ] {
+        let response = app.get(&p, &manager).await;
+        assert_eq!(response.status(), 200, "{p}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/json",
+            "{p}"
+        );
+        assert!(
+            response.headers().get("content-disposition").is_none(),
+            "{p}: a JSON answer named as a file"
+        );
+    }
+    let sent = app.upstream_requests().await;
+    assert_eq!(sent.len(), 5);
+    assert_eq!(sent[1].url.query(), Some("dl=1"));
+}
+
+#[tokio::test]
 async fn python_sdk_get_with_an_empty_json_body_is_accepted_but_large_bodies_are_not() {
     let app = TestApp::spawn().await;
     Mock::given(any())
@@ -617,6 +759,116 @@ async fn python_sdk_get_with_an_empty_json_body_is_accepted_but_large_bodies_are
         .await
         .expect("request");
     assert_error(response, 413, "payload_too_large").await;
+}
+
+/// Sends a request head announcing a 2-byte body with `Expect: 100-continue`, and the body only
+/// if the gateway answers `100 Continue`. Returns the status lines received, in order.
+async fn expect_continue(base: &str, verb: &str, target: &str, auth: &str) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{verb} {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut statuses = Vec::new();
+    let mut received = Vec::new();
+    loop {
+        // Up to the end of one answer's head.
+        while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("the gateway answers")
+                .expect("read");
+            assert!(n > 0, "closed without an answer after {statuses:?}");
+            received.extend_from_slice(&buf[..n]);
+        }
+        let end = received
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        let head = String::from_utf8_lossy(&received[..end]).into_owned();
+        received.drain(..end);
+        statuses.push(head.lines().next().unwrap_or("").to_owned());
+        if head.starts_with("HTTP/1.1 100") {
+            stream.write_all(b"{}").await.expect("write the body");
+        } else {
+            return statuses;
+        }
+    }
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_only_to_an_allowed_caller() {
+    let app = TestApp::spawn().await;
+    Mock::given(path("/billing/v2beta1/redeem-coupon"))
+        .respond_with(ok_json(json!({"coupon": {}})))
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let bearer = |token: String| format!("Authorization: Bearer {token}");
+    let refused = [
+        (
+            "no credential",
+            "POST",
+            "/billing/v2beta1/redeem-coupon?code=X".to_owned(),
+            "X-Nothing: 1".to_owned(),
+            "401",
+        ),
+        (
+            "a bad token",
+            "POST",
+            "/billing/v2beta1/redeem-coupon?code=X".to_owned(),
+            bearer("not.a.jwt".into()),
+            "401",
+        ),
+        (
+            "not allowed to redeem",
+            "POST",
+            "/billing/v2beta1/redeem-coupon?code=X".to_owned(),
+            bearer(app.reader()),
+            "403",
+        ),
+        (
+            "not allowed to read invoices",
+            "GET",
+            "/billing/v2beta1/invoices".to_owned(),
+            bearer(app.reader()),
+            "403",
+        ),
+        (
+            "another organization",
+            "GET",
+            format!("/billing/v2beta1/invoices?organization_id={OTHER_ORG}"),
+            bearer(app.manager()),
+            "403",
+        ),
+    ];
+    for (what, verb, target, auth, status) in refused {
+        let statuses = expect_continue(&app.base, verb, &target, &auth).await;
+        assert_eq!(statuses.len(), 1, "{what}: {statuses:?}");
+        assert!(
+            statuses[0].starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {statuses:?}"
+        );
+    }
+    let statuses = expect_continue(
+        &app.base,
+        "POST",
+        "/billing/v2beta1/redeem-coupon?code=X",
+        &bearer(app.manager()),
+    )
+    .await;
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert!(statuses[0].starts_with("HTTP/1.1 100"), "{statuses:?}");
+    assert!(statuses[1].starts_with("HTTP/1.1 200"), "{statuses:?}");
+    // Only the allowed call reached the upstream.
+    let sent = app.upstream_requests().await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].url.path(), "/billing/v2beta1/redeem-coupon");
 }
 
 #[tokio::test]

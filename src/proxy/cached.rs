@@ -1,7 +1,9 @@
 //! Cacheable calls (`consumptions`, `taxes`): answered from the cache, or fetched once for
 //! every concurrent caller, or covered by a stale entry while the upstream fails; `Cache-Status`
-//! and `Age` say which.
+//! and `Age` say which. An answer is read only up to what the cache stores: a longer one is
+//! relayed as it streams and not stored.
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -10,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use time::OffsetDateTime;
 
-use super::forward::exact_json;
+use super::body::{Over, Read, error_body, read_at_most};
+use super::forward::{exact_json, forward};
 use crate::billing::Call;
 use crate::cache::{Cache, Entry, Fetch, Outcome};
 use crate::error::{Error, JSON};
@@ -23,6 +26,13 @@ enum Uncached {
         status: StatusCode,
         content_type: Option<HeaderValue>,
         body: Bytes,
+    },
+    /// An answer longer than the cache stores: relayed as it streams, to one request only (it
+    /// can be read once); the others that waited for it fetch their own.
+    TooLong {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Mutex<Option<Over>>,
     },
     Failed(Error),
 }
@@ -48,9 +58,24 @@ pub(super) async fn cached(
         };
         let status = upstream.status();
         let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-        let body = match upstream.bytes().await {
-            Ok(body) => body,
-            Err(e) => return Fetch::Failed(Uncached::Failed(Error::BadGateway(e.to_string()))),
+        // Never more than the cache would store: a longer answer is relayed, not held.
+        let read = if status.is_success() {
+            read_at_most(upstream, state.cache.store_limit()).await
+        } else {
+            error_body(upstream, state.upstream.secret_key())
+                .await
+                .map(Read::Whole)
+        };
+        let body = match read {
+            Ok(Read::Whole(body)) => body,
+            Ok(Read::Over(body)) => {
+                return Fetch::Pass(Uncached::TooLong {
+                    status,
+                    content_type,
+                    body: Mutex::new(Some(body)),
+                });
+            }
+            Err(e) => return Fetch::Failed(Uncached::Failed(e)),
         };
         match status {
             StatusCode::OK => Fetch::Store(body),
@@ -89,6 +114,36 @@ pub(super) async fn cached(
                 content_type,
                 body,
             } => ("miss", answer(*status, content_type.clone(), body.clone())),
+            Uncached::TooLong {
+                status,
+                content_type,
+                body,
+            } => {
+                let taken = body.lock().map(|mut body| body.take()).unwrap_or(None);
+                let mut response = match taken {
+                    Some(body) => {
+                        let mut response = Response::new(body.into_body());
+                        *response.status_mut() = *status;
+                        if let Some(ct) = content_type {
+                            response
+                                .headers_mut()
+                                .insert(header::CONTENT_TYPE, exact_json(ct.clone()));
+                        }
+                        response
+                    }
+                    // Another request is relaying that answer: this one asks for its own.
+                    None => forward(state, call, request_id, info)
+                        .await
+                        .unwrap_or_else(IntoResponse::into_response),
+                };
+                let headers = response.headers_mut();
+                headers.insert(
+                    &CACHE_STATUS,
+                    HeaderValue::from_static("billing-gateway; fwd=miss"),
+                );
+                headers.insert(header::CACHE_CONTROL, cache_control(0));
+                ("miss", response)
+            }
             Uncached::Failed(e) => {
                 if e.status().is_server_error() {
                     tracing::error!(error = %e, operation = call.op.name, "upstream failed, no stale answer to serve");

@@ -1,12 +1,14 @@
 //! Calls that are never cached (invoices, downloads, coupons, charges): sent upstream and
-//! relayed as they come, body streamed.
+//! relayed as they come, body streamed; error answers are read (bounded) and scrubbed of the
+//! secret key first.
 
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 
+use super::body::error_body;
 use crate::billing::Call;
 use crate::error::{Error, JSON};
 use crate::state::AppState;
@@ -23,43 +25,73 @@ pub(super) async fn forward(
     let elapsed = started.elapsed().as_secs_f64();
     info.upstream_ms = Some(elapsed * 1000.0);
     let upstream = result?;
+    relay(state, call, upstream).await
+}
 
-    let mut response = Response::builder().status(upstream.status());
+/// The upstream's answer as the caller gets it: its status, the few headers the caller needs, and
+/// its body streamed as it comes — or, for an error answer, read whole (bounded) and scrubbed of
+/// the secret key.
+async fn relay(
+    state: &AppState,
+    call: &Call,
+    upstream: reqwest::Response,
+) -> Result<Response, Error> {
+    let status = upstream.status();
+    let mut response = Response::builder().status(status);
     let headers = response
         .headers_mut()
         .ok_or_else(|| Error::Internal("response builder failed".into()))?;
-    relay_headers(upstream.headers(), headers);
+    relay_headers(call, status, upstream.headers(), headers);
+    let body = if status.is_success() {
+        Body::from_stream(upstream.bytes_stream())
+    } else {
+        Body::from(error_body(upstream, state.upstream.secret_key()).await?)
+    };
     response
-        .body(Body::from_stream(upstream.bytes_stream()))
+        .body(body)
         .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Copies the few upstream headers a caller needs; JSON is relabelled exactly
-/// `application/json` because the JS SDK compares the whole string.
-fn relay_headers(from: &HeaderMap, to: &mut HeaderMap) {
+/// `application/json` because the JS SDK compares the whole string. An error answer's length is
+/// its scrubbed body's, measured again.
+fn relay_headers(call: &Call, status: StatusCode, from: &HeaderMap, to: &mut HeaderMap) {
     if let Some(ct) = from.get(header::CONTENT_TYPE) {
-        let is_json = ct.to_str().is_ok_and(|s| {
-            s.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
-        to.insert(
-            header::CONTENT_TYPE,
-            if is_json { JSON } else { ct.clone() },
-        );
+        to.insert(header::CONTENT_TYPE, exact_json(ct.clone()));
     }
-    for name in [header::CONTENT_LENGTH, header::CONTENT_DISPOSITION] {
-        if let Some(v) = from.get(&name) {
-            to.insert(name, v.clone());
-        }
+    if status.is_success()
+        && let Some(v) = from.get(header::CONTENT_LENGTH)
+    {
+        to.insert(header::CONTENT_LENGTH, v.clone());
+    }
+    if is_file_download(call, status, from)
+        && let Some(v) = from.get(header::CONTENT_DISPOSITION)
+    {
+        to.insert(header::CONTENT_DISPOSITION, v.clone());
     }
 }
 
-pub(super) fn exact_json(content_type: HeaderValue) -> HeaderValue {
-    let is_json = content_type.to_str().is_ok_and(|s| {
+/// Whether an answer is a file download: the raw bytes of a file (`dl`), answered, in a type
+/// other than JSON. Only a download carries the upstream's `Content-Disposition`: on a JSON
+/// answer it would make a browser save the answer as a file.
+fn is_file_download(call: &Call, status: StatusCode, headers: &HeaderMap) -> bool {
+    status.is_success()
+        && call.wants_raw_file()
+        && !headers.get(header::CONTENT_TYPE).is_some_and(is_json)
+}
+
+fn is_json(content_type: &HeaderValue) -> bool {
+    content_type.to_str().is_ok_and(|s| {
         s.trim_start()
             .to_ascii_lowercase()
             .starts_with("application/json")
-    });
-    if is_json { JSON } else { content_type }
+    })
+}
+
+pub(super) fn exact_json(content_type: HeaderValue) -> HeaderValue {
+    if is_json(&content_type) {
+        JSON
+    } else {
+        content_type
+    }
 }

@@ -5,6 +5,7 @@
 //! Each step returns an [`Error`] that renders as a Scaleway-shaped answer; nothing reaches the
 //! upstream unless every step before it succeeded.
 
+mod body;
 mod cached;
 mod forward;
 mod gateway;
@@ -54,9 +55,13 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
     state
         .limits
         .check_principal(&principal.subject, principal.rate())?;
+    policy::decide(&principal, &mut call)?;
+    call.apply_organization(state.organization_id)?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored
     // (and a slow one is cut off by the body deadline layer). Most calls are GETs without one:
-    // nothing to read then.
+    // nothing to read then. Read only once the caller is known and allowed: hyper answers
+    // `Expect: 100-continue` when the body is first read, and a refused caller must not be
+    // invited to send it.
     if !http_body::Body::is_end_stream(&body) {
         axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
             let caused_by = |is: fn(&(dyn std::error::Error + 'static)) -> bool| {
@@ -72,8 +77,6 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
             }
         })?;
     }
-    policy::decide(&principal, &mut call)?;
-    call.apply_organization(state.organization_id)?;
     if call.op.audit != Audit::None {
         // The parameter the table audits, cut short: enough to tell calls apart, not to repeat one.
         let (param, prefix) = call.audit_prefix().unzip();

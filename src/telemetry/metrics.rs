@@ -94,7 +94,7 @@ impl Default for Metrics {
         let cache_bytes = Gauge::default();
         registry.register_with_unit(
             "cache_size",
-            "Body and key bytes held in the cache",
+            "What the cache's entries cost, as counted against its bound: keys, bodies and per-entry bookkeeping",
             prometheus_client::registry::Unit::Bytes,
             cache_bytes.clone(),
         );

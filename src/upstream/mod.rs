@@ -81,6 +81,12 @@ impl Upstream {
         })
     }
 
+    /// The secret key's bytes, for scrubbing them out of relayed upstream answers; the key is
+    /// held here and nowhere else.
+    pub(crate) fn secret_key(&self) -> &[u8] {
+        self.key.as_bytes()
+    }
+
     /// Time left before the upstream is called again after a 429 (zero when not backing off).
     pub fn backoff_remaining(&self) -> Duration {
         self.backoff.remaining()
