@@ -3,10 +3,10 @@
 
 use std::time::Instant;
 
-use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
 
+use crate::admission::Slot;
 use crate::billing::Call;
 use crate::error::{Error, JSON};
 use crate::state::AppState;
@@ -17,6 +17,7 @@ pub(super) async fn forward(
     call: &Call,
     request_id: &str,
     info: &mut RequestInfo,
+    slot: Slot,
 ) -> Result<Response, Error> {
     let started = Instant::now();
     let result = state.upstream.send(call, request_id).await;
@@ -29,8 +30,10 @@ pub(super) async fn forward(
         .headers_mut()
         .ok_or_else(|| Error::Internal("response builder failed".into()))?;
     relay_headers(upstream.headers(), headers);
+    // The place (and the upstream connection) is held while the client takes the body, and
+    // given back if it stops taking it.
     response
-        .body(Body::from_stream(upstream.bytes_stream()))
+        .body(slot.relay(upstream.bytes_stream()))
         .map_err(|e| Error::Internal(e.to_string()))
 }
 

@@ -1,6 +1,6 @@
 //! The one handler every Billing call goes through:
-//! resolve the operation -> authenticate -> authorize -> fill the organization -> upstream ->
-//! relay the answer, streamed.
+//! resolve the operation -> authenticate -> take a place in flight -> authorize -> fill the
+//! organization -> upstream -> relay the answer, streamed.
 //!
 //! Each step returns an [`Error`] that renders as a Scaleway-shaped answer; nothing reaches the
 //! upstream unless every step before it succeeded.
@@ -15,10 +15,12 @@ pub use gateway::{purge, whoami};
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 
+use crate::admission::{Admission, Slot};
 use crate::auth::{Authenticator, Credential};
 use crate::error::{AuthMethod, AuthReason, Error};
 use crate::policy::{self, Principal};
@@ -29,9 +31,13 @@ use crate::telemetry::{RequestId, RequestInfo};
 const MAX_BODY: usize = 4 * 1024;
 
 /// Serves every `/billing/...` request (and answers 404 for any other unknown path).
-pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+pub async fn handle(
+    State(state): State<AppState>,
+    Extension(admission): Extension<Arc<Admission>>,
+    req: Request,
+) -> Response {
     let mut info = RequestInfo::default();
-    let result = serve(&state, req, &mut info).await;
+    let result = serve(&state, &admission, req, &mut info).await;
     let mut response = result.unwrap_or_else(|e| {
         if e.status().is_server_error() {
             tracing::error!(error = %e, operation = info.operation, "request failed");
@@ -42,16 +48,26 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     response
 }
 
-async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result<Response, Error> {
+async fn serve(
+    state: &AppState,
+    admission: &Arc<Admission>,
+    req: Request,
+    info: &mut RequestInfo,
+) -> Result<Response, Error> {
     let (parts, body) = req.into_parts();
     let mut call =
         crate::billing::parse(parts.method.as_str(), parts.uri.path(), parts.uri.query())?;
     info.operation = Some(call.op.name);
-    let principal = authenticate(state, &parts.headers).await?;
+    let principal = admission
+        .authenticate(authenticate(state, &parts.headers))
+        .await?;
     info.subject = Some(principal.subject.clone());
     state
         .limits
         .check_principal(&principal.subject, principal.rate())?;
+    // From here on the request holds a place: until this handler returns, or for a relayed
+    // upstream body until the client has taken it (see `forward`).
+    let slot = admission.admit(&principal.subject)?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored
     // (and a trickled one is cut off by the body timeout layer). Most calls are GETs without
     // one: nothing to read then.
@@ -86,9 +102,24 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
         .map(|r| r.0.clone())
         .unwrap_or_else(|| Arc::from("-"));
     if call.op.cacheable {
-        return cached(state, &call, &request_id, info).await;
+        // Cached answers are whole in memory: the place goes back when the handler returns,
+        // not when a slow reader has taken the body.
+        let answer = cached(state, &call, &request_id, info).await;
+        drop(slot);
+        return answer;
     }
-    forward(state, &call, &request_id, info).await
+    forward(state, &call, &request_id, info, slot).await
+}
+
+/// The caller, authenticated within the unauthenticated allowance, and its place in flight.
+pub(crate) async fn admit(
+    state: &AppState,
+    admission: &Arc<Admission>,
+    headers: &HeaderMap,
+) -> Result<(Principal, Slot), Error> {
+    let principal = admission.authenticate(authenticate(state, headers)).await?;
+    let slot = admission.admit(&principal.subject)?;
+    Ok((principal, slot))
 }
 
 /// The caller's identity with its grants, from its one credential.
