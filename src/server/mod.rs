@@ -103,8 +103,8 @@ impl Default for ServerLimits {
             max_uri_bytes: 8 * 1024,
             header_read_timeout: Duration::from_secs(10),
             max_in_flight: 1024,
-            // Above the principal rate's burst of concurrent page fetches, far below the bound.
-            max_in_flight_per_principal: 32,
+            // Above the default principal rate's burst (50 at once), a sixteenth of the bound.
+            max_in_flight_per_principal: 64,
             // Only checks waiting for the identity provider's keys hold one, for the fetch.
             max_unauthenticated: 64,
             max_streams_per_connection: 32,

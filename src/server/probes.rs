@@ -22,6 +22,9 @@ pub(super) async fn openapi() -> Response {
     json_response(StatusCode::OK, &crate::billing::openapi::document())
 }
 
+/// Ready: configuration, policy and signing keys loaded, not shutting down, and a place in
+/// flight free. The last goes beyond the contract's §9 (issue 14): a replica whose places are
+/// all taken would only shed what a load balancer sends it, so it says so until one comes back.
 pub(super) async fn readyz(
     State(state): State<AppState>,
     Extension(admission): Extension<Arc<Admission>>,
