@@ -64,6 +64,8 @@ pub enum Throttle {
     UpstreamBackoff,
     /// The upstream itself answered 429.
     Upstream,
+    /// The caller already has as many requests in flight as one principal may.
+    PrincipalInFlight,
 }
 
 /// Everything that can end a request early. Each variant maps to exactly one status.
@@ -101,13 +103,16 @@ pub enum Error {
         /// The resource family, as Scaleway's `details[].resource`.
         resource: &'static str,
     },
-    /// The request headers are larger than any Billing call needs.
+    /// The request headers are larger, or more numerous, than any Billing call needs.
     #[error("request headers too large")]
     HeadersTooLarge,
     /// The request body could not be read: broken chunked encoding, or the client went away
     /// while sending it.
     #[error("malformed request body")]
     MalformedBody,
+    /// The request target (path and query) is longer than any Billing call needs.
+    #[error("request target too long")]
+    UriTooLong,
     /// The request body trickled in too slowly: a slow-loris on the body.
     #[error("request body timed out")]
     RequestTimeout,
@@ -131,6 +136,9 @@ pub enum Error {
     /// Too many requests in flight: shed at once rather than queued without bound.
     #[error("overloaded")]
     Overloaded,
+    /// Too many credential checks waiting (for the identity provider's keys) at once.
+    #[error("too many unauthenticated requests waiting")]
+    UnauthenticatedOverload,
     /// A bug or an unexpected failure; the cause is logged, never shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -145,13 +153,16 @@ impl Error {
             Error::InvalidArguments(_) | Error::MalformedBody => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::UriTooLong => StatusCode::URI_TOO_LONG,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied { .. } => StatusCode::FORBIDDEN,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Error::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Error::Unavailable(_) | Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Overloaded | Error::UnauthenticatedOverload => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -165,6 +176,7 @@ impl Error {
             Error::MalformedBody => "malformed_body",
             Error::PayloadTooLarge => "payload_too_large",
             Error::HeadersTooLarge => "headers_too_large",
+            Error::UriTooLong => "uri_too_long",
             Error::RequestTimeout => "request_timeout",
             // One reason per way authentication fails, so dashboards can tell expired tokens
             // (a client bug) from bad signatures (an attack or a misconfiguration).
@@ -179,11 +191,13 @@ impl Error {
                 Throttle::UpstreamBudget => "upstream_budget",
                 Throttle::UpstreamBackoff => "upstream_backoff",
                 Throttle::Upstream => "upstream_rate_limited",
+                Throttle::PrincipalInFlight => "principal_in_flight",
             },
             Error::BadGateway(_) => "bad_gateway",
             Error::GatewayTimeout => "gateway_timeout",
             Error::Unavailable(_) => "unavailable",
             Error::Overloaded => "overloaded",
+            Error::UnauthenticatedOverload => "unauthenticated_overload",
             Error::Internal(_) => "internal",
         }
     }
@@ -211,6 +225,11 @@ impl Error {
             Error::HeadersTooLarge => json!({
                 "message": "request headers too large",
                 "type": "request_header_fields_too_large",
+            }),
+            Error::UriTooLong => json!({
+                "help_message": "Billing API paths and query strings are short",
+                "message": "request target too long",
+                "type": "uri_too_long",
             }),
             Error::RequestTimeout => json!({
                 "message": "the request body did not arrive in time",
@@ -252,7 +271,7 @@ impl Error {
             Error::GatewayTimeout => {
                 json!({"message": "the Billing API did not answer in time", "type": "gateway_timeout"})
             }
-            Error::Unavailable(_) | Error::Overloaded => {
+            Error::Unavailable(_) | Error::Overloaded | Error::UnauthenticatedOverload => {
                 json!({"message": "service temporarily unavailable", "type": "service_unavailable"})
             }
             Error::Internal(_) => json!({"message": "internal error", "type": "internal_error"}),
@@ -282,7 +301,7 @@ impl IntoResponse for Error {
             Error::TooManyRequests { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
-            Error::Unavailable(_) | Error::Overloaded => {
+            Error::Unavailable(_) | Error::Overloaded | Error::UnauthenticatedOverload => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
             _ => {}
@@ -364,6 +383,8 @@ mod tests {
                 "service_unavailable",
             ),
             (Error::Overloaded, 503, "service_unavailable"),
+            (Error::UnauthenticatedOverload, 503, "service_unavailable"),
+            (Error::UriTooLong, 414, "uri_too_long"),
             (Error::Internal("bug".into()), 500, "internal_error"),
         ];
         for (error, status, kind) in cases {
@@ -412,6 +433,7 @@ mod tests {
             (Throttle::UpstreamBudget, "upstream_budget"),
             (Throttle::UpstreamBackoff, "upstream_backoff"),
             (Throttle::Upstream, "upstream_rate_limited"),
+            (Throttle::PrincipalInFlight, "principal_in_flight"),
         ];
         for (reason, kind) in reasons {
             let response = Error::TooManyRequests {

@@ -15,7 +15,9 @@
 //!    [`policy`] turns the identity into a [`policy::Principal`] whose grants come from the
 //!    policy files, and [`policy::decide`] allows the call or answers 403. A project-scoped
 //!    grant may fill in the projects it covers. [`limits::PrincipalLimits`] then counts the
-//!    request against the caller's own rate.
+//!    request against the caller's own rate, and [`admission::Admission`] gives it a place in
+//!    flight (the caller's own share of the global bound), held until the handler returns or a
+//!    relayed body has been taken.
 //! 4. [`billing::Call::apply_organization`] fills in the gateway's organization (or refuses
 //!    another one).
 //! 5. [`upstream::Upstream::send`] waits for the call's turn in the upstream budget (or refuses
@@ -34,6 +36,7 @@
 //! surface from the operation table. The in-process Billing API that `demo`, tests and
 //! benchmarks use as an upstream is the workspace crate `billing-sim` (`crates/billing-sim`).
 
+pub mod admission;
 pub mod auth;
 pub mod billing;
 pub mod cache;

@@ -106,12 +106,20 @@ async fn a_hundred_concurrent_cold_requests_make_one_upstream_call() {
         .expect(1)
         .mount(&app.upstream)
         .await;
-    let token = app.reader();
-    let requests = (0..100).map(|_| {
+    // Four callers, so that no one of them goes past its share of requests in flight.
+    let now = jsonwebtoken::get_current_timestamp();
+    let tokens: Vec<String> = (0..4)
+        .map(|i| {
+            token_with(json!({
+                "sub": format!("reader-{i}"), "roles": ["billing-read-only"], "exp": now + 600,
+            }))
+        })
+        .collect();
+    let requests = (0..100).map(|i| {
         let (client, url, token) = (
             app.client.clone(),
             format!("{}/billing/v2beta1/taxes?billing_period=2026-07", app.base),
-            token.clone(),
+            tokens[i % 4].clone(),
         );
         tokio::spawn(async move {
             let r = client

@@ -5,7 +5,6 @@
 //! answer up to [`ERROR_BODY_LIMIT`] (past it, `502`). Error answers are read whole so that the
 //! secret key can be taken out of them: an upstream may quote the credential it was sent.
 
-use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -33,9 +32,11 @@ pub(super) struct Over {
 
 impl Over {
     /// The whole body as a stream: the prefix, then the rest as it comes, held nowhere.
-    pub(super) fn into_body(self) -> Body {
+    pub(super) fn into_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static {
         let prefix = futures_util::stream::iter(self.prefix.into_iter().map(Ok));
-        Body::from_stream(prefix.chain(self.rest.bytes_stream()))
+        prefix.chain(self.rest.bytes_stream())
     }
 }
 

@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use super::body::{Over, Read, error_body, read_at_most};
 use super::forward::{exact_json, forward};
+use crate::admission::Slot;
 use crate::billing::Call;
 use crate::cache::{Cache, Entry, Fetch, Outcome};
 use crate::error::{Error, JSON};
@@ -44,6 +45,7 @@ pub(super) async fn cached(
     call: &Call,
     request_id: &str,
     info: &mut RequestInfo,
+    slot: Slot,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
     let upstream_ms = &mut info.upstream_ms;
@@ -120,9 +122,10 @@ pub(super) async fn cached(
                 body,
             } => {
                 let taken = body.lock().map(|mut body| body.take()).unwrap_or(None);
+                // Streamed, so held and cut like any relayed body (see `forward`).
                 let mut response = match taken {
                     Some(body) => {
-                        let mut response = Response::new(body.into_body());
+                        let mut response = Response::new(slot.relay(body.into_stream()));
                         *response.status_mut() = *status;
                         if let Some(ct) = content_type {
                             response
@@ -132,7 +135,7 @@ pub(super) async fn cached(
                         response
                     }
                     // Another request is relaying that answer: this one asks for its own.
-                    None => forward(state, call, request_id, info)
+                    None => forward(state, call, request_id, info, slot)
                         .await
                         .unwrap_or_else(IntoResponse::into_response),
                 };

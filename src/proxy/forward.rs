@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 
 use super::body::error_body;
+use crate::admission::Slot;
 use crate::billing::Call;
 use crate::error::{Error, JSON};
 use crate::state::AppState;
@@ -19,13 +20,14 @@ pub(super) async fn forward(
     call: &Call,
     request_id: &str,
     info: &mut RequestInfo,
+    slot: Slot,
 ) -> Result<Response, Error> {
     let started = Instant::now();
     let result = state.upstream.send(call, request_id).await;
     let elapsed = started.elapsed().as_secs_f64();
     info.upstream_ms = Some(elapsed * 1000.0);
     let upstream = result?;
-    relay(state, call, upstream).await
+    relay(state, call, upstream, slot).await
 }
 
 /// The upstream's answer as the caller gets it: its status, the few headers the caller needs, and
@@ -35,6 +37,7 @@ async fn relay(
     state: &AppState,
     call: &Call,
     upstream: reqwest::Response,
+    slot: Slot,
 ) -> Result<Response, Error> {
     let status = upstream.status();
     let mut response = Response::builder().status(status);
@@ -42,8 +45,11 @@ async fn relay(
         .headers_mut()
         .ok_or_else(|| Error::Internal("response builder failed".into()))?;
     relay_headers(call, status, upstream.headers(), headers);
+    // A success streams: the place (and the upstream connection) is held while the client takes
+    // the body, and given back if it stops taking it. An error answer is small, read whole and
+    // scrubbed of the key.
     let body = if status.is_success() {
-        Body::from_stream(upstream.bytes_stream())
+        slot.relay(upstream.bytes_stream())
     } else {
         Body::from(error_body(upstream, state.upstream.secret_key()).await?)
     };

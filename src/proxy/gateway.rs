@@ -1,11 +1,15 @@
 //! The gateway's own authenticated API: `whoami` and the cache purge.
 
+use std::sync::Arc;
+
+use axum::Extension;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::authenticate;
+use super::admit;
+use crate::admission::Admission;
 use crate::billing::Permission;
 use crate::error::{Error, json_response};
 use crate::policy::{self};
@@ -13,10 +17,14 @@ use crate::state::AppState;
 use crate::telemetry::RequestInfo;
 
 /// `DELETE /gateway/v1/cache`: empties the cache (`cache:purge`, organization-wide).
-pub async fn purge(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn purge(
+    State(state): State<AppState>,
+    Extension(admission): Extension<Arc<Admission>>,
+    headers: HeaderMap,
+) -> Response {
     let mut info = RequestInfo::default();
     let result = async {
-        let principal = authenticate(&state, &headers).await?;
+        let (principal, _slot) = admit(&state, &admission, &headers).await?;
         info.subject = Some(principal.subject.clone());
         policy::require(&principal, Permission::CachePurge)?;
         state.cache.purge();
@@ -30,10 +38,14 @@ pub async fn purge(State(state): State<AppState>, headers: HeaderMap) -> Respons
 }
 
 /// `GET /gateway/v1/whoami`: the caller as the gateway sees it.
-pub async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn whoami(
+    State(state): State<AppState>,
+    Extension(admission): Extension<Arc<Admission>>,
+    headers: HeaderMap,
+) -> Response {
     let mut info = RequestInfo::default();
-    let mut response = match authenticate(&state, &headers).await {
-        Ok(principal) => {
+    let mut response = match admit(&state, &admission, &headers).await {
+        Ok((principal, _slot)) => {
             info.subject = Some(principal.subject.clone());
             let grants: Vec<_> = principal
                 .grants

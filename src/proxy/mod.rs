@@ -1,6 +1,6 @@
 //! The one handler every Billing call goes through:
-//! resolve the operation -> authenticate -> authorize -> fill the organization -> upstream ->
-//! relay the answer, streamed.
+//! resolve the operation -> authenticate -> take a place in flight -> authorize -> fill the
+//! organization -> upstream -> relay the answer, streamed.
 //!
 //! Each step returns an [`Error`] that renders as a Scaleway-shaped answer; nothing reaches the
 //! upstream unless every step before it succeeded.
@@ -16,11 +16,13 @@ pub use gateway::{purge, whoami};
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use tower_http::timeout::TimeoutError;
 
+use crate::admission::{Admission, Slot};
 use crate::auth::{Authenticator, Credential};
 use crate::billing::Audit;
 use crate::error::{AuthMethod, AuthReason, Error};
@@ -32,9 +34,13 @@ use crate::telemetry::{RequestId, RequestInfo};
 const MAX_BODY: usize = 4 * 1024;
 
 /// Serves every `/billing/...` request (and answers 404 for any other unknown path).
-pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+pub async fn handle(
+    State(state): State<AppState>,
+    Extension(admission): Extension<Arc<Admission>>,
+    req: Request,
+) -> Response {
     let mut info = RequestInfo::default();
-    let result = serve(&state, req, &mut info).await;
+    let result = serve(&state, &admission, req, &mut info).await;
     let mut response = result.unwrap_or_else(|e| {
         if e.status().is_server_error() {
             tracing::error!(error = %e, operation = info.operation, "request failed");
@@ -45,18 +51,29 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     response
 }
 
-async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result<Response, Error> {
+async fn serve(
+    state: &AppState,
+    admission: &Arc<Admission>,
+    req: Request,
+    info: &mut RequestInfo,
+) -> Result<Response, Error> {
     let (parts, body) = req.into_parts();
     let mut call =
         crate::billing::parse(parts.method.as_str(), parts.uri.path(), parts.uri.query())?;
     info.operation = Some(call.op.name);
-    let principal = authenticate(state, &parts.headers).await?;
+    let principal = admission
+        .authenticate(authenticate(state, &parts.headers))
+        .await?;
     info.subject = Some(principal.subject.clone());
     state
         .limits
         .check_principal(&principal.subject, principal.rate())?;
     policy::decide(&principal, &mut call)?;
     call.apply_organization(state.organization_id)?;
+    // From here on the request holds a place: until this handler returns, or for a relayed
+    // upstream body until the client has taken it (see `forward`). Refused requests never take
+    // one.
+    let slot = admission.admit(&principal.subject)?;
     // The body is never forwarded; it is read only so an oversized one is refused, not ignored
     // (and a slow one is cut off by the body deadline layer). Most calls are GETs without one:
     // nothing to read then. Read only once the caller is known and allowed: hyper answers
@@ -96,9 +113,23 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
         .map(|r| r.0.clone())
         .unwrap_or_else(|| Arc::from("-"));
     if call.op.cacheable {
-        return cached(state, &call, &request_id, info).await;
+        // Cached answers are whole in memory: the place goes back when the handler returns,
+        // not when a slow reader has taken the body (an answer too long to store streams, and
+        // keeps it like any relayed body).
+        return cached(state, &call, &request_id, info, slot).await;
     }
-    forward(state, &call, &request_id, info).await
+    forward(state, &call, &request_id, info, slot).await
+}
+
+/// The caller, authenticated within the unauthenticated allowance, and its place in flight.
+pub(crate) async fn admit(
+    state: &AppState,
+    admission: &Arc<Admission>,
+    headers: &HeaderMap,
+) -> Result<(Principal, Slot), Error> {
+    let principal = admission.authenticate(authenticate(state, headers)).await?;
+    let slot = admission.admit(&principal.subject)?;
+    Ok((principal, slot))
 }
 
 /// The caller's identity with its grants, from its one credential.

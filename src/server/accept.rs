@@ -1,9 +1,13 @@
 //! The accept loop: hyper's own connection builder rather than `axum::serve`, for the bounds
-//! [`ServerLimits`](super::ServerLimits) puts on hostile or broken clients (header size, header
-//! read time, a silent client, a stalled TLS handshake), and graceful shutdown.
+//! [`ServerLimits`](super::ServerLimits) puts on hostile or broken clients (header size and
+//! count, header read time, streams per HTTP/2 connection, a silent client, a stalled TLS
+//! handshake, a client that stops reading), and graceful shutdown.
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,7 +15,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
 
 use super::ServerLimits;
 use crate::server::tls::Tls;
@@ -27,15 +33,24 @@ pub(super) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut http = auto::Builder::new(TokioExecutor::new());
-    // The hard cap on a request head; the JSON 431 below it is `check_headers`'s.
-    let head_cap = (limits.max_header_bytes * 2).max(8192);
+    // hyper's own limits answer with a bare status, so they are hard caps set well above the
+    // gateway's JSON 414 and 431 (`check_head`): a head within twice the gateway's limits
+    // reaches the router and gets its JSON answer.
+    let head_cap = ((limits.max_header_bytes + limits.max_uri_bytes) * 2).max(8192);
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(head_cap);
+        .max_buf_size(head_cap)
+        .max_headers(limits.max_headers.saturating_mul(2).max(100));
     http.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(head_cap).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(head_cap).unwrap_or(u32::MAX))
+        // One connection cannot hold more than this many requests open, however it stalls them.
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        // Request bodies are at most a few KiB: a client cannot make the gateway buffer
+        // megabytes of them per connection.
+        .initial_stream_window_size(REQUEST_WINDOW)
+        .initial_connection_window_size(REQUEST_WINDOW * 4);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -57,9 +72,14 @@ pub(super) async fn serve(
             router.clone(),
             graceful.watcher(),
             limits.header_read_timeout,
+            limits.idle_write_timeout,
         ));
     }
 }
+
+/// The HTTP/2 receive window for request bodies, per stream (four times that per connection):
+/// the largest body the gateway reads is 4 KiB.
+const REQUEST_WINDOW: u32 = 64 * 1024;
 
 /// Serves one connection until it closes (or shutdown closes it once its requests are done).
 async fn connection(
@@ -69,6 +89,7 @@ async fn connection(
     router: Router,
     watcher: Watcher,
     first_byte_timeout: Duration,
+    idle_write: Duration,
 ) {
     // hyper's header timeout starts once it knows the protocol, which needs the first bytes:
     // a client that connects and says nothing is dropped here.
@@ -77,6 +98,7 @@ async fn connection(
         Ok(Ok(n)) if n > 0 => {}
         _ => return,
     }
+    let stream = WriteStall::new(stream, idle_write);
     match tls {
         // A handshake that stalls is a slow-loris too.
         Some(tls) => {
@@ -105,5 +127,91 @@ async fn serve_connection<I>(
     if let Err(e) = watcher.watch(conn).await {
         // Clients going away mid-answer, timeouts: routine, not the operator's concern.
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A socket whose writes fail once one has made no progress for `idle`: a client that stops
+/// reading (its receive window and the kernel's buffers full) has its connection closed, which
+/// drops its answers and gives back what they held. Reads are untouched (hyper times the head;
+/// the router times the body).
+struct WriteStall<I> {
+    io: I,
+    idle: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<I> WriteStall<I> {
+    fn new(io: I, idle: Duration) -> WriteStall<I> {
+        WriteStall {
+            io,
+            idle,
+            stalled: None,
+        }
+    }
+
+    /// Passes a write's outcome through, timing how long it has been pending.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        outcome: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if outcome.is_ready() {
+            self.stalled = None;
+            return outcome;
+        }
+        let idle = self.idle;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing for the idle write time",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteStall<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteStall<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let outcome = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, outcome)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let outcome = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, outcome)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let outcome = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, outcome)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -55,20 +55,42 @@ pub enum StartError {
 
 /// The bounds the server puts on clients, so a hostile or broken one cannot exhaust it.
 /// [`Default`] is what `serve` runs with; [`App::with_limits`] sets others.
+///
+/// Request heads: the gateway answers JSON `414` past `max_uri_bytes` and JSON `431` past
+/// `max_header_bytes` or `max_headers`. hyper's own, bare answers only come past hard caps set
+/// well above those: a whole head over twice `max_header_bytes + max_uri_bytes` (`431`), more
+/// than twice `max_headers` headers over HTTP/1.1 (`431`), or a request target of 64 KiB or more
+/// over HTTP/1.1 (`414`, hyper's fixed limit).
+///
+/// Places in flight are [`crate::admission`]'s: see there for what holds one and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
-    /// Most bytes of request headers answered normally; more is a 431. Twice this is a hard cap
-    /// on the whole request head, past which the connection is answered a bare 431 and closed.
+    /// Most bytes of request headers answered normally; more is a JSON 431.
     pub max_header_bytes: usize,
+    /// Most request header fields answered normally; more is a JSON 431.
+    pub max_headers: usize,
+    /// Most bytes of request target (path and query) answered normally; more is a JSON 414.
+    pub max_uri_bytes: usize,
     /// How long a client may take to send a request head (a slow-loris defence); an idle
     /// keep-alive connection is closed after it too.
     pub header_read_timeout: Duration,
     /// How long a client may take to send a whole request body, however it paces it: a body
     /// trickled a byte at a time is cut off with a 408 as surely as one that stalls.
     pub body_deadline: Duration,
-    /// Billing requests handled at once, streaming answers included; past it new ones are
-    /// answered 503 at once rather than queued without bound.
+    /// Authenticated requests handled at once, relayed upstream bodies included; past it new
+    /// ones are answered 503 at once rather than queued without bound, and `/readyz` is 503.
     pub max_in_flight: usize,
+    /// How many of those one principal (JWT subject or gateway key) may hold; past it, 429.
+    pub max_in_flight_per_principal: usize,
+    /// Credential checks that may wait at once (for the identity provider's keys); past it,
+    /// 503. They never take a place of `max_in_flight`.
+    pub max_unauthenticated: usize,
+    /// Requests one HTTP/2 connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_streams_per_connection: u32,
+    /// How long a client may take nothing of an answer (a reader that stopped reading, a shut
+    /// HTTP/2 window) before the answer is cut off, its upstream connection closed and its
+    /// place given back. Applies to every write on a connection too.
+    pub idle_write_timeout: Duration,
     /// How long in-flight requests (downloads included) may take to finish once shutdown begins.
     pub shutdown_grace: Duration,
 }
@@ -78,9 +100,19 @@ impl Default for ServerLimits {
         ServerLimits {
             // Enough for any JWT an IdP issues, a few times over.
             max_header_bytes: 32 * 1024,
+            // An SDK sends under 20; browsers and proxies add a few dozen at most.
+            max_headers: 100,
+            // Room for a charges query naming over 150 projects (49 bytes each).
+            max_uri_bytes: 8 * 1024,
             header_read_timeout: Duration::from_secs(10),
             body_deadline: Duration::from_secs(10),
             max_in_flight: 1024,
+            // Above the default principal rate's burst (50 at once), a sixteenth of the bound.
+            max_in_flight_per_principal: 64,
+            // Only checks waiting for the identity provider's keys hold one, for the fetch.
+            max_unauthenticated: 64,
+            max_streams_per_connection: 32,
+            idle_write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
         }
     }

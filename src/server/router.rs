@@ -1,55 +1,63 @@
-//! The route table and the layer stack, outermost first, one comment per layer; load shedding
-//! of the Billing routes; the JSON 431 for oversized headers; CORS.
+//! The route table and the layer stack, outermost first, one comment per layer; the JSON 414
+//! and 431 for oversized request heads; CORS. Places in flight are taken by the handlers, once
+//! the caller is known ([`crate::admission`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
-use tokio::sync::Semaphore;
+use axum::{Extension, Router};
 use tower::util::option_layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyDeadlineLayer;
 
 use super::ServerLimits;
 use super::probes::{healthz, metrics, openapi, readyz};
+use crate::admission::{Admission, Bounds};
 use crate::error::Error;
 use crate::proxy;
 use crate::state::AppState;
-use crate::telemetry::{self, Metrics};
+use crate::telemetry;
 
 /// The route table and every middleware layer.
 pub(super) fn router(state: AppState, limits: &ServerLimits, cors_origins: &[String]) -> Router {
-    let in_flight = InFlight {
-        permits: Arc::new(Semaphore::new(limits.max_in_flight)),
-        metrics: state.metrics.clone(),
+    // Authenticated requests take a place once their caller is known; probes and scrapes never
+    // do, so a busy gateway is not mistaken for a dead one (`/readyz` says when it is full).
+    let admission: Arc<Admission> = Admission::new(
+        Bounds {
+            max_in_flight: limits.max_in_flight,
+            max_in_flight_per_principal: limits.max_in_flight_per_principal,
+            max_unauthenticated: limits.max_unauthenticated,
+            idle_write: limits.idle_write_timeout,
+        },
+        state.metrics.clone(),
+    );
+    let head = HeadLimits {
+        max_header_bytes: limits.max_header_bytes,
+        max_headers: limits.max_headers,
+        max_uri_bytes: limits.max_uri_bytes,
     };
-    // Billing calls (and whoami) are shed past the concurrency bound; probes and scrapes are
-    // not, so a busy gateway is not mistaken for a dead one.
-    let billing = Router::new()
-        .route("/gateway/v1/whoami", get(proxy::whoami))
-        .route("/gateway/v1/cache", delete(proxy::purge))
-        // Every Billing path, and every unknown one (answered 404 by the operation table).
-        .fallback(proxy::handle)
-        .layer(from_fn_with_state(in_flight, shed));
-    let max_header_bytes = limits.max_header_bytes;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/gateway/v1/openapi.json", get(openapi))
-        .merge(billing)
+        .route("/gateway/v1/whoami", get(proxy::whoami))
+        .route("/gateway/v1/cache", delete(proxy::purge))
+        // Every Billing path, and every unknown one (answered 404 by the operation table).
+        .fallback(proxy::handle)
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
         .with_state(state.clone())
         // Each `.layer` wraps everything above it, so the last one listed runs first.
-        // Oversized headers answer 431 before anything reads them.
+        // The places in flight, for the handlers and `/readyz`.
+        .layer(Extension(admission))
+        // Oversized request heads answer 414 or 431 before anything reads them.
         .layer(from_fn(move |req: Request, next: Next| {
-            check_headers(max_header_bytes, req, next)
+            check_head(head, req, next)
         }))
         // A body must arrive whole within the deadline: slow-loris on the body is cut off too,
         // a trickle of one byte a second included (an idle timeout never fires on that).
@@ -60,81 +68,34 @@ pub(super) fn router(state: AppState, limits: &ServerLimits, cors_origins: &[Str
         .layer(from_fn_with_state(state.metrics.clone(), telemetry::track))
 }
 
-/// The concurrency bound of the Billing routes.
-#[derive(Clone)]
-struct InFlight {
-    permits: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
+/// The gateway's own bounds on a request head, answered in JSON; hyper's hard caps (bare
+/// answers) are set above them in the accept loop.
+#[derive(Debug, Clone, Copy)]
+struct HeadLimits {
+    max_header_bytes: usize,
+    max_headers: usize,
+    max_uri_bytes: usize,
 }
 
-/// Holds one place in the bound until the answer's last byte has left (or the client left).
-struct Place {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    gauge: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        self.gauge.dec();
+/// 414 (JSON) for a request target over `max_uri_bytes`; 431 (JSON) for headers over
+/// `max_header_bytes` or more than `max_headers` of them.
+async fn check_head(limits: HeadLimits, req: Request, next: Next) -> Response {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len());
+    if target > limits.max_uri_bytes {
+        return Error::UriTooLong.into_response();
     }
-}
-
-/// Load shedding: past `max_in_flight`, a 503 at once, so an overload shows as fast refusals
-/// instead of a queue that grows until everything times out.
-async fn shed(State(in_flight): State<InFlight>, req: Request, next: Next) -> Response {
-    let Ok(permit) = in_flight.permits.try_acquire_owned() else {
-        return Error::Overloaded.into_response();
-    };
-    in_flight.metrics.in_flight.inc();
-    let place = Place {
-        _permit: permit,
-        gauge: in_flight.metrics.in_flight.clone(),
-    };
-    let response = next.run(req).await;
-    // The place rides on the body, so a streaming download counts until it is done or dropped.
-    response.map(|body| {
-        Body::new(Holding {
-            body,
-            _place: place,
-        })
-    })
-}
-
-/// A body that holds its request's place in the bound until it is dropped. Size hint and end of
-/// stream pass through, so `Content-Length` answers keep their length.
-struct Holding {
-    body: Body,
-    _place: Place,
-}
-
-impl http_body::Body for Holding {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    let headers = req.headers();
+    if headers.len() > limits.max_headers {
+        return Error::HeadersTooLarge.into_response();
     }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// 431 (JSON) for requests whose headers exceed `max` bytes.
-async fn check_headers(max: usize, req: Request, next: Next) -> Response {
-    let size: usize = req
-        .headers()
+    let size: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    if size > max {
+    if size > limits.max_header_bytes {
         return Error::HeadersTooLarge.into_response();
     }
     next.run(req).await

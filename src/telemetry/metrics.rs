@@ -44,8 +44,10 @@ pub struct Metrics {
     upstream_retries: Family<OperationLabels, Counter>,
     budget_wait: Histogram,
     backoff: Gauge<f64, std::sync::atomic::AtomicU64>,
-    /// Requests being handled, streaming answers included; the load-shedding bound applies to it.
+    /// Places of the in-flight bound held: authenticated requests being handled, relayed upstream
+    /// bodies included; the load-shedding bound applies to it.
     pub(crate) in_flight: Gauge,
+    stalled_answers: Counter,
 }
 
 impl Default for Metrics {
@@ -121,8 +123,15 @@ impl Default for Metrics {
         let in_flight = Gauge::default();
         registry.register(
             "requests_in_flight",
-            "Billing and whoami requests being handled, streaming answers included",
+            "Authenticated requests being handled, relayed upstream bodies included (the places \
+             of the in-flight bound)",
             in_flight.clone(),
+        );
+        let stalled_answers = Counter::default();
+        registry.register(
+            "stalled_answers",
+            "Relayed answers cut off because the client took nothing for the idle write time",
+            stalled_answers.clone(),
         );
         Metrics {
             registry,
@@ -137,6 +146,7 @@ impl Default for Metrics {
             budget_wait,
             backoff,
             in_flight,
+            stalled_answers,
         }
     }
 }
@@ -201,6 +211,11 @@ impl Metrics {
     /// Sets the backoff gauge (read at scrape time: the backoff ends without any event).
     pub fn set_upstream_backoff(&self, seconds: f64) {
         self.backoff.set(seconds);
+    }
+
+    /// Counts one relayed answer cut off because its client stopped taking it.
+    pub fn count_stalled_answer(&self) {
+        self.stalled_answers.inc();
     }
 
     /// The Prometheus text exposition.

@@ -50,6 +50,23 @@ fn sane_request_id(v: &HeaderValue) -> Option<&str> {
     ok.then_some(s)
 }
 
+/// Most bytes of a request path written to the log: an unknown path is logged, and a caller
+/// without a credential must not be able to make each log line as long as the request.
+pub const LOGGED_PATH_MAX: usize = 256;
+
+/// The path as logged: whole when short, else its first [`LOGGED_PATH_MAX`] bytes (at a
+/// character boundary) and how long it was.
+pub fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= LOGGED_PATH_MAX {
+        return path.into();
+    }
+    let mut end = LOGGED_PATH_MAX;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...[truncated: {} bytes]", &path[..end], path.len()).into()
+}
+
 /// Outermost middleware: assigns the request id, runs the request in its span, then writes the
 /// request's one log line and its metrics.
 pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: Next) -> Response {
@@ -88,7 +105,7 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
     tracing::info!(
         request_id = %id,
         %method,
-        path = %path,
+        path = %loggable_path(path),
         operation,
         subject = info.subject.as_deref().unwrap_or("-"),
         status,
@@ -119,4 +136,27 @@ pub fn init_logging(format: Option<LogFormat>) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_paths_are_logged_truncated_at_a_character_boundary() {
+        assert_eq!(
+            loggable_path("/billing/v2beta1/taxes"),
+            "/billing/v2beta1/taxes"
+        );
+        let exact = "a".repeat(LOGGED_PATH_MAX);
+        assert_eq!(loggable_path(&exact), exact);
+        let long = format!("/{}", "x".repeat(64 * 1024));
+        let logged = loggable_path(&long);
+        assert!(logged.len() < LOGGED_PATH_MAX + 40, "{}", logged.len());
+        assert!(logged.ends_with("...[truncated: 65537 bytes]"), "{logged}");
+        // A multi-byte character straddling the cut is left out whole.
+        let wide = format!("{}é{}", "a".repeat(LOGGED_PATH_MAX - 1), "b".repeat(10));
+        assert!(loggable_path(&wide).starts_with(&"a".repeat(LOGGED_PATH_MAX - 1)));
+        assert!(!loggable_path(&wide).contains('é'));
+    }
 }
