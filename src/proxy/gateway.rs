@@ -54,6 +54,10 @@ pub async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Respon
                     "organization_id": state.config.upstream.organization_id,
                     "grants": grants,
                     "permissions": permissions,
+                    // Its weight in the fair queue for upstream turns, and the class metrics
+                    // count its upstream calls under.
+                    "share": principal.share(),
+                    "class": principal.class(),
                 }),
             )
         }
