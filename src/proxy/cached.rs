@@ -14,6 +14,7 @@ use super::forward::exact_json;
 use crate::billing::Call;
 use crate::cache::{Cache, Entry, Fetch, Outcome};
 use crate::error::{Error, JSON};
+use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
 
@@ -33,13 +34,18 @@ pub(super) async fn cached(
     state: &AppState,
     call: &Call,
     request_id: &str,
+    principal: &Principal,
     info: &mut RequestInfo,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
     let upstream_ms = &mut info.upstream_ms;
     let fetch = async {
         let started = Instant::now();
-        let result = state.upstream.send(call, request_id).await;
+        // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
+        let result = state
+            .upstream
+            .send(call, request_id, super::caller(principal))
+            .await;
         let elapsed = started.elapsed().as_secs_f64();
         *upstream_ms = Some(elapsed * 1000.0);
         let upstream = match result {

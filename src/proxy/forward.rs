@@ -9,6 +9,7 @@ use axum::response::Response;
 
 use crate::billing::Call;
 use crate::error::{Error, JSON};
+use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
 
@@ -16,10 +17,14 @@ pub(super) async fn forward(
     state: &AppState,
     call: &Call,
     request_id: &str,
+    principal: &Principal,
     info: &mut RequestInfo,
 ) -> Result<Response, Error> {
     let started = Instant::now();
-    let result = state.upstream.send(call, request_id).await;
+    let result = state
+        .upstream
+        .send(call, request_id, super::caller(principal))
+        .await;
     let elapsed = started.elapsed().as_secs_f64();
     info.upstream_ms = Some(elapsed * 1000.0);
     let upstream = result?;

@@ -24,6 +24,7 @@ use crate::error::{AuthMethod, AuthReason, Error};
 use crate::policy::{self, Principal};
 use crate::state::AppState;
 use crate::telemetry::{RequestId, RequestInfo};
+use crate::upstream::Caller;
 
 /// Billing calls take their arguments in the query string; the Python SDK sends `{}` as a body.
 const MAX_BODY: usize = 4 * 1024;
@@ -86,9 +87,19 @@ async fn serve(state: &AppState, req: Request, info: &mut RequestInfo) -> Result
         .map(|r| r.0.clone())
         .unwrap_or_else(|| Arc::from("-"));
     if call.op.cacheable {
-        return cached(state, &call, &request_id, info).await;
+        return cached(state, &call, &request_id, &principal, info).await;
     }
-    forward(state, &call, &request_id, info).await
+    forward(state, &call, &request_id, &principal, info).await
+}
+
+/// Who an upstream call is for, in the fair queue and in metrics. Built only when a call goes
+/// upstream: a cache hit never asks.
+fn caller(principal: &Principal) -> Caller<'_> {
+    Caller {
+        id: &principal.subject,
+        share: principal.share(),
+        class: principal.class(),
+    }
 }
 
 /// The caller's identity with its grants, from its one credential.
