@@ -20,10 +20,11 @@
 //!    relayed body has been taken.
 //! 4. [`billing::Call::apply_organization`] fills in the gateway's organization (or refuses
 //!    another one).
-//! 5. [`upstream::Upstream::send`] waits for the call's turn in the upstream budget (or refuses
-//!    while backing off after a 429), builds the request from the `Call`, injects the secret key
-//!    last, follows no redirect, retries idempotent calls on connection errors, 502 and 503, and
-//!    maps timeouts, refusals and 429s to [`error::Error`].
+//! 5. [`upstream::Upstream::send`] waits for the call's turn in the upstream budget, taking turns
+//!    fairly with other callers' waiting calls (or refuses while backing off after a 429),
+//!    builds the request from the `Call`, injects the secret key last, follows no redirect,
+//!    retries idempotent calls on connection errors, 502 and 503, and maps timeouts, refusals
+//!    and 429s to [`error::Error`].
 //! 6. `consumptions` and `taxes` go through [`cache::Cache`] first: a fresh entry answers at
 //!    once; concurrent misses share one upstream call; a failing upstream is covered by a stale
 //!    entry when there is one.

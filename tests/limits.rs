@@ -480,3 +480,483 @@ async fn a_policy_rate_overrides_the_default_for_its_holders_only() {
         );
     }
 }
+
+// Fair share of the upstream budget (contract §10).
+
+/// The fairness tests measure turns in wall-clock time: one at a time, so they do not take
+/// each other's CPU (the other tests of this file are short and light).
+static FLOOD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// At 10/s the budget paces calls 5% under the rate: one every 105 ms.
+const PACE: Duration = Duration::from_millis(105);
+
+/// A generous bound for a condition to come about; a test fails past it, it never measures.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A token for subject `sub` holding `role`.
+fn token_for(sub: &str, role: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    token_with(json!({"sub": sub, "roles": [role], "iat": now, "exp": now + 600}))
+}
+
+/// A policy folder with one role per `(name, share)`, each bound to tokens whose `roles` claim
+/// holds its name and allowed to read consumption (consumptions, taxes, charges).
+fn policy_with_shares(roles: &[(&str, u32)]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("bg-fair-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut text = String::new();
+    for (name, share) in roles {
+        text.push_str(&format!(
+            "[roles.{name}]\npermissions = [\"consumption:read\"]\nshare = {share}\n\n\
+             [[bindings]]\nclaim = \"roles\"\nequals = \"{name}\"\nroles = [\"{name}\"]\n\n"
+        ));
+    }
+    std::fs::write(dir.join("policy.toml"), text).expect("policy");
+    dir
+}
+
+/// Records each upstream request's path and arrival; answers 200, or 503 every `fail_every`th.
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: Arc<Mutex<Vec<(Instant, String)>>>,
+    fail_every: usize,
+}
+
+impl Recorder {
+    fn failing_every(n: usize) -> Recorder {
+        Recorder {
+            fail_every: n,
+            ..Recorder::default()
+        }
+    }
+
+    fn arrivals(&self) -> Vec<(Instant, String)> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    fn count(&self, path: &str) -> usize {
+        self.arrivals().iter().filter(|(_, p)| p == path).count()
+    }
+}
+
+impl Respond for Recorder {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut seen = self.seen.lock().expect("lock");
+        seen.push((Instant::now(), request.url.path().to_owned()));
+        if self.fail_every > 0 && seen.len().is_multiple_of(self.fail_every) {
+            return ResponseTemplate::new(503).set_body_raw(
+                r#"{"message":"unavailable","type":"service_unavailable"}"#,
+                "application/json",
+            );
+        }
+        ok_json(json!({"items": [], "total_count": 0}))
+    }
+}
+
+const CONSUMPTIONS: &str = "/billing/v2beta1/consumptions";
+const TAXES: &str = "/billing/v2beta1/taxes";
+const INVOICES: &str = "/billing/v2beta1/invoices";
+
+/// What a flood of requests came to.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    ok: usize,
+    throttled: usize,
+    /// 503s relayed from the upstream (after the retries).
+    unavailable: usize,
+}
+
+/// The `n`th of distinct queries (distinct pages of distinct months: every one a cache miss).
+fn nth(path: &str, n: usize) -> String {
+    format!(
+        "{path}?billing_period=2025-{:02}&page={}",
+        n % 12 + 1,
+        n / 12 + 1
+    )
+}
+
+fn consumptions(n: usize) -> String {
+    nth(CONSUMPTIONS, n)
+}
+
+fn taxes(n: usize) -> String {
+    nth(TAXES, n)
+}
+
+fn charges(n: usize) -> String {
+    format!("/billing/v2beta1/charges?page_token={n}")
+}
+
+/// `tasks` concurrent loops sending the distinct queries `query(n)` with `token` until `stop`;
+/// a 429 must carry `Retry-After`, and its loop pauses 50 ms as a polite client would (without
+/// it the refused loops would spin and take the CPU every test here measures).
+fn flood(
+    base: &str,
+    query: fn(usize) -> String,
+    token: String,
+    tasks: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Tally> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let client = reqwest::Client::new();
+    let next = Arc::new(AtomicUsize::new(0));
+    let loops: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (client, token, stop, next) =
+                (client.clone(), token.clone(), stop.clone(), next.clone());
+            let base = base.to_owned();
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                while !stop.load(Ordering::SeqCst) {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    let response = client
+                        .get(format!("{base}{}", query(n)))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                        .expect("request");
+                    match response.status().as_u16() {
+                        200 => tally.ok += 1,
+                        429 => {
+                            assert!(retry_after(&response) >= 1);
+                            tally.throttled += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        503 => tally.unavailable += 1,
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    tokio::spawn(async move {
+        let mut total = Tally::default();
+        for l in loops {
+            let t = l.await.expect("flood task");
+            total.ok += t.ok;
+            total.throttled += t.throttled;
+            total.unavailable += t.unavailable;
+        }
+        total
+    })
+}
+
+/// Waits (polling the metrics) until `series` reads `value`; returns how long that took.
+async fn until_metric(app: &TestApp, series: &str, value: f64) -> Duration {
+    let started = Instant::now();
+    loop {
+        if sample(&app.metrics().await, series) == value {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{series} never reached {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Fails when more than `rate` requests arrived within any one second.
+fn assert_within_budget(arrivals: &[(Instant, String)], rate: usize) {
+    let mut times: Vec<Instant> = arrivals.iter().map(|(t, _)| *t).collect();
+    times.sort();
+    for (i, start) in times.iter().enumerate() {
+        let in_window = times[i..]
+            .iter()
+            .take_while(|t| t.duration_since(*start) < Duration::from_secs(1))
+            .count();
+        assert!(
+            in_window <= rate,
+            "{in_window} upstream calls within one second: gaps {:?}",
+            times
+                .windows(2)
+                .map(|w| w[1].duration_since(w[0]).as_millis())
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+const WAITING: &str = "billing_gateway_upstream_budget_waiting_principals";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_principal_delays_another_by_at_most_two_paces() {
+    let _one_at_a_time = FLOOD.lock().await;
+    let app = TestApp::spawn_with(|c| {
+        c.upstream.rate = per_second(10);
+        c.limits.principal_rate = per_second(1000);
+    })
+    .await;
+    let recorder = Recorder::default();
+    Mock::given(any())
+        .respond_with(recorder.clone())
+        .mount(&app.upstream)
+        .await;
+    // A: a report script on consumption; B: a finance app listing invoices.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let a = flood(
+        &app.base,
+        consumptions,
+        token_for("report-script", "billing-read-only"),
+        30,
+        stop.clone(),
+    );
+    // A's backlog is there before B's first call.
+    until_metric(&app, WAITING, 1.0).await;
+    let b_token = token_for("finance-app", "billing-manager");
+    let b_client = reqwest::Client::new();
+    // B's connection and token are ready (whoami never goes upstream): what B's calls then
+    // take is its turn plus a few milliseconds of HTTP.
+    let warm = b_client
+        .get(format!("{}/gateway/v1/whoami", app.base))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .expect("whoami");
+    assert_eq!(warm.status(), 200);
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for page in 1..=8 {
+        let sent = Instant::now();
+        let response = b_client
+            .get(format!("{}{INVOICES}?page={page}", app.base))
+            .bearer_auth(&b_token)
+            .send()
+            .await
+            .expect("request");
+        latencies.push(sent.elapsed());
+        assert_eq!(response.status(), 200, "B's call {page} was refused");
+        tokio::time::sleep_until((sent + Duration::from_millis(500)).into()).await;
+    }
+    let flooded_for = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let a = a.await.expect("flood");
+
+    // Every B call waited at most two paces for its turn: counted by the gateway itself (the
+    // histogram bucket just above 210 ms holds all eight), and seen by B, whose whole request
+    // took little more.
+    let m = app.metrics().await;
+    let b_waits = r#"billing_gateway_upstream_budget_wait_by_class_seconds_bucket{le="0.256",class="billing-manager"}"#;
+    assert_eq!(sample(&m, b_waits), 8.0, "{m}");
+    let slowest = latencies.iter().max().expect("latencies");
+    assert!(
+        *slowest <= 2 * PACE + Duration::from_millis(80),
+        "B waited {slowest:?}: {latencies:?}"
+    );
+    // Not vacuous: A kept the budget spent the whole time, its calls waited long, and its
+    // excess (only A's) was refused for the budget, with Retry-After.
+    let during = recorder
+        .arrivals()
+        .iter()
+        .filter(|(t, _)| *t >= started && t.duration_since(started) < flooded_for)
+        .count();
+    let budget = flooded_for.as_secs_f64() / PACE.as_secs_f64();
+    assert!(
+        during as f64 >= 0.8 * budget,
+        "{during} upstream calls in {flooded_for:?}"
+    );
+    assert!(a.throttled > 0 && a.unavailable == 0, "{a:?}");
+    assert_eq!(
+        sample(
+            &m,
+            r#"billing_gateway_rejections_total{reason="upstream_budget"}"#
+        ),
+        a.throttled as f64,
+        "{m}"
+    );
+    let a_wait = sample(
+        &m,
+        r#"billing_gateway_upstream_budget_wait_by_class_seconds_sum{class="billing-read-only"}"#,
+    ) / sample(
+        &m,
+        r#"billing_gateway_upstream_budget_wait_by_class_seconds_count{class="billing-read-only"}"#,
+    );
+    assert!(a_wait > 0.5, "A's calls waited {a_wait} s on average");
+    assert_eq!(
+        sample(
+            &m,
+            r#"billing_gateway_upstream_calls_by_class_total{class="billing-manager"}"#
+        ),
+        8.0,
+        "{m}"
+    );
+    assert!(
+        !m.contains("finance-app") && !m.contains("report-script"),
+        "{m}"
+    );
+    assert_within_budget(&recorder.arrivals(), 10);
+    eprintln!("B's calls took {latencies:?}; A: {a:?}, waited {a_wait:.2} s on average");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_weight_the_upstream_calls_of_flooding_principals() {
+    let _one_at_a_time = FLOOD.lock().await;
+    let dir = policy_with_shares(&[("heavy", 3), ("light", 1)]);
+    let app = TestApp::spawn_with(|c| {
+        c.policy_dir = dir;
+        c.upstream.rate = per_second(10);
+        c.limits.principal_rate = per_second(1000);
+    })
+    .await;
+    let recorder = Recorder::default();
+    Mock::given(any())
+        .respond_with(recorder.clone())
+        .mount(&app.upstream)
+        .await;
+    let who: Value = app
+        .get("/gateway/v1/whoami", &token_for("h", "heavy"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!((&who["share"], &who["class"]), (&json!(3), &json!("heavy")));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heavy = flood(
+        &app.base,
+        consumptions,
+        token_for("h", "heavy"),
+        12,
+        stop.clone(),
+    );
+    let light = flood(&app.base, taxes, token_for("l", "light"), 12, stop.clone());
+    until_metric(&app, WAITING, 2.0).await;
+    // Counted from when both are waiting, for four seconds.
+    let (h0, l0) = (recorder.count(CONSUMPTIONS), recorder.count(TAXES));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (h, l) = (
+        recorder.count(CONSUMPTIONS) - h0,
+        recorder.count(TAXES) - l0,
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (heavy, light) = (heavy.await.expect("flood"), light.await.expect("flood"));
+    let ratio = h as f64 / l.max(1) as f64;
+    assert!(
+        (2.0..=4.0).contains(&ratio),
+        "heavy {h}, light {l} upstream calls: ratio {ratio}"
+    );
+    assert!(h + l >= 30, "the budget was spent: {h} + {l} in 4 s");
+    // The light principal asked for more than its quarter: its excess was refused.
+    assert!(light.throttled > 0, "{heavy:?} {light:?}");
+    eprintln!("heavy {h}, light {l}: ratio {ratio:.2}; {heavy:?} {light:?}");
+    assert_within_budget(&recorder.arrivals(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_holds_with_weighted_principals_and_retries() {
+    let _one_at_a_time = FLOOD.lock().await;
+    let dir = policy_with_shares(&[("heavy", 3), ("light", 1), ("other", 1)]);
+    let app = TestApp::spawn_with(|c| {
+        c.policy_dir = dir;
+        c.upstream.rate = per_second(10);
+        c.limits.principal_rate = per_second(1000);
+    })
+    .await;
+    // Every fifth answer is a 503: its GET is retried, and each retry spends a turn too.
+    let recorder = Recorder::failing_every(5);
+    Mock::given(any())
+        .respond_with(recorder.clone())
+        .mount(&app.upstream)
+        .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let floods = [
+        flood(
+            &app.base,
+            consumptions,
+            token_for("h", "heavy"),
+            8,
+            stop.clone(),
+        ),
+        flood(&app.base, taxes, token_for("l", "light"), 8, stop.clone()),
+        flood(&app.base, charges, token_for("o", "other"), 8, stop.clone()),
+    ];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for f in floods {
+        f.await.expect("flood");
+    }
+    let arrivals = recorder.arrivals();
+    assert!(arrivals.len() >= 20, "{} upstream calls", arrivals.len());
+    assert_within_budget(&arrivals, 10);
+    let m = app.metrics().await;
+    let retries: f64 = ["consumptions", "taxes", "charges"]
+        .iter()
+        .map(|op| {
+            sample(
+                &m,
+                &format!(r#"billing_gateway_upstream_retries_total{{operation="{op}"}}"#),
+            )
+        })
+        .sum();
+    assert!(retries >= 1.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_disconnect_leave_the_queue_and_take_no_turn() {
+    let _one_at_a_time = FLOOD.lock().await;
+    let app = TestApp::spawn_with(|c| {
+        c.upstream.rate = per_second(10);
+        c.limits.principal_rate = per_second(1000);
+    })
+    .await;
+    let recorder = Recorder::default();
+    Mock::given(any())
+        .respond_with(recorder.clone())
+        .mount(&app.upstream)
+        .await;
+    // Twenty of A's calls at once: one is sent, the rest wait (two seconds' worth).
+    let a_token = token_for("report-script", "billing-read-only");
+    let client = reqwest::Client::new();
+    let a: Vec<_> = (1..=20)
+        .map(|page| {
+            let request = client
+                .get(format!("{}{CONSUMPTIONS}?page={page}", app.base))
+                .bearer_auth(&a_token)
+                .send();
+            tokio::spawn(request)
+        })
+        .collect();
+    until_metric(&app, WAITING, 1.0).await;
+    let sent_before = recorder.count(CONSUMPTIONS);
+    // A's clients go away; the gateway lets go of their places at once, long before their
+    // two-second wait would have.
+    for request in &a {
+        request.abort();
+    }
+    let emptied = until_metric(&app, WAITING, 0.0).await;
+    assert!(emptied < Duration::from_millis(500), "took {emptied:?}");
+
+    // B, now alone, has a turn every pace: none goes to A's departed calls.
+    let b_token = token_for("finance-app", "billing-manager");
+    let started = Instant::now();
+    for page in 1..=5 {
+        let sent = Instant::now();
+        let response = app.get(&format!("{INVOICES}?page={page}"), &b_token).await;
+        assert_eq!(response.status(), 200);
+        assert!(
+            sent.elapsed() <= PACE + Duration::from_millis(60),
+            "{:?}",
+            sent.elapsed()
+        );
+    }
+    assert!(
+        started.elapsed() <= 5 * PACE + Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    // A turn granted just before the disconnect may still have been on its way: B's first
+    // turn came a pace after it, so by now it has arrived. Nothing of A's came after.
+    let a_sent = recorder.count(CONSUMPTIONS);
+    assert!(
+        a_sent <= sent_before + 1 && a_sent < 20,
+        "{sent_before} then {a_sent}"
+    );
+    assert_eq!(recorder.count(INVOICES), 5);
+    let later = app.get(&format!("{INVOICES}?page=6"), &b_token).await;
+    assert_eq!(later.status(), 200);
+    assert_eq!(
+        recorder.count(CONSUMPTIONS),
+        a_sent,
+        "an aborted call went upstream"
+    );
+}

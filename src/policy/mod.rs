@@ -37,6 +37,24 @@ pub struct Grant {
     /// A per-principal rate overriding `GATEWAY_PRINCIPAL_RATE`: the key's own `rate`, else the
     /// most generous `rate` among the granted roles; `None` when none sets one.
     pub rate: Option<Rate>,
+    /// This grant's weight in the fair queue for upstream turns (contract §10): the key's own
+    /// `share`, else the largest among the granted roles; `None` when none sets one.
+    pub share: Option<u32>,
+    /// What metrics count this grant's upstream calls under (see [`Principal::class`]). Plain
+    /// values, not a name: a grant is copied into every request's principal, cache hits
+    /// included, and only a call that goes upstream asks for its class.
+    class: Class,
+}
+
+/// A grant's principal class: the principal's own name for a gateway key (its subject), else one
+/// of its roles. Never a user's subject, so metrics have no more labels than the policy has roles
+/// and keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// The grant of a `[[keys]]` entry.
+    Key,
+    /// The highest of the granted roles (largest share, then most permissions), by its index.
+    Role(usize),
 }
 
 /// An authenticated caller and everything the policy grants it.
@@ -61,7 +79,44 @@ impl Principal {
     pub fn rate(&self) -> Option<Rate> {
         most_generous(self.grants.iter().filter_map(|g| g.rate))
     }
+
+    /// This caller's weight in the fair queue for upstream turns: the largest `share` of its
+    /// grants, 1 when none sets one.
+    pub fn share(&self) -> u32 {
+        self.grants
+            .iter()
+            .filter_map(|g| g.share)
+            .max()
+            .unwrap_or(DEFAULT_SHARE)
+    }
+
+    /// The bounded label metrics count this caller's upstream calls under: a gateway key's
+    /// name, or a token's highest role (the grant with the largest share, then the most
+    /// permissions); `none` without grants.
+    pub fn class(&self) -> &str {
+        self.grants
+            .iter()
+            .rev()
+            .max_by_key(|g| {
+                (
+                    g.share.unwrap_or(DEFAULT_SHARE),
+                    g.permissions.iter().count(),
+                )
+            })
+            .and_then(|g| match g.class {
+                Class::Key => Some(self.subject.as_str()),
+                Class::Role(i) => g.roles.get(i).map(String::as_str),
+            })
+            .unwrap_or("none")
+    }
 }
+
+/// A caller's share of upstream turns when no grant sets one.
+pub const DEFAULT_SHARE: u32 = 1;
+
+/// The largest `share` a role or key may set: a hundred times anyone else's turns is already
+/// more than a fair queue is for.
+pub const MAX_SHARE: u32 = 100;
 
 fn most_generous(rates: impl Iterator<Item = Rate>) -> Option<Rate> {
     let per_second = |r: &Rate| f64::from(r.count) / r.per.as_secs_f64();
@@ -109,6 +164,7 @@ pub struct PolicySet {
 struct Role {
     permissions: Permissions,
     rate: Option<Rate>,
+    share: Option<u32>,
     file: PathBuf,
 }
 
@@ -209,11 +265,13 @@ impl PolicySet {
                     })?);
                 }
                 let rate = rate(role.get_ref().rate.as_ref(), &at)?;
+                let share = share(role.get_ref().share.as_ref(), &at)?;
                 set.roles.insert(
                     name,
                     Role {
                         permissions,
                         rate,
+                        share,
                         file: file.clone(),
                     },
                 );
@@ -286,6 +344,11 @@ impl PolicySet {
         if let Some(own) = rate(k.rate.as_ref(), at)? {
             grant.rate = Some(own);
         }
+        if let Some(own) = share(k.share.as_ref(), at)? {
+            grant.share = Some(own);
+        }
+        // A key is a principal of its own: its calls are counted under its name.
+        grant.class = Class::Key;
         self.keys.push(Key {
             name: k.name.into_inner(),
             sha256: k.sha256.into_inner(),
@@ -302,13 +365,24 @@ impl PolicySet {
     ) -> Result<Grant, PolicyError> {
         let mut permissions = Permissions::default();
         let mut rates = Vec::new();
-        for r in roles {
+        let mut share = None;
+        // The highest role, for metrics: largest share, then most permissions, then first.
+        let mut class: Option<(u32, usize, usize)> = None;
+        for (i, r) in roles.iter().enumerate() {
             let role = self
                 .roles
                 .get(r.get_ref())
                 .ok_or_else(|| at(r.span(), format!("unknown role `{}`", r.get_ref())))?;
             permissions = permissions.union(role.permissions);
             rates.extend(role.rate);
+            share = share.max(role.share);
+            let rank = (
+                role.share.unwrap_or(DEFAULT_SHARE),
+                role.permissions.iter().count(),
+            );
+            if class.is_none_or(|(s, p, _)| rank > (s, p)) {
+                class = Some((rank.0, rank.1, i));
+            }
         }
         let projects = projects
             .map(|ps| {
@@ -332,6 +406,8 @@ impl PolicySet {
             permissions,
             projects,
             rate: most_generous(rates.into_iter()),
+            share,
+            class: Class::Role(class.map_or(0, |(_, _, i)| i)),
         })
     }
 
@@ -403,6 +479,31 @@ impl Key {
             grants: vec![self.grant.clone()],
         }
     }
+}
+
+/// A `share`: a whole number of turns, from 1 to [`MAX_SHARE`]. Read as any TOML value so that
+/// a string or a fraction gets the same message as a number out of range.
+fn share(
+    share: Option<&Spanned<toml::Value>>,
+    at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
+) -> Result<Option<u32>, PolicyError> {
+    share
+        .map(|s| {
+            s.get_ref()
+                .as_integer()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (DEFAULT_SHARE..=MAX_SHARE).contains(n))
+                .ok_or_else(|| {
+                    at(
+                        s.span(),
+                        format!(
+                            "share: `{}` is not a share: use a whole number from 1 to {MAX_SHARE}",
+                            s.get_ref()
+                        ),
+                    )
+                })
+        })
+        .transpose()
 }
 
 fn rate(
@@ -575,6 +676,7 @@ struct RoleDef {
     description: Option<String>,
     permissions: Vec<Spanned<String>>,
     rate: Option<Spanned<String>>,
+    share: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -594,6 +696,7 @@ struct KeyDef {
     roles: Vec<Spanned<String>>,
     projects: Option<Vec<Spanned<String>>>,
     rate: Option<Spanned<String>>,
+    share: Option<Spanned<toml::Value>>,
 }
 
 #[cfg(test)]
@@ -1038,6 +1141,59 @@ mod tests {
                 &format!("project_id={P2}")
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn shares_are_validated_the_largest_applies_and_classes_name_no_user() {
+        const K: &str = "0b7d2e1c-9a44-4f6b-8c3d-5e6f7a8b9c0d";
+        let text = DEFAULT.replace(
+            "description = \"Everything",
+            "share = 3\ndescription = \"Everything",
+        );
+        let shared = set(&[&text, &key_entry("report", K, "share = 5\n")]).expect("valid");
+        let ro = principal(&shared, json!({"roles": ["billing-read-only"]}));
+        let both = principal(
+            &shared,
+            json!({"roles": ["billing-read-only", "billing-manager"]}),
+        );
+        let nobody = principal(&shared, json!({}));
+        assert_eq!((ro.share(), ro.class()), (1, "billing-read-only"));
+        assert_eq!((both.share(), both.class()), (3, "billing-manager"));
+        assert_eq!((nobody.share(), nobody.class()), (1, "none"));
+        let key = shared.principal_for_key_name("report").expect("key");
+        assert_eq!((key.share(), key.class()), (5, "report"));
+
+        // Equal shares: the role with the most permissions names the class, whatever the order.
+        let plain = set(&[DEFAULT]).expect("valid");
+        for roles in [
+            json!(["billing-manager", "billing-read-only"]),
+            json!(["billing-read-only", "billing-manager"]),
+        ] {
+            let p = principal(&plain, json!({ "roles": roles }));
+            assert_eq!((p.share(), p.class()), (1, "billing-manager"));
+        }
+
+        for bad in ["0", "101", "-1", "1.5", "\"3\"", "[2]"] {
+            let entry = key_entry("k", K, &format!("share = {bad}\n"));
+            let e = set(&[DEFAULT, &entry]).expect_err(bad);
+            assert_eq!(
+                (e.line, e.file.as_path(), e.message.as_str()),
+                (
+                    5,
+                    Path::new("p1.toml"),
+                    format!("share: `{bad}` is not a share: use a whole number from 1 to 100")
+                        .as_str()
+                ),
+            );
+        }
+        let e = set(&["[roles.x]\npermissions = []\nshare = 0\n"]).expect_err("role share");
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (
+                3,
+                "share: `0` is not a share: use a whole number from 1 to 100"
+            )
         );
     }
 

@@ -18,6 +18,7 @@ use crate::admission::Slot;
 use crate::billing::Call;
 use crate::cache::{Cache, Entry, Fetch, Outcome};
 use crate::error::{Error, JSON};
+use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
 
@@ -44,6 +45,7 @@ pub(super) async fn cached(
     state: &AppState,
     call: &Call,
     request_id: &str,
+    principal: &Principal,
     info: &mut RequestInfo,
     slot: Slot,
 ) -> Result<Response, Error> {
@@ -51,7 +53,11 @@ pub(super) async fn cached(
     let upstream_ms = &mut info.upstream_ms;
     let fetch = async {
         let started = Instant::now();
-        let result = state.upstream.send(call, request_id).await;
+        // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
+        let result = state
+            .upstream
+            .send(call, request_id, super::caller(principal))
+            .await;
         let elapsed = started.elapsed().as_secs_f64();
         *upstream_ms = Some(elapsed * 1000.0);
         let upstream = match result {
@@ -135,7 +141,7 @@ pub(super) async fn cached(
                         response
                     }
                     // Another request is relaying that answer: this one asks for its own.
-                    None => forward(state, call, request_id, info, slot)
+                    None => forward(state, call, request_id, principal, info, slot)
                         .await
                         .unwrap_or_else(IntoResponse::into_response),
                 };

@@ -12,6 +12,7 @@ use super::body::error_body;
 use crate::admission::Slot;
 use crate::billing::Call;
 use crate::error::{Error, JSON};
+use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
 
@@ -19,11 +20,15 @@ pub(super) async fn forward(
     state: &AppState,
     call: &Call,
     request_id: &str,
+    principal: &Principal,
     info: &mut RequestInfo,
     slot: Slot,
 ) -> Result<Response, Error> {
     let started = Instant::now();
-    let result = state.upstream.send(call, request_id).await;
+    let result = state
+        .upstream
+        .send(call, request_id, super::caller(principal))
+        .await;
     let elapsed = started.elapsed().as_secs_f64();
     info.upstream_ms = Some(elapsed * 1000.0);
     let upstream = result?;

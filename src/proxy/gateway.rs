@@ -66,6 +66,10 @@ pub async fn whoami(
                     "organization_id": state.organization_id,
                     "grants": grants,
                     "permissions": permissions,
+                    // Its weight in the fair queue for upstream turns, and the class metrics
+                    // count its upstream calls under.
+                    "share": principal.share(),
+                    "class": principal.class(),
                 }),
             )
         }

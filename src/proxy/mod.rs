@@ -29,6 +29,7 @@ use crate::error::{AuthMethod, AuthReason, Error};
 use crate::policy::{self, Principal};
 use crate::state::AppState;
 use crate::telemetry::{RequestId, RequestInfo};
+use crate::upstream::Caller;
 
 /// Billing calls take their arguments in the query string; the Python SDK sends `{}` as a body.
 const MAX_BODY: usize = 4 * 1024;
@@ -116,9 +117,9 @@ async fn serve(
         // Cached answers are whole in memory: the place goes back when the handler returns,
         // not when a slow reader has taken the body (an answer too long to store streams, and
         // keeps it like any relayed body).
-        return cached(state, &call, &request_id, info, slot).await;
+        return cached(state, &call, &request_id, &principal, info, slot).await;
     }
-    forward(state, &call, &request_id, info, slot).await
+    forward(state, &call, &request_id, &principal, info, slot).await
 }
 
 /// The caller, authenticated within the unauthenticated allowance, and its place in flight.
@@ -130,6 +131,16 @@ pub(crate) async fn admit(
     let principal = admission.authenticate(authenticate(state, headers)).await?;
     let slot = admission.admit(&principal.subject)?;
     Ok((principal, slot))
+}
+
+/// Who an upstream call is for, in the fair queue and in metrics. Built only when a call goes
+/// upstream: a cache hit never asks.
+fn caller(principal: &Principal) -> Caller<'_> {
+    Caller {
+        id: &principal.subject,
+        share: principal.share(),
+        class: principal.class(),
+    }
 }
 
 /// The caller's identity with its grants, from its one credential.

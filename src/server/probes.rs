@@ -48,6 +48,9 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     state
         .metrics
         .set_upstream_backoff(state.upstream.backoff_remaining().as_secs_f64());
+    state
+        .metrics
+        .set_waiting_principals(state.upstream.waiting_principals());
     (
         [(
             axum::http::header::CONTENT_TYPE,

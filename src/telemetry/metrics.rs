@@ -29,7 +29,15 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// A principal class: a gateway key's name or a token's highest role, never a user's subject,
+/// so there are no more series than the policy has keys and roles.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: String,
+}
+
 type HistogramFamily = Family<OperationLabels, Histogram, fn() -> Histogram>;
+type ClassHistogramFamily = Family<ClassLabels, Histogram, fn() -> Histogram>;
 
 /// The gateway's Prometheus metrics.
 pub struct Metrics {
@@ -43,6 +51,9 @@ pub struct Metrics {
     cache_bytes: Gauge,
     upstream_retries: Family<OperationLabels, Counter>,
     budget_wait: Histogram,
+    class_calls: Family<ClassLabels, Counter>,
+    class_budget_wait: ClassHistogramFamily,
+    waiting_principals: Gauge,
     backoff: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Places of the in-flight bound held: authenticated requests being handled, relayed upstream
     /// bodies included; the load-shedding bound applies to it.
@@ -113,6 +124,28 @@ impl Default for Metrics {
             prometheus_client::registry::Unit::Seconds,
             budget_wait.clone(),
         );
+        let class_calls = Family::<ClassLabels, Counter>::default();
+        registry.register(
+            "upstream_calls_by_class",
+            "Calls sent to the Billing API (retries included), by principal class: the gateway \
+             key's name or the token's highest role",
+            class_calls.clone(),
+        );
+        let class_budget_wait: ClassHistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 12)));
+        registry.register_with_unit(
+            "upstream_budget_wait_by_class",
+            "Time upstream calls waited for their turn in the upstream budget, by principal class",
+            prometheus_client::registry::Unit::Seconds,
+            class_budget_wait.clone(),
+        );
+        let waiting_principals = Gauge::default();
+        registry.register(
+            "upstream_budget_waiting_principals",
+            "Principals with calls waiting for a turn in the upstream budget (turns go round-robin \
+             between them)",
+            waiting_principals.clone(),
+        );
         let backoff = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register_with_unit(
             "upstream_backoff",
@@ -144,6 +177,9 @@ impl Default for Metrics {
             cache_bytes,
             upstream_retries,
             budget_wait,
+            class_calls,
+            class_budget_wait,
+            waiting_principals,
             backoff,
             in_flight,
             stalled_answers,
@@ -195,10 +231,31 @@ impl Metrics {
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    /// Records how long an upstream call waited for its turn in the budget (0 when it had it at
-    /// once), so operators see the budget binding before callers see 429s.
-    pub fn observe_budget_wait(&self, seconds: f64) {
+    /// Records how long an upstream call of a principal of `class` waited for its turn in the
+    /// budget (0 when it had it at once), so operators see the budget binding, and whom it
+    /// delays, before callers see 429s.
+    pub fn observe_budget_wait(&self, class: &str, seconds: f64) {
         self.budget_wait.observe(seconds);
+        self.class_budget_wait
+            .get_or_create(&ClassLabels {
+                class: class.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts one call sent upstream for a principal of `class`.
+    pub fn count_class_call(&self, class: &str) {
+        self.class_calls
+            .get_or_create(&ClassLabels {
+                class: class.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the gauge of principals waiting for a turn (read at scrape time).
+    pub fn set_waiting_principals(&self, principals: usize) {
+        self.waiting_principals
+            .set(i64::try_from(principals).unwrap_or(i64::MAX));
     }
 
     /// Counts one retry of an upstream call.

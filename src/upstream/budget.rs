@@ -1,14 +1,13 @@
-//! The budget every upstream call shares (a smooth pace with a short, bounded wait for a turn)
-//! and the backoff after the upstream answers 429. Only calls that really go upstream spend it.
+//! The budget every upstream call shares (a smooth pace with a short, bounded wait for a turn,
+//! turns shared fairly between principals) and the backoff after the upstream answers 429. Only
+//! calls that really go upstream spend it.
 
-use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::fair::{FairQueue, Ticket};
 use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
 
@@ -21,19 +20,35 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// The longest backoff, with or without `Retry-After`.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
+/// Who an upstream call is for: its place in the fair queue and its label in metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// The principal (its subject or key name): each has its own backlog.
+    pub id: &'a str,
+    /// Its weight in the rotation (policy `share`, at least 1).
+    pub share: u32,
+    /// A label of bounded cardinality (key name or role), never a user's subject.
+    pub class: &'a str,
+}
+
 /// The pace every upstream call shares: at most `count` per `per` in any window, evenly spaced
 /// (a burst would spend the upstream's own allowance at once).
 ///
-/// A call that finds the pace spent waits its turn, first come first served, in a queue bounded
-/// both in length and in time ([`UPSTREAM_MAX_WAIT`]); past that it is answered 429 rather than
-/// left to pile up.
+/// A call that finds the pace spent waits its turn in a [`FairQueue`]: turns go round-robin
+/// over the principals with calls waiting, weighted by their share, so one principal's flood
+/// delays another's call by one round at most. Each principal's backlog is bounded both in
+/// length and in time ([`UPSTREAM_MAX_WAIT`]); past either, that principal's call is answered
+/// 429 rather than left to pile up, and no other principal's is.
 pub struct UpstreamBudget {
-    limiter: DefaultDirectRateLimiter,
-    /// Bounds the queue's length: one permit per waiting (or sending) call.
-    places: Semaphore,
-    /// First come, first served: only the head of the queue asks the limiter, so no newcomer
-    /// takes a turn from a call that has been waiting.
-    turn: tokio::sync::Mutex<()>,
+    slots: Slots,
+    queue: FairQueue,
+    /// One waiting call at a time takes the budget's next slot and hands it to whichever call
+    /// the queue says is next (often another): the slot is decided by the rotation, not by who
+    /// happened to wait for it.
+    dispatch: tokio::sync::Mutex<()>,
+    /// The most calls one principal may have waiting: as many as the budget could serve within
+    /// `max_wait` if that principal had it to itself; more would be refused by the wait anyway.
+    backlog: usize,
     max_wait: Duration,
 }
 
@@ -44,36 +59,120 @@ impl UpstreamBudget {
     /// the network's jitter, and the headroom keeps a jittered window within the budget too.
     pub fn new(rate: Rate, max_wait: Duration) -> UpstreamBudget {
         let period = rate.pace().mul_f64(1.05);
-        let quota =
-            Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN));
-        let places = (max_wait.as_secs_f64() / period.as_secs_f64()).ceil() as usize;
+        let backlog = (max_wait.as_secs_f64() / period.as_secs_f64()).ceil();
         UpstreamBudget {
-            limiter: RateLimiter::direct(quota),
-            places: Semaphore::new(places.clamp(1, Semaphore::MAX_PERMITS)),
-            turn: tokio::sync::Mutex::new(()),
+            slots: Slots::Local(Pace::new(period)),
+            queue: FairQueue::default(),
+            dispatch: tokio::sync::Mutex::new(()),
+            backlog: (backlog as usize).max(1),
             max_wait,
         }
     }
 
-    /// Waits for this call's turn, at most `limit` (and never past the queue's own bound);
-    /// returns how long it waited. Cancel-safe: a caller that goes away leaves the queue.
-    pub async fn acquire(&self, limit: Duration) -> Result<Duration, Error> {
+    /// Waits for this call's turn, at most `limit` (and never past [`UPSTREAM_MAX_WAIT`]);
+    /// returns how long it waited. A `retry` of a call that already had a turn keeps its place
+    /// at the front of its principal's backlog. Cancel-safe: a caller that goes away leaves the
+    /// queue at once, and a turn it was given goes to the next call.
+    pub async fn acquire(
+        &self,
+        caller: Caller<'_>,
+        retry: bool,
+        limit: Duration,
+    ) -> Result<Duration, Error> {
         let started = Instant::now();
         let refused = || Error::TooManyRequests {
             retry_after: retry_after_secs(self.max_wait),
             reason: Throttle::UpstreamBudget,
         };
-        let Ok(_place) = self.places.try_acquire() else {
-            return Err(refused());
-        };
-        let wait = async {
-            let _turn = self.turn.lock().await;
-            self.limiter.until_ready().await;
-        };
-        tokio::time::timeout(limit.min(self.max_wait), wait)
+        let mut ticket = self
+            .queue
+            .join(caller.id, caller.share, retry, self.backlog)
+            .map_err(|_| refused())?;
+        tokio::time::timeout(limit.min(self.max_wait), self.turn(&mut ticket))
             .await
             .map_err(|_| refused())?;
+        ticket.used();
         Ok(started.elapsed())
+    }
+
+    /// Waits until the queue gives `ticket` a turn, taking the dispatcher's part meanwhile when
+    /// no other waiting call has it.
+    async fn turn(&self, ticket: &mut Ticket<'_>) {
+        loop {
+            let dispatching = tokio::select! {
+                biased;
+                () = ticket.granted() => return,
+                dispatching = self.dispatch.lock() => dispatching,
+            };
+            if ticket.try_granted() {
+                return;
+            }
+            // Cancel-safe: a dispatcher that goes away before the slot takes none, and the
+            // next waiting call takes its part.
+            self.slots.next_slot().await;
+            // Nobody to grant only when every waiting call left, this one included (it was
+            // handed a turn another call left unused): the slot goes unused, an under-spend.
+            self.queue.grant_next();
+            drop(dispatching);
+        }
+    }
+
+    /// How many principals have calls waiting for a turn.
+    pub fn waiting_principals(&self) -> usize {
+        self.queue.waiting_principals()
+    }
+}
+
+/// Where the budget's slots come from. Today a pace kept in this process; across replicas it
+/// will be a reservation in a shared store (contract §11), while the fair queue stays local and
+/// only decides whose call takes each slot this replica gets.
+pub enum Slots {
+    /// This process's own pace.
+    Local(Pace),
+}
+
+impl Slots {
+    /// Waits for the next slot and takes it. Cancel-safe: a caller that goes away before it
+    /// returns takes no slot.
+    pub async fn next_slot(&self) {
+        match self {
+            Slots::Local(pace) => pace.next_slot().await,
+        }
+    }
+}
+
+/// One slot every `period`, never two closer (GCRA with a burst of one), on tokio's clock, so
+/// tests with paused time see exact turns.
+pub struct Pace {
+    period: Duration,
+    /// When the next slot is free.
+    next: Mutex<Instant>,
+}
+
+impl Pace {
+    /// A pace of one slot per `period`; the first is free at once.
+    pub fn new(period: Duration) -> Pace {
+        Pace {
+            period,
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    async fn next_slot(&self) {
+        loop {
+            let at = {
+                // A plain instant: a panic elsewhere cannot leave it half-written.
+                let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                if *next <= now {
+                    // A slot left unused is not saved up: no burst after a quiet spell.
+                    *next = now + self.period;
+                    return;
+                }
+                *next
+            };
+            tokio::time::sleep_until(at).await;
+        }
     }
 }
 
@@ -179,31 +278,167 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn the_budget_queue_is_bounded_in_length() {
-        // One call a minute with a two-minute wait: two places in the queue.
+    fn caller(id: &str) -> Caller<'_> {
+        Caller {
+            id,
+            share: 1,
+            class: "test",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_principals_backlog_is_bounded_and_only_its_own_calls_are_refused() {
+        // One call a minute with a two-minute wait: two places in each principal's backlog.
         let slow = Rate {
             count: 1,
             per: Duration::from_secs(60),
         };
         let budget = std::sync::Arc::new(UpstreamBudget::new(slow, Duration::from_secs(120)));
-        assert!(budget.acquire(Duration::from_secs(120)).await.is_ok());
+        assert!(budget.acquire(caller("a"), false, LONG).await.is_ok());
         let waiting: Vec<_> = (0..2)
             .map(|_| {
                 let budget = budget.clone();
-                tokio::spawn(async move { budget.acquire(Duration::from_secs(120)).await })
+                tokio::spawn(async move { budget.acquire(caller("a"), false, LONG).await })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        match budget.acquire(Duration::from_secs(120)).await {
+        match budget.acquire(caller("a"), false, LONG).await {
             Err(Error::TooManyRequests {
                 reason: Throttle::UpstreamBudget,
                 retry_after,
             }) => assert_eq!(retry_after, 120),
             other => panic!("expected a budget 429, got {other:?}"),
         }
-        for w in waiting {
+        // Another principal still has its place, and a retry of `a`'s keeps its own.
+        let other = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.acquire(caller("b"), false, LONG).await })
+        };
+        let retry = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.acquire(caller("a"), true, LONG).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!other.is_finished() && !retry.is_finished(), "both wait");
+        assert_eq!(budget.waiting_principals(), 2);
+        for w in waiting.into_iter().chain([other, retry]) {
             w.abort();
         }
+    }
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    /// Queues `calls` in order behind one call that has just taken a turn, and returns the order
+    /// (and the times, from the first slot) in which they got theirs.
+    async fn turns(rate: u32, calls: &[(&'static str, u32)]) -> Vec<(String, Duration)> {
+        let budget = std::sync::Arc::new(UpstreamBudget::new(
+            Rate {
+                count: rate,
+                per: Duration::from_secs(1),
+            },
+            LONG,
+        ));
+        let start = Instant::now();
+        budget
+            .acquire(caller("first"), false, LONG)
+            .await
+            .expect("the first slot is free");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut counts = std::collections::HashMap::<&str, usize>::new();
+        for &(who, share) in calls {
+            let n = counts.entry(who).or_default();
+            *n += 1;
+            let name = format!("{who}{n}");
+            let (budget, tx) = (budget.clone(), tx.clone());
+            tokio::spawn(async move {
+                let me = Caller {
+                    id: who,
+                    share,
+                    class: who,
+                };
+                budget.acquire(me, false, LONG).await.expect("a turn");
+                let _ = tx.send((name, start.elapsed()));
+            });
+            // Lets the call queue before the next one is made: arrival order is pinned.
+            tokio::task::yield_now().await;
+        }
+        drop(tx);
+        let mut order = Vec::new();
+        while let Some(turn) = rx.recv().await {
+            order.push(turn);
+        }
+        order
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_calls_take_turns_round_robin_one_pace_apart() {
+        // 10/s paced 5% under: a slot every 105 ms.
+        let order = turns(10, &[("A", 1), ("A", 1), ("A", 1), ("B", 1)]).await;
+        let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["A1", "B1", "A2", "A3"]);
+        let times: Vec<u128> = order.iter().map(|(_, t)| t.as_millis()).collect();
+        assert_eq!(times, [105, 210, 315, 420]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shares_weight_the_turns() {
+        let mut calls = vec![("H", 3); 7];
+        calls.extend([("L", 1); 3]);
+        let order = turns(10, &calls).await;
+        let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["H1", "H2", "H3", "L1", "H4", "H5", "H6", "L2", "H7", "L3"]
+        );
+        let last = order.last().expect("turns").1;
+        assert_eq!(
+            last,
+            Duration::from_millis(1050),
+            "one slot per pace, none lost"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_goes_away_leaves_no_ghost_turn() {
+        let budget = std::sync::Arc::new(UpstreamBudget::new(
+            Rate {
+                count: 10,
+                per: Duration::from_secs(1),
+            },
+            LONG,
+        ));
+        let start = Instant::now();
+        budget
+            .acquire(caller("first"), false, LONG)
+            .await
+            .expect("free");
+        // Five of A's calls wait (the first of them holds the dispatcher's part); B's after.
+        let gone: Vec<_> = (0..5)
+            .map(|_| {
+                let budget = budget.clone();
+                tokio::spawn(async move { budget.acquire(caller("A"), false, LONG).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let b = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                budget
+                    .acquire(caller("B"), false, LONG)
+                    .await
+                    .expect("a turn");
+                start.elapsed()
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(budget.waiting_principals(), 2);
+        for task in &gone {
+            task.abort();
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(budget.waiting_principals(), 1, "A's calls left at once");
+        // B takes the very next slot: none goes to A's departed calls.
+        assert_eq!(b.await.expect("task"), Duration::from_millis(105));
+        assert_eq!(budget.waiting_principals(), 0);
     }
 }

@@ -2,16 +2,19 @@
 //! key injected last, an allowlist of headers, no redirects and a whole-request timeout
 //! (contract §6).
 //!
-//! Every call spends the shared upstream budget ([`UpstreamBudget`]), none is made while backing
-//! off after an upstream 429, and idempotent GETs are retried on connection errors, 502 and 503.
+//! Every call spends the shared upstream budget ([`UpstreamBudget`]), waiting calls taking turns
+//! fairly between principals ([`FairQueue`]); none is made while backing off after an upstream
+//! 429, and idempotent GETs are retried on connection errors, 502 and 503.
 //!
 //! Requests are built from a validated [`Call`] only; nothing of the caller's request (headers,
 //! body, raw query) is copied. The key lives in a header value marked sensitive, so it prints as
 //! `Sensitive` in any `Debug` output.
 
 mod budget;
+mod fair;
 
-pub use budget::{Backoff, UPSTREAM_MAX_WAIT, UpstreamBudget};
+pub use budget::{Backoff, Caller, Pace, Slots, UPSTREAM_MAX_WAIT, UpstreamBudget};
+pub use fair::{BacklogFull, FairQueue, Ticket};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,14 +95,25 @@ impl Upstream {
         self.backoff.remaining()
     }
 
-    /// Sends `call` and returns the upstream's answer with its body not yet read.
+    /// How many principals have calls waiting for a turn in the budget.
+    pub fn waiting_principals(&self) -> usize {
+        self.budget.waiting_principals()
+    }
+
+    /// Sends `call` for `caller` and returns the upstream's answer with its body not yet read.
     ///
-    /// Every attempt waits its turn in the upstream budget; none is made while backing off after
+    /// Every attempt waits its turn in the upstream budget, taking turns with other principals'
+    /// calls (a retry keeps its place at the front of its principal's backlog); none is made while backing off after
     /// an upstream 429 (both answer 429 with `Retry-After`, which a cache may answer with a stale
     /// entry instead). A GET is retried on a connection error, a 502 or a 503, within the
     /// request's timeout. Redirects and 429s are turned into errors here, so no caller can
     /// follow or relay them.
-    pub async fn send(&self, call: &Call, request_id: &str) -> Result<reqwest::Response, Error> {
+    pub async fn send(
+        &self,
+        call: &Call,
+        request_id: &str,
+        caller: Caller<'_>,
+    ) -> Result<reqwest::Response, Error> {
         let deadline = Instant::now() + self.timeout;
         let retries = if call.op.method == Method::Get {
             MAX_RETRIES
@@ -117,17 +131,18 @@ impl Upstream {
                 }
                 tokio::time::sleep(pause).await;
             }
-            let waited = match self.take_turn(deadline).await {
+            let waited = match self.take_turn(deadline, caller, attempt > 0).await {
                 Ok(waited) => waited,
                 // A retry that cannot have its turn gives the caller the answer already had.
                 Err(e) => return self.judge(last.unwrap_or(Err(e))),
             };
-            self.metrics.observe_budget_wait(waited.as_secs_f64());
+            self.metrics
+                .observe_budget_wait(caller.class, waited.as_secs_f64());
             if attempt > 0 {
                 self.metrics.count_retry(call.op.name);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let outcome = self.attempt(call, request_id, left).await;
+            let outcome = self.attempt(call, request_id, caller.class, left).await;
             let retryable = match &outcome {
                 Ok(response) => matches!(
                     response.status(),
@@ -145,16 +160,27 @@ impl Upstream {
 
     /// Waits for this call's turn in the budget, unless the gateway is backing off (checked
     /// again after the wait: a 429 may have come back meanwhile).
-    async fn take_turn(&self, deadline: Instant) -> Result<Duration, Error> {
+    async fn take_turn(
+        &self,
+        deadline: Instant,
+        caller: Caller<'_>,
+        retry: bool,
+    ) -> Result<Duration, Error> {
         self.backoff.check()?;
         let left = deadline.saturating_duration_since(Instant::now());
-        let waited = self.budget.acquire(left).await?;
+        let waited = self.budget.acquire(caller, retry, left).await?;
         self.backoff.check()?;
         Ok(waited)
     }
 
-    /// One request to the upstream, within `timeout`.
-    async fn attempt(&self, call: &Call, request_id: &str, timeout: Duration) -> Attempt {
+    /// One request to the upstream for a caller of `class`, within `timeout`.
+    async fn attempt(
+        &self,
+        call: &Call,
+        request_id: &str,
+        class: &str,
+        timeout: Duration,
+    ) -> Attempt {
         if timeout.is_zero() {
             return Err(Error::GatewayTimeout);
         }
@@ -181,6 +207,7 @@ impl Upstream {
         // Injected last so no earlier header, however built, can displace it.
         request = request.header("x-auth-token", self.key.clone());
         let started = Instant::now();
+        self.metrics.count_class_call(class);
         let outcome = request.send().await;
         // Per attempt, without the budget wait: what the upstream itself takes.
         self.metrics.observe_upstream(
