@@ -87,11 +87,6 @@ impl Admission {
         self.global.available_permits() == 0
     }
 
-    /// How long a relayed body may wait for the client to take its next frame.
-    pub fn idle_write(&self) -> Duration {
-        self.idle_write
-    }
-
     /// Runs a credential check. If it completes at once it needs nothing; if it has to wait, it
     /// waits holding a place of the unauthenticated allowance, or is refused (503) when none is
     /// free.
@@ -157,8 +152,9 @@ impl Admission {
         }
     }
 
-    /// How many principals hold a place now (for tests: the table forgets idle ones).
-    pub fn principals_holding(&self) -> usize {
+    /// How many principals hold a place now: the table forgets idle ones.
+    #[cfg(test)]
+    fn principals_holding(&self) -> usize {
         self.principals
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -37,19 +37,26 @@
 //! surface from the operation table. The in-process Billing API that `demo`, tests and
 //! benchmarks use as an upstream is the workspace crate `billing-sim` (`crates/billing-sim`).
 
-pub mod admission;
+// The stages a program embedding the gateway (the binary, tests, benches) reaches into.
 pub mod auth;
 pub mod billing;
 pub mod cache;
 pub mod config;
-pub mod error;
-pub mod limits;
 pub mod policy;
-pub mod proxy;
 pub mod server;
-pub mod state;
 pub mod telemetry;
 pub mod upstream;
+
+// Wiring inside one request: reached only through `server::App`.
+mod admission;
+mod error;
+mod limits;
+mod proxy;
+mod state;
+
+pub use config::Config;
+pub use error::Error;
+pub use server::{App, ServerLimits, StartError};
 
 /// Makes ring the one rustls crypto provider of the process, for the TLS listener and every
 /// HTTP client (upstream, JWKS) alike. reqwest is built without a provider of its own and
