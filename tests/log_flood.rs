@@ -5,26 +5,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::*;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Finding 5: a 64 KiB path without a credential is a JSON 414, and no log line carries more
 /// than a few hundred bytes of it; a long unknown path under the bound is a 404 logged short.
@@ -59,7 +40,7 @@ async fn a_64_kib_path_gets_a_json_414_and_a_short_log_line() {
     assert_error(response, 404, "not_found").await;
     assert!(app.upstream_requests().await.is_empty());
 
-    let logs = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+    let logs = captured.text();
     let lines: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("\"message\":\"request\""))

@@ -2,29 +2,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::*;
 use serde_json::json;
 use wiremock::matchers::{any, path};
 use wiremock::{Mock, ResponseTemplate};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Single-threaded runtime: the subscriber set for this thread sees every task of the app,
 /// including reqwest's and hyper's own trace events.
@@ -76,7 +57,7 @@ async fn the_secret_key_is_absent_from_every_log_line_at_trace_level() {
         .expect("request");
     assert_eq!(response.status(), 500);
 
-    let logs = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+    let logs = captured.text();
     assert!(
         logs.contains("\"message\":\"request\""),
         "no request log line was captured"

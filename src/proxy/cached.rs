@@ -52,14 +52,8 @@ pub(super) async fn cached(
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
     let upstream_ms = &mut info.upstream_ms;
     let fetch = async {
-        let started = Instant::now();
         // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
-        let result = state
-            .upstream
-            .send(call, request_id, super::caller(principal))
-            .await;
-        let elapsed = started.elapsed().as_secs_f64();
-        *upstream_ms = Some(elapsed * 1000.0);
+        let result = super::send(state, call, request_id, principal, upstream_ms).await;
         let upstream = match result {
             Ok(upstream) => upstream,
             Err(e) => return Fetch::Failed(Uncached::Failed(e)),

@@ -2,8 +2,6 @@
 //! relayed as they come, body streamed; error answers are read (bounded) and scrubbed of the
 //! secret key first.
 
-use std::time::Instant;
-
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -24,14 +22,7 @@ pub(super) async fn forward(
     info: &mut RequestInfo,
     slot: Slot,
 ) -> Result<Response, Error> {
-    let started = Instant::now();
-    let result = state
-        .upstream
-        .send(call, request_id, super::caller(principal))
-        .await;
-    let elapsed = started.elapsed().as_secs_f64();
-    info.upstream_ms = Some(elapsed * 1000.0);
-    let upstream = result?;
+    let upstream = super::send(state, call, request_id, principal, &mut info.upstream_ms).await?;
     relay(state, call, upstream, slot).await
 }
 

@@ -24,7 +24,7 @@ use tower_http::timeout::TimeoutError;
 
 use crate::admission::{Admission, Slot};
 use crate::auth::{Authenticator, Credential};
-use crate::billing::Audit;
+use crate::billing::{Audit, Call};
 use crate::error::{AuthMethod, AuthReason, Error};
 use crate::policy::{self, Principal};
 use crate::state::AppState;
@@ -131,6 +131,24 @@ pub(crate) async fn admit(
     let principal = admission.authenticate(authenticate(state, headers)).await?;
     let slot = admission.admit(&principal.subject)?;
     Ok((principal, slot))
+}
+
+/// Sends `call` upstream for `principal`, noting the time to the answer's headers for the
+/// request's log line.
+async fn send(
+    state: &AppState,
+    call: &Call,
+    request_id: &str,
+    principal: &Principal,
+    upstream_ms: &mut Option<f64>,
+) -> Result<reqwest::Response, Error> {
+    let started = std::time::Instant::now();
+    let result = state
+        .upstream
+        .send(call, request_id, caller(principal))
+        .await;
+    *upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+    result
 }
 
 /// Who an upstream call is for, in the fair queue and in metrics. Built only when a call goes
