@@ -152,6 +152,32 @@ async fn the_principal_limit_is_keyed_by_subject_not_by_forwarded_address() {
     assert!((2..=most).contains(&served), "{statuses:?}, at most {most}");
 }
 
+#[tokio::test]
+async fn the_gateway_endpoints_count_against_the_callers_rate_too() {
+    let app = TestApp::spawn_with(|c| c.limits.principal_rate = per_second(1)).await;
+    let token = reader_as("poller");
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            app.get("/gateway/v1/whoami", &token)
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    let most = most_allowed(1, started.elapsed());
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!((2..=most).contains(&served), "{statuses:?}, at most {most}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    // Refused for the caller's rate, not anything else.
+    let m = app.metrics().await;
+    assert!(
+        m.contains(r#"billing_gateway_rejections_total{reason="principal_rate"}"#),
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_calls_never_exceed_the_budget_in_any_one_second_window() {
     let app = TestApp::spawn_with(|c| {

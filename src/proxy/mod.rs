@@ -122,13 +122,17 @@ async fn serve(
     forward(state, &call, &request_id, &principal, info, slot).await
 }
 
-/// The caller, authenticated within the unauthenticated allowance, and its place in flight.
+/// The caller of a gateway endpoint (whoami, purge), authenticated within the unauthenticated
+/// allowance, counted against its own rate like any Billing call, and its place in flight.
 pub(crate) async fn admit(
     state: &AppState,
     admission: &Arc<Admission>,
     headers: &HeaderMap,
 ) -> Result<(Principal, Slot), Error> {
     let principal = admission.authenticate(authenticate(state, headers)).await?;
+    state
+        .limits
+        .check_principal(&principal.subject, principal.rate())?;
     let slot = admission.admit(&principal.subject)?;
     Ok((principal, slot))
 }

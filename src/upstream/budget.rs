@@ -84,9 +84,15 @@ impl UpstreamBudget {
             retry_after: retry_after_secs(self.max_wait),
             reason: Throttle::UpstreamBudget,
         };
+        // One principal's round never outlasts half the wait: a weight larger than the budget can
+        // serve in that time would starve everyone else into 429s, which is what shares prevent.
+        let share = caller
+            .share
+            .min(u32::try_from(self.backlog / 2).unwrap_or(u32::MAX))
+            .max(1);
         let mut ticket = self
             .queue
-            .join(caller.id, caller.share, retry, self.backlog)
+            .join(caller.id, share, retry, self.backlog)
             .map_err(|_| refused())?;
         tokio::time::timeout(limit.min(self.max_wait), self.turn(&mut ticket))
             .await
@@ -327,6 +333,39 @@ mod tests {
     }
 
     const LONG: Duration = Duration::from_secs(3600);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_share_larger_than_the_wait_can_serve_still_leaves_others_a_turn_within_it() {
+        // 20/s: 39 calls fit in the 2 s wait. A share of 100 would serve its holder 100 turns in
+        // a row; capped at half the wait, another principal's call is served within it.
+        let budget = std::sync::Arc::new(UpstreamBudget::new(
+            Rate {
+                count: 20,
+                per: Duration::from_secs(1),
+            },
+            UPSTREAM_MAX_WAIT,
+        ));
+        let heavy = |_| {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let who = Caller {
+                    id: "heavy",
+                    share: 100,
+                    class: "test",
+                };
+                budget.acquire(who, false, LONG).await
+            })
+        };
+        let flood: Vec<_> = (0..39).map(heavy).collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let light = budget.acquire(caller("light"), false, LONG).await;
+        let waited = light.expect("the light principal gets a turn within the wait");
+        // At most half the backlog (19 turns of 52.5 ms) plus the one in progress.
+        assert!(waited <= Duration::from_millis(21 * 53), "{waited:?}");
+        for f in flood {
+            f.abort();
+        }
+    }
 
     /// Queues `calls` in order behind one call that has just taken a turn, and returns the order
     /// (and the times, from the first slot) in which they got theirs.
