@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{Grant, PolicySet, Principal};
+use super::Grant;
 
 /// One `[[bindings]]` entry, checked: who holds `equals` at the `claim` path gets `grant`.
 #[derive(Debug, Clone)]
@@ -23,23 +23,13 @@ pub(super) fn claim_path(text: &str) -> Option<Vec<String>> {
     Some(text.split('.').map(str::to_owned).collect())
 }
 
-impl PolicySet {
-    /// The grants every binding matching these claims gives.
-    pub fn grants_for_claims(&self, claims: &Map<String, Value>) -> Vec<Grant> {
-        self.bindings
-            .iter()
-            .filter(|b| claim_matches(claims, &b.claim, &b.equals))
-            .map(|b| b.grant.clone())
-            .collect()
-    }
-
-    /// The caller a verified token describes: its subject and every grant its claims match.
-    pub fn principal_for_claims(&self, subject: String, claims: &Map<String, Value>) -> Principal {
-        Principal {
-            subject,
-            grants: self.grants_for_claims(claims),
-        }
-    }
+/// The grants every binding matching these claims gives.
+pub(super) fn grants(bindings: &[Binding], claims: &Map<String, Value>) -> Vec<Grant> {
+    bindings
+        .iter()
+        .filter(|b| claim_matches(claims, &b.claim, &b.equals))
+        .map(|b| b.grant.clone())
+        .collect()
 }
 
 /// Follows a dot path. An array matches when one of its elements is a string equal to `equals`

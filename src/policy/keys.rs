@@ -1,8 +1,10 @@
 //! Gateway keys: a UUID sent as `X-Auth-Token` is a principal of its own, declared in a
 //! `[[keys]]` entry that holds only the SHA-256 of the key (never the key), with its roles,
-//! projects, rate and share. Here: the digest, the entry's checks, and finding the principal a
-//! key (or, for policy test cases, a key's name) identifies. Kept apart from token claims
+//! projects, rate and share. Here: the digest, the entry as written and its checks, and finding
+//! the entry a key identifies. Kept apart from token claims
 //! because a key is looked up by its hash in constant time, not matched.
+
+use std::ops::Range;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -10,8 +12,7 @@ use subtle::ConstantTimeEq;
 use toml::Spanned;
 use uuid::Uuid;
 
-use super::load::{PolicyError, PolicySet, rate, share};
-use super::{Class, Principal};
+use super::{Class, Grant, Principal};
 
 /// The SHA-256, as 64 lowercase hex digits, of a gateway key's canonical text (hyphenated,
 /// lowercase): what a `[[keys]]` entry stores instead of the key.
@@ -35,99 +36,86 @@ pub fn is_key_name(name: &str) -> bool {
 pub(super) struct Key {
     name: String,
     sha256: String,
-    grant: super::Grant,
+    grant: Grant,
 }
 
-impl PolicySet {
-    pub(super) fn add_key(
-        &mut self,
-        k: Spanned<KeyDef>,
-        at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
-    ) -> Result<(), PolicyError> {
-        let (span, k) = (k.span(), k.into_inner());
-        let name = k.name.get_ref();
-        if !is_key_name(name) {
-            return Err(at(
-                k.name.span(),
-                format!(
-                    "`{name}` is not a key name: use letters, digits, `.`, `_` and `-` (at most 64)"
-                ),
-            ));
-        }
-        let sha256 = k.sha256.get_ref();
-        if sha256.len() != 64
-            || !sha256
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(at(
-                k.sha256.span(),
-                "`sha256` must be 64 lowercase hex digits (see `billing-gateway key new`)".into(),
-            ));
-        }
-        if self.keys.iter().any(|other| &other.name == name) {
-            return Err(at(
-                k.name.span(),
-                format!("key `{name}` is already defined"),
-            ));
-        }
-        if let Some(other) = self.keys.iter().find(|other| &other.sha256 == sha256) {
-            return Err(at(
-                k.sha256.span(),
-                format!("this sha256 is already the key `{}`'s", other.name),
-            ));
-        }
-        if k.roles.is_empty() {
-            return Err(at(span, format!("key `{name}` has no roles")));
-        }
-        let mut grant = self.grant(&k.roles, k.projects.as_deref(), at)?;
-        if let Some(own) = rate(k.rate.as_ref(), at)? {
-            grant.rate = Some(own);
-        }
-        if let Some(own) = share(k.share.as_ref(), at)? {
-            grant.share = Some(own);
-        }
-        // A key is a principal of its own: its calls are counted under its name.
-        grant.class = Class::Key;
-        self.keys.push(Key {
-            name: k.name.into_inner(),
-            sha256: k.sha256.into_inner(),
-            grant,
-        });
-        Ok(())
+/// Checks the entry `k` against the `keys` read before it and adds it. Its grant comes from
+/// `grant` (the roles, projects, rate and share it names, which need every file's roles); the
+/// checks of its own fields come first. Problems are located by `at`.
+pub(super) fn add<E>(
+    keys: &mut Vec<Key>,
+    k: Spanned<KeyDef>,
+    at: &impl Fn(Range<usize>, String) -> E,
+    grant: impl FnOnce(&KeyDef) -> Result<Grant, E>,
+) -> Result<(), E> {
+    let (span, k) = (k.span(), k.into_inner());
+    let name = k.name.get_ref();
+    if !is_key_name(name) {
+        return Err(at(
+            k.name.span(),
+            format!(
+                "`{name}` is not a key name: use letters, digits, `.`, `_` and `-` (at most 64)"
+            ),
+        ));
     }
+    let sha256 = k.sha256.get_ref();
+    if sha256.len() != 64
+        || !sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(at(
+            k.sha256.span(),
+            "`sha256` must be 64 lowercase hex digits (see `billing-gateway key new`)".into(),
+        ));
+    }
+    if keys.iter().any(|other| &other.name == name) {
+        return Err(at(
+            k.name.span(),
+            format!("key `{name}` is already defined"),
+        ));
+    }
+    if let Some(other) = keys.iter().find(|other| &other.sha256 == sha256) {
+        return Err(at(
+            k.sha256.span(),
+            format!("this sha256 is already the key `{}`'s", other.name),
+        ));
+    }
+    if k.roles.is_empty() {
+        return Err(at(span, format!("key `{name}` has no roles")));
+    }
+    let mut grant = grant(&k)?;
+    // A key is a principal of its own: its calls are counted under its name.
+    grant.class = Class::Key;
+    keys.push(Key {
+        name: k.name.into_inner(),
+        sha256: k.sha256.into_inner(),
+        grant,
+    });
+    Ok(())
+}
 
-    /// The caller a gateway key identifies, or `None` for an unknown key. The key's SHA-256 is
-    /// compared with every entry's in constant time, so timing reveals nothing of the stored
-    /// hashes.
-    pub fn principal_for_key(&self, key: &Uuid) -> Option<Principal> {
-        let digest = key_sha256(key);
-        let mut found = None;
-        for k in &self.keys {
-            if bool::from(digest.as_bytes().ct_eq(k.sha256.as_bytes())) {
-                found = Some(k);
-            }
+/// The entry of a gateway key, or `None` for an unknown key. The key's SHA-256 is compared with
+/// every entry's in constant time, so timing reveals nothing of the stored hashes.
+pub(super) fn find<'k>(keys: &'k [Key], key: &Uuid) -> Option<&'k Key> {
+    let digest = key_sha256(key);
+    let mut found = None;
+    for k in keys {
+        if bool::from(digest.as_bytes().ct_eq(k.sha256.as_bytes())) {
+            found = Some(k);
         }
-        found.map(Key::principal)
     }
-
-    /// The caller a `[[keys]]` entry describes, by its name (policy test cases name keys, since
-    /// the keys themselves are nowhere to be found).
-    pub fn principal_for_key_name(&self, name: &str) -> Option<Principal> {
-        self.keys
-            .iter()
-            .find(|k| k.name == name)
-            .map(Key::principal)
-    }
-
-    /// Whether any gateway key is defined: with no JWT method configured, keys are the only way in.
-    pub fn has_keys(&self) -> bool {
-        !self.keys.is_empty()
-    }
+    found
 }
 
 impl Key {
-    fn principal(&self) -> Principal {
+    /// The entry's name: the principal's subject.
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The caller this entry describes.
+    pub(super) fn principal(&self) -> Principal {
         Principal {
             subject: self.name.clone(),
             grants: vec![self.grant.clone()],
@@ -140,10 +128,10 @@ impl Key {
 pub(super) struct KeyDef {
     name: Spanned<String>,
     sha256: Spanned<String>,
-    roles: Vec<Spanned<String>>,
-    projects: Option<Vec<Spanned<String>>>,
-    rate: Option<Spanned<String>>,
-    share: Option<Spanned<toml::Value>>,
+    pub(super) roles: Vec<Spanned<String>>,
+    pub(super) projects: Option<Vec<Spanned<String>>>,
+    pub(super) rate: Option<Spanned<String>>,
+    pub(super) share: Option<Spanned<toml::Value>>,
 }
 
 #[cfg(test)]

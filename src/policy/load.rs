@@ -3,20 +3,21 @@
 //! at `file:line`, for the operator who wrote it. Roles are read from every file before any
 //! binding or key, so those may name a role defined in another file.
 //!
-//! What the merged set answers lives with the concept asking: `claims.rs` for a token's claims,
-//! `keys.rs` for gateway keys.
+//! The set answers who a token's claims or a gateway key make the caller; how a claim matches
+//! (`claims.rs`) and how a key is checked and found (`keys.rs`) are theirs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use toml::Spanned;
 use uuid::Uuid;
 
-use super::claims::{Binding, claim_path};
-use super::keys::{Key, KeyDef};
-use super::{Class, DEFAULT_SHARE, Grant, MAX_SHARE, most_generous};
+use super::claims::{self, Binding, claim_path};
+use super::keys::{self, Key, KeyDef};
+use super::{Class, DEFAULT_SHARE, Grant, MAX_SHARE, Principal, most_generous};
 use crate::billing::{Permission, Permissions};
 use crate::config::{Rate, parse_rate};
 
@@ -151,7 +152,7 @@ impl PolicySet {
                 let Some(path) = claim_path(claim) else {
                     return Err(at(b.claim.span(), format!("`{claim}` is not a claim path")));
                 };
-                let grant = set.grant(&b.roles, b.projects.as_deref(), &at)?;
+                let grant = grant(&set.roles, &b.roles, b.projects.as_deref(), &at)?;
                 set.bindings.push(Binding {
                     claim: path,
                     equals: b.equals,
@@ -159,64 +160,53 @@ impl PolicySet {
                 });
             }
             for k in keys {
-                set.add_key(k, &at)?;
+                let roles = &set.roles;
+                keys::add(&mut set.keys, k, &at, |k| {
+                    let mut grant = grant(roles, &k.roles, k.projects.as_deref(), &at)?;
+                    if let Some(own) = rate(k.rate.as_ref(), &at)? {
+                        grant.rate = Some(own);
+                    }
+                    if let Some(own) = share(k.share.as_ref(), &at)? {
+                        grant.share = Some(own);
+                    }
+                    Ok(grant)
+                })?;
             }
         }
         Ok(set)
     }
 
-    pub(super) fn grant(
-        &self,
-        roles: &[Spanned<String>],
-        projects: Option<&[Spanned<String>]>,
-        at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
-    ) -> Result<Grant, PolicyError> {
-        let mut permissions = Permissions::default();
-        let mut rates = Vec::new();
-        let mut share = None;
-        // The highest role, for metrics: largest share, then most permissions, then first.
-        let mut class: Option<(u32, usize, usize)> = None;
-        for (i, r) in roles.iter().enumerate() {
-            let role = self
-                .roles
-                .get(r.get_ref())
-                .ok_or_else(|| at(r.span(), format!("unknown role `{}`", r.get_ref())))?;
-            permissions = permissions.union(role.permissions);
-            rates.extend(role.rate);
-            share = share.max(role.share);
-            let rank = (
-                role.share.unwrap_or(DEFAULT_SHARE),
-                role.permissions.iter().count(),
-            );
-            if class.is_none_or(|(s, p, _)| rank > (s, p)) {
-                class = Some((rank.0, rank.1, i));
-            }
+    /// The grants every binding matching these claims gives.
+    pub fn grants_for_claims(&self, claims: &Map<String, Value>) -> Vec<Grant> {
+        claims::grants(&self.bindings, claims)
+    }
+
+    /// The caller a verified token describes: its subject and every grant its claims match.
+    pub fn principal_for_claims(&self, subject: String, claims: &Map<String, Value>) -> Principal {
+        Principal {
+            subject,
+            grants: self.grants_for_claims(claims),
         }
-        let projects = projects
-            .map(|ps| {
-                if ps.is_empty() {
-                    return Err(at(
-                        0..0,
-                        "`projects` is empty: omit it for an organization-wide grant".into(),
-                    ));
-                }
-                ps.iter()
-                    .map(|p| {
-                        Uuid::try_parse(p.get_ref()).map_err(|_| {
-                            at(p.span(), format!("project `{}` is not a UUID", p.get_ref()))
-                        })
-                    })
-                    .collect::<Result<Arc<[Uuid]>, _>>()
-            })
-            .transpose()?;
-        Ok(Grant {
-            roles: roles.iter().map(|r| r.get_ref().clone()).collect(),
-            permissions,
-            projects,
-            rate: most_generous(rates.into_iter()),
-            share,
-            class: Class::Role(class.map_or(0, |(_, _, i)| i)),
-        })
+    }
+
+    /// The caller a gateway key identifies, or `None` for an unknown key (found in constant
+    /// time: see `keys.rs`).
+    pub fn principal_for_key(&self, key: &Uuid) -> Option<Principal> {
+        keys::find(&self.keys, key).map(Key::principal)
+    }
+
+    /// The caller a `[[keys]]` entry describes, by its name (policy test cases name keys, since
+    /// the keys themselves are nowhere to be found).
+    pub fn principal_for_key_name(&self, name: &str) -> Option<Principal> {
+        self.keys
+            .iter()
+            .find(|k| k.name() == name)
+            .map(Key::principal)
+    }
+
+    /// Whether any gateway key is defined: with no JWT method configured, keys are the only way in.
+    pub fn has_keys(&self) -> bool {
+        !self.keys.is_empty()
     }
 
     /// Role names, for `check`'s summary.
@@ -235,9 +225,63 @@ impl PolicySet {
     }
 }
 
+/// The grant of a binding or key naming these roles and projects.
+fn grant(
+    defined: &BTreeMap<String, Role>,
+    roles: &[Spanned<String>],
+    projects: Option<&[Spanned<String>]>,
+    at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
+) -> Result<Grant, PolicyError> {
+    let mut permissions = Permissions::default();
+    let mut rates = Vec::new();
+    let mut share = None;
+    // The highest role, for metrics: largest share, then most permissions, then first.
+    let mut class: Option<(u32, usize, usize)> = None;
+    for (i, r) in roles.iter().enumerate() {
+        let role = defined
+            .get(r.get_ref())
+            .ok_or_else(|| at(r.span(), format!("unknown role `{}`", r.get_ref())))?;
+        permissions = permissions.union(role.permissions);
+        rates.extend(role.rate);
+        share = share.max(role.share);
+        let rank = (
+            role.share.unwrap_or(DEFAULT_SHARE),
+            role.permissions.iter().count(),
+        );
+        if class.is_none_or(|(s, p, _)| rank > (s, p)) {
+            class = Some((rank.0, rank.1, i));
+        }
+    }
+    let projects = projects
+        .map(|ps| {
+            if ps.is_empty() {
+                return Err(at(
+                    0..0,
+                    "`projects` is empty: omit it for an organization-wide grant".into(),
+                ));
+            }
+            ps.iter()
+                .map(|p| {
+                    Uuid::try_parse(p.get_ref()).map_err(|_| {
+                        at(p.span(), format!("project `{}` is not a UUID", p.get_ref()))
+                    })
+                })
+                .collect::<Result<Arc<[Uuid]>, _>>()
+        })
+        .transpose()?;
+    Ok(Grant {
+        roles: roles.iter().map(|r| r.get_ref().clone()).collect(),
+        permissions,
+        projects,
+        rate: most_generous(rates.into_iter()),
+        share,
+        class: Class::Role(class.map_or(0, |(_, _, i)| i)),
+    })
+}
+
 /// A `share`: a whole number of turns, from 1 to [`MAX_SHARE`]. Read as any TOML value so that
 /// a string or a fraction gets the same message as a number out of range.
-pub(super) fn share(
+fn share(
     share: Option<&Spanned<toml::Value>>,
     at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
 ) -> Result<Option<u32>, PolicyError> {
@@ -260,7 +304,7 @@ pub(super) fn share(
         .transpose()
 }
 
-pub(super) fn rate(
+fn rate(
     rate: Option<&Spanned<String>>,
     at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
 ) -> Result<Option<Rate>, PolicyError> {
