@@ -1,33 +1,38 @@
 //! Credentials to identities: which credential a request carries, and whether it is genuine
 //! (contract §4).
 //!
-//! This is where a token is verified and nowhere else. A request carries exactly one credential;
-//! a JWT's algorithm picks its key before its signature is checked: HS256 only ever meets the
-//! configured secret, the asymmetric algorithms only ever meet a key from the identity
-//! provider's JWKS (the `jwks` submodule) whose type and `alg` fit, so `none` and algorithm confusion are
-//! refused up front. Both kinds then go through one validation (`exp` required, `nbf`, `iat`,
-//! `iss`, `aud`, leeway).
+//! The walk, in the order a request takes it:
 //!
-//! Verified tokens are remembered (keyed by their SHA-256, until their `exp` and never beyond),
-//! so a caller repeating an RS256 token pays for one signature check, not one per request.
+//! 1. [`Authenticator::credential`] finds the request's one credential (`credential.rs`): a JWT
+//!    or a gateway key. A key is handed to the policy; a JWT comes back here.
+//! 2. [`Authenticator::verify_jwt`] first asks the verified-token memo (`memo.rs`: keyed by the
+//!    token's SHA-256, until its `exp` and never beyond), so a caller repeating an RS256 token
+//!    pays for one signature check, not one per request.
+//! 3. Otherwise the JWT's algorithm picks its key before its signature is checked: HS256 only
+//!    ever meets the configured secret, the asymmetric algorithms only ever meet a key from the
+//!    identity provider's JWKS (`jwks.rs`) whose type and `alg` fit, so `none` and algorithm
+//!    confusion are refused up front. Both kinds then go through one validation (`exp`
+//!    required, `nbf`, `iat`, `iss`, `aud`, leeway), and the [`Identity`] is remembered.
+//!
+//! This is where a token is verified and nowhere else.
 
+mod credential;
 mod jwks;
+mod memo;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
-use moka::Expiry;
-use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 use crate::config::AuthConfig;
 use crate::error::{AuthMethod, AuthReason, Error};
+
+pub use credential::Credential;
+use memo::Memo;
 
 /// Tokens longer than this are refused before any parsing.
 const MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -43,9 +48,6 @@ const ASYMMETRIC: [Algorithm; 7] = [
     Algorithm::EdDSA,
 ];
 
-/// Verified tokens remembered at most; each entry is one caller's live token.
-const VERIFIED_CAPACITY: u64 = 10_000;
-
 /// A verified caller, before policy: who it is and what its token says.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -55,15 +57,6 @@ pub struct Identity {
     pub claims: Arc<Map<String, Value>>,
 }
 
-/// The one credential a request carries.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Credential<'a> {
-    /// A JWT, from `Authorization: Bearer` or `X-Auth-Token`.
-    Jwt(&'a str),
-    /// A gateway key (a UUID in `X-Auth-Token`), as unmodified SDKs send their secret key.
-    Key(Uuid),
-}
-
 /// Verifies credentials with the keys the configuration enables.
 pub struct Authenticator {
     hs256: Option<DecodingKey>,
@@ -71,40 +64,7 @@ pub struct Authenticator {
     /// The claim rules, one copy per enabled algorithm.
     validations: Vec<Validation>,
     leeway: u64,
-    verified: Cache<[u8; 32], Verified>,
-}
-
-/// A remembered verification: the identity and the token's `exp`, past which it is not served.
-#[derive(Clone)]
-struct Verified {
-    identity: Identity,
-    exp: u64,
-}
-
-/// Each remembered token lives until its own `exp`.
-struct UntilExp;
-
-/// How long a verified token is remembered at most (then its signature is checked again).
-const REMEMBER_AT_MOST: Duration = Duration::from_secs(300);
-
-impl Expiry<[u8; 32], Verified> for UntilExp {
-    fn expire_after_create(
-        &self,
-        _token: &[u8; 32],
-        verified: &Verified,
-        _now: std::time::Instant,
-    ) -> Option<Duration> {
-        // Never beyond `exp`, and never long: `exp` is chosen by whoever signed the token, and a
-        // key withdrawn from the JWKS must stop a token it signed within minutes, not at `exp`.
-        Some(
-            Duration::from_secs(
-                verified
-                    .exp
-                    .saturating_sub(jsonwebtoken::get_current_timestamp()),
-            )
-            .min(REMEMBER_AT_MOST),
-        )
-    }
+    verified: Memo,
 }
 
 fn denied(method: AuthMethod, reason: AuthReason, message: &'static str) -> Error {
@@ -113,11 +73,6 @@ fn denied(method: AuthMethod, reason: AuthReason, message: &'static str) -> Erro
         reason,
         message,
     }
-}
-
-/// The gateway key a credential is, when it is one: a UUID in its canonical hyphenated form.
-fn as_key(token: &str) -> Option<Uuid> {
-    Uuid::try_parse(token).ok().filter(|_| token.len() == 36)
 }
 
 fn invalid(message: &'static str) -> Error {
@@ -177,10 +132,7 @@ impl Authenticator {
             keys,
             validations,
             leeway: cfg.leeway.as_secs(),
-            verified: Cache::builder()
-                .max_capacity(VERIFIED_CAPACITY)
-                .expire_after(UntilExp)
-                .build(),
+            verified: Memo::new(),
         })
     }
 
@@ -193,51 +145,12 @@ impl Authenticator {
     /// Forgets every verified token, so each is checked in full again on its next use: after
     /// withdrawing a signing key, and for measuring the uncached path.
     pub fn forget_verified(&self) {
-        self.verified.invalidate_all();
+        self.verified.forget_all();
     }
 
     /// Finds the request's one credential.
     pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Error> {
-        let one = |name: &header::HeaderName| -> Result<Option<&str>, Error> {
-            let mut values = headers.get_all(name).iter();
-            match (values.next(), values.next()) {
-                (None, _) => Ok(None),
-                (Some(v), None) => v
-                    .to_str()
-                    .map(|s| Some(s.trim()))
-                    .map_err(|_| invalid("the credential header is not valid text")),
-                (Some(_), Some(_)) => Err(invalid("send exactly one credential")),
-            }
-        };
-        let bearer = one(&header::AUTHORIZATION)?
-            .map(|v| match v.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(token.trim()),
-                _ => Err(invalid("the Authorization header must be `Bearer <token>`")),
-            })
-            .transpose()?;
-        let x_auth = one(&header::HeaderName::from_static("x-auth-token"))?;
-        match (bearer, x_auth) {
-            (Some(_), Some(_)) => Err(invalid(
-                "send exactly one credential: Authorization or X-Auth-Token",
-            )),
-            // A gateway key is never a bearer token: say where it goes rather than call it a
-            // malformed JWT (and do not accept it: one header, one meaning).
-            (Some(token), None) if as_key(token).is_some() => Err(denied(
-                AuthMethod::ApiKey,
-                AuthReason::InvalidArgument,
-                "a gateway key goes in the X-Auth-Token header, not in Authorization: Bearer \
-                 (which takes a JWT)",
-            )),
-            (Some(token), None) => Ok(Credential::Jwt(token)),
-            (None, Some(token)) => {
-                Ok(as_key(token).map_or(Credential::Jwt(token), Credential::Key))
-            }
-            (None, None) => Err(denied(
-                AuthMethod::Jwt,
-                AuthReason::NotFound,
-                "no credential: send Authorization: Bearer <JWT> or X-Auth-Token",
-            )),
-        }
+        credential::find(headers)
     }
 
     /// Verifies a JWT: enabled algorithm, the key that algorithm may use, signature, `exp`
@@ -247,10 +160,10 @@ impl Authenticator {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(invalid("the token is empty or too long"));
         }
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let digest = Memo::digest(token);
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some(hit) = self.verified.get(&digest).filter(|v| v.exp > now) {
-            return Ok(hit.identity);
+        if let Some(identity) = self.verified.get(&digest, now) {
+            return Ok(identity);
         }
         // Only picks the key: `decode` below parses the header again and refuses any `crit`
         // extension it does not implement.
@@ -323,15 +236,7 @@ impl Authenticator {
             subject,
             claims: Arc::new(claims),
         };
-        if let Some(exp) = exp.filter(|exp| *exp > now) {
-            self.verified.insert(
-                digest,
-                Verified {
-                    identity: identity.clone(),
-                    exp,
-                },
-            );
-        }
+        self.verified.remember(digest, &identity, exp, now);
         Ok(identity)
     }
 }
@@ -347,13 +252,12 @@ pub fn mint_hs256(secret: &SecretString, claims: &Map<String, Value>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
     use serde_json::json;
     use std::time::Duration;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
-    async fn auth() -> Authenticator {
+    pub(super) async fn auth() -> Authenticator {
         Authenticator::start(&AuthConfig {
             hs256_secret: Some(SecretString::from(SECRET)),
             jwks_url: None,
@@ -365,12 +269,12 @@ mod tests {
         .expect("authenticator")
     }
 
-    fn token(claims: Value) -> String {
+    pub(super) fn token(claims: Value) -> String {
         let Value::Object(m) = claims else { panic!() };
         mint_hs256(&SecretString::from(SECRET), &m).expect("sign")
     }
 
-    fn reason(r: Result<Identity, Error>) -> &'static str {
+    pub(super) fn reason(r: Result<Identity, Error>) -> &'static str {
         match r {
             Err(Error::Unauthenticated { reason, .. }) => match reason {
                 AuthReason::Expired => "expired",
@@ -425,64 +329,6 @@ mod tests {
             ),
             "invalid_argument"
         );
-    }
-
-    #[tokio::test]
-    async fn only_verified_tokens_are_remembered_and_never_past_their_exp() {
-        let a = auth().await;
-        let now = jsonwebtoken::get_current_timestamp();
-        let good = token(json!({"sub": "u", "exp": now + 60}));
-        let first = a.verify_jwt(&good).await.expect("valid");
-        let again = a.verify_jwt(&good).await.expect("remembered");
-        assert!(
-            Arc::ptr_eq(&first.claims, &again.claims),
-            "served from memory"
-        );
-
-        let Value::Object(claims) = json!({"sub": "u", "exp": now + 60}) else {
-            panic!()
-        };
-        let forged = mint_hs256(
-            &SecretString::from("another-secret-of-thirty-two-bytes"),
-            &claims,
-        )
-        .expect("sign");
-        for _ in 0..2 {
-            assert_eq!(reason(a.verify_jwt(&forged).await), "invalid_argument");
-        }
-        a.verified.run_pending_tasks();
-        assert_eq!(
-            a.verified.entry_count(),
-            1,
-            "a refused token is not remembered"
-        );
-
-        let ttl = UntilExp
-            .expire_after_create(
-                &[0; 32],
-                &Verified {
-                    identity: first.clone(),
-                    exp: now + 60,
-                },
-                std::time::Instant::now(),
-            )
-            .expect("ttl");
-        assert!(ttl <= Duration::from_secs(60) && ttl >= Duration::from_secs(58));
-
-        // A remembered verification whose exp has passed is never served.
-        let expired = token(json!({"sub": "u", "exp": now - 100}));
-        a.verified.insert(
-            Sha256::digest(expired.as_bytes()).into(),
-            Verified {
-                identity: first.clone(),
-                exp: now,
-            },
-        );
-        assert_eq!(reason(a.verify_jwt(&expired).await), "expired");
-
-        a.forget_verified();
-        let fresh = a.verify_jwt(&good).await.expect("valid");
-        assert!(!Arc::ptr_eq(&first.claims, &fresh.claims), "checked again");
     }
 
     #[tokio::test]
@@ -568,44 +414,5 @@ mod tests {
                 "invalid_argument"
             );
         }
-    }
-
-    #[test]
-    fn one_credential_exactly() {
-        let mut h = HeaderMap::new();
-        assert!(Authenticator::credential(&h).is_err());
-        h.insert(
-            "x-auth-token",
-            HeaderValue::from_static("aaaaaaaa-0000-4000-8000-000000000001"),
-        );
-        assert!(matches!(
-            Authenticator::credential(&h),
-            Ok(Credential::Key(_))
-        ));
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer abc"),
-        );
-        assert!(Authenticator::credential(&h).is_err());
-        h.remove("x-auth-token");
-        assert_eq!(
-            Authenticator::credential(&h).ok(),
-            Some(Credential::Jwt("abc"))
-        );
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert!(Authenticator::credential(&h).is_err());
-        // A gateway key as a bearer token is refused with where it goes, not as a bad JWT.
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer aaaaaaaa-0000-4000-8000-000000000001"),
-        );
-        assert!(matches!(
-            Authenticator::credential(&h),
-            Err(Error::Unauthenticated {
-                method: AuthMethod::ApiKey,
-                reason: AuthReason::InvalidArgument,
-                message,
-            }) if message.contains("X-Auth-Token")
-        ));
     }
 }

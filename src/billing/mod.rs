@@ -6,9 +6,11 @@
 mod call;
 pub mod openapi;
 mod operations;
+mod query;
 
-pub use call::{Call, parse, parse_timestamp};
+pub use call::{Call, parse};
 pub use operations::{
     Audit, Download, Kind, Method, OPERATIONS, Operation, OrgRule, Param, Permission, Permissions,
     Scope, by_name,
 };
+pub use query::parse_timestamp;
