@@ -138,7 +138,7 @@ impl Call {
 ///
 /// ```
 /// use billing_gateway::billing::parse;
-/// use billing_gateway::error::Error;
+/// use billing_gateway::Error;
 ///
 /// // However the SDK spells and orders the parameters, one canonical query, sorted by name.
 /// let call = parse("GET", "/billing/v2beta1/consumptions", Some("pageSize=10&billing_period=2026-07"))
