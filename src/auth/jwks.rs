@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use super::invalid;
 use crate::config::{KeySource, parse_http_url};
 use crate::error::Error;
+use crate::telemetry::SourceHealth;
 
 /// An unknown `kid` refetches the JWKS at most this often, so junk tokens cannot hammer the IdP.
 pub(crate) const REFETCH_COOLDOWN: Duration = Duration::from_secs(30);
@@ -135,6 +136,8 @@ pub(crate) struct KeyStore {
     keys: RwLock<Arc<[Arc<Key>]>>,
     /// Held while fetching, so concurrent unknown-`kid` requests share one fetch.
     fetch: Mutex<FetchState>,
+    /// Every fetch's outcome, for the metrics.
+    health: SourceHealth,
 }
 
 #[derive(Default)]
@@ -159,7 +162,10 @@ struct Discovery {
 impl KeyStore {
     /// Builds the store, fetches the keys once (a failure is logged: the gateway starts and
     /// answers 503 for asymmetric tokens until keys arrive) and starts the background refresher.
-    pub(crate) async fn start(source: KeySource) -> Result<Arc<KeyStore>, String> {
+    pub(crate) async fn start(
+        source: KeySource,
+        health: SourceHealth,
+    ) -> Result<Arc<KeyStore>, String> {
         crate::install_crypto_provider();
         let client = reqwest::Client::builder()
             .no_proxy()
@@ -173,6 +179,7 @@ impl KeyStore {
             client,
             keys: RwLock::new(Arc::from(Vec::new())),
             fetch: Mutex::new(FetchState::default()),
+            health,
         });
         store.refresh("startup").await;
         tokio::spawn(maintain(Arc::downgrade(&store)));
@@ -238,11 +245,13 @@ impl KeyStore {
     async fn fetch_locked(&self, state: &mut FetchState, why: &'static str) -> bool {
         match self.fetch_keys(state).await {
             Ok(keys) => {
+                self.health.succeeded();
                 tracing::info!(keys = keys.len(), why, "identity provider keys loaded");
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys.into();
                 true
             }
             Err(error) => {
+                self.health.failed();
                 state.jwks_uri = None;
                 tracing::warn!(
                     %error,

@@ -30,6 +30,7 @@ use serde_json::{Map, Value};
 
 use crate::config::AuthConfig;
 use crate::error::{AuthMethod, AuthReason, Error};
+use crate::telemetry::SourceHealth;
 
 pub use credential::Credential;
 use memo::Memo;
@@ -84,9 +85,18 @@ impl Authenticator {
     /// identity provider's keys once. A failed fetch does not stop the gateway: it starts
     /// unready (503 for asymmetric tokens) and keeps trying in the background.
     pub async fn start(cfg: &AuthConfig) -> Result<Authenticator, Error> {
+        Authenticator::start_reporting(cfg, SourceHealth::default()).await
+    }
+
+    /// [`Authenticator::start`], reporting every fetch of the identity provider's keys to
+    /// `health` (the app's metrics).
+    pub async fn start_reporting(
+        cfg: &AuthConfig,
+        health: SourceHealth,
+    ) -> Result<Authenticator, Error> {
         let keys = match cfg.key_source() {
             Some(source) => Some(
-                jwks::KeyStore::start(source)
+                jwks::KeyStore::start(source, health)
                     .await
                     .map_err(Error::Internal)?,
             ),

@@ -69,7 +69,8 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
         }
     };
     let config = Config::load(file, &demo_env, Needs::Serve)?;
-    telemetry::init_logging(config.log_format);
+    let telemetry =
+        telemetry::init(config.log_format, &config.tracing).map_err(anyhow::Error::msg)?;
     let ignored: Vec<&str> = SIMULATED.into_iter().filter(|v| set(v).is_some()).collect();
     if !ignored.is_empty() {
         tracing::info!(
@@ -156,6 +157,7 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
          Ctrl-C stops it."
     );
     app.run_until(shutdown_signal()).await?;
+    telemetry.shutdown().await;
     Ok(())
 }
 

@@ -9,9 +9,11 @@ use std::path::Path;
 /// `serve`: the gateway against the Billing API, until SIGTERM or Ctrl-C.
 pub(super) async fn run(config: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config, &env, Needs::Serve)?;
-    telemetry::init_logging(config.log_format);
+    let telemetry =
+        telemetry::init(config.log_format, &config.tracing).map_err(anyhow::Error::msg)?;
     let app = App::build(config).await?;
     tracing::info!(addr = %app.addr()?, "billing-gateway listening");
     app.run_until(shutdown_signal()).await?;
+    telemetry.shutdown().await;
     Ok(())
 }

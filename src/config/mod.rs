@@ -56,6 +56,41 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Serve HTTPS (HTTP/2 offered) with this certificate and key, re-read when they change.
     pub tls: Option<TlsFiles>,
+    /// Where spans are exported (OpenTelemetry), when anywhere.
+    pub tracing: TracingConfig,
+    /// `GATEWAY_REDIS_URL`: Redis, for replicas to share limits and cache. Sharing is not
+    /// implemented yet: a configured URL only shows in the metrics (`redis_configured`), where
+    /// the alert on replicas running local while Redis is configured sees it.
+    pub redis_url: Option<SecretString>,
+}
+
+/// OpenTelemetry trace export, from the standard `OTEL_*` variables. With no endpoint no
+/// exporter runs. The SDK reads the rest of its variables itself (`OTEL_EXPORTER_OTLP_HEADERS`,
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_TRACES_SAMPLER`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`).
+#[derive(Debug, Clone)]
+pub struct TracingConfig {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: the collector's base URL; spans go to `{it}/v1/traces`.
+    pub otlp_endpoint: Option<String>,
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: the whole URL spans go to; wins over the base.
+    pub otlp_traces_endpoint: Option<String>,
+    /// `OTEL_SERVICE_NAME`: the `service.name` of every span.
+    pub service_name: String,
+    /// `OTEL_SDK_DISABLED=true`: no exporter, whatever the endpoint says.
+    pub disabled: bool,
+}
+
+impl TracingConfig {
+    /// The URL spans are exported to (OTLP/HTTP protobuf), or `None`: no exporter runs.
+    pub fn traces_url(&self) -> Option<String> {
+        if self.disabled {
+            return None;
+        }
+        match (&self.otlp_traces_endpoint, &self.otlp_endpoint) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(base)) => Some(format!("{}/v1/traces", base.trim_end_matches('/'))),
+            (None, None) => None,
+        }
+    }
 }
 
 /// PEM files of the TLS listener.
@@ -265,6 +300,13 @@ impl Config {
             },
             cors_origins: Vec::new(),
             tls: None,
+            tracing: TracingConfig {
+                otlp_endpoint: None,
+                otlp_traces_endpoint: None,
+                service_name: "billing-gateway".to_owned(),
+                disabled: false,
+            },
+            redis_url: None,
         }
     }
 

@@ -182,7 +182,60 @@ pub(super) static SETTINGS: &[Setting] = &[
         tls_files(c).key = PathBuf::from(v);
         Ok(())
     }),
+    // A Redis URL may carry a password: a secret, like the keys.
+    secret("GATEWAY_REDIS_URL", "redis.url", |c, v| {
+        let scheme = v.split_once("://").map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some("redis" | "rediss")) {
+            return Err("not a redis:// or rediss:// URL".to_owned());
+        }
+        c.redis_url = Some(SecretString::from(v));
+        Ok(())
+    }),
+    // OpenTelemetry's own names, so a collector's usual settings work unchanged.
+    file(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "tracing.otlp_endpoint",
+        |c, v| parse_base_url(&v).map(|url| c.tracing.otlp_endpoint = Some(url)),
+    ),
+    file(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "tracing.otlp_traces_endpoint",
+        |c, v| parse_http_url(&v).map(|url| c.tracing.otlp_traces_endpoint = Some(url)),
+    ),
+    file("OTEL_SERVICE_NAME", "tracing.service_name", |c, v| {
+        c.tracing.service_name = v;
+        Ok(())
+    }),
+    file("OTEL_SDK_DISABLED", "tracing.disabled", |c, v| {
+        match v.to_ascii_lowercase().as_str() {
+            "true" => c.tracing.disabled = true,
+            "false" => c.tracing.disabled = false,
+            _ => return Err(format!("`{v}` is neither true nor false")),
+        }
+        Ok(())
+    }),
+    file(
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "tracing.protocol",
+        otlp_protocol,
+    ),
+    file(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "tracing.traces_protocol",
+        otlp_protocol,
+    ),
 ];
+
+/// Spans are exported over OTLP/HTTP with protobuf bodies only (no gRPC stack is built in).
+fn otlp_protocol(_: &mut Config, v: String) -> Result<(), String> {
+    if v == "http/protobuf" {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{v}`: only http/protobuf is supported (point it at the collector's OTLP/HTTP port, 4318)"
+        ))
+    }
+}
 
 fn tls_files(c: &mut Config) -> &mut TlsFiles {
     c.tls.get_or_insert_with(|| TlsFiles {

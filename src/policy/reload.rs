@@ -9,12 +9,13 @@
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
 
 use crate::policy::{PolicyError, PolicySet};
+use crate::telemetry::SourceHealth;
 
 /// How often the policy folder is re-read unless the app is told otherwise.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(2);
@@ -23,6 +24,8 @@ pub const DEFAULT_POLL: Duration = Duration::from_secs(2);
 pub struct LivePolicy {
     current: ArcSwap<PolicySet>,
     source: Option<Source>,
+    /// Where reloads are reported, once the app that serves this policy has metrics.
+    health: OnceLock<SourceHealth>,
 }
 
 struct Source {
@@ -38,6 +41,8 @@ struct Source {
 struct Seen {
     sources: Vec<(PathBuf, String)>,
     unreadable: Option<String>,
+    /// The texts last seen do not load: the last good policy is in force instead.
+    rejected: bool,
 }
 
 /// What one [`LivePolicy::reload`] did.
@@ -58,6 +63,7 @@ impl LivePolicy {
         LivePolicy {
             current: ArcSwap::from_pointee(policy),
             source: None,
+            health: OnceLock::new(),
         }
     }
 
@@ -84,8 +90,10 @@ impl LivePolicy {
                 seen: Mutex::new(Seen {
                     sources,
                     unreadable: None,
+                    rejected: false,
                 }),
             }),
+            health: OnceLock::new(),
         })
     }
 
@@ -94,12 +102,34 @@ impl LivePolicy {
         self.current.load()
     }
 
+    /// Reports every reload from now on to `health` (the app's metrics): a read that finds the
+    /// folder good, and one that finds it broken or unreadable, each poll and SIGHUP. The policy
+    /// was loaded good just before, so this counts as a success; a second call is ignored.
+    pub fn report_to(&self, health: SourceHealth) {
+        health.succeeded();
+        let _ = self.health.set(health);
+    }
+
     /// Re-reads the folder and applies it when it changed and is valid. What SIGHUP and every
     /// poll tick run; logs what it did.
     pub fn reload(&self) -> Reload {
         let Some(source) = &self.source else {
             return Reload::Unchanged;
         };
+        let (outcome, good) = self.reload_from(source);
+        if let (Some(health), Some(good)) = (self.health.get(), good) {
+            if good {
+                health.succeeded();
+            } else {
+                health.failed();
+            }
+        }
+        outcome
+    }
+
+    /// [`LivePolicy::reload`], and whether the folder was found good (`None`: not decided,
+    /// when it read differently twice in a row).
+    fn reload_from(&self, source: &Source) -> (Reload, Option<bool>) {
         let mut seen = source.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let sources = match PolicySet::read_sources(&source.dir) {
             Ok(sources) => sources,
@@ -109,20 +139,22 @@ impl LivePolicy {
                     tracing::error!(error = %e, "cannot re-read the policy folder; the last good policy stays in force");
                     seen.unreadable = Some(message);
                 }
-                return Reload::Rejected(e);
+                return (Reload::Rejected(e), Some(false));
             }
         };
         seen.unreadable = None;
         if sources == seen.sources {
-            return Reload::Unchanged;
+            // A broken edit still in place fails every read until it is fixed.
+            return (Reload::Unchanged, Some(!seen.rejected));
         }
         // Files read while an editor or Kubernetes was halfway through replacing them may mix
         // two versions: act only on a folder that reads the same twice.
         if PolicySet::read_sources(&source.dir).ok().as_ref() != Some(&sources) {
-            return Reload::Unchanged;
+            return (Reload::Unchanged, None);
         }
         let result = PolicySet::from_sources(&merged(&sources, &source.extra));
         seen.sources = sources;
+        seen.rejected = result.is_err();
         match result {
             Ok(policy) => {
                 tracing::info!(
@@ -131,11 +163,11 @@ impl LivePolicy {
                     "policy reloaded"
                 );
                 self.current.store(Arc::new(policy));
-                Reload::Applied
+                (Reload::Applied, Some(true))
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy edit rejected; the last good policy stays in force");
-                Reload::Rejected(e)
+                (Reload::Rejected(e), Some(false))
             }
         }
     }

@@ -156,6 +156,15 @@ impl App {
             .require_authentication(policy.load().has_keys())
             .map_err(|p| StartError::Other(p.to_string()))?;
         let metrics = Arc::new(Metrics::default());
+        metrics.set_upstream_budget(1.0 / config.upstream.rate.pace().as_secs_f64());
+        metrics.set_redis_configured(config.redis_url.is_some());
+        if config.redis_url.is_some() {
+            tracing::warn!(
+                "GATEWAY_REDIS_URL is set, but sharing limits and cache through Redis is not \
+                 implemented yet: this replica keeps its own"
+            );
+        }
+        policy.report_to(metrics.policy_reload());
         let upstream = Upstream::new(&config.upstream, metrics.clone())
             .map_err(|e| StartError::Other(e.to_string()))?;
         let tls = match &config.tls {
@@ -173,7 +182,7 @@ impl App {
                     source,
                 })?;
         let state = Arc::new(Shared {
-            auth: Authenticator::start(&config.auth)
+            auth: Authenticator::start_reporting(&config.auth, metrics.jwks_fetch())
                 .await
                 .map_err(|e| StartError::Other(e.to_string()))?,
             cache: Cache::new(&config.cache),

@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::error::{Error, Throttle};
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     operation: &'static str,
@@ -36,6 +38,49 @@ struct ClassLabels {
     class: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+/// How a source the gateway re-reads while it runs (the policy folder, the identity provider's
+/// keys) is doing: when it was last read and found good, and how many reads failed. The alerts
+/// on a source that stopped refreshing are written against these two series.
+#[derive(Debug, Clone, Default)]
+pub struct SourceHealth {
+    last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    failures: Counter,
+}
+
+impl SourceHealth {
+    /// The source was read and found good just now.
+    pub fn succeeded(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_success.set(now.as_secs_f64());
+    }
+
+    /// A read of the source failed (what was held before stays in force).
+    pub fn failed(&self) {
+        self.failures.inc();
+    }
+
+    fn register(&self, registry: &mut Registry, name: &str, what: &str) {
+        registry.register_with_unit(
+            format!("{name}_last_success_timestamp"),
+            format!("When {what} was last read and found good (Unix time; 0: never)"),
+            prometheus_client::registry::Unit::Seconds,
+            self.last_success.clone(),
+        );
+        registry.register(
+            format!("{name}_failures"),
+            format!("Reads of {what} that failed; what was held before stays in force"),
+            self.failures.clone(),
+        );
+    }
+}
+
 type HistogramFamily = Family<OperationLabels, Histogram, fn() -> Histogram>;
 type ClassHistogramFamily = Family<ClassLabels, Histogram, fn() -> Histogram>;
 
@@ -59,6 +104,10 @@ pub struct Metrics {
     /// bodies included; the load-shedding bound applies to it.
     pub(crate) in_flight: Gauge,
     stalled_answers: Counter,
+    budget_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    policy_reload: SourceHealth,
+    jwks_fetch: SourceHealth,
+    redis_configured: Gauge,
 }
 
 impl Default for Metrics {
@@ -166,6 +215,62 @@ impl Default for Metrics {
             "Relayed answers cut off because the client took nothing for the idle write time",
             stalled_answers.clone(),
         );
+        let budget_rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "upstream_budget_calls_per_second",
+            "The upstream budget: calls per second all callers together may send upstream \
+             (GATEWAY_UPSTREAM_RATE)",
+            budget_rate.clone(),
+        );
+        let policy_reload = SourceHealth::default();
+        policy_reload.register(
+            &mut registry,
+            "policy_reload",
+            "the policy folder (every poll and SIGHUP)",
+        );
+        let jwks_fetch = SourceHealth::default();
+        jwks_fetch.register(
+            &mut registry,
+            "jwks_fetch",
+            "the identity provider's keys (JWKS)",
+        );
+        let redis_configured = Gauge::default();
+        registry.register(
+            "redis_configured",
+            "1 when GATEWAY_REDIS_URL is set: the replicas are meant to share limits and cache",
+            redis_configured.clone(),
+        );
+        let sharing_mode = Family::<ModeLabels, Gauge>::default();
+        registry.register(
+            "sharing_mode",
+            "1 for how this replica keeps its limits and cache: `local` (its own memory; \
+             sharing through Redis is not implemented yet)",
+            sharing_mode.clone(),
+        );
+        sharing_mode
+            .get_or_create(&ModeLabels { mode: "local" })
+            .set(1);
+        // The refusals and cache answers the shipped alerts and dashboard watch start at 0: a
+        // series born at 1 shows no `increase()`, so a first refusal would go unseen.
+        for reason in [
+            Throttle::Principal,
+            Throttle::UpstreamBudget,
+            Throttle::UpstreamBackoff,
+            Throttle::Upstream,
+        ]
+        .map(|reason| Error::TooManyRequests {
+            retry_after: 0,
+            reason,
+        })
+        .iter()
+        .chain([&Error::Overloaded])
+        .map(Error::kind)
+        {
+            let _ = rejections.get_or_create(&ReasonLabels { reason });
+        }
+        for result in ["hit", "stored", "coalesced", "stale", "miss"] {
+            let _ = cache_results.get_or_create(&ResultLabels { result });
+        }
         Metrics {
             registry,
             requests,
@@ -183,6 +288,10 @@ impl Default for Metrics {
             backoff,
             in_flight,
             stalled_answers,
+            budget_rate,
+            policy_reload,
+            jwks_fetch,
+            redis_configured,
         }
     }
 }
@@ -273,6 +382,27 @@ impl Metrics {
     /// Counts one relayed answer cut off because its client stopped taking it.
     pub fn count_stalled_answer(&self) {
         self.stalled_answers.inc();
+    }
+
+    /// Records the upstream budget in calls per second, for dashboards to draw the calls against.
+    pub fn set_upstream_budget(&self, calls_per_second: f64) {
+        self.budget_rate.set(calls_per_second);
+    }
+
+    /// Where the policy folder's reloads are reported.
+    pub fn policy_reload(&self) -> SourceHealth {
+        self.policy_reload.clone()
+    }
+
+    /// Where the identity provider's key fetches are reported.
+    pub fn jwks_fetch(&self) -> SourceHealth {
+        self.jwks_fetch.clone()
+    }
+
+    /// Records whether Redis is configured (GATEWAY_REDIS_URL): the alert on a replica running
+    /// local while Redis is configured compares it with `sharing_mode`.
+    pub fn set_redis_configured(&self, configured: bool) {
+        self.redis_configured.set(i64::from(configured));
     }
 
     /// The Prometheus text exposition.

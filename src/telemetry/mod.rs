@@ -1,13 +1,15 @@
-//! What the gateway tells its operators: request ids, one log line per request, audit events
-//! and Prometheus metrics.
+//! What the gateway tells its operators: request ids, one log line per request, audit events,
+//! Prometheus metrics and traces ([`trace`]).
 //!
 //! Metrics live in a per-app registry (not a process-wide recorder), so tests can run many apps
 //! in one process and read each one's numbers. Log lines carry ids, names and numbers only: never
 //! a token, a key, a query string or a body.
 
 mod metrics;
+pub mod trace;
 
-pub use metrics::Metrics;
+pub use metrics::{Metrics, SourceHealth};
+pub use trace::{Telemetry, init};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -67,8 +69,8 @@ pub fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
     format!("{}...[truncated: {} bytes]", &path[..end], path.len()).into()
 }
 
-/// Outermost middleware: assigns the request id, runs the request in its span, then writes the
-/// request's one log line and its metrics.
+/// Outermost middleware: assigns the request id, runs the request in its span (continuing the
+/// caller's trace, [`trace`]), then writes the request's one log line and its metrics.
 pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let id: Arc<str> = match req.headers().get(&REQUEST_ID).and_then(sane_request_id) {
@@ -83,8 +85,11 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
     // A `Uri` shares hyper's buffer: cloning it copies no bytes.
     let uri = req.uri().clone();
     let path = uri.path();
-    let span = tracing::info_span!("request", request_id = %id);
-    let mut response = next.run(req).instrument(span).await;
+    let (span, trace) = trace::request_span(&id, req.headers());
+    let trace_id = trace.trace_id;
+    // Only an exported span is kept for its outcome: without export the span is dropped as before.
+    let exported = trace::exporting().then(|| span.clone());
+    let mut response = trace::scope(trace, next.run(req).instrument(span)).await;
 
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID.clone(), v);
@@ -102,8 +107,13 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
     });
     let rejection = response.extensions().get::<ErrorKind>().map(|k| k.0);
     metrics.request_done(operation, status, rejection);
+    if let Some(span) = exported {
+        trace::record_outcome(&span, operation, status);
+    }
+    let mut trace_hex = [0u8; 32];
     tracing::info!(
         request_id = %id,
+        trace_id = trace_id.hex(&mut trace_hex),
         %method,
         path = %loggable_path(path),
         operation,
@@ -118,24 +128,16 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: 
     response
 }
 
-/// Installs the process's log subscriber (the binary calls this once; tests do not).
+/// Installs the process's log subscriber, without span export ([`init`] is the one that can
+/// export). A second call finds a subscriber already set; that is fine.
 pub fn init_logging(format: Option<LogFormat>) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Pretty
-    } else {
-        LogFormat::Json
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second call (tests) finds a subscriber already set; that is fine.
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+    let none = crate::config::TracingConfig {
+        otlp_endpoint: None,
+        otlp_traces_endpoint: None,
+        service_name: String::new(),
+        disabled: true,
     };
+    let _ = init(format, &none);
 }
 
 #[cfg(test)]

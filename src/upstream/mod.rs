@@ -28,7 +28,7 @@ use crate::billing::{Call, Method};
 use crate::config::UpstreamConfig;
 use crate::error::retry_after_secs;
 use crate::error::{Error, Throttle};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, trace};
 
 /// Retries of an idempotent GET after a connection error, a 502 or a 503 (so three attempts at
 /// most). A POST (coupon redemption) is never retried: it might have been applied.
@@ -198,23 +198,30 @@ impl Upstream {
         } else {
             HeaderValue::from_static("application/json")
         };
+        let span = trace::upstream_span(call.op.name, method.as_str());
         let mut request = self
             .client
             .request(method, url)
             .timeout(timeout)
             .header(header::ACCEPT, accept)
             .header("x-request-id", request_id);
+        // The request's trace, with this call as the parent (telemetry::trace).
+        if let Some((traceparent, tracestate)) = trace::outgoing(&span) {
+            request = request.header(&trace::TRACEPARENT, traceparent);
+            if let Some(tracestate) = tracestate {
+                request = request.header(&trace::TRACESTATE, tracestate);
+            }
+        }
         // Injected last so no earlier header, however built, can displace it.
         request = request.header("x-auth-token", self.key.clone());
         let started = Instant::now();
         self.metrics.count_class_call(class);
         let outcome = request.send().await;
+        let status = outcome.as_ref().map_or(0, |r| r.status().as_u16());
+        trace::record_upstream(&span, status);
         // Per attempt, without the budget wait: what the upstream itself takes.
-        self.metrics.observe_upstream(
-            call.op.name,
-            outcome.as_ref().map_or(0, |r| r.status().as_u16()),
-            started.elapsed().as_secs_f64(),
-        );
+        self.metrics
+            .observe_upstream(call.op.name, status, started.elapsed().as_secs_f64());
         outcome.map_err(|e| {
             // reqwest's Display names the URL, never the headers: safe to log.
             // A connect timeout is unreachable (502, retried), not slow (504).
