@@ -49,20 +49,13 @@ pub mod upstream;
 
 // Wiring inside one request: reached only through `server::App`.
 mod admission;
+mod crypto;
 mod error;
 mod limits;
 mod proxy;
 mod state;
 
 pub use config::Config;
+pub use crypto::install_crypto_provider;
 pub use error::Error;
 pub use server::{App, ServerLimits, StartError};
-
-/// Makes ring the one rustls crypto provider of the process, for the TLS listener and every
-/// HTTP client (upstream, JWKS) alike. reqwest is built without a provider of its own and
-/// panics on building a client before one is installed; every place that builds one calls this
-/// first, so a library user (tests included) need not. Calling it again does nothing.
-pub fn install_crypto_provider() {
-    // Err only when a provider is already installed: that one stays.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}

@@ -166,7 +166,7 @@ impl KeyStore {
         source: KeySource,
         health: SourceHealth,
     ) -> Result<Arc<KeyStore>, String> {
-        crate::install_crypto_provider();
+        crate::crypto::install_crypto_provider();
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(FETCH_TIMEOUT)

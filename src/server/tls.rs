@@ -42,7 +42,7 @@ impl Tls {
     /// Reads the PEM certificate chain and private key; errors name the file at fault.
     pub fn load(cert: &Path, key: &Path) -> Result<Tls, String> {
         let current = Arc::new(Reloading(ArcSwap::from_pointee(certified_key(cert, key)?)));
-        crate::install_crypto_provider();
+        crate::crypto::install_crypto_provider();
         let mut config = ServerConfig::builder()
             .with_no_client_auth()
             .with_cert_resolver(current.clone());

@@ -424,7 +424,7 @@ pub fn init(format: Option<LogFormat>, tracing: &TracingConfig) -> Result<Teleme
 
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| "exporting spans needs a Tokio runtime".to_owned())?;
-    crate::install_crypto_provider();
+    crate::crypto::install_crypto_provider();
     let client = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())

@@ -58,7 +58,7 @@ type Attempt = Result<reqwest::Response, Error>;
 impl Upstream {
     /// Builds the client; fails only on a key that is not a valid header value.
     pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, Error> {
-        crate::install_crypto_provider();
+        crate::crypto::install_crypto_provider();
         let client = reqwest::Client::builder()
             // The key goes to the configured upstream and nowhere else: no proxy from the
             // environment (HTTP_PROXY, ALL_PROXY) sees it.
