@@ -170,12 +170,21 @@ async fn the_gateway_endpoints_count_against_the_callers_rate_too() {
     let served = statuses.iter().filter(|s| **s == 200).count();
     assert!((2..=most).contains(&served), "{statuses:?}, at most {most}");
     assert!(statuses.contains(&429), "{statuses:?}");
-    // Refused for the caller's rate, not anything else.
+    // Refused for the caller's rate, not anything else, and counted under its class (its role),
+    // never its subject.
     let m = app.metrics().await;
     assert!(
         m.contains(r#"billing_gateway_rejections_total{reason="principal_rate"}"#),
         "{m}"
     );
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        m.contains(&format!(
+            "billing_gateway_refusals_by_class_total{{reason=\"principal_rate\",class=\"billing-read-only\"}} {refused}"
+        )),
+        "{m}"
+    );
+    assert!(!m.contains("poller"), "a subject in the metrics: {m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,6 +797,19 @@ async fn a_flooding_principal_delays_another_by_at_most_two_paces() {
             r#"billing_gateway_rejections_total{reason="upstream_budget"}"#
         ),
         a.throttled as f64,
+        "{m}"
+    );
+    // Every refusal is A's, and counted under A's class: B's is never refused.
+    assert_eq!(
+        sample(
+            &m,
+            r#"billing_gateway_refusals_by_class_total{reason="upstream_budget",class="billing-read-only"}"#
+        ),
+        a.throttled as f64,
+        "{m}"
+    );
+    assert!(
+        !m.contains(r#"billing_gateway_refusals_by_class_total{reason="upstream_budget",class="billing-manager"}"#),
         "{m}"
     );
     let a_wait = sample(

@@ -146,7 +146,14 @@ async fn every_metric_name_the_alerts_dashboard_and_readme_use_is_exposed() {
     let jwks = format!("{}/jwks", upstream.uri());
     let app = TestApp::builder()
         .upstream(upstream)
-        .config(|c| c.auth.jwks_url = Some(jwks))
+        .config(|c| {
+            c.auth.jwks_url = Some(jwks);
+            // Low enough for the flood below to be refused, with room for the calls before it.
+            c.limits.principal_rate = billing_gateway::config::Rate {
+                count: 2,
+                per: Duration::from_secs(1),
+            };
+        })
         .spawn()
         .await;
     let reader = app.reader();
@@ -162,6 +169,20 @@ async fn every_metric_name_the_alerts_dashboard_and_readme_use_is_exposed() {
     ] {
         assert_eq!(app.get(path, token).await.status(), status, "{path}");
     }
+    // A caller past its own rate, so the refusals by class have a series.
+    let flooder = token_with(json!({
+        "sub": "flooder",
+        "roles": ["billing-read-only"],
+        "exp": jsonwebtoken::get_current_timestamp() + 600,
+    }));
+    let mut refused = false;
+    for _ in 0..50 {
+        if app.get("/gateway/v1/whoami", &flooder).await.status() == 429 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the flooder was never refused");
     let exposition = app.metrics().await;
     let exposed = samples(&exposition);
 
@@ -272,7 +293,7 @@ fn the_dashboard_is_json_with_its_data_source_a_variable_and_the_panels_on_call_
         "cache hit ratio",
         "cache size",
         "upstream calls against the budget",
-        "budget waits and refusals",
+        "budget waits and refusals by class",
         "backoff",
         "replicas by sharing mode",
         "shed load",

@@ -66,9 +66,7 @@ async fn serve(
         .authenticate(authenticate(state, &parts.headers))
         .await?;
     info.subject = Some(principal.subject.clone());
-    state
-        .limits
-        .check_principal(&principal.subject, principal.rate())?;
+    check_rate(state, &principal)?;
     policy::decide(&principal, &mut call)?;
     call.apply_organization(state.organization_id)?;
     // From here on the request holds a place: until this handler returns, or for a relayed
@@ -130,11 +128,21 @@ pub(crate) async fn admit(
     headers: &HeaderMap,
 ) -> Result<(Principal, Slot), Error> {
     let principal = admission.authenticate(authenticate(state, headers)).await?;
-    state
-        .limits
-        .check_principal(&principal.subject, principal.rate())?;
+    check_rate(state, &principal)?;
     let slot = admission.admit(&principal.subject)?;
     Ok((principal, slot))
+}
+
+/// Counts a request against its principal's own rate; a refusal is counted by class too.
+fn check_rate(state: &AppState, principal: &Principal) -> Result<(), Error> {
+    state
+        .limits
+        .check_principal(&principal.subject, principal.rate())
+        .inspect_err(|_| {
+            state
+                .metrics
+                .count_class_refusal("principal_rate", principal.class());
+        })
 }
 
 /// Sends `call` upstream for `principal`, noting the time to the answer's headers for the

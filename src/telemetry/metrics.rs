@@ -38,6 +38,13 @@ struct ClassLabels {
     class: String,
 }
 
+/// A refusal's reason and the refused principal's class (bounded, as for [`ClassLabels`]).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+    class: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: &'static str,
@@ -97,6 +104,7 @@ pub struct Metrics {
     upstream_retries: Family<OperationLabels, Counter>,
     budget_wait: Histogram,
     class_calls: Family<ClassLabels, Counter>,
+    class_refusals: Family<RefusalLabels, Counter>,
     class_budget_wait: ClassHistogramFamily,
     waiting_principals: Gauge,
     backoff: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -179,6 +187,13 @@ impl Default for Metrics {
             "Calls sent to the Billing API (retries included), by principal class: the gateway \
              key's name or the token's highest role",
             class_calls.clone(),
+        );
+        let class_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "refusals_by_class",
+            "Requests refused for the caller's own rate (`principal_rate`) or a full upstream \
+             budget (`upstream_budget`), by principal class",
+            class_refusals.clone(),
         );
         let class_budget_wait: ClassHistogramFamily =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 12)));
@@ -283,6 +298,7 @@ impl Default for Metrics {
             upstream_retries,
             budget_wait,
             class_calls,
+            class_refusals,
             class_budget_wait,
             waiting_principals,
             backoff,
@@ -350,6 +366,18 @@ impl Metrics {
                 class: class.to_owned(),
             })
             .observe(seconds);
+    }
+
+    /// Counts one refusal of a principal of `class` (`reason`: `principal_rate` or
+    /// `upstream_budget`), so a dashboard can tell which caller is throttled without a label per
+    /// user.
+    pub fn count_class_refusal(&self, reason: &'static str, class: &str) {
+        self.class_refusals
+            .get_or_create(&RefusalLabels {
+                reason,
+                class: class.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one call sent upstream for a principal of `class`.

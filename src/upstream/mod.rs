@@ -168,7 +168,14 @@ impl Upstream {
     ) -> Result<Duration, Error> {
         self.backoff.check()?;
         let left = deadline.saturating_duration_since(Instant::now());
-        let waited = self.budget.acquire(caller, retry, left).await?;
+        let class = caller.class;
+        let waited = self
+            .budget
+            .acquire(caller, retry, left)
+            .await
+            .inspect_err(|_| {
+                self.metrics.count_class_refusal("upstream_budget", class);
+            })?;
         self.backoff.check()?;
         Ok(waited)
     }
