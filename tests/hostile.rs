@@ -143,14 +143,9 @@ async fn serve_raw(
     reader_gone: &Notify,
 ) -> std::io::Result<()> {
     loop {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if stream.read(&mut byte).await? == 0 {
-                return Ok(());
-            }
-            head.push(byte[0]);
-        }
+        let Some(head) = read_head(&mut stream).await? else {
+            return Ok(());
+        };
         if !String::from_utf8_lossy(&head).contains("/download") {
             stream
                 .write_all(

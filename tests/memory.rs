@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -302,14 +302,9 @@ impl Chunked {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let seen = seen.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
+                    let Ok(Some(head)) = read_head(&mut stream).await else {
+                        return;
+                    };
                     seen.lock()
                         .expect("lock")
                         .push(String::from_utf8_lossy(&head).into_owned());

@@ -412,3 +412,20 @@ impl std::io::Write for Captured {
         Ok(())
     }
 }
+
+/// Reads one HTTP/1.1 request head off a raw socket, for the hand-written upstreams that
+/// wiremock cannot play (slow, dropping, endless); `None` once the peer has closed.
+pub async fn read_head(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 {
+            return Ok(None);
+        }
+        head.push(byte[0]);
+    }
+    Ok(Some(head))
+}
