@@ -137,6 +137,8 @@ impl Respond for Counting {
 /// Sends `count` distinct consumption queries (long `category_name`s of a closed month),
 /// `first` onwards, 16 at a time.
 async fn fill(base: &str, token: &str, first: usize, count: usize) {
+    // The gateway runs in another process: install this one's TLS provider before a client.
+    billing_gateway::install_crypto_provider();
     let client = reqwest::Client::new();
     let next = Arc::new(AtomicUsize::new(first));
     let end = first + count;
@@ -243,6 +245,7 @@ async fn the_cache_bound_bounds_the_process_memory() {
         counted_bytes as f64 / MIB
     );
 
+    billing_gateway::install_crypto_provider();
     let purge = reqwest::Client::new()
         .delete(format!("{}/gateway/v1/cache", gateway.base))
         .bearer_auth(&manager)
