@@ -10,87 +10,35 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::{Request, StatusCode};
-use billing_gateway::server::{App, ServerLimits};
+use billing_gateway::server::ServerLimits;
 use bytes::Bytes;
 use common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use wiremock::matchers::{path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-/// Generous bound for conditions to come about; a test fails past it, it never measures.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A gateway with chosen server limits in front of `upstream`.
-struct Gateway {
-    base: String,
-    client: reqwest::Client,
-    _stop: oneshot::Sender<()>,
+/// Waits until the metrics show `line`.
+async fn until_metric(app: &TestApp, line: &str) {
+    tokio::time::timeout(PATIENCE, async {
+        while !app.metrics().await.contains(line) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never saw `{line}` in the metrics"));
 }
 
-impl Gateway {
-    async fn start(upstream: &str, limits: ServerLimits) -> Gateway {
-        let app = App::build(config(upstream))
-            .await
-            .expect("app builds")
-            .with_limits(limits);
-        let base = format!("http://{}", app.addr().expect("addr"));
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(app.run_until(async {
-            let _ = rx.await;
-        }));
-        Gateway {
-            base,
-            client: reqwest::Client::new(),
-            _stop: tx,
-        }
-    }
-
-    fn addr(&self) -> &str {
-        self.base.trim_start_matches("http://")
-    }
-
-    async fn get(&self, path: &str, token: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request")
-    }
-
-    async fn probe(&self, path: &str) -> StatusCode {
-        self.client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("request")
-            .status()
-    }
-
-    async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .expect("request")
-            .text()
-            .await
-            .expect("text")
-    }
-
-    /// Waits until the metrics contain `line`.
-    async fn until_metric(&self, line: &str) {
-        tokio::time::timeout(PATIENCE, async {
-            while !self.metrics().await.contains(line) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
+/// A probe's status: no credential, as load balancers and scrapers send.
+async fn probe(app: &TestApp, path: &str) -> StatusCode {
+    app.client
+        .get(format!("{}{path}", app.base))
+        .send()
         .await
-        .unwrap_or_else(|_| panic!("never saw `{line}` in the metrics"));
-    }
+        .expect("request")
+        .status()
 }
 
 fn token(sub: &str, role: &str) -> String {
@@ -262,16 +210,16 @@ async fn zero_window_http2_streams_from_many_connections_do_not_lock_out_a_bysta
         ))
         .mount(&upstream)
         .await;
-    let gateway = Gateway::start(
-        &upstream.uri(),
-        ServerLimits {
+    let gateway = TestApp::builder()
+        .upstream_url(upstream.uri())
+        .limits(ServerLimits {
             max_in_flight: 8,
             max_in_flight_per_principal: 2,
             ..ServerLimits::default()
-        },
-    )
-    .await;
-    let addr = gateway.addr().to_owned();
+        })
+        .spawn()
+        .await;
+    let addr = gateway.addr().to_string();
     let reader = token("mallory", "billing-read-only");
     let manager = token("mallet", "billing-manager");
     let consumptions = "/billing/v2beta1/consumptions?page_size=10";
@@ -315,9 +263,7 @@ async fn zero_window_http2_streams_from_many_connections_do_not_lock_out_a_bysta
         }
     }
     // Of everything held open, only the two downloads hold a place.
-    gateway
-        .until_metric("billing_gateway_requests_in_flight 2\n")
-        .await;
+    until_metric(&gateway, "billing_gateway_requests_in_flight 2\n").await;
 
     let bystander = token("bob", "billing-manager");
     for _ in 0..20 {
@@ -325,7 +271,7 @@ async fn zero_window_http2_streams_from_many_connections_do_not_lock_out_a_bysta
         assert_eq!(response.status(), 200, "the bystander was refused");
         assert!(response.text().await.expect("body").contains("invoices"));
     }
-    assert_eq!(gateway.probe("/readyz").await, 200);
+    assert_eq!(probe(&gateway, "/readyz").await, 200);
     drop(connections);
 }
 
@@ -335,15 +281,15 @@ async fn zero_window_http2_streams_from_many_connections_do_not_lock_out_a_bysta
 #[tokio::test]
 async fn a_zero_window_download_is_cut_after_the_idle_write_time() {
     let upstream = RawUpstream::start().await;
-    let gateway = Gateway::start(
-        &upstream.url,
-        ServerLimits {
+    let gateway = TestApp::builder()
+        .upstream_url(upstream.url)
+        .limits(ServerLimits {
             idle_write_timeout: Duration::from_millis(300),
             ..ServerLimits::default()
-        },
-    )
-    .await;
-    let addr = gateway.addr().to_owned();
+        })
+        .spawn()
+        .await;
+    let addr = gateway.addr().to_string();
     let manager = token("mallet", "billing-manager");
     let gone = upstream.reader_gone.notified();
     let mut send = zero_window(&addr).await;
@@ -353,12 +299,8 @@ async fn a_zero_window_download_is_cut_after_the_idle_write_time() {
     tokio::time::timeout(PATIENCE, gone)
         .await
         .expect("the gateway closed the upstream connection of the unread download");
-    gateway
-        .until_metric("billing_gateway_requests_in_flight 0\n")
-        .await;
-    gateway
-        .until_metric("billing_gateway_stalled_answers_total 1\n")
-        .await;
+    until_metric(&gateway, "billing_gateway_requests_in_flight 0\n").await;
+    until_metric(&gateway, "billing_gateway_stalled_answers_total 1\n").await;
     // The same connection still serves.
     let more = open_streams(
         &mut send,
@@ -378,15 +320,15 @@ async fn a_zero_window_download_is_cut_after_the_idle_write_time() {
 #[tokio::test]
 async fn a_reader_that_never_reads_a_download_is_cut_off_and_its_place_given_back() {
     let upstream = RawUpstream::start().await;
-    let gateway = Gateway::start(
-        &upstream.url,
-        ServerLimits {
+    let gateway = TestApp::builder()
+        .upstream_url(upstream.url)
+        .limits(ServerLimits {
             max_in_flight: 1,
             idle_write_timeout: Duration::from_millis(300),
             ..ServerLimits::default()
-        },
-    )
-    .await;
+        })
+        .spawn()
+        .await;
     let gone = upstream.reader_gone.notified();
     let mut stalled = TcpStream::connect(gateway.addr()).await.expect("connect");
     let head = format!(
@@ -403,9 +345,7 @@ async fn a_reader_that_never_reads_a_download_is_cut_off_and_its_place_given_bac
     tokio::time::timeout(PATIENCE, gone)
         .await
         .expect("the gateway closed the upstream connection of the unread download");
-    gateway
-        .until_metric("billing_gateway_requests_in_flight 0\n")
-        .await;
+    until_metric(&gateway, "billing_gateway_requests_in_flight 0\n").await;
     let bystander = gateway
         .get("/billing/v2beta1/taxes", &token("bob", "billing-read-only"))
         .await;
@@ -423,14 +363,14 @@ async fn a_reader_that_never_reads_a_download_is_cut_off_and_its_place_given_bac
 #[tokio::test]
 async fn a_principal_past_its_share_in_flight_gets_a_json_429_and_others_are_served() {
     let upstream = RawUpstream::start().await;
-    let gateway = Gateway::start(
-        &upstream.url,
-        ServerLimits {
+    let gateway = TestApp::builder()
+        .upstream_url(upstream.url)
+        .limits(ServerLimits {
             max_in_flight_per_principal: 1,
             ..ServerLimits::default()
-        },
-    )
-    .await;
+        })
+        .spawn()
+        .await;
     let alice = token("alice", "billing-manager");
     // A download not read: its place stays held (for the idle write time, 30 s here).
     let held = gateway.get(&download_path(), &alice).await;
@@ -464,21 +404,21 @@ async fn a_principal_past_its_share_in_flight_gets_a_json_429_and_others_are_ser
 #[tokio::test]
 async fn readyz_is_503_while_every_place_is_taken_and_healthz_stays_200() {
     let upstream = RawUpstream::start().await;
-    let gateway = Gateway::start(
-        &upstream.url,
-        ServerLimits {
+    let gateway = TestApp::builder()
+        .upstream_url(upstream.url)
+        .limits(ServerLimits {
             max_in_flight: 1,
             ..ServerLimits::default()
-        },
-    )
-    .await;
-    assert_eq!(gateway.probe("/readyz").await, 200);
+        })
+        .spawn()
+        .await;
+    assert_eq!(probe(&gateway, "/readyz").await, 200);
     let held = gateway
         .get(&download_path(), &token("alice", "billing-manager"))
         .await;
     assert_eq!(held.status(), 200);
-    assert_eq!(gateway.probe("/readyz").await, 503);
-    assert_eq!(gateway.probe("/healthz").await, 200);
+    assert_eq!(probe(&gateway, "/readyz").await, 503);
+    assert_eq!(probe(&gateway, "/healthz").await, 200);
     let shed = gateway
         .get("/billing/v2beta1/taxes", &token("bob", "billing-manager"))
         .await;
@@ -486,7 +426,7 @@ async fn readyz_is_503_while_every_place_is_taken_and_healthz_stays_200() {
 
     drop(held);
     tokio::time::timeout(PATIENCE, async {
-        while gateway.probe("/readyz").await != 200 {
+        while probe(&gateway, "/readyz").await != 200 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -511,7 +451,10 @@ async fn over_a_hundred_headers_get_a_json_431() {
         .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
         .mount(&upstream)
         .await;
-    let gateway = Gateway::start(&upstream.uri(), ServerLimits::default()).await;
+    let gateway = TestApp::builder()
+        .upstream_url(upstream.uri())
+        .spawn()
+        .await;
     let url = format!("{}/billing/v2beta1/taxes", gateway.base);
     let reader = token("alice", "billing-read-only");
 
