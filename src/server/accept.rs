@@ -56,7 +56,15 @@ pub(super) async fn serve(
         let stream = tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // A relayed answer leaves in several writes (head, then body chunks); with
+                    // Nagle's algorithm the second waits for the client's delayed ACK, 40 ms
+                    // per request on a kept-alive connection.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                    stream
+                }
                 Err(e) => {
                     // Out of file descriptors, usually: pause rather than spin.
                     tracing::warn!(error = %e, "accept failed");
