@@ -305,7 +305,7 @@ impl Cluster {
     pub async fn run(self: Arc<Self>) -> std::convert::Infallible {
         let channel = self.key("events");
         let replicas = self.key("replicas");
-        let tat = self.key("budget:tat");
+        let paused = self.key("budget:paused_until");
         let mut subscribed = false;
         let mut probes = 0;
         let mut tick = tokio::time::interval(TICK);
@@ -333,7 +333,7 @@ impl Cluster {
                     if probes >= PROBES_TO_RESUME {
                         probes = 0;
                         let mut resume = RESUME.prepare_invoke();
-                        resume.key(&tat).arg(DEAD_TIME.as_micros() as u64);
+                        resume.key(&paused).arg(DEAD_TIME.as_micros() as u64);
                         if self.timed::<i64>(Op::Probe, &resume).await.is_ok() {
                             self.set_mode(Mode::Connected);
                         }

@@ -170,7 +170,7 @@ impl App {
             None => None,
         };
         policy.report_to(metrics.policy_reload());
-        let upstream = Upstream::new(&config.upstream, metrics.clone())
+        let upstream = Upstream::new(&config.upstream, metrics.clone(), cluster.clone())
             .map_err(|e| StartError::Other(e.to_string()))?;
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(
