@@ -706,3 +706,140 @@ async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
         Some(":0")
     );
 }
+
+// ---- Principal rates across replicas (contract §11) ----
+
+/// How many of `n` concurrent whoami calls as `token`, spread over `apps`, were allowed; the
+/// rest must be 429s. Returns (allowed, how long the whole took).
+async fn whoami_burst(apps: &[TestApp], token: &str, n: usize) -> (usize, Duration) {
+    let started = Instant::now();
+    let answers = futures_util::future::join_all(
+        (0..n).map(|i| apps[i % apps.len()].get("/gateway/v1/whoami", token)),
+    )
+    .await;
+    let took = started.elapsed();
+    let mut allowed = 0;
+    for response in answers {
+        match response.status().as_u16() {
+            200 => allowed += 1,
+            429 => {
+                assert_error(response, 429, "too_many_requests").await;
+            }
+            other => panic!("unexpected status {other}"),
+        };
+    }
+    (allowed, took)
+}
+
+/// The burst (twice the rate) plus what the rate refilled meanwhile.
+fn most_allowed(rate: u32, elapsed: Duration) -> usize {
+    (2 * rate) as usize + (elapsed.as_secs_f64() * f64::from(rate)).floor() as usize
+}
+
+/// Issue 12, test 3.
+#[tokio::test]
+async fn a_principals_rate_holds_across_three_replicas() {
+    let redis = Redis::start();
+    // 5 a minute, burst 10: nothing refills during the test, and a refusal lasts seconds.
+    let apps = replicas(3, &redis, |c| {
+        c.limits.principal_rate = Rate {
+            count: 5,
+            per: Duration::from_secs(60),
+        };
+        c.redis.timeout = Duration::from_millis(500);
+    })
+    .await;
+    let greedy = reader_as("greedy");
+    let (allowed, _) = whoami_burst(&apps, &greedy, 30).await;
+    // A burst of 10 in all, not 10 on each of the three.
+    assert_eq!(allowed, 10);
+    // Others are untouched.
+    let (allowed, _) = whoami_burst(&apps, &reader_as("patient"), 3).await;
+    assert_eq!(allowed, 3);
+    // A refused caller is refused again on that replica without a Redis call.
+    let principal_calls = |m: String| {
+        value(
+            &m,
+            "billing_gateway_redis_commands_total",
+            "op=\"principal\",result=\"ok\"",
+        )
+    };
+    let before = principal_calls(apps[1].metrics().await);
+    assert_eq!(
+        apps[1].get("/gateway/v1/whoami", &greedy).await.status(),
+        429
+    );
+    assert_eq!(principal_calls(apps[1].metrics().await), before);
+    // No user's name in Redis: the subject is hashed into the key.
+    assert_eq!(
+        redis.command(&["KEYS", "*greedy*"]).as_deref(),
+        Some("*0"),
+        "a key names the subject"
+    );
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn redis_gone_each_replica_holds_principals_to_its_share_of_their_rate() {
+    let mut redis = Redis::start();
+    // N = 3 (the fallback): 6/s becomes 2/s, burst 4, on each replica.
+    let apps = replicas(1, &redis, |c| c.limits.principal_rate = per_second(6)).await;
+    redis.kill();
+    // The first check finds Redis gone, the replica goes on its own.
+    let _ = apps[0].get("/gateway/v1/whoami", &reader_as("first")).await;
+    eventually(|| async { mode(&apps[0]).await == "degraded" }, PATIENCE).await;
+    let (allowed, took) = whoami_burst(&apps, &reader_as("greedy"), 20).await;
+    assert!(
+        (4..=most_allowed(2, took)).contains(&allowed),
+        "{allowed} allowed in {took:?}"
+    );
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+/// Issue 12, test 8 (the principal's script): the same decisions and the same wait as governor
+/// at the same quota.
+#[tokio::test]
+async fn the_principal_script_decides_as_governor_does() {
+    use billing_gateway::cluster::SharedRates;
+    use governor::{Quota, RateLimiter};
+    use std::num::NonZeroU32;
+    let redis = Redis::start();
+    let rates = SharedRates::new(link(&redis));
+    let rate = per_second(5);
+    let quota = Quota::with_period(rate.pace())
+        .expect("a pace")
+        .allow_burst(NonZeroU32::new(10).expect("10"));
+    let governor = RateLimiter::direct(quota);
+    let clock = governor::clock::DefaultClock::default();
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for _ in 0..15 {
+        ours.push(rates.check("alice", rate).await.expect("Redis answers"));
+        theirs.push(
+            governor
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(governor::clock::Clock::now(&clock))),
+        );
+    }
+    let allowed = |d: &[Result<(), Duration>]| d.iter().filter(|d| d.is_ok()).count();
+    assert_eq!(allowed(&ours), 10, "{ours:?}");
+    assert_eq!(allowed(&theirs), 10, "{theirs:?}");
+    // The first refusal: both about one pace (200 ms) less the time the 10 took.
+    let (Err(ours), Err(theirs)) = (ours[10], theirs[10]) else {
+        panic!("the 11th is refused by both")
+    };
+    let gap = ours.abs_diff(theirs);
+    assert!(
+        gap < Duration::from_millis(20),
+        "{ours:?} against {theirs:?}"
+    );
+    assert!(ours <= Duration::from_millis(200), "{ours:?}");
+    // Remembered: refused again without Redis, until the wait is over.
+    redis.command(&["FLUSHALL"]);
+    assert!(rates.check("alice", rate).await.expect("answer").is_err());
+    assert!(rates.check("bob", rate).await.expect("answer").is_ok());
+}

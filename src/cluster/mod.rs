@@ -12,6 +12,10 @@
 //! Redis Cluster keeps them in one slot), and every key but the budget's carries a TTL, so
 //! `volatile-lru` never evicts the budget.
 
+mod rates;
+
+pub use rates::SharedRates;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

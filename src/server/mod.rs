@@ -191,7 +191,12 @@ impl App {
                 .await
                 .map_err(|e| StartError::Other(e.to_string()))?,
             cache: Cache::new(&config.cache),
-            limits: PrincipalLimits::new(config.limits.principal_rate),
+            limits: match &cluster {
+                Some(cluster) => {
+                    PrincipalLimits::shared(config.limits.principal_rate, cluster.clone())
+                }
+                None => PrincipalLimits::new(config.limits.principal_rate),
+            },
             organization_id: config.upstream.organization_id,
             policy: Arc::new(policy),
             upstream,
