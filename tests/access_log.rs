@@ -2,8 +2,9 @@
 //! what the extractors learn (operation, subject) reaches it without code in any handler; a
 //! blocked sink costs dropped lines, counted in `/metrics`, never a request's time.
 //!
-//! A test binary of its own: each test sets a thread-local subscriber (the access log obeys the
-//! log filter like any event), on a single-threaded runtime so it sees every task of the app.
+//! A test binary of its own: each test sets a thread-local subscriber before building the app
+//! (the access log obeys the log filter in force then), on a single-threaded runtime so it sees
+//! every task of the app.
 
 mod common;
 
@@ -391,4 +392,41 @@ async fn a_blocked_sink_drops_and_counts_lines_and_delays_no_request() {
         let line: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert_eq!(line["message"], "request");
     }
+}
+
+/// The access log obeys the log filter like any event: `RUST_LOG=...,billing_gateway::access=warn`
+/// silences it and nothing else.
+#[tokio::test(flavor = "current_thread")]
+async fn the_log_filter_can_turn_the_access_log_off() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "info,billing_gateway::access=warn",
+        ))
+        .with_writer(move || writer.clone())
+        .finish();
+    let _anchor = tracing::Dispatch::new(tracing_subscriber::registry());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    let app = TestApp::builder()
+        .access_log(captured.clone())
+        .spawn()
+        .await;
+    let response = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    app.stop().await;
+    let text = captured.text();
+    assert!(
+        text.contains("shutting down"),
+        "other INFO events still pass: {text}"
+    );
+    assert!(!text.contains("billing_gateway::access"), "{text}");
 }

@@ -6,8 +6,9 @@
 //! (`billing_gateway_log_lines_dropped_total`) instead of growing memory without bound or making
 //! the request wait. The writer thread writes whole lines in writes of at most [`PIPE_BUF`]
 //! bytes, so lines stay whole beside the other log events the process writes to the same
-//! stream. The line is subject to the log filter like any event (`RUST_LOG`, target
-//! [`ACCESS_TARGET`], level INFO).
+//! stream. The log filter decides whether lines are written, as for any event (`RUST_LOG`,
+//! target [`ACCESS_TARGET`], level INFO): asked once, when the log is started, since the filter
+//! does not change while the process runs.
 
 use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};
@@ -61,6 +62,8 @@ pub struct Entry<'a> {
 /// The access log of one app: its format and its writer thread.
 #[derive(Clone)]
 pub struct AccessLog {
+    /// Whether the log filter lets access lines through.
+    enabled: bool,
     format: LogFormat,
     sink: SyncSender<Message>,
     dropped: Counter,
@@ -85,6 +88,7 @@ impl AccessLog {
             .name("access-log".into())
             .spawn(move || write_lines(&queue, writer))?;
         Ok(AccessLog {
+            enabled: filter_allows(),
             format,
             sink,
             dropped,
@@ -93,7 +97,7 @@ impl AccessLog {
 
     /// Queues the line for `entry`, when the log filter lets access lines through.
     pub fn log(&self, entry: &Entry<'_>) {
-        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+        if !self.enabled {
             return;
         }
         let line = render(self.format, entry, time::OffsetDateTime::now_utc());
@@ -121,6 +125,27 @@ impl AccessLog {
         }
         let _ = tokio::time::timeout_at(deadline, written).await;
     }
+}
+
+/// Whether the log subscriber of the calling thread lets access lines through.
+///
+/// Asked on a thread of its own, with the caller's subscriber: asking a subscriber with
+/// per-layer filters whether something is enabled, and then not emitting it, leaves that
+/// answer behind on the asking thread for its next span (which then skipped the OpenTelemetry
+/// layer).
+fn filter_allows() -> bool {
+    let subscriber = tracing::dispatcher::get_default(Clone::clone);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tracing::dispatcher::with_default(
+                    &subscriber,
+                    || tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
+                )
+            })
+            .join()
+            .unwrap_or(true)
+    })
 }
 
 /// The writer thread: whole lines, batched while more are queued, flushed when none is.

@@ -112,9 +112,9 @@ pub struct TestAppBuilder<'a> {
 
 impl<'a> TestAppBuilder<'a> {
     /// The access log's JSON lines go to `writer` (e.g. a [`Captured`]) rather than stderr.
-    /// Like any log event, a line is written only where the test has a subscriber that lets
-    /// INFO through (`tracing::subscriber::set_default`). `TestApp::stop` waits until every
-    /// line is written.
+    /// Like any log event, lines are written only when the test's subscriber, set before the
+    /// app is built (`tracing::subscriber::set_default`), lets INFO through. `TestApp::stop`
+    /// waits until every line is written.
     pub fn access_log(self, writer: impl std::io::Write + Send + 'static) -> Self {
         self.access_log_as(
             LogFormat::Json,
