@@ -5,10 +5,11 @@
 //!
 //! `GET /billing/v2beta1/invoices?page=2` with `Authorization: Bearer <JWT>`:
 //!
-//! 1. [`telemetry::track`] gives it a request id (the caller's when sane) and a span; it writes
-//!    the request's one log line and its metrics when the answer leaves.
-//! 2. [`proxy::handle`] asks [`billing::parse`] which operation the method and raw path name
-//!    and validates every query parameter against that operation's table: unknown paths are 404,
+//! 1. The request layer (`server::layer`) gives it a request id (the caller's when sane), its
+//!    [`telemetry::RequestContext`] and a span; it writes the request's one log line
+//!    ([`telemetry::access`]) and its metrics from that context when the answer leaves.
+//! 2. [`proxy::handle`]'s [`proxy::Operation`] extractor asks [`billing::parse`] which operation
+//!    the method and raw path name and validates every query parameter against that operation's table: unknown paths are 404,
 //!    bad or unknown parameters 400, and the result is a [`billing::Call`] — the only thing the
 //!    upstream request is ever built from.
 //! 3. [`auth`] finds the one credential and verifies it (algorithm pinned, `exp` required);

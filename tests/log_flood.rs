@@ -20,7 +20,10 @@ async fn a_64_kib_path_gets_a_json_414_and_a_short_log_line() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder()
+        .access_log(captured.clone())
+        .spawn()
+        .await;
     // Just under hyper's own 64 KiB (65,534-byte) cap on a request target.
     let huge = format!("/billing/{}", "a".repeat(65_000));
     let response = app
@@ -39,6 +42,8 @@ async fn a_64_kib_path_gets_a_json_414_and_a_short_log_line() {
         .expect("request");
     assert_error(response, 404, "not_found").await;
     assert!(app.upstream_requests().await.is_empty());
+    // Stopping writes every access log line still queued.
+    app.stop().await;
 
     let logs = captured.text();
     let lines: Vec<&str> = logs

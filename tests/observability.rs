@@ -497,7 +497,16 @@ async fn the_access_log_line_names_the_trace() {
     let _anchor = tracing::Dispatch::new(tracing_subscriber::registry());
     let _guard = tracing::subscriber::set_default(subscriber);
     tracing::callsite::rebuild_interest_cache();
-    let app = traced_app().await;
+    let app = TestApp::builder()
+        .access_log(captured.clone())
+        .spawn()
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ok(
+            json!({"consumptions": [], "invoices": [], "total_count": 0}),
+        ))
+        .mount(&app.upstream)
+        .await;
     let response = app
         .client
         .get(format!("{}{CONSUMPTIONS}", app.base))

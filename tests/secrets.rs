@@ -20,7 +20,10 @@ async fn the_secret_key_is_absent_from_every_log_line_at_trace_level() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder()
+        .access_log(captured.clone())
+        .spawn()
+        .await;
     Mock::given(path("/billing/v2beta1/taxes"))
         .respond_with(
             ResponseTemplate::new(200)
@@ -56,6 +59,8 @@ async fn the_secret_key_is_absent_from_every_log_line_at_trace_level() {
         .await
         .expect("request");
     assert_eq!(response.status(), 500);
+    // Stopping writes every access log line still queued.
+    app.stop().await;
 
     let logs = captured.text();
     assert!(

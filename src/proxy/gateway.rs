@@ -4,77 +4,60 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::admit;
+use super::Authenticated;
 use crate::admission::Admission;
 use crate::billing::Permission;
 use crate::error::{Error, json_response};
 use crate::policy::{self};
 use crate::state::AppState;
-use crate::telemetry::RequestInfo;
 
 /// `DELETE /gateway/v1/cache`: empties the cache (`cache:purge`, organization-wide).
 pub async fn purge(
     State(state): State<AppState>,
     Extension(admission): Extension<Arc<Admission>>,
-    headers: HeaderMap,
-) -> Response {
-    let mut info = RequestInfo::default();
-    let result = async {
-        let (principal, _slot) = admit(&state, &admission, &headers).await?;
-        info.subject = Some(principal.subject.clone());
-        policy::require(&principal, Permission::CachePurge)?;
-        state.cache.purge();
-        tracing::info!(target: "audit", subject = %principal.subject, "cache purged");
-        Ok::<_, Error>(StatusCode::NO_CONTENT.into_response())
-    }
-    .await;
-    let mut response = result.unwrap_or_else(IntoResponse::into_response);
-    response.extensions_mut().insert(info);
-    response
+    Authenticated(principal): Authenticated,
+) -> Result<Response, Error> {
+    let _slot = admission.admit(&principal.subject)?;
+    policy::require(&principal, Permission::CachePurge)?;
+    state.cache.purge();
+    tracing::info!(target: "audit", subject = %principal.subject, "cache purged");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `GET /gateway/v1/whoami`: the caller as the gateway sees it.
 pub async fn whoami(
     State(state): State<AppState>,
     Extension(admission): Extension<Arc<Admission>>,
-    headers: HeaderMap,
-) -> Response {
-    let mut info = RequestInfo::default();
-    let mut response = match admit(&state, &admission, &headers).await {
-        Ok((principal, _slot)) => {
-            info.subject = Some(principal.subject.clone());
-            let grants: Vec<_> = principal
-                .grants
-                .iter()
-                .map(|g| {
-                    json!({
-                        "roles": g.roles.as_ref(),
-                        "permissions": g.permissions.iter().map(|p| p.name()).collect::<Vec<_>>(),
-                        "projects": g.projects.as_deref(),
-                    })
-                })
-                .collect();
-            let permissions: Vec<_> = principal.permissions().iter().map(|p| p.name()).collect();
-            json_response(
-                StatusCode::OK,
-                &json!({
-                    "subject": principal.subject,
-                    "organization_id": state.organization_id,
-                    "grants": grants,
-                    "permissions": permissions,
-                    // Its weight in the fair queue for upstream turns, and the class metrics
-                    // count its upstream calls under.
-                    "share": principal.share(),
-                    "class": principal.class(),
-                }),
-            )
-        }
-        Err(e) => e.into_response(),
-    };
-    response.extensions_mut().insert(info);
-    response
+    Authenticated(principal): Authenticated,
+) -> Result<Response, Error> {
+    let _slot = admission.admit(&principal.subject)?;
+    let grants: Vec<_> = principal
+        .grants
+        .iter()
+        .map(|g| {
+            json!({
+                "roles": g.roles.as_ref(),
+                "permissions": g.permissions.iter().map(|p| p.name()).collect::<Vec<_>>(),
+                "projects": g.projects.as_deref(),
+            })
+        })
+        .collect();
+    let permissions: Vec<_> = principal.permissions().iter().map(|p| p.name()).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "subject": principal.subject,
+            "organization_id": state.organization_id,
+            "grants": grants,
+            "permissions": permissions,
+            // Its weight in the fair queue for upstream turns, and the class metrics count its
+            // upstream calls under.
+            "share": principal.share(),
+            "class": principal.class(),
+        }),
+    ))
 }

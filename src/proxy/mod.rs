@@ -1,6 +1,9 @@
 //! The one handler every Billing call goes through:
-//! resolve the operation -> authenticate -> take a place in flight -> authorize -> fill the
-//! organization -> upstream -> relay the answer, streamed.
+//! resolve the operation ([`Operation`]) -> authenticate ([`Authenticated`]) -> authorize ->
+//! fill the organization -> take a place in flight -> upstream -> relay the answer, streamed.
+//!
+//! The operation and the caller are extractors: they note what they find in the request's
+//! context ([`RequestContext`]), so its log line names them whatever the handler does.
 //!
 //! Each step returns an [`Error`] that renders as a Scaleway-shaped answer; nothing reaches the
 //! upstream unless every step before it succeeded.
@@ -17,57 +20,59 @@ pub use gateway::{purge, whoami};
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::extract::{Request, State};
+use axum::body::Body;
+use axum::extract::{FromRequestParts, State};
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use tower_http::timeout::TimeoutError;
 
-use crate::admission::{Admission, Slot};
+use crate::admission::Admission;
 use crate::auth::{Authenticator, Credential};
 use crate::billing::{Audit, Call};
 use crate::error::{AuthMethod, AuthReason, Error};
 use crate::policy::{self, Principal};
 use crate::state::AppState;
-use crate::telemetry::{RequestId, RequestInfo};
+use crate::telemetry::{RequestContext, RequestInfo};
 use crate::upstream::Caller;
 
 /// Billing calls take their arguments in the query string; the Python SDK sends `{}` as a body.
 const MAX_BODY: usize = 4 * 1024;
 
-/// Serves every `/billing/...` request (and answers 404 for any other unknown path).
+/// Serves every `/billing/...` request (and answers 404 for any other unknown path, before
+/// looking at any credential).
 pub async fn handle(
     State(state): State<AppState>,
     Extension(admission): Extension<Arc<Admission>>,
-    req: Request,
+    context: RequestContext,
+    Operation(call): Operation,
+    Authenticated(principal): Authenticated,
+    body: Body,
 ) -> Response {
-    let mut info = RequestInfo::default();
-    let result = serve(&state, &admission, req, &mut info).await;
-    let mut response = result.unwrap_or_else(|e| {
+    let mut info = context.fill();
+    let request_id = context.request_id();
+    serve(
+        &state, &admission, call, &principal, body, request_id, &mut info,
+    )
+    .await
+    .unwrap_or_else(|e| {
         if e.status().is_server_error() {
             tracing::error!(error = %e, operation = info.operation, "request failed");
         }
         e.into_response()
-    });
-    response.extensions_mut().insert(info);
-    response
+    })
 }
 
 async fn serve(
     state: &AppState,
     admission: &Arc<Admission>,
-    req: Request,
+    mut call: Call,
+    principal: &Principal,
+    body: Body,
+    request_id: &str,
     info: &mut RequestInfo,
 ) -> Result<Response, Error> {
-    let (parts, body) = req.into_parts();
-    let mut call =
-        crate::billing::parse(parts.method.as_str(), parts.uri.path(), parts.uri.query())?;
-    info.operation = Some(call.op.name);
-    let principal = admission
-        .authenticate(authenticate(state, &parts.headers))
-        .await?;
-    info.subject = Some(principal.subject.clone());
-    check_rate(state, &principal).await?;
-    policy::decide(&principal, &mut call)?;
+    policy::decide(principal, &mut call)?;
     call.apply_organization(state.organization_id)?;
     // From here on the request holds a place: until this handler returns, or for a relayed
     // upstream body until the client has taken it (see `forward`). Refused requests never take
@@ -106,31 +111,62 @@ async fn serve(
             "billing action"
         );
     }
-    let request_id = parts
-        .extensions
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_else(|| Arc::from("-"));
     if call.op.cacheable {
         // Cached answers are whole in memory: the place goes back when the handler returns,
         // not when a slow reader has taken the body (an answer too long to store streams, and
         // keeps it like any relayed body).
-        return cached(state, &call, &request_id, &principal, info, slot).await;
+        return cached(state, &call, request_id, principal, info, slot).await;
     }
-    forward(state, &call, &request_id, &principal, info, slot).await
+    forward(state, &call, request_id, principal, info, slot).await
 }
 
-/// The caller of a gateway endpoint (whoami, purge), authenticated within the unauthenticated
-/// allowance, counted against its own rate like any Billing call, and its place in flight.
-pub(crate) async fn admit(
-    state: &AppState,
-    admission: &Arc<Admission>,
-    headers: &HeaderMap,
-) -> Result<(Principal, Slot), Error> {
-    let principal = admission.authenticate(authenticate(state, headers)).await?;
-    check_rate(state, &principal).await?;
-    let slot = admission.admit(&principal.subject)?;
-    Ok((principal, slot))
+/// The Billing call the method, path and query name, validated against the operation table
+/// (404 for an unknown path, 400 for a bad parameter); noted in the request's context.
+pub struct Operation(pub Call);
+
+impl FromRequestParts<AppState> for Operation {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Operation, Error> {
+        let call =
+            crate::billing::parse(parts.method.as_str(), parts.uri.path(), parts.uri.query())?;
+        if let Some(context) = parts.extensions.get::<RequestContext>() {
+            context.record(|info| info.operation = Some(call.op.name));
+        }
+        Ok(Operation(call))
+    }
+}
+
+/// The caller: authenticated from its one credential within the unauthenticated allowance
+/// ([`Admission::authenticate`]), noted in the request's context, and counted against its own
+/// rate. It takes no place in flight: a handler does, once it has refused what it refuses.
+pub struct Authenticated(pub Principal);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Authenticated, Error> {
+        let admission = parts
+            .extensions
+            .get::<Arc<Admission>>()
+            .ok_or_else(|| Error::Internal("no admission on the request".into()))?;
+        let principal = admission
+            .authenticate(authenticate(state, &parts.headers))
+            .await
+            .inspect_err(|e| {
+                if e.status().is_server_error() {
+                    tracing::error!(error = %e, "authentication failed");
+                }
+            })?;
+        if let Some(context) = parts.extensions.get::<RequestContext>() {
+            context.record(|info| info.subject = Some(principal.subject.clone()));
+        }
+        check_rate(state, &principal).await?;
+        Ok(Authenticated(principal))
+    }
 }
 
 /// Counts a request against its principal's own rate; a refusal is counted by class too.

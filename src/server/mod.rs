@@ -7,6 +7,7 @@
 //! in flight.
 
 mod accept;
+mod layer;
 mod probes;
 mod router;
 pub mod tls;
@@ -27,12 +28,13 @@ use crate::auth::Authenticator;
 use crate::cache::Cache;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::config::LogFormat;
 use crate::limits::PrincipalLimits;
 use crate::policy::PolicySet;
 use crate::policy::reload::{self, LivePolicy};
 use crate::server::tls::Tls;
 use crate::state::{AppState, Shared};
-use crate::telemetry::Metrics;
+use crate::telemetry::{self, AccessLog, Metrics};
 use crate::upstream::Upstream;
 
 /// Why the gateway could not start.
@@ -127,6 +129,8 @@ pub struct App {
     limits: ServerLimits,
     tls: Option<Arc<Tls>>,
     cors_origins: Vec<String>,
+    /// Where each request's log line goes (stderr unless [`App::with_access_log`] says).
+    log: AccessLog,
     /// Taken when the app is built, so SIGHUP never ends a gateway that has announced itself.
     hangup: reload::Hangup,
 }
@@ -170,6 +174,13 @@ impl App {
             None => None,
         };
         policy.report_to(metrics.policy_reload());
+        let log = AccessLog::spawn(
+            telemetry::log_format(config.log_format),
+            std::io::stderr(),
+            telemetry::access::DEFAULT_CAPACITY,
+            metrics.log_lines_dropped(),
+        )
+        .map_err(|e| StartError::Other(format!("cannot start the access log: {e}")))?;
         let upstream = Upstream::new(&config.upstream, metrics.clone(), cluster.clone())
             .map_err(|e| StartError::Other(e.to_string()))?;
         let tls = match &config.tls {
@@ -211,6 +222,7 @@ impl App {
             limits: ServerLimits::default(),
             tls,
             cors_origins: config.cors_origins,
+            log,
             hangup: reload::Hangup::listen(),
         })
     }
@@ -238,6 +250,24 @@ impl App {
         self
     }
 
+    /// Writes the access log to `writer` instead of stderr, in `format`, with room for
+    /// `capacity` lines waiting while the writer is slow (past that, lines are dropped and
+    /// counted).
+    pub fn with_access_log(
+        mut self,
+        format: LogFormat,
+        writer: impl std::io::Write + Send + 'static,
+        capacity: usize,
+    ) -> std::io::Result<App> {
+        self.log = AccessLog::spawn(
+            format,
+            writer,
+            capacity,
+            self.state.metrics.log_lines_dropped(),
+        )?;
+        Ok(self)
+    }
+
     /// The bound address (the real port when 0 was asked).
     pub fn addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
@@ -256,9 +286,10 @@ impl App {
             limits,
             tls,
             cors_origins,
+            log,
             hangup,
         } = self;
-        let router = router(state.clone(), &limits, &cors_origins);
+        let router = router(state.clone(), &limits, &cors_origins, log.clone());
         let graceful = GracefulShutdown::new();
         let certificate = async {
             match &tls {
@@ -291,6 +322,7 @@ impl App {
                 tracing::warn!("grace period over: closing the connections still open");
             }
         }
+        log.flush().await;
         Ok(())
     }
 }

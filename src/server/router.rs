@@ -1,30 +1,35 @@
-//! The route table and the layer stack, outermost first, one comment per layer; the JSON 414
-//! and 431 for oversized request heads; CORS. Places in flight are taken by the handlers, once
-//! the caller is known ([`crate::admission`]).
+//! The route table and the layer stack, outermost first; CORS. The request layer
+//! ([`super::layer`]) gives every request its id and context, sheds oversized heads and writes
+//! the log line; places in flight are taken by the handlers, once the caller is known
+//! ([`crate::admission`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::Request;
+use axum::Router;
 use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::middleware::{Next, from_fn, from_fn_with_state};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{delete, get};
-use axum::{Extension, Router};
-use tower::util::option_layer;
+use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyDeadlineLayer;
 
 use super::ServerLimits;
+use super::layer::{HeadLimits, RequestLayer};
 use super::probes::{healthz, metrics, openapi, readyz};
 use crate::admission::{Admission, Bounds};
 use crate::error::Error;
 use crate::proxy;
 use crate::state::AppState;
-use crate::telemetry;
+use crate::telemetry::AccessLog;
 
 /// The route table and every middleware layer.
-pub(super) fn router(state: AppState, limits: &ServerLimits, cors_origins: &[String]) -> Router {
+pub(super) fn router(
+    state: AppState,
+    limits: &ServerLimits,
+    cors_origins: &[String],
+    log: AccessLog,
+) -> Router {
     // Authenticated requests take a place once their caller is known; probes and scrapes never
     // do, so a busy gateway is not mistaken for a dead one (`/readyz` says when it is full).
     let admission: Arc<Admission> = Admission::new(
@@ -41,6 +46,20 @@ pub(super) fn router(state: AppState, limits: &ServerLimits, cors_origins: &[Str
         max_headers: limits.max_headers,
         max_uri_bytes: limits.max_uri_bytes,
     };
+    let layers = ServiceBuilder::new()
+        // Outermost: request id, context, oversized heads (JSON 414/431), the request's span,
+        // its log line and metrics.
+        .layer(RequestLayer::new(
+            state.metrics.clone(),
+            admission,
+            head,
+            log,
+        ))
+        // Browsers: preflights answered here, before authentication (they carry no credential).
+        .option_layer(cors(cors_origins))
+        // A body must arrive whole within the deadline: slow-loris on the body is cut off too,
+        // a trickle of one byte a second included (an idle timeout never fires on that).
+        .layer(RequestBodyDeadlineLayer::new(limits.body_deadline));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -51,54 +70,8 @@ pub(super) fn router(state: AppState, limits: &ServerLimits, cors_origins: &[Str
         // Every Billing path, and every unknown one (answered 404 by the operation table).
         .fallback(proxy::handle)
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
-        .with_state(state.clone())
-        // Each `.layer` wraps everything above it, so the last one listed runs first.
-        // The places in flight, for the handlers and `/readyz`.
-        .layer(Extension(admission))
-        // Oversized request heads answer 414 or 431 before anything reads them.
-        .layer(from_fn(move |req: Request, next: Next| {
-            check_head(head, req, next)
-        }))
-        // A body must arrive whole within the deadline: slow-loris on the body is cut off too,
-        // a trickle of one byte a second included (an idle timeout never fires on that).
-        .layer(RequestBodyDeadlineLayer::new(limits.body_deadline))
-        // Browsers: preflights answered here, before authentication (they carry no credential).
-        .layer(option_layer(cors(cors_origins)))
-        // Outermost: request id, the request's span, its log line and metrics.
-        .layer(from_fn_with_state(state.metrics.clone(), telemetry::track))
-}
-
-/// The gateway's own bounds on a request head, answered in JSON; hyper's hard caps (bare
-/// answers) are set above them in the accept loop.
-#[derive(Debug, Clone, Copy)]
-struct HeadLimits {
-    max_header_bytes: usize,
-    max_headers: usize,
-    max_uri_bytes: usize,
-}
-
-/// 414 (JSON) for a request target over `max_uri_bytes`; 431 (JSON) for headers over
-/// `max_header_bytes` or more than `max_headers` of them.
-async fn check_head(limits: HeadLimits, req: Request, next: Next) -> Response {
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or(0, |target| target.as_str().len());
-    if target > limits.max_uri_bytes {
-        return Error::UriTooLong.into_response();
-    }
-    let headers = req.headers();
-    if headers.len() > limits.max_headers {
-        return Error::HeadersTooLarge.into_response();
-    }
-    let size: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if size > limits.max_header_bytes {
-        return Error::HeadersTooLarge.into_response();
-    }
-    next.run(req).await
+        .with_state(state)
+        .layer(layers)
 }
 
 /// CORS for the configured origins only: tokens travel in headers, never cookies, so

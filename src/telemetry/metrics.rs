@@ -132,6 +132,7 @@ pub struct Metrics {
     /// bodies included; the load-shedding bound applies to it.
     pub(crate) in_flight: Gauge,
     stalled_answers: Counter,
+    log_lines_dropped: Counter,
     budget_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     policy_reload: SourceHealth,
     jwks_fetch: SourceHealth,
@@ -255,6 +256,13 @@ impl Default for Metrics {
             "Relayed answers cut off because the client took nothing for the idle write time",
             stalled_answers.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Access log lines dropped because the log sink was slower than the requests (its \
+             queue was full)",
+            log_lines_dropped.clone(),
+        );
         let budget_rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "upstream_budget_calls_per_second",
@@ -362,6 +370,7 @@ impl Default for Metrics {
             backoff,
             in_flight,
             stalled_answers,
+            log_lines_dropped,
             budget_rate,
             policy_reload,
             jwks_fetch,
@@ -473,6 +482,11 @@ impl Metrics {
     /// Counts one relayed answer cut off because its client stopped taking it.
     pub fn count_stalled_answer(&self) {
         self.stalled_answers.inc();
+    }
+
+    /// The counter of access log lines dropped, for the access log to count in.
+    pub fn log_lines_dropped(&self) -> Counter {
+        self.log_lines_dropped.clone()
     }
 
     /// Records the upstream budget in calls per second, for dashboards to draw the calls against.

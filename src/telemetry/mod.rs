@@ -1,36 +1,32 @@
-//! What the gateway tells its operators: request ids, one log line per request, audit events,
-//! Prometheus metrics and traces ([`trace`]).
+//! What the gateway tells its operators: request ids and each request's context, one log line
+//! per request ([`access`]), audit events, Prometheus metrics and traces ([`trace`]).
 //!
 //! Metrics live in a per-app registry (not a process-wide recorder), so tests can run many apps
 //! in one process and read each one's numbers. Log lines carry ids, names and numbers only: never
 //! a token, a key, a query string or a body.
 
+pub mod access;
 mod metrics;
 pub mod trace;
 
+pub use access::AccessLog;
 pub use metrics::{Metrics, SourceHealth};
 pub use trace::{Telemetry, init};
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::convert::Infallible;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use axum::extract::{Request, State};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue};
-use axum::middleware::Next;
-use axum::response::Response;
-use tracing::Instrument;
 
 use crate::config::LogFormat;
-use crate::error::ErrorKind;
 
 /// `X-Request-Id`, both ways.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The request's id, as echoed to the caller and sent upstream.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub Arc<str>);
-
-/// What the handler learned about a request, left on the response for the request log.
+/// What the handlers learn about a request, for its log line and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
     /// The Billing operation, when the path named one.
@@ -43,13 +39,119 @@ pub struct RequestInfo {
     pub cache: Option<&'static str>,
 }
 
-/// Accepts a caller's request id when it is short and plain, so it is safe in logs and headers.
-fn sane_request_id(v: &HeaderValue) -> Option<&str> {
-    let s = v.to_str().ok()?;
-    let ok = (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-    ok.then_some(s)
+/// One request's context: made by the request layer ([`crate::server`]) with the request's id,
+/// filled in by the extractors and handlers that learn something, and read back by the same
+/// layer for the log line and the metrics once the answer is ready. Every route gets one; no
+/// handler has to hand anything back.
+///
+/// An extractor: a handler takes it as an argument.
+#[derive(Debug, Clone)]
+pub struct RequestContext(Arc<Context>);
+
+#[derive(Debug)]
+struct Context {
+    id: HeaderValue,
+    info: Mutex<RequestInfo>,
+}
+
+impl RequestContext {
+    /// A context for the request with this id (a [`sane_request_id`] or a fresh one).
+    pub fn new(id: HeaderValue) -> RequestContext {
+        RequestContext(Arc::new(Context {
+            id,
+            info: Mutex::default(),
+        }))
+    }
+
+    /// The request id, as echoed to the caller and sent upstream.
+    pub fn request_id(&self) -> &str {
+        // Only ids of plain characters are ever made.
+        self.0.id.to_str().unwrap_or("-")
+    }
+
+    /// The request id as a header value.
+    pub fn request_id_header(&self) -> &HeaderValue {
+        &self.0.id
+    }
+
+    /// Notes something learned about the request.
+    pub fn record(&self, note: impl FnOnce(&mut RequestInfo)) {
+        note(&mut self.lock());
+    }
+
+    /// The request's info for a handler to fill in as it goes (across awaits, which a lock
+    /// cannot be held over): taken out now, put back when the handler drops it.
+    pub fn fill(&self) -> Filling<'_> {
+        Filling {
+            info: std::mem::take(&mut *self.lock()),
+            context: self,
+        }
+    }
+
+    /// What was learned, once the handler is done.
+    pub fn take(&self) -> RequestInfo {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RequestInfo> {
+        self.0.info.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The request's info while a handler fills it in; back in the context when dropped, however
+/// the handler ends.
+#[derive(Debug)]
+pub struct Filling<'a> {
+    info: RequestInfo,
+    context: &'a RequestContext,
+}
+
+impl Deref for Filling<'_> {
+    type Target = RequestInfo;
+    fn deref(&self) -> &RequestInfo {
+        &self.info
+    }
+}
+
+impl DerefMut for Filling<'_> {
+    fn deref_mut(&mut self) -> &mut RequestInfo {
+        &mut self.info
+    }
+}
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        *self.context.lock() = std::mem::take(&mut self.info);
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
+    type Rejection = Infallible;
+
+    /// The layer's context; a detached one (recorded nowhere) on a router built without it.
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(parts
+            .extensions
+            .get::<RequestContext>()
+            .cloned()
+            .unwrap_or_else(|| RequestContext::new(HeaderValue::from_static("-"))))
+    }
+}
+
+/// The caller's request id when it is short and plain, so it is safe in logs and headers.
+pub fn sane_request_id(v: &HeaderValue) -> bool {
+    (1..=128).contains(&v.len())
+        && v.as_bytes()
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// A fresh request id: a random UUID.
+pub fn new_request_id() -> HeaderValue {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    // Hex digits and dashes only.
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Most bytes of a request path written to the log: an unknown path is logged, and a caller
@@ -69,63 +171,14 @@ pub fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
     format!("{}...[truncated: {} bytes]", &path[..end], path.len()).into()
 }
 
-/// Outermost middleware: assigns the request id, runs the request in its span (continuing the
-/// caller's trace, [`trace`]), then writes the request's one log line and its metrics.
-pub async fn track(State(metrics): State<Arc<Metrics>>, mut req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let id: Arc<str> = match req.headers().get(&REQUEST_ID).and_then(sane_request_id) {
-        Some(id) => id.into(),
-        None => {
-            let mut buf = uuid::Uuid::encode_buffer();
-            (&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf)).into()
-        }
-    };
-    req.extensions_mut().insert(RequestId(id.clone()));
-    let method = req.method().clone();
-    // A `Uri` shares hyper's buffer: cloning it copies no bytes.
-    let uri = req.uri().clone();
-    let path = uri.path();
-    let (span, trace) = trace::request_span(&id, req.headers());
-    let trace_id = trace.trace_id;
-    // Only an exported span is kept for its outcome: without export the span is dropped as before.
-    let exported = trace::exporting().then(|| span.clone());
-    let mut response = trace::scope(trace, next.run(req).instrument(span)).await;
-
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID.clone(), v);
-    }
-    let info = response
-        .extensions_mut()
-        .remove::<RequestInfo>()
-        .unwrap_or_default();
-    let status = response.status().as_u16();
-    let operation = info.operation.unwrap_or(match path {
-        p if p == "/healthz" || p == "/readyz" || p == "/metrics" || p.starts_with("/gateway/") => {
-            "gateway"
-        }
-        _ => "unknown",
-    });
-    let rejection = response.extensions().get::<ErrorKind>().map(|k| k.0);
-    metrics.request_done(operation, status, rejection);
-    if let Some(span) = exported {
-        trace::record_outcome(&span, operation, status);
-    }
-    let mut trace_hex = [0u8; 32];
-    tracing::info!(
-        request_id = %id,
-        trace_id = trace_id.hex(&mut trace_hex),
-        %method,
-        path = %loggable_path(path),
-        operation,
-        subject = info.subject.as_deref().unwrap_or("-"),
-        status,
-        rejection = rejection.unwrap_or("-"),
-        cache = info.cache.unwrap_or("-"),
-        upstream_ms = info.upstream_ms,
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
-    response
+/// The format asked for, or by default pretty at a terminal and JSON otherwise.
+pub fn log_format(format: Option<LogFormat>) -> LogFormat {
+    use std::io::IsTerminal;
+    format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Pretty
+    } else {
+        LogFormat::Json
+    })
 }
 
 /// Installs the process's log subscriber, without span export ([`init`] is the one that can

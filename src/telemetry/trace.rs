@@ -402,14 +402,9 @@ impl Telemetry {
 /// exporter beside it (once per process: a second call finds a subscriber set, and changes
 /// nothing). Needs a Tokio runtime when exporting: the exports run on it.
 pub fn init(format: Option<LogFormat>, tracing: &TracingConfig) -> Result<Telemetry, String> {
-    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Pretty
-    } else {
-        LogFormat::Json
-    });
+    let format = super::log_format(format);
     let Some(url) = tracing.traces_url() else {
         // Exactly the subscriber of a gateway without tracing: nothing in the way of a request.
         let builder = tracing_subscriber::fmt()

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use billing_gateway::auth::mint_hs256;
-use billing_gateway::config::Config;
+use billing_gateway::config::{Config, LogFormat};
 use billing_gateway::policy::reload::LivePolicy;
 use billing_gateway::server::{App, ServerLimits};
 use secrecy::SecretString;
@@ -98,6 +98,9 @@ enum Policy {
 /// A change to the configuration, made before the app is built.
 type ConfigEdit<'a> = Box<dyn FnOnce(&mut Config) + 'a>;
 
+/// Where the access log goes instead of stderr: format, writer, queue capacity.
+type AccessLogTo = (LogFormat, Box<dyn std::io::Write + Send>, usize);
+
 /// What [`TestApp::builder`] returns; every setting is optional.
 pub struct TestAppBuilder<'a> {
     limits: Option<ServerLimits>,
@@ -107,9 +110,33 @@ pub struct TestAppBuilder<'a> {
     upstream: Option<MockServer>,
     upstream_url: Option<String>,
     redis: Option<String>,
+    access_log: Option<AccessLogTo>,
 }
 
 impl<'a> TestAppBuilder<'a> {
+    /// The access log's JSON lines go to `writer` (e.g. a [`Captured`]) rather than stderr.
+    /// Like any log event, lines are written only when the test's subscriber, set before the
+    /// app is built (`tracing::subscriber::set_default`), lets INFO through. `TestApp::stop`
+    /// waits until every line is written.
+    pub fn access_log(self, writer: impl std::io::Write + Send + 'static) -> Self {
+        self.access_log_as(
+            LogFormat::Json,
+            writer,
+            billing_gateway::telemetry::access::DEFAULT_CAPACITY,
+        )
+    }
+
+    /// [`Self::access_log`] in `format`, with room for `capacity` lines while `writer` is slow.
+    pub fn access_log_as(
+        mut self,
+        format: LogFormat,
+        writer: impl std::io::Write + Send + 'static,
+        capacity: usize,
+    ) -> Self {
+        self.access_log = Some((format, Box::new(writer), capacity));
+        self
+    }
+
     /// The server's bounds on clients (header size and time, requests in flight, grace).
     pub fn limits(mut self, limits: ServerLimits) -> Self {
         self.limits = Some(limits);
@@ -202,6 +229,11 @@ impl<'a> TestAppBuilder<'a> {
         if let Some(every) = self.poll {
             app = app.poll_policy_every(every);
         }
+        if let Some((format, writer, capacity)) = self.access_log {
+            app = app
+                .with_access_log(format, writer, capacity)
+                .expect("access log");
+        }
         let addr = app.addr().expect("addr");
         let policy = app.policy();
         let (tx, rx) = oneshot::channel::<()>();
@@ -250,6 +282,7 @@ impl TestApp {
             upstream: None,
             upstream_url: None,
             redis: None,
+            access_log: None,
         }
     }
 
@@ -400,8 +433,8 @@ pub async fn assert_error(response: reqwest::Response, status: u16, kind: &str) 
     json
 }
 
-/// Log lines written by a test's subscriber (`.with_writer(move || writer.clone())`), kept in
-/// memory to be searched.
+/// Log lines written by a test's subscriber (`.with_writer(move || writer.clone())`) and by the
+/// app's access log ([`TestAppBuilder::access_log`]), kept in memory to be searched.
 #[derive(Clone, Default)]
 pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
