@@ -7,6 +7,13 @@
 //! (`try_get_with` runs one fetch per key; waiters share its result, errors included); `stale`
 //! keeps it `stale_if_error` longer, for when the upstream fails.
 //!
+//! A fresh entry asked for in the last tenth of its freshness is refreshed in the background
+//! (when `background_refresh` is on, the default): the request that finds it there is answered
+//! from it at once and is handed the one [`Refresh`] of that entry, so a key polled steadily
+//! never makes a caller wait for the upstream at expiry (nginx's `proxy_cache_background_update`,
+//! Varnish's grace). A key nobody asks for is never refreshed, and a refresh that fails leaves
+//! the entry as it was.
+//!
 //! The bound is on what entries really cost, not only their bodies: each is weighed as its key,
 //! its body and [`ENTRY_OVERHEAD`] (both tiers' bookkeeping), bodies are stored in allocations of
 //! their own size, and `fresh` never holds an entry `stale` has dropped, so the process's cache
@@ -53,6 +60,37 @@ pub struct Entry {
     pub stale_until: Instant,
     /// Whether this is an old answer re-served because the upstream failed.
     pub stale: bool,
+    /// Set by the one request that takes this entry's background refresh: one per entry, so
+    /// one per key at a time, and a failed one is not retried on every later hit (the entry
+    /// then expires as usual, and stale-if-error covers a failing upstream).
+    refreshing: AtomicBool,
+}
+
+impl Entry {
+    fn new(body: &[u8], ttl: Duration, stale_if_error: Duration) -> Arc<Entry> {
+        let now = Instant::now();
+        Arc::new(Entry {
+            // Its own allocation of its own size: a body read from the network is often a
+            // slice of a much larger read buffer (hyper's is 8 KiB or more), which a stored
+            // slice would keep alive whole.
+            body: Bytes::copy_from_slice(body),
+            stored_at: now,
+            fresh_until: now + ttl,
+            stale_until: now + ttl + stale_if_error,
+            stale: false,
+            refreshing: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the caller at `now` takes this entry's background refresh: a fresh (not
+    /// re-served stale) entry in the last tenth of its freshness whose refresh nobody took yet.
+    fn take_refresh(&self, now: Instant) -> bool {
+        let tenth = self.fresh_until.saturating_duration_since(self.stored_at) / 10;
+        !self.stale
+            && now + tenth >= self.fresh_until
+            && !self.refreshing.load(Ordering::Relaxed)
+            && !self.refreshing.swap(true, Ordering::Relaxed)
+    }
 }
 
 /// What a fetch of a missing entry produced.
@@ -70,6 +108,8 @@ pub enum Fetch<M> {
 pub enum Outcome<M> {
     /// Served from a fresh entry.
     Hit(Arc<Entry>),
+    /// Served from a fresh entry near the end of its freshness; this request refreshes it.
+    Refreshing(Arc<Entry>, Refresh),
     /// This request fetched and stored the entry.
     Stored(Arc<Entry>),
     /// Another request was fetching the same key; this one waited and shares its entry.
@@ -80,6 +120,35 @@ pub enum Outcome<M> {
     TooLarge(Bytes),
     /// An answer that is not stored (shared with coalesced waiters).
     Passed(Arc<M>),
+}
+
+/// The right to refresh one entry, handed to the one request that found it in the last tenth
+/// of its freshness: fetch the key again (in the background) and [`finish`](Refresh::finish).
+/// It refreshes the tiers the entry was read from, so a purge meanwhile is not undone.
+pub struct Refresh {
+    tiers: Arc<Tiers>,
+    key: Arc<str>,
+    ttl: Duration,
+    stale_if_error: Duration,
+    max_entry: u64,
+}
+
+impl Refresh {
+    /// Stores a refreshed 200 answer in place of the entry; any other outcome (a failure, an
+    /// answer too large to store) leaves the entry as it is. Returns whether it stored.
+    pub async fn finish<M>(self, fetched: Fetch<M>) -> bool {
+        let body = match fetched {
+            Fetch::Store(body) if body.len() as u64 <= self.max_entry => body,
+            _ => return false,
+        };
+        let entry = Entry::new(&body, self.ttl, self.stale_if_error);
+        self.tiers
+            .stale
+            .insert(self.key.clone(), entry.clone())
+            .await;
+        self.tiers.fresh.insert(self.key, entry).await;
+        true
+    }
 }
 
 enum Uncached<M> {
@@ -153,6 +222,7 @@ pub struct Cache {
     closed_ttl: Duration,
     stale_if_error: Duration,
     max_entry: u64,
+    background_refresh: bool,
 }
 
 impl Cache {
@@ -165,6 +235,7 @@ impl Cache {
             closed_ttl: cfg.closed_ttl,
             stale_if_error: cfg.stale_if_error,
             max_entry: cfg.max_bytes / 10,
+            background_refresh: cfg.background_refresh,
         }
     }
 
@@ -235,6 +306,7 @@ impl Cache {
     }
 
     /// Serves `key` from memory, or runs `fetch` once for every concurrent request that misses.
+    /// A hit near the end of the entry's freshness may come with the entry's [`Refresh`].
     pub async fn get_or_fetch<M, F>(&self, key: &str, ttl: Duration, fetch: F) -> Outcome<M>
     where
         M: Send + Sync + 'static,
@@ -242,11 +314,20 @@ impl Cache {
     {
         let tiers = self.tiers.load_full();
         if let Some(entry) = tiers.fresh.get(key).await {
-            return if entry.stale {
-                Outcome::Stale(entry)
-            } else {
-                Outcome::Hit(entry)
-            };
+            if entry.stale {
+                return Outcome::Stale(entry);
+            }
+            if self.background_refresh && entry.take_refresh(Instant::now()) {
+                let refresh = Refresh {
+                    tiers,
+                    key: Arc::from(key),
+                    ttl,
+                    stale_if_error: self.stale_if_error,
+                    max_entry: self.max_entry,
+                };
+                return Outcome::Refreshing(entry, refresh);
+            }
+            return Outcome::Hit(entry);
         }
         // Owned only on a miss: a hit looks the key up as it was built.
         let key: Arc<str> = Arc::from(key);
@@ -258,17 +339,7 @@ impl Cache {
                     Err(Uncached::TooLarge(body))
                 }
                 Fetch::Store(body) => {
-                    let now = Instant::now();
-                    let entry = Arc::new(Entry {
-                        // Its own allocation of its own size: a body read from the network is
-                        // often a slice of a much larger read buffer (hyper's is 8 KiB or
-                        // more), which a stored slice would keep alive whole.
-                        body: Bytes::copy_from_slice(&body),
-                        stored_at: now,
-                        fresh_until: now + ttl,
-                        stale_until: now + ttl + self.stale_if_error,
-                        stale: false,
-                    });
+                    let entry = Entry::new(&body, ttl, self.stale_if_error);
                     tiers.stale.insert(key.clone(), entry.clone()).await;
                     Ok(entry)
                 }
@@ -279,6 +350,7 @@ impl Cache {
                         fresh_until: Instant::now() + STALE_HOLD.min(ttl),
                         stale_until: old.stale_until,
                         stale: true,
+                        refreshing: AtomicBool::new(false),
                     })),
                     _ => Err(Uncached::Passed(Arc::new(m))),
                 },
@@ -374,6 +446,7 @@ mod tests {
             closed_ttl: Duration::from_secs(86_400),
             stale_if_error: Duration::from_secs(3600),
             max_bytes: 1 << 20,
+            background_refresh: true,
         });
         let now = datetime!(2026-03-15 12:00 UTC);
         let ttl = |query: &str| {
@@ -397,6 +470,7 @@ mod tests {
             closed_ttl: Duration::from_secs(86_400),
             stale_if_error: Duration::from_secs(3600),
             max_bytes: 1 << 20,
+            background_refresh: true,
         });
         let now = datetime!(2026-03-15 12:00 UTC);
         let consumptions = billing::by_name("consumptions").expect("consumptions");

@@ -11,6 +11,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::body::{Over, Read, error_body, read_at_most};
 use super::forward::{exact_json, forward};
@@ -39,6 +40,17 @@ enum Uncached {
     Failed(Error),
 }
 
+impl Uncached {
+    /// What went wrong, for the log line of a background refresh that kept its entry.
+    fn describe(&self) -> String {
+        match self {
+            Uncached::Answer { status, .. } => format!("the upstream answered {status}"),
+            Uncached::TooLong { .. } => "the answer is too long to store".to_owned(),
+            Uncached::Failed(e) => e.to_string(),
+        }
+    }
+}
+
 /// Cacheable operations: authorization has already happened, so the entry is shared only with
 /// callers allowed to make this exact upstream request.
 pub(super) async fn cached(
@@ -50,55 +62,39 @@ pub(super) async fn cached(
     slot: Slot,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
-    let upstream_ms = &mut info.upstream_ms;
-    let fetch = async {
-        // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
-        let result = super::send(state, call, request_id, principal, upstream_ms).await;
-        let upstream = match result {
-            Ok(upstream) => upstream,
-            Err(e) => return Fetch::Failed(Uncached::Failed(e)),
-        };
-        let status = upstream.status();
-        let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-        // Never more than the cache would store: a longer answer is relayed, not held.
-        let read = if status.is_success() {
-            read_at_most(upstream, state.cache.store_limit()).await
-        } else {
-            error_body(upstream, state.upstream.secret_key())
-                .await
-                .map(Read::Whole)
-        };
-        let body = match read {
-            Ok(Read::Whole(body)) => body,
-            Ok(Read::Over(body)) => {
-                return Fetch::Pass(Uncached::TooLong {
-                    status,
-                    content_type,
-                    body: Mutex::new(Some(body)),
-                });
-            }
-            Err(e) => return Fetch::Failed(Uncached::Failed(e)),
-        };
-        match status {
-            StatusCode::OK => Fetch::Store(body),
-            s if s.is_server_error() => Fetch::Failed(Uncached::Answer {
-                status,
-                content_type,
-                body,
-            }),
-            _ => Fetch::Pass(Uncached::Answer {
-                status,
-                content_type,
-                body,
-            }),
-        }
-    };
-    let (result, response) = match state
-        .cache
-        .get_or_fetch(&Cache::key(call), ttl, fetch)
-        .await
-    {
+    // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
+    let miss = fetch(state, call, request_id, principal, &mut info.upstream_ms);
+    let (result, response) = match state.cache.get_or_fetch(&Cache::key(call), ttl, miss).await {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
+        Outcome::Refreshing(entry, refresh) => {
+            let (state, call, request_id, principal) = (
+                state.clone(),
+                call.clone(),
+                request_id.to_owned(),
+                principal.clone(),
+            );
+            // Through the budget and its fair queue as this caller's call, but not in its
+            // place in flight: the caller has its answer already.
+            let task = async move {
+                let fetched = fetch(&state, &call, &request_id, &principal, &mut None).await;
+                let failure = match &fetched {
+                    Fetch::Store(_) => None,
+                    Fetch::Failed(uncached) | Fetch::Pass(uncached) => Some(uncached.describe()),
+                };
+                let stored = refresh.finish(fetched).await;
+                if let Some(failure) = &failure {
+                    tracing::warn!(operation = call.op.name, error = %failure, "background refresh failed, the entry is kept");
+                }
+                state
+                    .metrics
+                    .cache_refresh(if stored { "stored" } else { "kept" });
+            };
+            tokio::spawn(task.in_current_span());
+            (
+                "hit",
+                from_entry(&entry, "billing-gateway; hit; detail=refreshing"),
+            )
+        }
         Outcome::Stored(entry) => (
             "stored",
             from_entry(&entry, "billing-gateway; fwd=miss; stored"),
@@ -163,6 +159,56 @@ pub(super) async fn cached(
     info.cache = Some(result);
     state.metrics.cache_result(result);
     Ok(response)
+}
+
+/// Fetches `call` for `principal` and judges the answer for the cache: a 200 is stored, a
+/// failure may be covered by a stale entry, anything else is relayed and not stored.
+async fn fetch(
+    state: &AppState,
+    call: &Call,
+    request_id: &str,
+    principal: &Principal,
+    upstream_ms: &mut Option<f64>,
+) -> Fetch<Uncached> {
+    let result = super::send(state, call, request_id, principal, upstream_ms).await;
+    let upstream = match result {
+        Ok(upstream) => upstream,
+        Err(e) => return Fetch::Failed(Uncached::Failed(e)),
+    };
+    let status = upstream.status();
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    // Never more than the cache would store: a longer answer is relayed, not held.
+    let read = if status.is_success() {
+        read_at_most(upstream, state.cache.store_limit()).await
+    } else {
+        error_body(upstream, state.upstream.secret_key())
+            .await
+            .map(Read::Whole)
+    };
+    let body = match read {
+        Ok(Read::Whole(body)) => body,
+        Ok(Read::Over(body)) => {
+            return Fetch::Pass(Uncached::TooLong {
+                status,
+                content_type,
+                body: Mutex::new(Some(body)),
+            });
+        }
+        Err(e) => return Fetch::Failed(Uncached::Failed(e)),
+    };
+    match status {
+        StatusCode::OK => Fetch::Store(body),
+        s if s.is_server_error() => Fetch::Failed(Uncached::Answer {
+            status,
+            content_type,
+            body,
+        }),
+        _ => Fetch::Pass(Uncached::Answer {
+            status,
+            content_type,
+            body,
+        }),
+    }
 }
 
 /// A stored answer: headers built here, the body shared, never re-parsed. Only `Age` and

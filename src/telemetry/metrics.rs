@@ -99,6 +99,7 @@ pub struct Metrics {
     upstream_duration: HistogramFamily,
     upstream_calls: Family<RequestLabels, Counter>,
     cache_results: Family<ResultLabels, Counter>,
+    cache_refreshes: Family<ResultLabels, Counter>,
     cache_entries: Gauge,
     cache_bytes: Gauge,
     upstream_retries: Family<OperationLabels, Counter>,
@@ -154,6 +155,13 @@ impl Default for Metrics {
             "Cacheable requests by how the cache answered: hit, stored, coalesced (waited for \
              another request's fetch), stale (served while the upstream failed), miss (not stored)",
             cache_results.clone(),
+        );
+        let cache_refreshes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_refreshes",
+            "Background refreshes of entries asked for in the last tenth of their freshness: \
+             stored (a new answer replaced the entry), kept (the refresh failed; the entry stays)",
+            cache_refreshes.clone(),
         );
         let cache_entries = Gauge::default();
         registry.register(
@@ -286,6 +294,9 @@ impl Default for Metrics {
         for result in ["hit", "stored", "coalesced", "stale", "miss"] {
             let _ = cache_results.get_or_create(&ResultLabels { result });
         }
+        for result in ["stored", "kept"] {
+            let _ = cache_refreshes.get_or_create(&ResultLabels { result });
+        }
         Metrics {
             registry,
             requests,
@@ -293,6 +304,7 @@ impl Default for Metrics {
             upstream_duration,
             upstream_calls,
             cache_results,
+            cache_refreshes,
             cache_entries,
             cache_bytes,
             upstream_retries,
@@ -344,6 +356,13 @@ impl Metrics {
     /// Counts one cacheable request by how the cache answered it.
     pub fn cache_result(&self, result: &'static str) {
         self.cache_results
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Counts one background refresh by its result (`stored` or `kept`).
+    pub fn cache_refresh(&self, result: &'static str) {
+        self.cache_refreshes
             .get_or_create(&ResultLabels { result })
             .inc();
     }
