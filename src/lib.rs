@@ -41,6 +41,7 @@
 pub mod auth;
 pub mod billing;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod policy;
 pub mod server;

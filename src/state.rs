@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use crate::auth::Authenticator;
 use crate::cache::Cache;
+use crate::cluster::Cluster;
 use crate::limits::PrincipalLimits;
 use crate::policy::reload::LivePolicy;
 use crate::telemetry::Metrics;
@@ -31,6 +32,8 @@ pub struct Shared {
     pub cache: Cache,
     /// Each principal's own rate, checked on every authenticated Billing request.
     pub limits: PrincipalLimits,
+    /// The link to the other replicas through Redis; `None` without `GATEWAY_REDIS_URL`.
+    pub cluster: Option<Arc<Cluster>>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Set once shutdown begins: `/readyz` turns 503 so load balancers stop sending.

@@ -340,3 +340,33 @@ fn key_new_with_an_unknown_role_lists_the_roles_the_policy_defines() {
     );
     assert!(out.stdout.is_empty(), "no key printed on failure");
 }
+
+#[test]
+fn check_validates_the_redis_settings_without_connecting_or_echoing_the_password() {
+    let bad = [
+        ("GATEWAY_REDIS_URL", "http://:hunter2@redis.billing:6379"),
+        ("GATEWAY_REDIS_PREFIX", "two words"),
+        ("GATEWAY_REDIS_TIMEOUT", "0s"),
+        ("GATEWAY_REDIS_FALLBACK_REPLICAS", "none"),
+    ];
+    let out = run(&["check"], &[&SERVABLE[..], &bad].concat());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for (name, _) in bad {
+        assert!(err.contains(name), "{name} not named: {err}");
+    }
+    assert!(err.contains("4 problems found"), "{err}");
+    assert!(!err.contains("hunter2"), "the password is echoed: {err}");
+
+    // Well-formed: valid without connecting (nothing listens on port 1).
+    let good = [
+        ("GATEWAY_REDIS_URL", "rediss://:hunter2@127.0.0.1:1/0"),
+        ("GATEWAY_REDIS_PREFIX", "billing-gateway:{staging}"),
+        ("GATEWAY_REDIS_TIMEOUT", "250ms"),
+        ("GATEWAY_REDIS_FALLBACK_REPLICAS", "4"),
+    ];
+    let out = run(&["check"], &[&SERVABLE[..], &good].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    assert!(!all.contains("hunter2"), "the password is echoed: {all}");
+}

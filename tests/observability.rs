@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use billing_gateway::telemetry::trace::parse_traceparent;
 use common::*;
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -119,7 +118,7 @@ fn value(exposition: &str, name: &str, labels: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn every_metric_name_the_alerts_dashboard_and_readme_use_is_exposed() {
-    // A small mixed workload that makes every family show: JWT keys from a JWKS, a cache miss
+    // A small mixed workload that makes every family show: shared through Redis, JWT keys from a JWKS, a cache miss
     // then a hit, a forwarded call retried after a 503, refusals, and last an upstream 429.
     let upstream = MockServer::start().await;
     Mock::given(path("/jwks"))
@@ -144,8 +143,11 @@ async fn every_metric_name_the_alerts_dashboard_and_readme_use_is_exposed() {
         .mount(&upstream)
         .await;
     let jwks = format!("{}/jwks", upstream.uri());
+    // Shared through a Redis, so the Redis families show too.
+    let redis = common::redis::Redis::start();
     let app = TestApp::builder()
         .upstream(upstream)
+        .redis(redis.url())
         .config(|c| {
             c.auth.jwks_url = Some(jwks);
             // Low enough for the flood below to be refused, with room for the calls before it.
@@ -183,6 +185,15 @@ async fn every_metric_name_the_alerts_dashboard_and_readme_use_is_exposed() {
         }
     }
     assert!(refused, "the flooder was never refused");
+    eventually(
+        || async {
+            app.metrics()
+                .await
+                .contains("billing_gateway_redis_duration_seconds_bucket")
+        },
+        PATIENCE,
+    )
+    .await;
     let exposition = app.metrics().await;
     let exposed = samples(&exposition);
 
@@ -618,26 +629,19 @@ async fn jwks_fetch_metrics_count_failures_until_keys_arrive() {
 }
 
 #[tokio::test]
-async fn redis_configured_and_the_local_sharing_mode_are_reported() {
+async fn without_redis_the_replica_reports_the_local_mode() {
     let app = TestApp::spawn().await;
     let m = app.metrics().await;
-    assert_eq!(value(&m, "billing_gateway_redis_configured", ""), Some(0.0));
-    assert_eq!(
-        value(&m, "billing_gateway_sharing_mode", "mode=\"local\""),
-        Some(1.0)
-    );
-    app.stop().await;
-
-    let app = TestApp::spawn_with(|c| {
-        c.redis_url = Some(SecretString::from("redis://redis.billing:6379/0"));
-    })
-    .await;
-    let m = app.metrics().await;
-    assert_eq!(value(&m, "billing_gateway_redis_configured", ""), Some(1.0));
-    assert_eq!(
-        value(&m, "billing_gateway_sharing_mode", "mode=\"local\""),
-        Some(1.0),
-        "sharing through Redis is not implemented: still local"
-    );
+    for (mode, expected) in [("local", 1.0), ("connected", 0.0), ("degraded", 0.0)] {
+        assert_eq!(
+            value(
+                &m,
+                "billing_gateway_redis_mode",
+                &format!("mode=\"{mode}\"")
+            ),
+            Some(expected),
+            "{mode}"
+        );
+    }
     app.stop().await;
 }

@@ -59,6 +59,8 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
             "SCW_SECRET_KEY" => Some(sim_key.clone()),
             "SCW_SECRET_KEY_FILE" => None,
             "SCW_DEFAULT_ORGANIZATION_ID" => Some(billing_sim::ORGANIZATION_ID.to_owned()),
+            // One process, no dependency: the demo never shares through Redis.
+            "GATEWAY_REDIS_URL" | "GATEWAY_REDIS_URL_FILE" => None,
             "GATEWAY_LISTEN" => listen.map(|l| l.to_string()).or_else(|| set(var)),
             "GATEWAY_JWT_HS256_SECRET" => set(var).or_else(|| {
                 set("GATEWAY_JWT_HS256_SECRET_FILE")

@@ -14,6 +14,7 @@
 mod sources;
 pub mod units;
 
+pub(crate) use sources::parse_redis_url;
 pub use sources::{line_at, syntax_error_at};
 pub use units::{
     HttpUrl, Rate, parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate,
@@ -58,10 +59,32 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Where spans are exported (OpenTelemetry), when anywhere.
     pub tracing: TracingConfig,
-    /// `GATEWAY_REDIS_URL`: Redis, for replicas to share limits and cache. Sharing is not
-    /// implemented yet: a configured URL only shows in the metrics (`redis_configured`), where
-    /// the alert on replicas running local while Redis is configured sees it.
-    pub redis_url: Option<SecretString>,
+    /// The Redis replicas share budget, rates and cache through (contract §11), when any.
+    pub redis: RedisConfig,
+}
+
+/// Sharing through Redis (contract §11). Without a URL everything stays in this process.
+#[derive(Debug)]
+pub struct RedisConfig {
+    /// `GATEWAY_REDIS_URL`: `redis://` or `rediss://`; a secret (it may hold a password).
+    pub url: Option<SecretString>,
+    /// `GATEWAY_REDIS_PREFIX`: the namespace of every key and channel; `None`:
+    /// `billing-gateway:{<organization id>}` (one hash tag, so Redis Cluster keeps it in one slot).
+    pub prefix: Option<String>,
+    /// `GATEWAY_REDIS_TIMEOUT`: the longest a request waits on Redis before the replica
+    /// decides on its own.
+    pub timeout: Duration,
+    /// `GATEWAY_REDIS_FALLBACK_REPLICAS`: the replica count assumed when Redis cannot be reached.
+    pub fallback_replicas: u32,
+}
+
+impl RedisConfig {
+    /// The namespace of every key and channel of the organization `organization_id`.
+    pub fn namespace(&self, organization_id: Uuid) -> String {
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| format!("billing-gateway:{{{organization_id}}}"))
+    }
 }
 
 /// OpenTelemetry trace export, from the standard `OTEL_*` variables. With no endpoint no
@@ -310,7 +333,12 @@ impl Config {
                 service_name: "billing-gateway".to_owned(),
                 disabled: false,
             },
-            redis_url: None,
+            redis: RedisConfig {
+                url: None,
+                prefix: None,
+                timeout: Duration::from_millis(100),
+                fallback_replicas: 3,
+            },
         }
     }
 

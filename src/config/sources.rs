@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use secrecy::SecretString;
 use toml::de::{DeTable, DeValue};
@@ -187,15 +188,43 @@ pub(super) static SETTINGS: &[Setting] = &[
         tls_files(c).key = PathBuf::from(v);
         Ok(())
     }),
-    // A Redis URL may carry a password: a secret, like the keys.
+    // A Redis URL may carry a password: a secret, like the keys; never echoed.
     secret("GATEWAY_REDIS_URL", "redis.url", |c, v| {
-        let scheme = v.split_once("://").map(|(scheme, _)| scheme);
-        if !matches!(scheme, Some("redis" | "rediss")) {
-            return Err("not a redis:// or rediss:// URL".to_owned());
-        }
-        c.redis_url = Some(SecretString::from(v));
+        parse_redis_url(&v)?;
+        c.redis.url = Some(SecretString::from(v));
         Ok(())
     }),
+    file("GATEWAY_REDIS_PREFIX", "redis.prefix", |c, v| {
+        if v.is_empty() || v.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+            return Err(format!("`{v}` is not a key prefix (empty, or has spaces)"));
+        }
+        c.redis.prefix = Some(v);
+        Ok(())
+    }),
+    file(
+        "GATEWAY_REDIS_TIMEOUT",
+        "redis.timeout",
+        |c, v| match parse_duration(&v)? {
+            d if d.is_zero() || d > Duration::from_secs(10) => Err(format!(
+                "`{v}`: between 1ms and 10s (a request waits this long on Redis at most)"
+            )),
+            d => {
+                c.redis.timeout = d;
+                Ok(())
+            }
+        },
+    ),
+    file(
+        "GATEWAY_REDIS_FALLBACK_REPLICAS",
+        "redis.fallback_replicas",
+        |c, v| match v.parse::<u32>() {
+            Ok(n @ 1..=1000) => {
+                c.redis.fallback_replicas = n;
+                Ok(())
+            }
+            _ => Err(format!("`{v}` is not a replica count (1 to 1000)")),
+        },
+    ),
     // OpenTelemetry's own names, so a collector's usual settings work unchanged.
     file(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -243,6 +272,23 @@ fn otlp_protocol(_: &mut Config, v: String) -> Result<(), String> {
             "`{v}`: only http/protobuf is supported (point it at the collector's OTLP/HTTP port, 4318)"
         ))
     }
+}
+
+/// Checks a Redis URL's form without connecting; the message never repeats the URL, which may
+/// hold a password.
+pub(crate) fn parse_redis_url(v: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(v).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err("not a redis:// or rediss:// URL".to_owned());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("a redis:// URL names a host".to_owned());
+    }
+    let db = url.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Err("the path of a redis:// URL is a database number".to_owned());
+    }
+    Ok(url)
 }
 
 fn tls_files(c: &mut Config) -> &mut TlsFiles {

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
 use crate::cache::Cache;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::limits::PrincipalLimits;
 use crate::policy::PolicySet;
@@ -157,13 +158,17 @@ impl App {
             .map_err(|p| StartError::Other(p.to_string()))?;
         let metrics = Arc::new(Metrics::default());
         metrics.set_upstream_budget(1.0 / config.upstream.rate.pace().as_secs_f64());
-        metrics.set_redis_configured(config.redis_url.is_some());
-        if config.redis_url.is_some() {
-            tracing::warn!(
-                "GATEWAY_REDIS_URL is set, but sharing limits and cache through Redis is not \
-                 implemented yet: this replica keeps its own"
-            );
-        }
+        let cluster = match config.redis.url {
+            Some(_) => Some(
+                Cluster::new(
+                    &config.redis,
+                    config.upstream.organization_id,
+                    metrics.clone(),
+                )
+                .map_err(StartError::Other)?,
+            ),
+            None => None,
+        };
         policy.report_to(metrics.policy_reload());
         let upstream = Upstream::new(&config.upstream, metrics.clone())
             .map_err(|e| StartError::Other(e.to_string()))?;
@@ -190,6 +195,7 @@ impl App {
             organization_id: config.upstream.organization_id,
             policy: Arc::new(policy),
             upstream,
+            cluster,
             metrics,
             draining: AtomicBool::new(false),
         });
@@ -255,11 +261,18 @@ impl App {
                 None => std::future::pending().await,
             }
         };
+        let cluster = async {
+            match &state.cluster {
+                Some(cluster) => cluster.clone().run().await,
+                None => std::future::pending().await,
+            }
+        };
         // The watchers live exactly as long as the accept loop: no task outlives the app.
         tokio::select! {
             () = serve(listener, router, &limits, tls.clone(), &graceful, shutdown) => {}
             never = reload::watch(state.policy.clone(), policy_poll, hangup) => match never {},
             never = certificate => match never {},
+            never = cluster => match never {},
         }
 
         state.draining.store(true, Ordering::SeqCst);

@@ -50,6 +50,26 @@ struct ModeLabels {
     mode: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToLabels {
+    to: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpResultLabels {
+    op: &'static str,
+    result: &'static str,
+}
+
+/// How a replica keeps its limits: its own memory (no Redis), shared through Redis, or on its
+/// own at its share because Redis failed.
+const REDIS_MODES: [&str; 3] = ["local", "connected", "degraded"];
+
 /// How a source the gateway re-reads while it runs (the policy folder, the identity provider's
 /// keys) is doing: when it was last read and found good, and how many reads failed. The alerts
 /// on a source that stopped refreshing are written against these two series.
@@ -116,7 +136,12 @@ pub struct Metrics {
     budget_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     policy_reload: SourceHealth,
     jwks_fetch: SourceHealth,
-    redis_configured: Gauge,
+    redis_mode: Family<ModeLabels, Gauge>,
+    redis_mode_changes: Family<ToLabels, Counter>,
+    redis_commands: Family<OpResultLabels, Counter>,
+    redis_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
+    cluster_replicas: Gauge,
+    budget_degraded_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -257,22 +282,55 @@ impl Default for Metrics {
             "jwks_fetch",
             "the identity provider's keys (JWKS)",
         );
-        let redis_configured = Gauge::default();
+        let redis_mode = Family::<ModeLabels, Gauge>::default();
         registry.register(
-            "redis_configured",
-            "1 when GATEWAY_REDIS_URL is set: the replicas are meant to share limits and cache",
-            redis_configured.clone(),
+            "redis_mode",
+            "1 for how this replica keeps its limits and cache: `local` (no GATEWAY_REDIS_URL: its \
+             own memory), `connected` (shared through Redis), `degraded` (Redis failed: on its \
+             own, at its share, until Redis answers again)",
+            redis_mode.clone(),
         );
-        let sharing_mode = Family::<ModeLabels, Gauge>::default();
+        for mode in REDIS_MODES {
+            redis_mode
+                .get_or_create(&ModeLabels { mode })
+                .set(i64::from(mode == "local"));
+        }
+        let redis_mode_changes = Family::<ToLabels, Counter>::default();
         registry.register(
-            "sharing_mode",
-            "1 for how this replica keeps its limits and cache: `local` (its own memory; \
-             sharing through Redis is not implemented yet)",
-            sharing_mode.clone(),
+            "redis_mode_changes",
+            "Switches between sharing through Redis and keeping limits alone, by the mode entered",
+            redis_mode_changes.clone(),
         );
-        sharing_mode
-            .get_or_create(&ModeLabels { mode: "local" })
-            .set(1);
+        for to in ["connected", "degraded"] {
+            let _ = redis_mode_changes.get_or_create(&ToLabels { to });
+        }
+        let redis_commands = Family::<OpResultLabels, Counter>::default();
+        registry.register(
+            "redis_commands",
+            "Redis commands (scripts) run, by purpose and result (ok, error, timeout)",
+            redis_commands.clone(),
+        );
+        let redis_duration: Family<OpLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 14)));
+        registry.register_with_unit(
+            "redis_duration",
+            "Round trip of Redis commands as this replica sees it, by purpose",
+            prometheus_client::registry::Unit::Seconds,
+            redis_duration.clone(),
+        );
+        let cluster_replicas = Gauge::default();
+        registry.register(
+            "cluster_replicas",
+            "Replicas seen alive through Redis in the last 6 s, never fewer than \
+             GATEWAY_REDIS_FALLBACK_REPLICAS: what the limits are divided by when degraded",
+            cluster_replicas.clone(),
+        );
+        let budget_degraded_rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "upstream_budget_degraded_rate",
+            "Upstream calls per second this replica allows itself while degraded (0 otherwise)",
+            budget_degraded_rate.clone(),
+        );
         // The refusals and cache answers the shipped alerts and dashboard watch start at 0: a
         // series born at 1 shows no `increase()`, so a first refusal would go unseen.
         for reason in [
@@ -319,7 +377,12 @@ impl Default for Metrics {
             budget_rate,
             policy_reload,
             jwks_fetch,
-            redis_configured,
+            redis_mode,
+            redis_mode_changes,
+            redis_commands,
+            redis_duration,
+            cluster_replicas,
+            budget_degraded_rate,
         }
     }
 }
@@ -446,10 +509,40 @@ impl Metrics {
         self.jwks_fetch.clone()
     }
 
-    /// Records whether Redis is configured (GATEWAY_REDIS_URL): the alert on a replica running
-    /// local while Redis is configured compares it with `sharing_mode`.
-    pub fn set_redis_configured(&self, configured: bool) {
-        self.redis_configured.set(i64::from(configured));
+    /// Records the mode this replica keeps its limits in (`local`, `connected`, `degraded`).
+    pub fn set_redis_mode(&self, mode: &'static str) {
+        for each in REDIS_MODES {
+            self.redis_mode
+                .get_or_create(&ModeLabels { mode: each })
+                .set(i64::from(each == mode));
+        }
+    }
+
+    /// Counts one switch into `to`.
+    pub fn count_redis_mode_change(&self, to: &'static str) {
+        self.redis_mode_changes
+            .get_or_create(&ToLabels { to })
+            .inc();
+    }
+
+    /// Records one Redis command for `op`: how it ended and how long it took.
+    pub fn observe_redis(&self, op: &'static str, result: &'static str, seconds: f64) {
+        self.redis_commands
+            .get_or_create(&OpResultLabels { op, result })
+            .inc();
+        self.redis_duration
+            .get_or_create(&OpLabels { op })
+            .observe(seconds);
+    }
+
+    /// Records N, the replicas the limits are divided by when degraded.
+    pub fn set_cluster_replicas(&self, replicas: u32) {
+        self.cluster_replicas.set(i64::from(replicas));
+    }
+
+    /// Records the calls per second this replica allows itself while degraded (0: sharing).
+    pub fn set_budget_degraded_rate(&self, calls_per_second: f64) {
+        self.budget_degraded_rate.set(calls_per_second);
     }
 
     /// The Prometheus text exposition.

@@ -15,6 +15,8 @@
 //! time; a sleep is left only where the passing of time is what a test is about.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod redis;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -104,6 +106,7 @@ pub struct TestAppBuilder<'a> {
     edits: Vec<ConfigEdit<'a>>,
     upstream: Option<MockServer>,
     upstream_url: Option<String>,
+    redis: Option<String>,
 }
 
 impl<'a> TestAppBuilder<'a> {
@@ -156,6 +159,13 @@ impl<'a> TestAppBuilder<'a> {
         self
     }
 
+    /// Share through the Redis at `url` (see [`redis::Redis`]): several apps built with the same
+    /// one (and the same `upstream_url`) are replicas of one gateway.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.redis = Some(url.into());
+        self
+    }
+
     /// Builds the app and serves it in a task until [`TestApp::shutdown`] (or drop).
     pub async fn spawn(self) -> TestApp {
         let upstream = match self.upstream {
@@ -175,6 +185,7 @@ impl<'a> TestAppBuilder<'a> {
                 Some(dir)
             }
         };
+        config.redis.url = self.redis.map(SecretString::from);
         for edit in self.edits {
             edit(&mut config);
         }
@@ -238,6 +249,7 @@ impl TestApp {
             edits: Vec::new(),
             upstream: None,
             upstream_url: None,
+            redis: None,
         }
     }
 

@@ -1,0 +1,148 @@
+//! A `redis-server` of the test's own: on a free port (never 6379), no persistence, in a
+//! temporary folder, stopped by its PID when dropped; it can be killed and started again on the
+//! same port, to test what replicas do while Redis is gone.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// The binary, overridable for machines that keep it elsewhere.
+fn binary() -> String {
+    std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
+/// A running (or killed) `redis-server`.
+pub struct Redis {
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+    password: Option<String>,
+}
+
+impl Redis {
+    /// Starts one on a free port and waits until it answers.
+    pub fn start() -> Redis {
+        Redis::launch(None)
+    }
+
+    /// Starts one that requires `password` (`requirepass`).
+    pub fn with_password(password: &str) -> Redis {
+        Redis::launch(Some(password.to_owned()))
+    }
+
+    fn launch(password: Option<String>) -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        assert_ne!(port, 6379, "never the default port");
+        let mut redis = Redis {
+            port,
+            dir: tempfile::tempdir().expect("a folder for redis-server"),
+            child: None,
+            password,
+        };
+        redis.restart();
+        redis
+    }
+
+    /// `redis://127.0.0.1:PORT` (with the password when there is one).
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to its clients) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again) on the same port, empty, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut command = Command::new(binary());
+        command
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--dir"])
+            .arg(self.dir.path())
+            .args(["--logfile"])
+            .arg(self.dir.path().join("redis.log"));
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}): install redis-server: apt-get install redis-server",
+                    binary()
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + super::PATIENCE;
+        while self.command(&["PING"]).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {} (log: {})",
+                self.port,
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs one command through `redis-cli`-free plain RESP over a socket; its reply's first
+    /// line, or `None` when the server does not answer.
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        use std::io::{BufRead, BufReader, Write};
+        let stream =
+            std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), SECOND)
+                .ok()?;
+        stream.set_read_timeout(Some(SECOND)).ok()?;
+        let mut out = Vec::new();
+        let mut send = |args: &[&str]| {
+            out.extend(format!("*{}\r\n", args.len()).bytes());
+            for a in args {
+                out.extend(format!("${}\r\n{a}\r\n", a.len()).bytes());
+            }
+        };
+        if let Some(password) = &self.password {
+            send(&["AUTH", password]);
+        }
+        send(args);
+        (&stream).write_all(&out).ok()?;
+        let mut reader = BufReader::new(&stream);
+        let mut line = String::new();
+        if self.password.is_some() {
+            reader.read_line(&mut line).ok()?;
+            line.clear();
+        }
+        reader.read_line(&mut line).ok()?;
+        if line.starts_with('$') && line.trim() != "$-1" {
+            line.clear();
+            reader.read_line(&mut line).ok()?;
+        }
+        (!line.is_empty()).then(|| line.trim_end().to_owned())
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
