@@ -17,7 +17,7 @@ use super::body::{Over, Read, error_body, read_at_most};
 use super::forward::{exact_json, forward};
 use crate::admission::Slot;
 use crate::billing::Call;
-use crate::cache::{Cache, Entry, Fetch, Outcome};
+use crate::cache::{Cache, Entry, Fetch, Outcome, Refreshed, Shareable};
 use crate::error::{Error, JSON};
 use crate::policy::Principal;
 use crate::state::AppState;
@@ -28,6 +28,8 @@ enum Uncached {
     Answer {
         status: StatusCode,
         content_type: Option<HeaderValue>,
+        /// Only on an error answer the gateway made itself, relayed from another replica.
+        retry_after: Option<HeaderValue>,
         body: Bytes,
     },
     /// An answer longer than the cache stores: relayed as it streams, to one request only (it
@@ -48,6 +50,65 @@ impl Uncached {
             Uncached::TooLong { .. } => "the answer is too long to store".to_owned(),
             Uncached::Failed(e) => e.to_string(),
         }
+    }
+}
+
+/// Shared with the other replicas as `status`, `content-type` and `retry-after` lines, then the
+/// body; an error of this gateway's own becomes the answer it renders to.
+impl Shareable for Uncached {
+    fn to_shared(&self) -> Option<Vec<u8>> {
+        let (status, content_type, retry_after, body) = match self {
+            Uncached::Answer {
+                status,
+                content_type,
+                retry_after,
+                body,
+            } => (
+                *status,
+                content_type.clone(),
+                retry_after.clone(),
+                body.to_vec(),
+            ),
+            Uncached::Failed(e) => {
+                let response = e.clone().into_response();
+                let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+                (
+                    e.status(),
+                    Some(JSON),
+                    retry_after,
+                    e.body().to_string().into_bytes(),
+                )
+            }
+            // Its body streams to one request only.
+            Uncached::TooLong { .. } => return None,
+        };
+        let value =
+            |v: &Option<HeaderValue>| v.as_ref().map_or(&b""[..], |v| v.as_bytes()).to_vec();
+        let mut shared = format!("{}\n", status.as_u16()).into_bytes();
+        for line in [value(&content_type), value(&retry_after)] {
+            shared.extend(line);
+            shared.push(b'\n');
+        }
+        shared.extend(body);
+        Some(shared)
+    }
+
+    fn from_shared(bytes: &[u8]) -> Option<Uncached> {
+        let mut parts = bytes.splitn(4, |b| *b == b'\n');
+        let status = StatusCode::from_bytes(parts.next()?).ok()?;
+        let header = |v: &[u8]| {
+            (!v.is_empty())
+                .then(|| HeaderValue::from_bytes(v).ok())
+                .flatten()
+        };
+        let content_type = header(parts.next()?);
+        let retry_after = header(parts.next()?);
+        Some(Uncached::Answer {
+            status,
+            content_type,
+            retry_after,
+            body: Bytes::copy_from_slice(parts.next()?),
+        })
     }
 }
 
@@ -76,18 +137,24 @@ pub(super) async fn cached(
             // Through the budget and its fair queue as this caller's call, but not in its
             // place in flight: the caller has its answer already.
             let task = async move {
-                let fetched = fetch(&state, &call, &request_id, &principal, &mut None).await;
-                let failure = match &fetched {
-                    Fetch::Store(_) => None,
-                    Fetch::Failed(uncached) | Fetch::Pass(uncached) => Some(uncached.describe()),
+                let mut upstream_ms = None;
+                let fetch = fetch(&state, &call, &request_id, &principal, &mut upstream_ms);
+                let result = match refresh.run(fetch).await {
+                    Refreshed::Stored => "stored",
+                    Refreshed::Shared => "shared",
+                    Refreshed::Kept(fetched) => {
+                        if let Fetch::Failed(failure) | Fetch::Pass(failure) = &fetched {
+                            let error = failure.describe();
+                            tracing::warn!(
+                                operation = call.op.name,
+                                error,
+                                "background refresh failed, the entry is kept"
+                            );
+                        }
+                        "kept"
+                    }
                 };
-                let stored = refresh.finish(fetched).await;
-                if let Some(failure) = &failure {
-                    tracing::warn!(operation = call.op.name, error = %failure, "background refresh failed, the entry is kept");
-                }
-                state
-                    .metrics
-                    .cache_refresh(if stored { "stored" } else { "kept" });
+                state.metrics.cache_refresh(result);
             };
             tokio::spawn(task.in_current_span());
             (
@@ -95,14 +162,30 @@ pub(super) async fn cached(
                 from_entry(&entry, "billing-gateway; hit; detail=refreshing"),
             )
         }
+        // RFC 9211 `detail`: the entry came from the tier the replicas share.
+        Outcome::SharedHit(entry) => (
+            "hit_shared",
+            from_entry(&entry, "billing-gateway; hit; detail=shared"),
+        ),
         Outcome::Stored(entry) => (
             "stored",
             from_entry(&entry, "billing-gateway; fwd=miss; stored"),
+        ),
+        Outcome::TakenOver(entry) => (
+            "lock_takeover",
+            from_entry(&entry, "billing-gateway; fwd=miss; stored; detail=takeover"),
         ),
         // RFC 9211 `collapsed`: this request waited for another's identical fetch.
         Outcome::Coalesced(entry) => (
             "coalesced",
             from_entry(&entry, "billing-gateway; fwd=miss; collapsed"),
+        ),
+        Outcome::CoalescedRemote(entry) => (
+            "coalesced_remote",
+            from_entry(
+                &entry,
+                "billing-gateway; fwd=miss; collapsed; detail=shared",
+            ),
         ),
         Outcome::Stale(entry) => ("stale", from_entry(&entry, "billing-gateway; fwd=stale")),
         Outcome::TooLarge(body) => ("miss", answer(StatusCode::OK, Some(JSON), body)),
@@ -110,8 +193,17 @@ pub(super) async fn cached(
             Uncached::Answer {
                 status,
                 content_type,
+                retry_after,
                 body,
-            } => ("miss", answer(*status, content_type.clone(), body.clone())),
+            } => {
+                let mut response = answer(*status, content_type.clone(), body.clone());
+                if let Some(retry_after) = retry_after {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, retry_after.clone());
+                }
+                ("miss", response)
+            }
             Uncached::TooLong {
                 status,
                 content_type,
@@ -201,11 +293,13 @@ async fn fetch(
         s if s.is_server_error() => Fetch::Failed(Uncached::Answer {
             status,
             content_type,
+            retry_after: None,
             body,
         }),
         _ => Fetch::Pass(Uncached::Answer {
             status,
             content_type,
+            retry_after: None,
             body,
         }),
     }

@@ -190,7 +190,13 @@ impl App {
             auth: Authenticator::start_reporting(&config.auth, metrics.jwks_fetch())
                 .await
                 .map_err(|e| StartError::Other(e.to_string()))?,
-            cache: Cache::new(&config.cache),
+            cache: {
+                let cache = Cache::new(&config.cache, metrics.clone());
+                match &cluster {
+                    Some(cluster) => cache.shared(cluster.clone(), config.upstream.timeout),
+                    None => cache,
+                }
+            },
             limits: PrincipalLimits::new(config.limits.principal_rate),
             organization_id: config.upstream.organization_id,
             policy: Arc::new(policy),
@@ -273,6 +279,7 @@ impl App {
             never = reload::watch(state.policy.clone(), policy_poll, hangup) => match never {},
             never = certificate => match never {},
             never = cluster => match never {},
+            never = state.cache.follow_purges() => match never {},
         }
 
         state.draining.store(true, Ordering::SeqCst);
