@@ -353,3 +353,56 @@ fn cache_control(max_age: u64) -> HeaderValue {
 }
 
 static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Throttle;
+
+    /// What a replica relays of a failed fill is what its own caller got: status, content type,
+    /// `Retry-After` and the Scaleway-shaped body.
+    #[test]
+    fn a_failed_fill_crosses_to_other_replicas_whole() {
+        let relayed = |uncached: Uncached| {
+            let shared = uncached.to_shared().expect("shareable");
+            match Uncached::from_shared(&shared).expect("readable") {
+                Uncached::Answer {
+                    status,
+                    content_type,
+                    retry_after,
+                    body,
+                } => (status, content_type, retry_after, body),
+                _ => panic!("relayed as an answer"),
+            }
+        };
+        let (status, content_type, retry_after, body) =
+            relayed(Uncached::Failed(Error::TooManyRequests {
+                retry_after: 3,
+                reason: Throttle::Upstream,
+            }));
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(content_type, Some(JSON));
+        assert_eq!(retry_after, Some(HeaderValue::from(3u64)));
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(body["type"], "too_many_requests");
+
+        let upstream = Bytes::from_static(b"{\"message\":\"line\\none\"}\n");
+        let (status, content_type, retry_after, body) = relayed(Uncached::Answer {
+            status: StatusCode::NOT_FOUND,
+            content_type: None,
+            retry_after: None,
+            body: upstream.clone(),
+        });
+        assert_eq!(
+            (status, content_type, retry_after, body),
+            (StatusCode::NOT_FOUND, None, None, upstream)
+        );
+        let long = Uncached::TooLong {
+            status: StatusCode::OK,
+            content_type: None,
+            body: Mutex::new(None),
+        };
+        assert!(long.to_shared().is_none(), "it streams to one request only");
+        assert!(Uncached::from_shared(b"not a status\n\n\n").is_none());
+    }
+}
