@@ -235,15 +235,611 @@ async fn redis_gone_makes_the_replica_degraded_and_back_it_shares_again() {
         ),
         Some(1.0)
     );
-    // Resuming pushed the shared budget 3 s ahead: slots taken alone pass out of every window.
-    let tat = format!("billing-gateway:{{{ORG}}}:budget:tat");
-    assert!(redis.command(&["GET", &tat]).is_some_and(|t| t != "$-1"));
+    // Resuming paused the shared budget for 3 s: slots taken alone pass out of every window.
+    let paused = format!("billing-gateway:{{{ORG}}}:budget:paused_until");
+    let ttl: i64 = redis
+        .command(&["PTTL", &paused])
+        .and_then(|t| t.trim_start_matches(':').parse().ok())
+        .expect("a TTL");
+    assert!((1..=3000).contains(&ttl), "{ttl}");
     assert_eq!(
-        redis.command(&["PTTL", &tat]).as_deref(),
-        Some(":-1"),
-        "no TTL"
+        app.get("/billing/v2beta1/charges", &app.reader())
+            .await
+            .status(),
+        429,
+        "no upstream call during the pause"
+    );
+    assert!(app.upstream_requests().await.is_empty());
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+// ---- The shared upstream budget (contract §10, §11) ----
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use billing_gateway::config::Rate;
+use serde_json::json;
+use tokio::time::Instant;
+use wiremock::matchers::any;
+use wiremock::{Mock, Request, Respond, ResponseTemplate};
+
+/// The tests that load the machine run one at a time: each measures time.
+static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn per_second(count: u32) -> Rate {
+    Rate {
+        count,
+        per: Duration::from_secs(1),
+    }
+}
+
+fn reader_as(sub: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    token_with(json!({"sub": sub, "roles": ["billing-read-only"], "iat": now, "exp": now + 600}))
+}
+
+/// Records when each upstream request arrived (wiremock's `Request` carries no timestamp).
+#[derive(Clone, Default)]
+struct Arrivals(Arc<Mutex<Vec<Instant>>>);
+
+impl Arrivals {
+    fn times(&self) -> Vec<Instant> {
+        let mut times = self.0.lock().expect("lock").clone();
+        times.sort();
+        times
+    }
+}
+
+impl Respond for Arrivals {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        self.0.lock().expect("lock").push(Instant::now());
+        ResponseTemplate::new(200).set_body_raw(r#"{"charges":[]}"#, "application/json")
+    }
+}
+
+/// Fails when more than `rate` upstream requests arrived within any one second.
+fn assert_within(times: &[Instant], rate: usize) {
+    for i in 0..times.len() {
+        let in_window = times[i..]
+            .iter()
+            .take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1))
+            .count();
+        assert!(
+            in_window <= rate,
+            "{in_window} upstream calls within one second: gaps (ms) {:?}",
+            times
+                .windows(2)
+                .map(|w| w[1].duration_since(w[0]).as_millis())
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// What one replica's driver saw.
+#[derive(Debug, Default)]
+struct Seen {
+    ok: usize,
+    refused: usize,
+    /// Any other status: never expected.
+    other: Vec<u16>,
+    slowest: Duration,
+}
+
+/// Sends distinct (uncached) queries to `app` as `token`, one every `every`, each in its own
+/// task (so a waiting call does not slow the driver), until `stop`.
+fn drive(
+    app: &TestApp,
+    token: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Seen> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let (client, base) = (app.client.clone(), app.base.clone());
+    tokio::spawn(async move {
+        let mut calls = Vec::new();
+        let mut tick = tokio::time::interval(every);
+        while !stop.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let n = NEXT.fetch_add(1, Ordering::SeqCst);
+            let (client, url, token) = (
+                client.clone(),
+                format!("{base}/billing/v2beta1/charges?page_token={n}"),
+                token.clone(),
+            );
+            calls.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let response = client
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .expect("request");
+                (response.status().as_u16(), started.elapsed())
+            }));
+        }
+        let mut seen = Seen::default();
+        for call in calls {
+            let (status, took) = call.await.expect("call");
+            match status {
+                200 => seen.ok += 1,
+                429 => seen.refused += 1,
+                other => seen.other.push(other),
+            }
+            seen.slowest = seen.slowest.max(took);
+        }
+        seen
+    })
+}
+
+/// Three replicas at 10 calls/s in all; the upstream's arrivals are recorded.
+async fn budgeted(redis: &Redis, rate: u32) -> (Vec<TestApp>, Arrivals) {
+    let apps = replicas(3, redis, move |c| {
+        c.upstream.rate = per_second(rate);
+        // Above the 100 ms default: the test machine's two cores are loaded by the test itself.
+        c.redis.timeout = Duration::from_millis(500);
+    })
+    .await;
+    let arrivals = Arrivals::default();
+    Mock::given(any())
+        .respond_with(arrivals.clone())
+        .mount(&apps[0].upstream)
+        .await;
+    // Each replica's connection to the upstream is opened before the measure: the first call
+    // on a new connection arrives late by its handshake (and by the test's own start-up on
+    // these two cores), crowding the call after it, as it would on one replica.
+    for app in &apps {
+        let response = app
+            .get("/billing/v2beta1/charges?page_token=warm", &app.reader())
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    // The warm-up calls pass out of every window the test measures.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    arrivals.0.lock().expect("lock").clear();
+    (apps, arrivals)
+}
+
+/// Issue 12, test 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_each_driven_at_three_times_the_budget_keep_within_it() {
+    let _one = LOAD.lock().await;
+    let redis = Redis::start();
+    let (apps, arrivals) = budgeted(&redis, 10).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // 30 calls a second to each replica: 90 against a budget of 10.
+    let drivers: Vec<_> = apps
+        .iter()
+        .map(|app| {
+            drive(
+                app,
+                reader_as("busy"),
+                Duration::from_millis(33),
+                stop.clone(),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut served = 0;
+    for (i, driver) in drivers.into_iter().enumerate() {
+        let seen = driver.await.expect("driver");
+        assert!(seen.other.is_empty(), "replica {i}: {seen:?}");
+        assert!(seen.ok >= 1 && seen.refused >= 1, "replica {i}: {seen:?}");
+        served += seen.ok;
+    }
+    let times = arrivals.times();
+    assert_eq!(times.len(), served, "every call served went upstream once");
+    assert_within(&times, 10);
+    // The budget is spent, not wasted: about 10 a second over the 4 s.
+    assert!(times.len() >= 30, "only {} calls in 4 s", times.len());
+    for app in &apps {
+        assert_eq!(mode(app).await, "connected");
+    }
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+/// Issue 12, test 4.
+#[tokio::test]
+async fn an_upstream_429_seen_by_one_replica_stops_all_three_for_its_retry_after() {
+    let redis = Redis::start();
+    let apps = replicas(3, &redis, |c| c.redis.timeout = Duration::from_millis(500)).await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "2"))
+        .up_to_n_times(1)
+        .mount(&apps[0].upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(200).set_body_raw(r#"{"charges":[]}"#, "application/json"),
+        )
+        .mount(&apps[0].upstream)
+        .await;
+    let token = apps[0].reader();
+    let charges = "/billing/v2beta1/charges";
+    let first = apps[0].get(charges, &token).await;
+    let limited = Instant::now();
+    assert_error(first, 429, "too_many_requests").await;
+    for app in &apps[1..] {
+        let response = app.get(charges, &token).await;
+        assert!(limited.elapsed() < Duration::from_secs(2));
+        assert_eq!(response.headers()["retry-after"], "2");
+        assert_error(response, 429, "too_many_requests").await;
+        let m = app.metrics().await;
+        assert_eq!(
+            value(
+                &m,
+                "billing_gateway_rejections_total",
+                "reason=\"upstream_backoff\""
+            ),
+            Some(1.0),
+            "{m}"
+        );
+    }
+    // Learnt once: while backing off, a replica asks Redis no more.
+    let budget_calls = |m: String| {
+        value(
+            &m,
+            "billing_gateway_redis_commands_total",
+            "op=\"budget\",result=\"ok\"",
+        )
+    };
+    let before = budget_calls(apps[1].metrics().await);
+    assert_eq!(apps[1].get(charges, &token).await.status(), 429);
+    assert_eq!(budget_calls(apps[1].metrics().await), before);
+    assert_eq!(
+        apps[0].upstream_requests().await.len(),
+        1,
+        "only the first call went upstream"
+    );
+    // After the Retry-After, every replica calls again.
+    for app in &apps {
+        eventually(
+            || async { app.get(charges, &token).await.status() == 200 },
+            PATIENCE,
+        )
+        .await;
+    }
+    assert!(limited.elapsed() >= Duration::from_secs(2));
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+/// Issue 12, test 6 (the budget's part).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_then_restarted_keeps_the_budget_and_answers_fast() {
+    let _one = LOAD.lock().await;
+    let mut redis = Redis::start();
+    let (apps, arrivals) = budgeted(&redis, 20).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // 12 calls a second in all, under the budget of 20 (and over each replica's 6 alone).
+    let drivers: Vec<_> = apps
+        .iter()
+        .map(|app| {
+            drive(
+                app,
+                reader_as("steady"),
+                Duration::from_millis(250),
+                stop.clone(),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.kill();
+    for app in &apps {
+        eventually(|| async { mode(app).await == "degraded" }, PATIENCE).await;
+    }
+    // Degraded long enough to spend alone after the dead time.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    redis.restart();
+    let back = Instant::now();
+    for app in &apps {
+        eventually(|| async { mode(app).await == "connected" }, PATIENCE).await;
+    }
+    assert!(
+        back.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        back.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut served = 0;
+    for (i, driver) in drivers.into_iter().enumerate() {
+        let seen = driver.await.expect("driver");
+        assert!(seen.other.is_empty(), "replica {i}: no 5xx: {seen:?}");
+        assert!(
+            seen.slowest < Duration::from_secs(1),
+            "replica {i}: {seen:?}"
+        );
+        served += seen.ok;
+    }
+    let times = arrivals.times();
+    assert_eq!(times.len(), served);
+    assert_within(&times, 20);
+    let m = apps[0].metrics().await;
+    assert_eq!(
+        value(&m, "billing_gateway_upstream_budget_degraded_rate", ""),
+        Some(0.0)
+    );
+    // Shared again: calls are served through Redis.
+    assert!(
+        times
+            .iter()
+            .any(|t| t.duration_since(back) > Duration::from_secs(3))
     );
     for app in apps {
         app.stop().await;
     }
+}
+
+/// Contract §10 across replicas: a principal flooding both replicas delays another's calls by
+/// its rotation plus the slots already booked, and only the flooder is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_share_holds_across_two_replicas_beside_a_flooding_principal() {
+    let _one = LOAD.lock().await;
+    let redis = Redis::start();
+    let apps = replicas(2, &redis, |c| {
+        c.upstream.rate = per_second(10);
+        c.redis.timeout = Duration::from_millis(500);
+    })
+    .await;
+    let arrivals = Arrivals::default();
+    Mock::given(any())
+        .respond_with(arrivals.clone())
+        .mount(&apps[0].upstream)
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods: Vec<_> = apps
+        .iter()
+        .map(|app| {
+            drive(
+                app,
+                reader_as("flooder"),
+                Duration::from_millis(20),
+                stop.clone(),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let innocent = reader_as("innocent");
+    let mut slowest = Duration::ZERO;
+    for n in 0..12 {
+        let app = &apps[n % 2];
+        let started = Instant::now();
+        let response = app
+            .get(
+                &format!("/billing/v2beta1/charges?page_token=innocent-{n}"),
+                &innocent,
+            )
+            .await;
+        assert_eq!(response.status(), 200, "call {n}");
+        slowest = slowest.max(started.elapsed());
+    }
+    stop.store(true, Ordering::SeqCst);
+    for flood in floods {
+        let seen = flood.await.expect("flood");
+        assert!(seen.refused > seen.ok, "the flooder is refused: {seen:?}");
+    }
+    // Its own turn within the rotation (2 principals) plus the slots booked by each replica
+    // (2), 105 ms apart, and the machine's slack.
+    assert!(
+        slowest < Duration::from_millis(4 * 105 + 300),
+        "{slowest:?}"
+    );
+    assert_within(&arrivals.times(), 10);
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+/// Issue 12, test 8 (the budget's scripts): slots exactly one pace apart in Redis time whoever
+/// reserves them, none beyond the longest wait, and a 429 noted by one replica held by another
+/// (doubling from 1 s without Retry-After).
+#[tokio::test]
+async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
+    use billing_gateway::upstream::{Backoff, SharedSlots};
+    let redis = Redis::start();
+    let pace = Duration::from_millis(105);
+    let slots = |max_wait: Duration| {
+        let backoff = Arc::new(Backoff::default());
+        let cluster = link(&redis);
+        let slots = SharedSlots::new(
+            cluster,
+            backoff.clone(),
+            per_second(10),
+            pace,
+            max_wait,
+            Arc::new(Metrics::default()),
+        );
+        (slots, backoff)
+    };
+    let (a, _) = slots(Duration::from_secs(2));
+    let (b, b_backoff) = slots(Duration::from_secs(2));
+    let tat = || -> u64 {
+        redis
+            .command(&["GET", "test:{events}:budget:tat"])
+            .and_then(|t| t.parse().ok())
+            .expect("a tat")
+    };
+    a.next_slot().await.expect("the first slot is free");
+    let first = tat();
+    let started = Instant::now();
+    for s in [&b, &a, &b] {
+        s.next_slot().await.expect("a slot");
+    }
+    assert_eq!(tat() - first, 3 * 105_000, "three paces, in µs");
+    // The third of them was two paces after the first.
+    assert!(started.elapsed() >= 2 * pace - Duration::from_millis(5));
+
+    // A replica that will not wait is refused, and told for how long.
+    let (impatient, _) = slots(Duration::ZERO);
+    let left = impatient
+        .next_slot()
+        .await
+        .expect_err("no slot within no wait");
+    assert!(left <= pace, "{left:?}");
+
+    // A 429 noted on one replica is held by the next that asks for a slot.
+    assert_eq!(a.note_backoff(None).await, Some(Duration::from_secs(1)));
+    let second = a.note_backoff(None).await.expect("noted");
+    assert!(
+        second > Duration::from_millis(1990) && second <= Duration::from_secs(2),
+        "{second:?}"
+    );
+    b.next_slot().await.expect("handed on to be refused");
+    assert!(b_backoff.remaining() > Duration::from_millis(1900));
+    let until: u64 = redis
+        .command(&["GET", "test:{events}:budget:backoff_until"])
+        .and_then(|t| t.parse().ok())
+        .expect("until");
+    assert!(tat() >= until, "slots resume after the backoff, paced");
+    a.reset_backoff().await;
+    assert_eq!(
+        redis
+            .command(&["EXISTS", "test:{events}:budget:backoff_next"])
+            .as_deref(),
+        Some(":0")
+    );
+}
+
+// ---- Principal rates across replicas (contract §11) ----
+
+/// How many of `n` concurrent whoami calls as `token`, spread over `apps`, were allowed; the
+/// rest must be 429s. Returns (allowed, how long the whole took).
+async fn whoami_burst(apps: &[TestApp], token: &str, n: usize) -> (usize, Duration) {
+    let started = Instant::now();
+    let answers = futures_util::future::join_all(
+        (0..n).map(|i| apps[i % apps.len()].get("/gateway/v1/whoami", token)),
+    )
+    .await;
+    let took = started.elapsed();
+    let mut allowed = 0;
+    for response in answers {
+        match response.status().as_u16() {
+            200 => allowed += 1,
+            429 => {
+                assert_error(response, 429, "too_many_requests").await;
+            }
+            other => panic!("unexpected status {other}"),
+        };
+    }
+    (allowed, took)
+}
+
+/// The burst (twice the rate) plus what the rate refilled meanwhile.
+fn most_allowed(rate: u32, elapsed: Duration) -> usize {
+    (2 * rate) as usize + (elapsed.as_secs_f64() * f64::from(rate)).floor() as usize
+}
+
+/// Issue 12, test 3.
+#[tokio::test]
+async fn a_principals_rate_holds_across_three_replicas() {
+    let redis = Redis::start();
+    // 5 a minute, burst 10: nothing refills during the test, and a refusal lasts seconds.
+    let apps = replicas(3, &redis, |c| {
+        c.limits.principal_rate = Rate {
+            count: 5,
+            per: Duration::from_secs(60),
+        };
+        c.redis.timeout = Duration::from_millis(500);
+    })
+    .await;
+    let greedy = reader_as("greedy");
+    let (allowed, _) = whoami_burst(&apps, &greedy, 30).await;
+    // A burst of 10 in all, not 10 on each of the three.
+    assert_eq!(allowed, 10);
+    // Others are untouched.
+    let (allowed, _) = whoami_burst(&apps, &reader_as("patient"), 3).await;
+    assert_eq!(allowed, 3);
+    // A refused caller is refused again on that replica without a Redis call.
+    let principal_calls = |m: String| {
+        value(
+            &m,
+            "billing_gateway_redis_commands_total",
+            "op=\"principal\",result=\"ok\"",
+        )
+    };
+    let before = principal_calls(apps[1].metrics().await);
+    assert_eq!(
+        apps[1].get("/gateway/v1/whoami", &greedy).await.status(),
+        429
+    );
+    assert_eq!(principal_calls(apps[1].metrics().await), before);
+    // No user's name in Redis: the subject is hashed into the key.
+    assert_eq!(
+        redis.command(&["KEYS", "*greedy*"]).as_deref(),
+        Some("*0"),
+        "a key names the subject"
+    );
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn redis_gone_each_replica_holds_principals_to_its_share_of_their_rate() {
+    let mut redis = Redis::start();
+    // N = 3 (the fallback): 6/s becomes 2/s, burst 4, on each replica.
+    let apps = replicas(1, &redis, |c| c.limits.principal_rate = per_second(6)).await;
+    redis.kill();
+    // The first check finds Redis gone, the replica goes on its own.
+    let _ = apps[0].get("/gateway/v1/whoami", &reader_as("first")).await;
+    eventually(|| async { mode(&apps[0]).await == "degraded" }, PATIENCE).await;
+    let (allowed, took) = whoami_burst(&apps, &reader_as("greedy"), 20).await;
+    assert!(
+        (4..=most_allowed(2, took)).contains(&allowed),
+        "{allowed} allowed in {took:?}"
+    );
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+/// Issue 12, test 8 (the principal's script): the same decisions and the same wait as governor
+/// at the same quota.
+#[tokio::test]
+async fn the_principal_script_decides_as_governor_does() {
+    use billing_gateway::cluster::SharedRates;
+    use governor::{Quota, RateLimiter};
+    use std::num::NonZeroU32;
+    let redis = Redis::start();
+    let rates = SharedRates::new(link(&redis));
+    let rate = per_second(5);
+    let quota = Quota::with_period(rate.pace())
+        .expect("a pace")
+        .allow_burst(NonZeroU32::new(10).expect("10"));
+    let governor = RateLimiter::direct(quota);
+    let clock = governor::clock::DefaultClock::default();
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for _ in 0..15 {
+        ours.push(rates.check("alice", rate).await.expect("Redis answers"));
+        theirs.push(
+            governor
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(governor::clock::Clock::now(&clock))),
+        );
+    }
+    let allowed = |d: &[Result<(), Duration>]| d.iter().filter(|d| d.is_ok()).count();
+    assert_eq!(allowed(&ours), 10, "{ours:?}");
+    assert_eq!(allowed(&theirs), 10, "{theirs:?}");
+    // The first refusal: both about one pace (200 ms) less the time the 10 took.
+    let (Err(ours), Err(theirs)) = (ours[10], theirs[10]) else {
+        panic!("the 11th is refused by both")
+    };
+    let gap = ours.abs_diff(theirs);
+    assert!(
+        gap < Duration::from_millis(20),
+        "{ours:?} against {theirs:?}"
+    );
+    assert!(ours <= Duration::from_millis(200), "{ours:?}");
+    // Remembered: refused again without Redis, until the wait is over.
+    redis.command(&["FLUSHALL"]);
+    assert!(rates.check("alice", rate).await.expect("answer").is_err());
+    assert!(rates.check("bob", rate).await.expect("answer").is_ok());
 }

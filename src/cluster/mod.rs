@@ -12,6 +12,10 @@
 //! Redis Cluster keeps them in one slot), and every key but the budget's carries a TTL, so
 //! `volatile-lru` never evicts the budget.
 
+mod rates;
+
+pub use rates::SharedRates;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -305,7 +309,7 @@ impl Cluster {
     pub async fn run(self: Arc<Self>) -> std::convert::Infallible {
         let channel = self.key("events");
         let replicas = self.key("replicas");
-        let tat = self.key("budget:tat");
+        let paused = self.key("budget:paused_until");
         let mut subscribed = false;
         let mut probes = 0;
         let mut tick = tokio::time::interval(TICK);
@@ -333,7 +337,7 @@ impl Cluster {
                     if probes >= PROBES_TO_RESUME {
                         probes = 0;
                         let mut resume = RESUME.prepare_invoke();
-                        resume.key(&tat).arg(DEAD_TIME.as_micros() as u64);
+                        resume.key(&paused).arg(DEAD_TIME.as_micros() as u64);
                         if self.timed::<i64>(Op::Probe, &resume).await.is_ok() {
                             self.set_mode(Mode::Connected);
                         }

@@ -66,7 +66,7 @@ async fn serve(
         .authenticate(authenticate(state, &parts.headers))
         .await?;
     info.subject = Some(principal.subject.clone());
-    check_rate(state, &principal)?;
+    check_rate(state, &principal).await?;
     policy::decide(&principal, &mut call)?;
     call.apply_organization(state.organization_id)?;
     // From here on the request holds a place: until this handler returns, or for a relayed
@@ -128,16 +128,17 @@ pub(crate) async fn admit(
     headers: &HeaderMap,
 ) -> Result<(Principal, Slot), Error> {
     let principal = admission.authenticate(authenticate(state, headers)).await?;
-    check_rate(state, &principal)?;
+    check_rate(state, &principal).await?;
     let slot = admission.admit(&principal.subject)?;
     Ok((principal, slot))
 }
 
 /// Counts a request against its principal's own rate; a refusal is counted by class too.
-fn check_rate(state: &AppState, principal: &Principal) -> Result<(), Error> {
+async fn check_rate(state: &AppState, principal: &Principal) -> Result<(), Error> {
     state
         .limits
         .check_principal(&principal.subject, principal.rate())
+        .await
         .inspect_err(|_| {
             state
                 .metrics

@@ -170,7 +170,7 @@ impl App {
             None => None,
         };
         policy.report_to(metrics.policy_reload());
-        let upstream = Upstream::new(&config.upstream, metrics.clone())
+        let upstream = Upstream::new(&config.upstream, metrics.clone(), cluster.clone())
             .map_err(|e| StartError::Other(e.to_string()))?;
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(
@@ -197,7 +197,12 @@ impl App {
                     None => cache,
                 }
             },
-            limits: PrincipalLimits::new(config.limits.principal_rate),
+            limits: match &cluster {
+                Some(cluster) => {
+                    PrincipalLimits::shared(config.limits.principal_rate, cluster.clone())
+                }
+                None => PrincipalLimits::new(config.limits.principal_rate),
+            },
             organization_id: config.upstream.organization_id,
             policy: Arc::new(policy),
             upstream,

@@ -7,9 +7,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
 use super::fair::{FairQueue, Ticket};
+use super::shared::SharedSlots;
+use crate::cluster::Cluster;
 use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
+use crate::telemetry::Metrics;
 
 /// The longest a call waits for its turn in the upstream budget before it is answered 429.
 pub const UPSTREAM_MAX_WAIT: Duration = Duration::from_secs(2);
@@ -58,14 +63,43 @@ impl UpstreamBudget {
     /// The pace is kept 5% under the rate: the calls leave evenly spaced, but they arrive with
     /// the network's jitter, and the headroom keeps a jittered window within the budget too.
     pub fn new(rate: Rate, max_wait: Duration) -> UpstreamBudget {
-        let period = rate.pace().mul_f64(1.05);
-        let backlog = (max_wait.as_secs_f64() / period.as_secs_f64()).ceil();
+        UpstreamBudget::with_slots(rate, max_wait, Slots::Local(Pace::new(Self::period(rate))))
+    }
+
+    /// A budget of `rate` for the calls of every replica together, through `cluster`; a 429
+    /// noted there is held in `backoff` (contract §11).
+    pub fn shared(
+        rate: Rate,
+        max_wait: Duration,
+        cluster: Arc<Cluster>,
+        backoff: Arc<Backoff>,
+        metrics: Arc<Metrics>,
+    ) -> UpstreamBudget {
+        let period = Self::period(rate);
+        let slots = SharedSlots::new(cluster, backoff, rate, period, max_wait, metrics);
+        UpstreamBudget::with_slots(rate, max_wait, Slots::Shared(Box::new(slots)))
+    }
+
+    fn period(rate: Rate) -> Duration {
+        rate.pace().mul_f64(1.05)
+    }
+
+    fn with_slots(rate: Rate, max_wait: Duration, slots: Slots) -> UpstreamBudget {
+        let backlog = (max_wait.as_secs_f64() / Self::period(rate).as_secs_f64()).ceil();
         UpstreamBudget {
-            slots: Slots::Local(Pace::new(period)),
+            slots,
             queue: FairQueue::default(),
             dispatch: tokio::sync::Mutex::new(()),
             backlog: (backlog as usize).max(1),
             max_wait,
+        }
+    }
+
+    /// The slots reserved in Redis, when the budget is shared.
+    pub fn shared_slots(&self) -> Option<&SharedSlots> {
+        match &self.slots {
+            Slots::Shared(shared) => Some(shared),
+            Slots::Local(_) => None,
         }
     }
 
@@ -96,26 +130,32 @@ impl UpstreamBudget {
             .map_err(|_| refused())?;
         tokio::time::timeout(limit.min(self.max_wait), self.turn(&mut ticket))
             .await
-            .map_err(|_| refused())?;
+            .map_err(|_| refused())?
+            .map_err(|none_for| Error::TooManyRequests {
+                retry_after: retry_after_secs(none_for),
+                reason: Throttle::UpstreamBudget,
+            })?;
         ticket.used();
         Ok(started.elapsed())
     }
 
     /// Waits until the queue gives `ticket` a turn, taking the dispatcher's part meanwhile when
-    /// no other waiting call has it.
-    async fn turn(&self, ticket: &mut Ticket<'_>) {
+    /// no other waiting call has it; or, when the slots say none is to be had within the
+    /// wait, how long until one is.
+    async fn turn(&self, ticket: &mut Ticket<'_>) -> Result<(), Duration> {
         loop {
             let dispatching = tokio::select! {
                 biased;
-                () = ticket.granted() => return,
+                () = ticket.granted() => return Ok(()),
                 dispatching = self.dispatch.lock() => dispatching,
             };
             if ticket.try_granted() {
-                return;
+                return Ok(());
             }
             // Cancel-safe: a dispatcher that goes away before the slot takes none, and the
-            // next waiting call takes its part.
-            self.slots.next_slot().await;
+            // next waiting call takes its part. One that learns there is no slot within the
+            // wait leaves at once, and so does each waiting call after it.
+            self.slots.next_slot().await?;
             // Nobody to grant only when every waiting call left, this one included (it was
             // handed a turn another call left unused): the slot goes unused, an under-spend.
             self.queue.grant_next();
@@ -129,20 +169,27 @@ impl UpstreamBudget {
     }
 }
 
-/// Where the budget's slots come from. Today a pace kept in this process; across replicas it
-/// will be a reservation in a shared store (contract §11), while the fair queue stays local and
+/// Where the budget's slots come from: a pace kept in this process, or reservations on one
+/// timeline in Redis for every replica (contract §11). Either way the fair queue stays local and
 /// only decides whose call takes each slot this replica gets.
 pub enum Slots {
     /// This process's own pace.
     Local(Pace),
+    /// Reserved in Redis (or, Redis out of reach, this replica's share alone).
+    Shared(Box<SharedSlots>),
 }
 
 impl Slots {
-    /// Waits for the next slot and takes it. Cancel-safe: a caller that goes away before it
-    /// returns takes no slot.
-    pub async fn next_slot(&self) {
+    /// Waits for the next slot and takes it, or says how long until one can be had when none
+    /// can within the wait (only shared slots: a dead time, a booked timeline). Cancel-safe: a
+    /// caller that goes away before it returns takes no slot.
+    pub async fn next_slot(&self) -> Result<(), Duration> {
         match self {
-            Slots::Local(pace) => pace.next_slot().await,
+            Slots::Local(pace) => {
+                pace.next_slot().await;
+                Ok(())
+            }
+            Slots::Shared(shared) => shared.next_slot().await,
         }
     }
 }
@@ -164,7 +211,7 @@ impl Pace {
         }
     }
 
-    async fn next_slot(&self) {
+    pub(super) async fn next_slot(&self) {
         loop {
             let at = {
                 // A plain instant: a panic elsewhere cannot leave it half-written.
@@ -192,6 +239,8 @@ pub struct Backoff {
 struct BackoffState {
     until: Option<Instant>,
     next: Duration,
+    /// A backoff was held since the last answer that was not a 429 (a shared one to reset).
+    held: bool,
 }
 
 impl Default for Backoff {
@@ -200,6 +249,7 @@ impl Default for Backoff {
             state: Mutex::new(BackoffState {
                 until: None,
                 next: BACKOFF_INITIAL,
+                held: false,
             }),
         }
     }
@@ -238,16 +288,31 @@ impl Backoff {
         let mut state = self.state();
         let delay = retry_after.unwrap_or(state.next).min(BACKOFF_MAX);
         state.next = (state.next * 2).min(BACKOFF_MAX);
-        let until = Instant::now() + delay;
-        // Concurrent 429s never shorten a backoff already decided.
-        state.until = Some(state.until.map_or(until, |u| u.max(until)));
+        state.hold(delay);
         delay
     }
 
-    /// The upstream answered something else: the next 429 starts the backoff afresh.
-    pub fn succeeded(&self) {
+    /// Backs off for `left` without growing the next step: a backoff every replica honours,
+    /// decided in Redis, held here so that no call asks Redis again until it ends.
+    pub fn hold(&self, left: Duration) {
+        self.state().hold(left);
+    }
+
+    /// The upstream answered something else: the next 429 starts the backoff afresh. Whether
+    /// a backoff was held since the last such answer (so a shared one has a step to reset).
+    pub fn succeeded(&self) -> bool {
         let mut state = self.state();
         state.next = BACKOFF_INITIAL;
+        std::mem::take(&mut state.held)
+    }
+}
+
+impl BackoffState {
+    fn hold(&mut self, left: Duration) {
+        let until = Instant::now() + left;
+        // Concurrent 429s never shorten a backoff already decided.
+        self.until = Some(self.until.map_or(until, |u| u.max(until)));
+        self.held = true;
     }
 }
 

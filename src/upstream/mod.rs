@@ -12,9 +12,11 @@
 
 mod budget;
 mod fair;
+mod shared;
 
 pub use budget::{Backoff, Caller, Pace, Slots, UPSTREAM_MAX_WAIT, UpstreamBudget};
 pub use fair::{BacklogFull, FairQueue, Ticket};
+pub use shared::SharedSlots;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
 use crate::billing::{Call, Method};
+use crate::cluster::Cluster;
 use crate::config::UpstreamConfig;
 use crate::error::retry_after_secs;
 use crate::error::{Error, Throttle};
@@ -46,7 +49,7 @@ pub struct Upstream {
     key: HeaderValue,
     timeout: Duration,
     budget: UpstreamBudget,
-    backoff: Backoff,
+    backoff: Arc<Backoff>,
     metrics: Arc<Metrics>,
 }
 
@@ -56,8 +59,13 @@ static USER_AGENT: &str = concat!("billing-gateway/", env!("CARGO_PKG_VERSION"))
 type Attempt = Result<reqwest::Response, Error>;
 
 impl Upstream {
-    /// Builds the client; fails only on a key that is not a valid header value.
-    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, Error> {
+    /// Builds the client, its budget and backoff shared with the other replicas through
+    /// `cluster` when there is one; fails only on a key that is not a valid header value.
+    pub fn new(
+        cfg: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Upstream, Error> {
         crate::crypto::install_crypto_provider();
         let client = reqwest::Client::builder()
             // The key goes to the configured upstream and nowhere else: no proxy from the
@@ -73,13 +81,24 @@ impl Upstream {
         let mut key = HeaderValue::from_str(cfg.secret_key.expose_secret())
             .map_err(|_| Error::Internal("the secret key is not a valid header value".into()))?;
         key.set_sensitive(true);
+        let backoff = Arc::new(Backoff::default());
+        let budget = match cluster {
+            Some(cluster) => UpstreamBudget::shared(
+                cfg.rate,
+                UPSTREAM_MAX_WAIT,
+                cluster,
+                backoff.clone(),
+                metrics.clone(),
+            ),
+            None => UpstreamBudget::new(cfg.rate, UPSTREAM_MAX_WAIT),
+        };
         Ok(Upstream {
             client,
             base: cfg.url.clone(),
             key,
             timeout: cfg.timeout,
-            budget: UpstreamBudget::new(cfg.rate, UPSTREAM_MAX_WAIT),
-            backoff: Backoff::default(),
+            budget,
+            backoff,
             metrics,
         })
     }
@@ -134,7 +153,7 @@ impl Upstream {
             let waited = match self.take_turn(deadline, caller, attempt > 0).await {
                 Ok(waited) => waited,
                 // A retry that cannot have its turn gives the caller the answer already had.
-                Err(e) => return self.judge(last.unwrap_or(Err(e))),
+                Err(e) => return self.judge(last.unwrap_or(Err(e))).await,
             };
             self.metrics
                 .observe_budget_wait(caller.class, waited.as_secs_f64());
@@ -155,7 +174,7 @@ impl Upstream {
                 break;
             }
         }
-        self.judge(last.unwrap_or(Err(Error::GatewayTimeout)))
+        self.judge(last.unwrap_or(Err(Error::GatewayTimeout))).await
     }
 
     /// Waits for this call's turn in the budget, unless the gateway is backing off (checked
@@ -241,7 +260,7 @@ impl Upstream {
     }
 
     /// Turns the last attempt into the caller's answer, and lets a 429 start the backoff.
-    fn judge(&self, outcome: Attempt) -> Result<reqwest::Response, Error> {
+    async fn judge(&self, outcome: Attempt) -> Result<reqwest::Response, Error> {
         let response = outcome?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
@@ -251,7 +270,15 @@ impl Upstream {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(|s| Duration::from_secs(s.max(1)));
-            let delay = self.backoff.rate_limited(retry_after);
+            // Every replica backs off (alone when Redis cannot be asked).
+            let shared = match self.budget.shared_slots() {
+                Some(shared) => shared.note_backoff(retry_after).await,
+                None => None,
+            };
+            let delay = match shared {
+                Some(delay) => delay,
+                None => self.backoff.rate_limited(retry_after),
+            };
             tracing::warn!(
                 backoff_ms = delay.as_millis() as u64,
                 "the upstream answered 429: not calling it meanwhile"
@@ -261,7 +288,11 @@ impl Upstream {
                 reason: Throttle::Upstream,
             });
         }
-        self.backoff.succeeded();
+        if self.backoff.succeeded()
+            && let Some(shared) = self.budget.shared_slots()
+        {
+            shared.reset_backoff().await;
+        }
         if status.is_redirection() {
             return Err(Error::BadGateway(format!(
                 "the upstream answered {status} (a redirect); redirects are never followed"

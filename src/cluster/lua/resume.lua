@@ -1,9 +1,11 @@
--- A replica leaves degraded mode: nobody takes an upstream slot for `dead` µs, so the calls
--- replicas made on their own (at most one window's worth) pass out of every window first.
--- KEYS: budget tat (no TTL: never evicted)   ARGV: dead time µs
+-- A replica leaves degraded mode: no replica takes an upstream slot for `dead` µs, so the calls
+-- replicas made on their own (at most one window's worth, and the slots they still held) pass
+-- out of every window first. A pause rather than a timeline pushed ahead: calls are refused at
+-- once meanwhile instead of waiting for a slot far off.
+-- KEYS: budget paused_until   ARGV: dead time µs
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local after = now + tonumber(ARGV[1])
-if tat < after then redis.call('SET', KEYS[1], after) end
+local until_ = math.max(now + tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[1]) or '0'))
+redis.call('SET', KEYS[1], string.format('%.0f', until_),
+  'PXAT', string.format('%.0f', math.ceil(until_ / 1000)))
 return 1

@@ -1,0 +1,207 @@
+//! The upstream budget and backoff shared by every replica through Redis (contract §11).
+//!
+//! Slots are reserved on one timeline in Redis, one pace apart cluster-wide; the fair queue of
+//! each replica still decides whose call takes a slot it gets. A replica holds one reservation
+//! at a time (its queue has one dispatcher), so the timeline never holds more than N slots
+//! ahead and a principal's call waits for its own rotation plus at most N paces. While Redis is
+//! out of reach, each replica paces itself at its share, `max(1, ⌊rate / N⌋)` a second, after a
+//! dead time long enough for the slots granted while shared to pass out of every window.
+
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use redis::Script;
+use tokio::time::Instant;
+
+use super::budget::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace};
+use crate::cluster::{Cluster, DEAD_TIME, Mode, Op};
+use crate::config::Rate;
+use crate::telemetry::Metrics;
+
+static RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/budget_reserve.lua")));
+static NOTE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/backoff_note.lua")));
+static RESET: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/backoff_reset.lua")));
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn from_micros(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+/// The budget's slots, reserved in Redis (or taken alone at this replica's share).
+pub struct SharedSlots {
+    cluster: Arc<Cluster>,
+    backoff: Arc<Backoff>,
+    rate: Rate,
+    period: Duration,
+    max_wait: Duration,
+    tat: String,
+    until: String,
+    paused: String,
+    /// This replica's own pace while degraded, made on entering (N may have changed since).
+    alone: Mutex<Option<Arc<Pace>>>,
+    /// No slot to be had before this.
+    closed: Mutex<Option<Instant>>,
+    /// The one slot this replica has reserved and not yet spent.
+    held: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
+}
+
+impl SharedSlots {
+    /// Slots one `period` apart across the cluster, never booked more than `max_wait` ahead.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        backoff: Arc<Backoff>,
+        rate: Rate,
+        period: Duration,
+        max_wait: Duration,
+        metrics: Arc<Metrics>,
+    ) -> SharedSlots {
+        SharedSlots {
+            tat: cluster.key("budget:tat"),
+            until: cluster.key("budget:backoff_until"),
+            paused: cluster.key("budget:paused_until"),
+            cluster,
+            backoff,
+            rate,
+            period,
+            max_wait,
+            alone: Mutex::new(None),
+            closed: Mutex::new(None),
+            held: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    /// Waits for this replica's next slot and takes it; or, when none can be had within the
+    /// wait (a dead time, a timeline booked further ahead), says how long until one can, so
+    /// that waiting calls are refused at once rather than after the whole wait. A slot that
+    /// comes with a backoff is handed on at once: the backoff, now noted here, refuses the call
+    /// it goes to without a Redis call. Cancel-safe: a reservation whose waiter goes away goes
+    /// unused (an under-spend).
+    pub async fn next_slot(&self) -> Result<(), Duration> {
+        let closed = *self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(left) = closed.and_then(|until| until.checked_duration_since(Instant::now())) {
+            return Err(left);
+        }
+        match self.cluster.mode() {
+            Mode::Connected => {
+                if self.alone_pace(false).is_some() {
+                    self.metrics.set_budget_degraded_rate(0.0);
+                }
+                // A reservation whose dispatcher went away is the next one's; one past due
+                // would crowd the slot after it, so it goes unused.
+                let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(at) = held.filter(|at| Instant::now() <= *at) {
+                    self.spend(at).await;
+                    return Ok(());
+                }
+                let mut reserve = RESERVE.prepare_invoke();
+                reserve
+                    .key(&self.tat)
+                    .key(&self.until)
+                    .key(&self.paused)
+                    .arg(micros(self.period))
+                    .arg(micros(self.max_wait));
+                match self
+                    .cluster
+                    .invoke::<(i64, i64)>(Op::Budget, &reserve)
+                    .await
+                {
+                    Ok((0, wait)) => {
+                        self.spend(Instant::now() + from_micros(wait)).await;
+                        Ok(())
+                    }
+                    Ok((-2, left)) => {
+                        self.backoff.hold(from_micros(left));
+                        Ok(())
+                    }
+                    Ok((_, left)) => Err(self.close_for(from_micros(left))),
+                    // Degraded from now on: a dead time first.
+                    Err(_) => Err(self.close_for(DEAD_TIME)),
+                }
+            }
+            Mode::Degraded { since } => {
+                // Slots other replicas reserved before Redis went away are still being spent:
+                // none alone until they are out of every window.
+                let dead = (since + DEAD_TIME).saturating_duration_since(Instant::now());
+                if !dead.is_zero() {
+                    return Err(self.close_for(dead));
+                }
+                match self.alone_pace(true) {
+                    Some(pace) => pace.next_slot().await,
+                    // Connected again meanwhile: resuming paused the budget for a dead time.
+                    None => return Err(self.close_for(DEAD_TIME)),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for the slot reserved at `at` and takes it; cancelled, the slot stays held for the
+    /// next dispatcher.
+    async fn spend(&self, at: Instant) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+        tokio::time::sleep_until(at).await;
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// No slot for `left`: noted, so the calls waiting behind are refused without asking Redis.
+    fn close_for(&self, left: Duration) -> Duration {
+        let left = left.max(Duration::from_millis(1));
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + left);
+        left
+    }
+
+    /// The pace alone while degraded (made when `degraded` and none is), or, connected, none:
+    /// returns the one dropped.
+    fn alone_pace(&self, degraded: bool) -> Option<Arc<Pace>> {
+        let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
+        if !degraded {
+            return alone.take();
+        }
+        if self.cluster.mode() == Mode::Connected {
+            return None;
+        }
+        let pace = alone.get_or_insert_with(|| {
+            let per_second = f64::from(self.rate.count) / self.rate.per.as_secs_f64();
+            let share = (per_second / f64::from(self.cluster.replicas()))
+                .floor()
+                .max(1.0);
+            self.metrics.set_budget_degraded_rate(share);
+            // 5% under, as the shared pace.
+            Arc::new(Pace::new(
+                Duration::from_secs(1).div_f64(share).mul_f64(1.05),
+            ))
+        });
+        Some(pace.clone())
+    }
+
+    /// The upstream answered 429: notes the backoff for every replica; how long it lasts, or
+    /// `None` when Redis could not be asked (the caller backs off alone).
+    pub async fn note_backoff(&self, retry_after: Option<Duration>) -> Option<Duration> {
+        let mut note = NOTE.prepare_invoke();
+        note.key(&self.until)
+            .key(self.cluster.key("budget:backoff_next"))
+            .key(&self.tat)
+            .arg(retry_after.map_or(0, micros))
+            .arg(micros(BACKOFF_INITIAL))
+            .arg(micros(BACKOFF_MAX));
+        let left = self.cluster.invoke::<i64>(Op::Backoff, &note).await.ok()?;
+        let left = from_micros(left);
+        self.backoff.hold(left);
+        Some(left)
+    }
+
+    /// The upstream answered something else after a backoff: the next 429 starts afresh.
+    pub async fn reset_backoff(&self) {
+        let mut reset = RESET.prepare_invoke();
+        reset.key(self.cluster.key("budget:backoff_next"));
+        // Not reset: the next backoff is longer than it needed to be, which is safe.
+        let _ = self.cluster.invoke::<i64>(Op::Backoff, &reset).await;
+    }
+}
