@@ -16,8 +16,8 @@
 //!
 //! With Redis configured ([`crate::cluster`]), the replicas share a second tier
 //! (`cache/shared.rs`): a miss here looks there, and one replica fetches for all of them while
-//! the others wait for its fill (contract §11); a purge empties every replica. Without it, or while Redis cannot be
-//! reached, the cache is this process's memory alone.
+//! the others wait for its fill (contract §11); a purge empties every replica. Without it, or
+//! while Redis cannot be reached, the cache is this process's memory alone.
 //!
 //! The bound is on what entries really cost, not only their bodies: each is weighed as its key,
 //! its body and [`ENTRY_OVERHEAD`] (both tiers' bookkeeping), bodies are stored in allocations of
