@@ -228,7 +228,7 @@ pub struct Lease {
     filled: String,
     token: String,
     renewal: JoinHandle<()>,
-    committed: AtomicBool,
+    committed: bool,
 }
 
 impl Lease {
@@ -256,12 +256,12 @@ impl Lease {
             filled: key.filled.clone(),
             token,
             renewal,
-            committed: AtomicBool::new(false),
+            committed: false,
         }
     }
 
     /// Shares what the fill came to, gives the lease up and wakes the replicas waiting.
-    pub async fn commit(self, commit: Commit<'_>) {
+    pub async fn commit(mut self, commit: Commit<'_>) {
         self.renewal.abort();
         let (mode, fresh, stale, payload): (&str, Duration, Duration, &[u8]) = match commit {
             Commit::Store {
@@ -286,7 +286,7 @@ impl Lease {
             .arg(self.cluster.key("events"))
             .arg(&self.filled);
         // Committed even when Redis does not take it: the lease then lapses by itself.
-        self.committed.store(true, Ordering::Relaxed);
+        self.committed = true;
         let _ = self.cluster.invoke::<i64>(Op::Commit, &script).await;
     }
 }
@@ -294,7 +294,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewal.abort();
-        if self.committed.load(Ordering::Relaxed) {
+        if self.committed {
             return;
         }
         let (cluster, lease, token) = (
