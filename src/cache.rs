@@ -7,14 +7,29 @@
 //! (`try_get_with` runs one fetch per key; waiters share its result, errors included); `stale`
 //! keeps it `stale_if_error` longer, for when the upstream fails.
 //!
+//! A fresh entry asked for in the last tenth of its freshness is refreshed in the background
+//! (when `background_refresh` is on, the default): the request that finds it there is answered
+//! from it at once and is handed the one [`Refresh`] of that entry, so a key polled steadily
+//! never makes a caller wait for the upstream at expiry (nginx's `proxy_cache_background_update`,
+//! Varnish's grace). A key nobody asks for is never refreshed, and a refresh that fails leaves
+//! the entry as it was.
+//!
+//! With Redis configured ([`crate::cluster`]), the replicas share a second tier
+//! (`cache/shared.rs`): a miss here looks there, and one replica fetches for all of them while
+//! the others wait for its fill (contract §11); a purge empties every replica. Without it, or
+//! while Redis cannot be reached, the cache is this process's memory alone.
+//!
 //! The bound is on what entries really cost, not only their bodies: each is weighed as its key,
 //! its body and [`ENTRY_OVERHEAD`] (both tiers' bookkeeping), bodies are stored in allocations of
 //! their own size, and `fresh` never holds an entry `stale` has dropped, so the process's cache
 //! memory stays within `max_bytes` plus allocator slack (`tests/memory.rs` measures it).
 
+mod shared;
+
+use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -22,9 +37,13 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::future::Cache as Moka;
 use time::OffsetDateTime;
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::billing::Call;
+use crate::cluster::{Cluster, Event, Unavailable};
 use crate::config::CacheConfig;
+use crate::telemetry::Metrics;
+use shared::{Commit, Lookup, SharedTier};
 
 /// What one entry costs beyond its key and body bytes, for both tiers together: two moka entries
 /// (hash table slot, entry and key-hash records, access and write order nodes, timer wheel
@@ -37,8 +56,19 @@ use crate::config::CacheConfig;
 pub const ENTRY_OVERHEAD: u64 = 1024;
 
 /// While the upstream is failing, a stale answer is re-served from `fresh` for this long before
-/// the next attempt, so an outage does not make every request wait for a timeout.
+/// the next attempt, so an outage does not make every request wait for a timeout. With Redis,
+/// every replica re-serves it, and a failed fill's answer reaches the replicas that waited for
+/// it, for as long.
 const STALE_HOLD: Duration = Duration::from_secs(5);
+
+/// How often a replica reads the shared generation, to catch a purge whose announcement it
+/// missed (pub/sub delivers at most once): twice a second, so every replica's memory is purged
+/// within the second the contract promises.
+pub const GENERATION_POLL: Duration = Duration::from_millis(500);
+
+/// Purges seen by one lookup before the replica stops looking in the shared tier and fetches
+/// on its own: purges in a storm must not keep a request waiting.
+const MAX_PURGES_SEEN: u32 = 3;
 
 /// One stored answer: the body as the upstream sent it (always JSON; only 200s are stored).
 #[derive(Debug)]
@@ -53,6 +83,49 @@ pub struct Entry {
     pub stale_until: Instant,
     /// Whether this is an old answer re-served because the upstream failed.
     pub stale: bool,
+    /// Set by the one request that takes this entry's background refresh: one per entry, so
+    /// one per key at a time, and a failed one is not retried on every later hit (the entry
+    /// then expires as usual, and stale-if-error covers a failing upstream).
+    refreshing: AtomicBool,
+}
+
+impl Entry {
+    fn new(body: &[u8], ttl: Duration, stale_if_error: Duration) -> Arc<Entry> {
+        let now = Instant::now();
+        Arc::new(Entry {
+            // Its own allocation of its own size: a body read from the network is often a
+            // slice of a much larger read buffer (hyper's is 8 KiB or more), which a stored
+            // slice would keep alive whole.
+            body: Bytes::copy_from_slice(body),
+            stored_at: now,
+            fresh_until: now + ttl,
+            stale_until: now + ttl + stale_if_error,
+            stale: false,
+            refreshing: AtomicBool::new(false),
+        })
+    }
+
+    /// This entry re-served as stale for `hold`, while the upstream fails.
+    fn held(&self, hold: Duration) -> Arc<Entry> {
+        Arc::new(Entry {
+            body: self.body.clone(),
+            stored_at: self.stored_at,
+            fresh_until: Instant::now() + hold,
+            stale_until: self.stale_until,
+            stale: true,
+            refreshing: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the caller at `now` takes this entry's background refresh: a fresh (not
+    /// re-served stale) entry in the last tenth of its freshness whose refresh nobody took yet.
+    fn take_refresh(&self, now: Instant) -> bool {
+        let tenth = self.fresh_until.saturating_duration_since(self.stored_at) / 10;
+        !self.stale
+            && now + tenth >= self.fresh_until
+            && !self.refreshing.load(Ordering::Relaxed)
+            && !self.refreshing.swap(true, Ordering::Relaxed)
+    }
 }
 
 /// What a fetch of a missing entry produced.
@@ -66,20 +139,128 @@ pub enum Fetch<M> {
     Pass(M),
 }
 
+/// An answer the cache does not store but relays to every request that waited for it: with
+/// Redis, to the requests on other replicas too, so it must go through Redis as bytes.
+pub trait Shareable: Sized {
+    /// The answer as bytes for the other replicas, or `None` when it cannot be shared (then
+    /// they fetch their own).
+    fn to_shared(&self) -> Option<Vec<u8>>;
+    /// An answer another replica shared.
+    fn from_shared(bytes: &[u8]) -> Option<Self>;
+}
+
 /// How a request was answered, for `Cache-Status` and metrics.
 pub enum Outcome<M> {
     /// Served from a fresh entry.
     Hit(Arc<Entry>),
+    /// Served from a fresh entry near the end of its freshness; this request refreshes it.
+    Refreshing(Arc<Entry>, Refresh),
+    /// Served from an entry another replica stored (the shared tier).
+    SharedHit(Arc<Entry>),
     /// This request fetched and stored the entry.
     Stored(Arc<Entry>),
+    /// This request fetched and stored the entry after the replica filling it went silent
+    /// (its lease lapsed).
+    TakenOver(Arc<Entry>),
     /// Another request was fetching the same key; this one waited and shares its entry.
     Coalesced(Arc<Entry>),
+    /// Another replica was fetching the same key; this one waited and shares its entry.
+    CoalescedRemote(Arc<Entry>),
     /// The upstream failed and an entry within `stale_if_error` was served.
     Stale(Arc<Entry>),
     /// A 200 too large to store (more than a tenth of the bound).
     TooLarge(Bytes),
     /// An answer that is not stored (shared with coalesced waiters).
     Passed(Arc<M>),
+}
+
+/// Where the entry a request got came from, when its own task produced it.
+#[derive(Clone, Copy)]
+enum Via {
+    Stored,
+    TakenOver,
+    Shared,
+    Remote,
+}
+
+/// What a background refresh came to.
+pub enum Refreshed<M> {
+    /// A new answer replaced the entry.
+    Stored,
+    /// Another replica refreshed the entry, or is refreshing it: its answer is or will be in
+    /// the shared tier.
+    Shared,
+    /// The refresh failed (or its answer is too long to store): the entry stays as it was.
+    Kept(Fetch<M>),
+}
+
+/// The right to refresh one entry, handed to the one request that found it in the last tenth
+/// of its freshness: fetch the key again (in the background) and [`run`](Refresh::run) it.
+/// It refreshes the tiers the entry was read from, so a purge meanwhile is not undone.
+pub struct Refresh {
+    tiers: Arc<Tiers>,
+    key: Arc<str>,
+    ttl: Duration,
+    stale_if_error: Duration,
+    max_entry: u64,
+    shared: Option<Arc<SharedTier>>,
+}
+
+impl Refresh {
+    /// Refreshes the entry with what `fetch` brings, unless another replica has refreshed it
+    /// already or is doing so (then that answer is taken, or left to it). Anything but a 200
+    /// small enough to store leaves the entry as it is.
+    pub async fn run<M, F>(self, fetch: F) -> Refreshed<M>
+    where
+        F: Future<Output = Fetch<M>>,
+    {
+        let Some(shared) = self.shared.clone() else {
+            return self.store(fetch.await, None).await;
+        };
+        let key = shared.key(&self.key);
+        match shared.lookup(&key, self.ttl / 10, false).await {
+            Ok(Lookup::Fresh(entry)) => {
+                self.insert(entry).await;
+                Refreshed::Shared
+            }
+            Ok(Lookup::Fill(lease, _)) => self.store(fetch.await, Some(lease)).await,
+            Ok(_) => Refreshed::Shared,
+            // This replica on its own: it refreshes its own memory.
+            Err(Unavailable) => self.store(fetch.await, None).await,
+        }
+    }
+
+    async fn store<M>(self, fetched: Fetch<M>, lease: Option<shared::Lease>) -> Refreshed<M> {
+        let body = match fetched {
+            Fetch::Store(body) if body.len() as u64 <= self.max_entry => body,
+            kept => {
+                if let Some(lease) = lease {
+                    lease.commit(Commit::Nothing).await;
+                }
+                return Refreshed::Kept(kept);
+            }
+        };
+        let entry = Entry::new(&body, self.ttl, self.stale_if_error);
+        if let Some(lease) = lease {
+            lease
+                .commit(Commit::Store {
+                    body: &body,
+                    ttl: self.ttl,
+                    stale_if_error: self.stale_if_error,
+                })
+                .await;
+        }
+        self.insert(entry).await;
+        Refreshed::Stored
+    }
+
+    async fn insert(self, entry: Arc<Entry>) {
+        self.tiers
+            .stale
+            .insert(self.key.clone(), entry.clone())
+            .await;
+        self.tiers.fresh.insert(self.key, entry).await;
+    }
 }
 
 enum Uncached<M> {
@@ -153,11 +334,18 @@ pub struct Cache {
     closed_ttl: Duration,
     stale_if_error: Duration,
     max_entry: u64,
+    background_refresh: bool,
+    /// The tier the replicas share, with Redis.
+    shared: Option<Arc<SharedTier>>,
+    /// The longest a request waits for another replica's fill before fetching on its own: as
+    /// long as that replica's own fetch may take.
+    wait_limit: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Cache {
-    /// An empty cache bounded as configured.
-    pub fn new(cfg: &CacheConfig) -> Cache {
+    /// An empty cache bounded as configured, in this process's memory alone.
+    pub fn new(cfg: &CacheConfig, metrics: Arc<Metrics>) -> Cache {
         Cache {
             tiers: ArcSwap::from_pointee(Tiers::new(cfg.max_bytes, cfg.stale_if_error)),
             max_bytes: cfg.max_bytes,
@@ -165,7 +353,19 @@ impl Cache {
             closed_ttl: cfg.closed_ttl,
             stale_if_error: cfg.stale_if_error,
             max_entry: cfg.max_bytes / 10,
+            background_refresh: cfg.background_refresh,
+            shared: None,
+            wait_limit: Duration::ZERO,
+            metrics,
         }
+    }
+
+    /// The same, with the tier the replicas share through `cluster`; a request waits at most
+    /// `wait_limit` (the upstream timeout) for another replica's fill.
+    pub fn shared(mut self, cluster: Arc<Cluster>, wait_limit: Duration) -> Cache {
+        self.shared = Some(Arc::new(SharedTier::new(cluster)));
+        self.wait_limit = wait_limit;
+        self
     }
 
     /// The key of a call: the exact upstream request (contract §8), the operation and its
@@ -234,68 +434,66 @@ impl Cache {
         if closed { self.closed_ttl } else { self.ttl }
     }
 
-    /// Serves `key` from memory, or runs `fetch` once for every concurrent request that misses.
+    /// Serves `key` from memory, or runs `fetch` once for every concurrent request that misses
+    /// (with Redis, for every replica's). A hit near the end of the entry's freshness may come
+    /// with the entry's [`Refresh`].
     pub async fn get_or_fetch<M, F>(&self, key: &str, ttl: Duration, fetch: F) -> Outcome<M>
     where
-        M: Send + Sync + 'static,
+        M: Shareable + Send + Sync + 'static,
         F: Future<Output = Fetch<M>>,
     {
         let tiers = self.tiers.load_full();
         if let Some(entry) = tiers.fresh.get(key).await {
-            return if entry.stale {
-                Outcome::Stale(entry)
-            } else {
-                Outcome::Hit(entry)
-            };
+            if entry.stale {
+                return Outcome::Stale(entry);
+            }
+            if self.background_refresh && entry.take_refresh(Instant::now()) {
+                let refresh = Refresh {
+                    tiers,
+                    key: Arc::from(key),
+                    ttl,
+                    stale_if_error: self.stale_if_error,
+                    max_entry: self.max_entry,
+                    shared: self.shared.clone(),
+                };
+                return Outcome::Refreshing(entry, refresh);
+            }
+            return Outcome::Hit(entry);
         }
         // Owned only on a miss: a hit looks the key up as it was built.
         let key: Arc<str> = Arc::from(key);
-        let fetched_here = AtomicBool::new(false);
+        let via = OnceLock::new();
         let init = async {
-            fetched_here.store(true, Ordering::Relaxed);
-            match fetch.await {
-                Fetch::Store(body) if body.len() as u64 > self.max_entry => {
-                    Err(Uncached::TooLarge(body))
+            match &self.shared {
+                Some(shared) => {
+                    self.fill_shared(shared, &tiers, &key, ttl, fetch, &via)
+                        .await
                 }
-                Fetch::Store(body) => {
-                    let now = Instant::now();
-                    let entry = Arc::new(Entry {
-                        // Its own allocation of its own size: a body read from the network is
-                        // often a slice of a much larger read buffer (hyper's is 8 KiB or
-                        // more), which a stored slice would keep alive whole.
-                        body: Bytes::copy_from_slice(&body),
-                        stored_at: now,
-                        fresh_until: now + ttl,
-                        stale_until: now + ttl + self.stale_if_error,
-                        stale: false,
-                    });
-                    tiers.stale.insert(key.clone(), entry.clone()).await;
-                    Ok(entry)
+                None => {
+                    let _ = via.set(Via::Stored);
+                    self.fill(&tiers, &key, ttl, fetch.await, None).await
                 }
-                Fetch::Failed(m) => match tiers.stale.get(&key).await {
-                    Some(old) if old.stale_until > Instant::now() => Ok(Arc::new(Entry {
-                        body: old.body.clone(),
-                        stored_at: old.stored_at,
-                        fresh_until: Instant::now() + STALE_HOLD.min(ttl),
-                        stale_until: old.stale_until,
-                        stale: true,
-                    })),
-                    _ => Err(Uncached::Passed(Arc::new(m))),
-                },
-                Fetch::Pass(m) => Err(Uncached::Passed(Arc::new(m))),
             }
         };
         match tiers.fresh.try_get_with(key.clone(), init).await {
             Ok(entry) if entry.stale => Outcome::Stale(entry),
-            Ok(entry) if fetched_here.load(Ordering::Relaxed) => {
-                // `stale` may have refused the entry (its admission policy, under the bound)
-                // before `fresh` held it, when dropping it from `fresh` found nothing to drop.
-                if !tiers.stale.contains_key(&key) {
-                    tiers.fresh.invalidate(&key).await;
+            Ok(entry) => match via.get() {
+                None => Outcome::Coalesced(entry),
+                Some(Via::Shared) => Outcome::SharedHit(entry),
+                Some(Via::Remote) => Outcome::CoalescedRemote(entry),
+                Some(via @ (Via::Stored | Via::TakenOver)) => {
+                    // `stale` may have refused the entry (its admission policy, under the
+                    // bound) before `fresh` held it, when dropping it from `fresh` found
+                    // nothing to drop.
+                    if !tiers.stale.contains_key(&key) {
+                        tiers.fresh.invalidate(&key).await;
+                    }
+                    match via {
+                        Via::TakenOver => Outcome::TakenOver(entry),
+                        _ => Outcome::Stored(entry),
+                    }
                 }
-                Outcome::Stored(entry)
-            }
-            Ok(entry) => Outcome::Coalesced(entry),
+            },
             Err(shared) => match &*shared {
                 Uncached::TooLarge(body) => Outcome::TooLarge(body.clone()),
                 Uncached::Passed(m) => Outcome::Passed(m.clone()),
@@ -303,11 +501,183 @@ impl Cache {
         }
     }
 
-    /// Drops every entry, and the tiers holding them: a fetch in flight finishes into the old
-    /// tiers, which are freed when it ends.
-    pub fn purge(&self) {
+    /// What a fetch brings, made an entry (stored in `stale`, for `fresh` to hold), a stale
+    /// entry re-served (this replica's old copy, or `old` from the shared tier), or an answer
+    /// that is not stored.
+    async fn fill<M>(
+        &self,
+        tiers: &Tiers,
+        key: &Arc<str>,
+        ttl: Duration,
+        fetched: Fetch<M>,
+        old: Option<Arc<Entry>>,
+    ) -> Result<Arc<Entry>, Uncached<M>> {
+        match fetched {
+            Fetch::Store(body) if body.len() as u64 > self.max_entry => {
+                Err(Uncached::TooLarge(body))
+            }
+            Fetch::Store(body) => {
+                let entry = Entry::new(&body, ttl, self.stale_if_error);
+                tiers.stale.insert(key.clone(), entry.clone()).await;
+                Ok(entry)
+            }
+            Fetch::Failed(m) => {
+                let now = Instant::now();
+                let old = tiers.stale.get(key).await.or(old);
+                match old {
+                    Some(old) if old.stale_until > now => Ok(old.held(STALE_HOLD.min(ttl))),
+                    _ => Err(Uncached::Passed(Arc::new(m))),
+                }
+            }
+            Fetch::Pass(m) => Err(Uncached::Passed(Arc::new(m))),
+        }
+    }
+
+    /// A miss with the shared tier: its entry, or the fill lease (this replica fetches for all
+    /// and shares what it got), or a wait for the replica that holds the lease. Redis out of
+    /// reach, purges in a storm or a wait past `wait_limit`: this replica fetches on its own.
+    async fn fill_shared<M, F>(
+        &self,
+        shared: &SharedTier,
+        tiers: &Tiers,
+        key: &Arc<str>,
+        ttl: Duration,
+        fetch: F,
+        via: &OnceLock<Via>,
+    ) -> Result<Arc<Entry>, Uncached<M>>
+    where
+        M: Shareable,
+        F: Future<Output = Fetch<M>>,
+    {
+        // Subscribed before the first look, so the end of a fill cannot slip in between.
+        let mut events = shared.events();
+        let started = Instant::now();
+        let (mut waited, mut purges) = (false, 0);
+        let got = |waited: bool, how: Via| {
+            if waited {
+                self.metrics
+                    .observe_cache_fill_wait(started.elapsed().as_secs_f64());
+            }
+            let _ = via.set(how);
+        };
+        loop {
+            let shared_key = shared.key(key);
+            match shared.lookup(&shared_key, Duration::ZERO, waited).await {
+                Ok(Lookup::Purged(generation)) if purges < MAX_PURGES_SEEN => {
+                    purges += 1;
+                    self.adopt(shared, generation, "generation");
+                }
+                Ok(Lookup::Fresh(entry)) => {
+                    got(waited, if waited { Via::Remote } else { Via::Shared });
+                    if !entry.stale {
+                        tiers.stale.insert(key.clone(), entry.clone()).await;
+                    }
+                    return Ok(entry);
+                }
+                Ok(Lookup::Failed(answer)) => match M::from_shared(&answer) {
+                    Some(answer) => {
+                        got(waited, Via::Remote);
+                        return Err(Uncached::Passed(Arc::new(answer)));
+                    }
+                    None => break,
+                },
+                Ok(Lookup::Fill(lease, old)) => {
+                    got(waited, if waited { Via::TakenOver } else { Via::Stored });
+                    let filled = self.fill(tiers, key, ttl, fetch.await, old).await;
+                    let answer = match &filled {
+                        Err(Uncached::Passed(m)) => m.to_shared(),
+                        _ => None,
+                    };
+                    let commit = match (&filled, &answer) {
+                        (Ok(entry), _) if entry.stale => Commit::Stale(STALE_HOLD.min(ttl)),
+                        (Ok(entry), _) => Commit::Store {
+                            body: &entry.body,
+                            ttl,
+                            stale_if_error: self.stale_if_error,
+                        },
+                        (Err(_), Some(answer)) => Commit::Failed(answer, STALE_HOLD),
+                        (Err(_), None) => Commit::Nothing,
+                    };
+                    lease.commit(commit).await;
+                    return filled;
+                }
+                Ok(Lookup::Wait(left)) if started.elapsed() < self.wait_limit => {
+                    waited = true;
+                    let poll = left.clamp(Duration::from_millis(1), shared::POLL);
+                    SharedTier::wait(&mut events, &shared_key, poll).await;
+                }
+                _ => break,
+            }
+        }
+        got(waited, Via::Stored);
+        self.fill(tiers, key, ttl, fetch.await, None).await
+    }
+
+    /// Makes `generation` this replica's, dropping its memory when that is news.
+    fn adopt(&self, shared: &SharedTier, generation: u64, reason: &'static str) {
+        if shared.adopt(generation) {
+            self.flush(reason);
+        }
+        self.metrics.set_cache_generation(generation);
+    }
+
+    /// Drops every entry of this replica, and the tiers holding them: a fetch in flight
+    /// finishes into the old tiers, which are freed when it ends.
+    fn flush(&self, reason: &'static str) {
         self.tiers
             .store(Arc::new(Tiers::new(self.max_bytes, self.stale_if_error)));
+        self.metrics.count_cache_flush(reason);
+    }
+
+    /// Empties the cache: this replica's memory, and with Redis every replica's (a new
+    /// generation, announced). `Ok(Some((generation, replicas notified)))` with Redis,
+    /// `Ok(None)` without; `Err` when Redis could not be reached: only this replica's memory
+    /// was emptied.
+    pub async fn purge(&self) -> Result<Option<(u64, u64)>, Unavailable> {
+        let Some(shared) = &self.shared else {
+            self.flush("local");
+            return Ok(None);
+        };
+        let purged = shared.purge().await;
+        self.flush("local");
+        let (generation, notified) = purged?;
+        shared.adopt(generation);
+        self.metrics.set_cache_generation(generation);
+        Ok(Some((generation, notified)))
+    }
+
+    /// Keeps this replica's memory in the generation of the shared tier, for as long as the
+    /// app runs: purges announced by other replicas, and a read of the generation every
+    /// [`GENERATION_POLL`] for an announcement that was lost (or a subscription that was
+    /// down). Without Redis there is nothing to follow.
+    pub async fn follow_purges(&self) -> Infallible {
+        let Some(shared) = &self.shared else {
+            return std::future::pending().await;
+        };
+        let mut events = shared.events();
+        let mut poll = tokio::time::interval(GENERATION_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {
+                    if let Ok(generation) = shared.current_generation().await {
+                        self.adopt(shared, generation, "generation");
+                    }
+                }
+                event = events.recv() => match event {
+                    Ok(Event::Message(message)) => {
+                        let purged = message.strip_prefix("purge ").and_then(|g| g.parse().ok());
+                        if let Some(generation) = purged {
+                            self.adopt(shared, generation, "message");
+                        }
+                    }
+                    // Announcements may have been lost: look now rather than at the next tick.
+                    Ok(Event::Subscribed) | Err(RecvError::Lagged(_)) => poll.reset_immediately(),
+                    Ok(_) => {}
+                    Err(RecvError::Closed) => return std::future::pending().await,
+                },
+            }
+        }
     }
 
     /// The largest body stored: a tenth of the bound. A longer answer is served, not stored.
@@ -340,8 +710,10 @@ mod tests {
 
     #[test]
     fn closed_periods_are_those_whose_invoice_is_out() {
-        let cache =
-            Cache::new(&Config::new("http://x", uuid::Uuid::nil(), SecretString::from("")).cache);
+        let cache = Cache::new(
+            &Config::new("http://x", uuid::Uuid::nil(), SecretString::from("")).cache,
+            Arc::default(),
+        );
         let ttl_at = |period: &str, now| {
             let call = billing::parse(
                 "GET",
@@ -369,12 +741,16 @@ mod tests {
 
     #[test]
     fn closed_billing_periods_get_the_closed_ttl() {
-        let cache = Cache::new(&CacheConfig {
-            ttl: Duration::from_secs(300),
-            closed_ttl: Duration::from_secs(86_400),
-            stale_if_error: Duration::from_secs(3600),
-            max_bytes: 1 << 20,
-        });
+        let cache = Cache::new(
+            &CacheConfig {
+                ttl: Duration::from_secs(300),
+                closed_ttl: Duration::from_secs(86_400),
+                stale_if_error: Duration::from_secs(3600),
+                max_bytes: 1 << 20,
+                background_refresh: true,
+            },
+            Arc::default(),
+        );
         let now = datetime!(2026-03-15 12:00 UTC);
         let ttl = |query: &str| {
             let call =
@@ -392,12 +768,16 @@ mod tests {
     /// always about the current period, and naming another parameter moves freshness with it.
     #[test]
     fn the_period_parameter_comes_from_the_table() {
-        let cache = Cache::new(&CacheConfig {
-            ttl: Duration::from_secs(300),
-            closed_ttl: Duration::from_secs(86_400),
-            stale_if_error: Duration::from_secs(3600),
-            max_bytes: 1 << 20,
-        });
+        let cache = Cache::new(
+            &CacheConfig {
+                ttl: Duration::from_secs(300),
+                closed_ttl: Duration::from_secs(86_400),
+                stale_if_error: Duration::from_secs(3600),
+                max_bytes: 1 << 20,
+                background_refresh: true,
+            },
+            Arc::default(),
+        );
         let now = datetime!(2026-03-15 12:00 UTC);
         let consumptions = billing::by_name("consumptions").expect("consumptions");
         let ttl = |period: Option<&'static str>| {

@@ -202,7 +202,8 @@ impl Error {
         }
     }
 
-    fn body(&self) -> serde_json::Value {
+    /// The Scaleway-shaped body of this error's answer.
+    pub(crate) fn body(&self) -> serde_json::Value {
         match self {
             Error::NotFound => json!({"message": "resource is not found", "type": "not_found"}),
             Error::MethodNotAllowed => {

@@ -27,7 +27,8 @@
 //!    retries idempotent calls on connection errors, 502 and 503, and maps timeouts, refusals
 //!    and 429s to [`error::Error`].
 //! 6. `consumptions` and `taxes` go through [`cache::Cache`] first: a fresh entry answers at
-//!    once; concurrent misses share one upstream call; a failing upstream is covered by a stale
+//!    once (and is refreshed in the background near its end); concurrent misses share one
+//!    upstream call, across replicas too with Redis; a failing upstream is covered by a stale
 //!    entry when there is one.
 //! 7. The answer is relayed as it comes: status, content type (JSON relabelled exactly
 //!    `application/json`), body streamed.

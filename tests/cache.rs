@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
@@ -442,4 +442,175 @@ async fn an_answer_too_long_to_store_reaches_every_concurrent_caller_whole() {
             .lines()
             .any(|l| l == "billing_gateway_cache_entries 0")
     );
+}
+
+/// Sleeps until `at`: the passing of an entry's freshness is what the refresh tests are about.
+async fn at(at: Instant) {
+    tokio::time::sleep_until(at.into()).await;
+}
+
+/// A dashboard polling the current month across several expiries: every answer after the first
+/// comes from the cache without waiting for the upstream, which is asked about once per
+/// freshness, in the background.
+#[tokio::test]
+async fn a_key_polled_steadily_never_waits_for_the_upstream() {
+    const TTL: Duration = Duration::from_secs(2);
+    // Shorter than the last tenth of the freshness, so a refresh lands before the expiry; any
+    // request that waited for the upstream took at least this long.
+    const UPSTREAM: Duration = Duration::from_millis(150);
+    const POLLING: Duration = Duration::from_secs(6);
+    let app = TestApp::spawn_with(|c| c.cache.ttl = TTL).await;
+    Mock::given(any())
+        .respond_with(consumptions("polled").set_delay(UPSTREAM))
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    let url = "/billing/v2beta1/consumptions?page_size=20";
+    let first = app.get(url, &token).await;
+    assert_eq!(
+        header(&first, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(20));
+    let (mut slowest, mut refreshing) = (Duration::ZERO, 0);
+    while started.elapsed() < POLLING {
+        ticks.tick().await;
+        let sent = Instant::now();
+        let r = app.get(url, &token).await;
+        let took = sent.elapsed();
+        let status = header(&r, "cache-status");
+        assert!(
+            status == "billing-gateway; hit" || status == "billing-gateway; hit; detail=refreshing",
+            "{status} at {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            r.json::<Value>().await.expect("json")["consumptions"][0]["product_name"],
+            "polled"
+        );
+        slowest = slowest.max(took);
+        refreshing += usize::from(status.ends_with("detail=refreshing"));
+    }
+    assert!(slowest < UPSTREAM, "the slowest answer took {slowest:?}");
+    // Every refresh started has ended (the last may have been started by the last request).
+    let ended = format!("billing_gateway_cache_refreshes_total{{result=\"stored\"}} {refreshing}");
+    eventually(|| async { app.metrics().await.contains(&ended) }, PATIENCE).await;
+    // The first fetch, then one refresh per freshness (each starting a tenth early).
+    let sent = app.upstream_requests().await;
+    let refreshes = sent.len() - 1;
+    assert!((3..=4).contains(&refreshes), "{refreshes} refreshes");
+    assert_eq!(refreshing, refreshes, "one request started each refresh");
+    assert!(sent.iter().all(|r| {
+        r.url
+            .query_pairs()
+            .any(|(k, v)| k == "organization_id" && v == ORG)
+    }));
+}
+
+#[tokio::test]
+async fn a_refresh_that_fails_keeps_the_entry() {
+    const TTL: Duration = Duration::from_secs(5);
+    let app = TestApp::spawn_with(|c| c.cache.ttl = TTL).await;
+    Mock::given(any())
+        .respond_with(consumptions("old"))
+        .up_to_n_times(1)
+        .mount(&app.upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(500).set_body_raw("{}", "application/json"))
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    let url = "/billing/v2beta1/taxes";
+    let product = |body: Value| body["consumptions"][0]["product_name"].clone();
+    assert_eq!(app.get(url, &token).await.status(), 200);
+    let stored = Instant::now();
+
+    at(stored + TTL.mul_f64(0.92)).await;
+    let r = app.get(url, &token).await;
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; hit; detail=refreshing"
+    );
+    assert_eq!(product(r.json().await.expect("json")), "old");
+    // The refresh failed: the entry stays, and is not refreshed again on every hit.
+    eventually(
+        || async {
+            app.metrics()
+                .await
+                .contains(r#"billing_gateway_cache_refreshes_total{result="kept"} 1"#)
+        },
+        PATIENCE,
+    )
+    .await;
+    assert_eq!(app.upstream_requests().await.len(), 2);
+    let r = app.get(url, &token).await;
+    assert_eq!(header(&r, "cache-status"), "billing-gateway; hit");
+    assert_eq!(product(r.json().await.expect("json")), "old");
+    assert_eq!(app.upstream_requests().await.len(), 2);
+
+    // Past its freshness, the old answer still covers the failing upstream.
+    at(stored + TTL + Duration::from_millis(100)).await;
+    let r = app.get(url, &token).await;
+    assert_eq!(header(&r, "cache-status"), "billing-gateway; fwd=stale");
+    assert_eq!(product(r.json().await.expect("json")), "old");
+}
+
+#[tokio::test]
+async fn only_a_key_asked_for_near_its_end_is_refreshed() {
+    const TTL: Duration = Duration::from_secs(1);
+    let app = TestApp::spawn_with(|c| c.cache.ttl = TTL).await;
+    Mock::given(any())
+        .respond_with(consumptions("a"))
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    let (asked, forgotten) = (
+        "/billing/v2beta1/consumptions?page=1",
+        "/billing/v2beta1/consumptions?page=2",
+    );
+    app.get(asked, &token).await;
+    app.get(forgotten, &token).await;
+    let stored = Instant::now();
+    // Asked for, but not yet in the last tenth of its freshness: a plain hit.
+    at(stored + TTL / 2).await;
+    let r = app.get(asked, &token).await;
+    assert_eq!(header(&r, "cache-status"), "billing-gateway; hit");
+    at(stored + TTL + Duration::from_millis(200)).await;
+    assert_eq!(app.upstream_requests().await.len(), 2, "nothing refreshed");
+    let r = app.get(forgotten, &token).await;
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+}
+
+#[tokio::test]
+async fn with_background_refresh_off_an_entry_simply_expires() {
+    const TTL: Duration = Duration::from_secs(5);
+    let app = TestApp::spawn_with(|c| {
+        c.cache.ttl = TTL;
+        c.cache.background_refresh = false;
+    })
+    .await;
+    Mock::given(any())
+        .respond_with(consumptions("a"))
+        .mount(&app.upstream)
+        .await;
+    let token = app.reader();
+    let url = "/billing/v2beta1/taxes";
+    app.get(url, &token).await;
+    let stored = Instant::now();
+    at(stored + TTL.mul_f64(0.93)).await;
+    let r = app.get(url, &token).await;
+    assert_eq!(header(&r, "cache-status"), "billing-gateway; hit");
+    at(stored + TTL + Duration::from_millis(100)).await;
+    assert_eq!(app.upstream_requests().await.len(), 1, "nothing refreshed");
+    let r = app.get(url, &token).await;
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+    assert_eq!(app.upstream_requests().await.len(), 2);
 }

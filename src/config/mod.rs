@@ -191,6 +191,9 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
     /// Bound on cached body bytes.
     pub max_bytes: u64,
+    /// Refresh an entry in the background when it is asked for in the last tenth of its
+    /// freshness, rather than let the next caller after expiry wait for the upstream.
+    pub background_refresh: bool,
 }
 
 /// Per-principal limits.
@@ -314,6 +317,7 @@ impl Config {
                 closed_ttl: Duration::from_secs(86_400),
                 stale_if_error: Duration::from_secs(3600),
                 max_bytes: 64 << 20,
+                background_refresh: true,
             },
             limits: LimitsConfig {
                 principal_rate: Rate {
@@ -502,6 +506,24 @@ mod tests {
         assert!(config.auth.hs256_secret.is_some());
         let (_, problems) = gather(&[("GATEWAY_CACHE_TTL", "soon")], None, Needs::Tools);
         assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn background_refresh_is_on_unless_turned_off() {
+        let on = |vars: &[(&str, &str)], file: Option<&Path>| {
+            let (config, problems) = gather(vars, file, Needs::Tools);
+            (config.cache.background_refresh, problems)
+        };
+        assert_eq!(on(&[], None), (true, vec![]));
+        let file = temp_file("[cache]\nbackground_refresh = \"false\"\n");
+        assert_eq!(on(&[], Some(&*file)), (false, vec![]));
+        let env = [("GATEWAY_CACHE_BACKGROUND_REFRESH", "TRUE")];
+        assert_eq!(on(&env, Some(&*file)), (true, vec![]));
+        let (_, problems) = on(&[("GATEWAY_CACHE_BACKGROUND_REFRESH", "yes")], None);
+        assert_eq!(
+            problems,
+            ["GATEWAY_CACHE_BACKGROUND_REFRESH: `yes` is neither true nor false"]
+        );
     }
 
     #[test]

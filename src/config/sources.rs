@@ -153,6 +153,11 @@ pub(super) static SETTINGS: &[Setting] = &[
     file("GATEWAY_CACHE_MAX_BYTES", "cache.max_bytes", |c, v| {
         parse_size(&v).map(|n| c.cache.max_bytes = n)
     }),
+    file(
+        "GATEWAY_CACHE_BACKGROUND_REFRESH",
+        "cache.background_refresh",
+        |c, v| parse_bool(&v).map(|b| c.cache.background_refresh = b),
+    ),
     file("GATEWAY_UPSTREAM_TIMEOUT", "upstream.timeout", |c, v| {
         parse_duration(&v).map(|d| c.upstream.timeout = d)
     }),
@@ -236,12 +241,7 @@ pub(super) static SETTINGS: &[Setting] = &[
         Ok(())
     }),
     file("OTEL_SDK_DISABLED", "tracing.disabled", |c, v| {
-        match v.to_ascii_lowercase().as_str() {
-            "true" => c.tracing.disabled = true,
-            "false" => c.tracing.disabled = false,
-            _ => return Err(format!("`{v}` is neither true nor false")),
-        }
-        Ok(())
+        parse_bool(&v).map(|b| c.tracing.disabled = b)
     }),
     file(
         "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -254,6 +254,14 @@ pub(super) static SETTINGS: &[Setting] = &[
         otlp_protocol,
     ),
 ];
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("`{v}` is neither true nor false")),
+    }
+}
 
 /// Spans are exported over OTLP/HTTP with protobuf bodies only (no gRPC stack is built in).
 fn otlp_protocol(_: &mut Config, v: String) -> Result<(), String> {

@@ -11,12 +11,13 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::body::{Over, Read, error_body, read_at_most};
 use super::forward::{exact_json, forward};
 use crate::admission::Slot;
 use crate::billing::Call;
-use crate::cache::{Cache, Entry, Fetch, Outcome};
+use crate::cache::{Cache, Entry, Fetch, Outcome, Refreshed, Shareable};
 use crate::error::{Error, JSON};
 use crate::policy::Principal;
 use crate::state::AppState;
@@ -27,6 +28,8 @@ enum Uncached {
     Answer {
         status: StatusCode,
         content_type: Option<HeaderValue>,
+        /// Only on an error answer the gateway made itself, relayed from another replica.
+        retry_after: Option<HeaderValue>,
         body: Bytes,
     },
     /// An answer longer than the cache stores: relayed as it streams, to one request only (it
@@ -37,6 +40,76 @@ enum Uncached {
         body: Mutex<Option<Over>>,
     },
     Failed(Error),
+}
+
+impl Uncached {
+    /// What went wrong, for the log line of a background refresh that kept its entry.
+    fn describe(&self) -> String {
+        match self {
+            Uncached::Answer { status, .. } => format!("the upstream answered {status}"),
+            Uncached::TooLong { .. } => "the answer is too long to store".to_owned(),
+            Uncached::Failed(e) => e.to_string(),
+        }
+    }
+}
+
+/// Shared with the other replicas as `status`, `content-type` and `retry-after` lines, then the
+/// body; an error of this gateway's own becomes the answer it renders to.
+impl Shareable for Uncached {
+    fn to_shared(&self) -> Option<Vec<u8>> {
+        let (status, content_type, retry_after, body) = match self {
+            Uncached::Answer {
+                status,
+                content_type,
+                retry_after,
+                body,
+            } => (
+                *status,
+                content_type.clone(),
+                retry_after.clone(),
+                body.to_vec(),
+            ),
+            Uncached::Failed(e) => {
+                let response = e.clone().into_response();
+                let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+                (
+                    e.status(),
+                    Some(JSON),
+                    retry_after,
+                    e.body().to_string().into_bytes(),
+                )
+            }
+            // Its body streams to one request only.
+            Uncached::TooLong { .. } => return None,
+        };
+        let value =
+            |v: &Option<HeaderValue>| v.as_ref().map_or(&b""[..], |v| v.as_bytes()).to_vec();
+        let mut shared = format!("{}\n", status.as_u16()).into_bytes();
+        for line in [value(&content_type), value(&retry_after)] {
+            shared.extend(line);
+            shared.push(b'\n');
+        }
+        shared.extend(body);
+        Some(shared)
+    }
+
+    fn from_shared(bytes: &[u8]) -> Option<Uncached> {
+        let mut parts = bytes.splitn(4, |b| *b == b'\n');
+        let status = StatusCode::from_bytes(parts.next()?).ok()?;
+        let header = |v: &[u8]| {
+            (!v.is_empty())
+                .then(|| HeaderValue::from_bytes(v).ok())
+                .flatten()
+        };
+        let content_type = header(parts.next()?);
+        let retry_after = header(parts.next()?);
+        Some(Uncached::Answer {
+            status,
+            content_type,
+            retry_after,
+            body: Bytes::copy_from_slice(parts.next()?),
+        })
+    }
 }
 
 /// Cacheable operations: authorization has already happened, so the entry is shared only with
@@ -50,63 +123,69 @@ pub(super) async fn cached(
     slot: Slot,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
-    let upstream_ms = &mut info.upstream_ms;
-    let fetch = async {
-        // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
-        let result = super::send(state, call, request_id, principal, upstream_ms).await;
-        let upstream = match result {
-            Ok(upstream) => upstream,
-            Err(e) => return Fetch::Failed(Uncached::Failed(e)),
-        };
-        let status = upstream.status();
-        let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-        // Never more than the cache would store: a longer answer is relayed, not held.
-        let read = if status.is_success() {
-            read_at_most(upstream, state.cache.store_limit()).await
-        } else {
-            error_body(upstream, state.upstream.secret_key())
-                .await
-                .map(Read::Whole)
-        };
-        let body = match read {
-            Ok(Read::Whole(body)) => body,
-            Ok(Read::Over(body)) => {
-                return Fetch::Pass(Uncached::TooLong {
-                    status,
-                    content_type,
-                    body: Mutex::new(Some(body)),
-                });
-            }
-            Err(e) => return Fetch::Failed(Uncached::Failed(e)),
-        };
-        match status {
-            StatusCode::OK => Fetch::Store(body),
-            s if s.is_server_error() => Fetch::Failed(Uncached::Answer {
-                status,
-                content_type,
-                body,
-            }),
-            _ => Fetch::Pass(Uncached::Answer {
-                status,
-                content_type,
-                body,
-            }),
-        }
-    };
-    let (result, response) = match state
-        .cache
-        .get_or_fetch(&Cache::key(call), ttl, fetch)
-        .await
-    {
+    // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
+    let miss = fetch(state, call, request_id, principal, &mut info.upstream_ms);
+    let (result, response) = match state.cache.get_or_fetch(&Cache::key(call), ttl, miss).await {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
+        Outcome::Refreshing(entry, refresh) => {
+            let (state, call, request_id, principal) = (
+                state.clone(),
+                call.clone(),
+                request_id.to_owned(),
+                principal.clone(),
+            );
+            // Through the budget and its fair queue as this caller's call, but not in its
+            // place in flight: the caller has its answer already.
+            let task = async move {
+                let mut upstream_ms = None;
+                let fetch = fetch(&state, &call, &request_id, &principal, &mut upstream_ms);
+                let result = match refresh.run(fetch).await {
+                    Refreshed::Stored => "stored",
+                    Refreshed::Shared => "shared",
+                    Refreshed::Kept(fetched) => {
+                        if let Fetch::Failed(failure) | Fetch::Pass(failure) = &fetched {
+                            let error = failure.describe();
+                            tracing::warn!(
+                                operation = call.op.name,
+                                error,
+                                "background refresh failed, the entry is kept"
+                            );
+                        }
+                        "kept"
+                    }
+                };
+                state.metrics.cache_refresh(result);
+            };
+            tokio::spawn(task.in_current_span());
+            (
+                "hit",
+                from_entry(&entry, "billing-gateway; hit; detail=refreshing"),
+            )
+        }
+        // RFC 9211 `detail`: the entry came from the tier the replicas share.
+        Outcome::SharedHit(entry) => (
+            "hit_shared",
+            from_entry(&entry, "billing-gateway; hit; detail=shared"),
+        ),
         Outcome::Stored(entry) => (
             "stored",
             from_entry(&entry, "billing-gateway; fwd=miss; stored"),
+        ),
+        Outcome::TakenOver(entry) => (
+            "lock_takeover",
+            from_entry(&entry, "billing-gateway; fwd=miss; stored; detail=takeover"),
         ),
         // RFC 9211 `collapsed`: this request waited for another's identical fetch.
         Outcome::Coalesced(entry) => (
             "coalesced",
             from_entry(&entry, "billing-gateway; fwd=miss; collapsed"),
+        ),
+        Outcome::CoalescedRemote(entry) => (
+            "coalesced_remote",
+            from_entry(
+                &entry,
+                "billing-gateway; fwd=miss; collapsed; detail=shared",
+            ),
         ),
         Outcome::Stale(entry) => ("stale", from_entry(&entry, "billing-gateway; fwd=stale")),
         Outcome::TooLarge(body) => ("miss", answer(StatusCode::OK, Some(JSON), body)),
@@ -114,8 +193,17 @@ pub(super) async fn cached(
             Uncached::Answer {
                 status,
                 content_type,
+                retry_after,
                 body,
-            } => ("miss", answer(*status, content_type.clone(), body.clone())),
+            } => {
+                let mut response = answer(*status, content_type.clone(), body.clone());
+                if let Some(retry_after) = retry_after {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, retry_after.clone());
+                }
+                ("miss", response)
+            }
             Uncached::TooLong {
                 status,
                 content_type,
@@ -163,6 +251,58 @@ pub(super) async fn cached(
     info.cache = Some(result);
     state.metrics.cache_result(result);
     Ok(response)
+}
+
+/// Fetches `call` for `principal` and judges the answer for the cache: a 200 is stored, a
+/// failure may be covered by a stale entry, anything else is relayed and not stored.
+async fn fetch(
+    state: &AppState,
+    call: &Call,
+    request_id: &str,
+    principal: &Principal,
+    upstream_ms: &mut Option<f64>,
+) -> Fetch<Uncached> {
+    let result = super::send(state, call, request_id, principal, upstream_ms).await;
+    let upstream = match result {
+        Ok(upstream) => upstream,
+        Err(e) => return Fetch::Failed(Uncached::Failed(e)),
+    };
+    let status = upstream.status();
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    // Never more than the cache would store: a longer answer is relayed, not held.
+    let read = if status.is_success() {
+        read_at_most(upstream, state.cache.store_limit()).await
+    } else {
+        error_body(upstream, state.upstream.secret_key())
+            .await
+            .map(Read::Whole)
+    };
+    let body = match read {
+        Ok(Read::Whole(body)) => body,
+        Ok(Read::Over(body)) => {
+            return Fetch::Pass(Uncached::TooLong {
+                status,
+                content_type,
+                body: Mutex::new(Some(body)),
+            });
+        }
+        Err(e) => return Fetch::Failed(Uncached::Failed(e)),
+    };
+    match status {
+        StatusCode::OK => Fetch::Store(body),
+        s if s.is_server_error() => Fetch::Failed(Uncached::Answer {
+            status,
+            content_type,
+            retry_after: None,
+            body,
+        }),
+        _ => Fetch::Pass(Uncached::Answer {
+            status,
+            content_type,
+            retry_after: None,
+            body,
+        }),
+    }
 }
 
 /// A stored answer: headers built here, the body shared, never re-parsed. Only `Age` and
@@ -213,3 +353,56 @@ fn cache_control(max_age: u64) -> HeaderValue {
 }
 
 static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Throttle;
+
+    /// What a replica relays of a failed fill is what its own caller got: status, content type,
+    /// `Retry-After` and the Scaleway-shaped body.
+    #[test]
+    fn a_failed_fill_crosses_to_other_replicas_whole() {
+        let relayed = |uncached: Uncached| {
+            let shared = uncached.to_shared().expect("shareable");
+            match Uncached::from_shared(&shared).expect("readable") {
+                Uncached::Answer {
+                    status,
+                    content_type,
+                    retry_after,
+                    body,
+                } => (status, content_type, retry_after, body),
+                _ => panic!("relayed as an answer"),
+            }
+        };
+        let (status, content_type, retry_after, body) =
+            relayed(Uncached::Failed(Error::TooManyRequests {
+                retry_after: 3,
+                reason: Throttle::Upstream,
+            }));
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(content_type, Some(JSON));
+        assert_eq!(retry_after, Some(HeaderValue::from(3u64)));
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(body["type"], "too_many_requests");
+
+        let upstream = Bytes::from_static(b"{\"message\":\"line\\none\"}\n");
+        let (status, content_type, retry_after, body) = relayed(Uncached::Answer {
+            status: StatusCode::NOT_FOUND,
+            content_type: None,
+            retry_after: None,
+            body: upstream.clone(),
+        });
+        assert_eq!(
+            (status, content_type, retry_after, body),
+            (StatusCode::NOT_FOUND, None, None, upstream)
+        );
+        let long = Uncached::TooLong {
+            status: StatusCode::OK,
+            content_type: None,
+            body: Mutex::new(None),
+        };
+        assert!(long.to_shared().is_none(), "it streams to one request only");
+        assert!(Uncached::from_shared(b"not a status\n\n\n").is_none());
+    }
+}

@@ -4,18 +4,20 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::Authenticated;
 use crate::admission::Admission;
 use crate::billing::Permission;
+use crate::cluster::Unavailable;
 use crate::error::{Error, json_response};
 use crate::policy::{self};
 use crate::state::AppState;
 
-/// `DELETE /gateway/v1/cache`: empties the cache (`cache:purge`, organization-wide).
+/// `DELETE /gateway/v1/cache`: empties the cache (`cache:purge`, organization-wide): with Redis,
+/// every replica's; `503` when Redis cannot be reached, after emptying this replica's.
 pub async fn purge(
     State(state): State<AppState>,
     Extension(admission): Extension<Arc<Admission>>,
@@ -23,9 +25,32 @@ pub async fn purge(
 ) -> Result<Response, Error> {
     let _slot = admission.admit(&principal.subject)?;
     policy::require(&principal, Permission::CachePurge)?;
-    state.cache.purge();
-    tracing::info!(target: "audit", subject = %principal.subject, "cache purged");
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let subject = &principal.subject;
+    Ok(match state.cache.purge().await {
+        Ok(None) => {
+            tracing::info!(target: "audit", %subject, "cache purged");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(Some((generation, replicas_notified))) => {
+            tracing::info!(target: "audit", %subject, generation, replicas_notified, "cache purged");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        // An organization-wide promise that cannot be kept says so (contract §11).
+        Err(Unavailable) => {
+            tracing::warn!(target: "audit", %subject, "cache purged on this replica only: Redis cannot be reached");
+            let mut response = json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({
+                    "message": "purged on this replica only; the shared cache is unreachable",
+                    "type": "service_unavailable",
+                }),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            response
+        }
+    })
 }
 
 /// `GET /gateway/v1/whoami`: the caller as the gateway sees it.

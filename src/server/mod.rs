@@ -201,7 +201,13 @@ impl App {
             auth: Authenticator::start_reporting(&config.auth, metrics.jwks_fetch())
                 .await
                 .map_err(|e| StartError::Other(e.to_string()))?,
-            cache: Cache::new(&config.cache),
+            cache: {
+                let cache = Cache::new(&config.cache, metrics.clone());
+                match &cluster {
+                    Some(cluster) => cache.shared(cluster.clone(), config.upstream.timeout),
+                    None => cache,
+                }
+            },
             limits: match &cluster {
                 Some(cluster) => {
                     PrincipalLimits::shared(config.limits.principal_rate, cluster.clone())
@@ -309,6 +315,7 @@ impl App {
             never = reload::watch(state.policy.clone(), policy_poll, hangup) => match never {},
             never = certificate => match never {},
             never = cluster => match never {},
+            never = state.cache.follow_purges() => match never {},
         }
 
         state.draining.store(true, Ordering::SeqCst);

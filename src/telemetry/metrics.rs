@@ -119,6 +119,10 @@ pub struct Metrics {
     upstream_duration: HistogramFamily,
     upstream_calls: Family<RequestLabels, Counter>,
     cache_results: Family<ResultLabels, Counter>,
+    cache_refreshes: Family<ResultLabels, Counter>,
+    cache_fill_wait: Histogram,
+    cache_generation: Gauge,
+    cache_flushes: Family<ReasonLabels, Counter>,
     cache_entries: Gauge,
     cache_bytes: Gauge,
     upstream_retries: Family<OperationLabels, Counter>,
@@ -178,8 +182,40 @@ impl Default for Metrics {
         registry.register(
             "cache_requests",
             "Cacheable requests by how the cache answered: hit, stored, coalesced (waited for \
-             another request's fetch), stale (served while the upstream failed), miss (not stored)",
+             another request's fetch), stale (served while the upstream failed), miss (not stored); \
+             with Redis also hit_shared (from the replicas' shared tier), coalesced_remote (waited \
+             for another replica's fetch), lock_takeover (fetched after the replica filling it \
+             went silent)",
             cache_results.clone(),
+        );
+        let cache_refreshes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_refreshes",
+            "Background refreshes of entries asked for in the last tenth of their freshness: \
+             stored (a new answer replaced the entry), kept (the refresh failed; the entry stays), \
+             shared (another replica refreshed it)",
+            cache_refreshes.clone(),
+        );
+        let cache_fill_wait = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register_with_unit(
+            "cache_fill_wait",
+            "Time requests waited for another replica's fetch of the same answer",
+            prometheus_client::registry::Unit::Seconds,
+            cache_fill_wait.clone(),
+        );
+        let cache_generation = Gauge::default();
+        registry.register(
+            "cache_generation",
+            "The shared cache's generation this replica's memory belongs to (each purge adds one)",
+            cache_generation.clone(),
+        );
+        let cache_flushes = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "cache_l1_flushes",
+            "Times this replica emptied its own memory of answers: local (a purge here), message \
+             (another replica's purge, announced), generation (a purge found by reading the \
+             shared generation: a lost announcement, or a Redis restart)",
+            cache_flushes.clone(),
         );
         let cache_entries = Gauge::default();
         registry.register(
@@ -349,8 +385,23 @@ impl Default for Metrics {
         {
             let _ = rejections.get_or_create(&ReasonLabels { reason });
         }
-        for result in ["hit", "stored", "coalesced", "stale", "miss"] {
+        for result in [
+            "hit",
+            "stored",
+            "coalesced",
+            "stale",
+            "miss",
+            "hit_shared",
+            "coalesced_remote",
+            "lock_takeover",
+        ] {
             let _ = cache_results.get_or_create(&ResultLabels { result });
+        }
+        for reason in ["local", "message", "generation"] {
+            let _ = cache_flushes.get_or_create(&ReasonLabels { reason });
+        }
+        for result in ["stored", "kept", "shared"] {
+            let _ = cache_refreshes.get_or_create(&ResultLabels { result });
         }
         Metrics {
             registry,
@@ -359,6 +410,10 @@ impl Default for Metrics {
             upstream_duration,
             upstream_calls,
             cache_results,
+            cache_refreshes,
+            cache_fill_wait,
+            cache_generation,
+            cache_flushes,
             cache_entries,
             cache_bytes,
             upstream_retries,
@@ -417,6 +472,31 @@ impl Metrics {
     pub fn cache_result(&self, result: &'static str) {
         self.cache_results
             .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Counts one background refresh by its result (`stored` or `kept`).
+    pub fn cache_refresh(&self, result: &'static str) {
+        self.cache_refreshes
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Records how long a request waited for another replica's fetch.
+    pub fn observe_cache_fill_wait(&self, seconds: f64) {
+        self.cache_fill_wait.observe(seconds);
+    }
+
+    /// Records the shared cache generation this replica follows.
+    pub fn set_cache_generation(&self, generation: u64) {
+        self.cache_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one emptying of this replica's memory, by `reason`.
+    pub fn count_cache_flush(&self, reason: &'static str) {
+        self.cache_flushes
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

@@ -1,0 +1,589 @@
+//! The cache shared by replicas through Redis (contract §11): one upstream call for a question
+//! however many replicas are asked it at once, a purge on one replica reaching every other
+//! within a second, a fill whose replica died taken over. Real `redis-server`s, real apps over
+//! sockets, one wiremock upstream behind all the replicas of a test.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use common::*;
+use serde_json::{Value, json};
+use wiremock::matchers::any;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn consumptions(marker: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(
+        json!({"consumptions": [{"product_name": marker}], "total_count": 1}).to_string(),
+        "application/json",
+    )
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The value of the series `name{labels}` in a Prometheus exposition (0 when absent).
+fn value(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `n` replicas of one gateway: one Redis, one upstream (the first replica's wiremock), each
+/// connected and seeing the others.
+async fn replicas(n: usize, redis: &Redis, upstream: MockServer) -> Vec<TestApp> {
+    replicas_with(n, redis, upstream, |_| {}).await
+}
+
+async fn replicas_with(
+    n: usize,
+    redis: &Redis,
+    upstream: MockServer,
+    edit: impl Fn(&mut billing_gateway::Config),
+) -> Vec<TestApp> {
+    let first = TestApp::builder()
+        .redis(redis.url())
+        .upstream(upstream)
+        .config(&edit)
+        .spawn()
+        .await;
+    let url = first.upstream.uri();
+    let mut apps = vec![first];
+    for _ in 1..n {
+        let app = TestApp::builder()
+            .redis(redis.url())
+            .upstream_url(url.clone())
+            .config(&edit)
+            .spawn()
+            .await;
+        apps.push(app);
+    }
+    for app in &apps {
+        eventually(
+            || async {
+                value(&app.metrics().await, "billing_gateway_cluster_replicas") >= n as f64
+            },
+            PATIENCE,
+        )
+        .await;
+    }
+    apps
+}
+
+/// A reader token for one of several subjects, so no subject goes past its share of requests
+/// in flight.
+fn reader(subject: usize) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    token_with(json!({
+        "sub": format!("reader-{subject}"), "roles": ["billing-read-only"], "exp": now + 600,
+    }))
+}
+
+async fn product(app: &TestApp, path: &str) -> (String, String) {
+    let r = app.get(path, &reader(0)).await;
+    assert_eq!(r.status(), 200, "{path}");
+    let status = header(&r, "cache-status");
+    let body: Value = r.json().await.expect("json");
+    let product = body["consumptions"][0]["product_name"]
+        .as_str()
+        .expect("product")
+        .to_owned();
+    (status, product)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_cold_requests_over_three_replicas_make_one_upstream_call() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("once").set_delay(Duration::from_millis(500)))
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    // Three replicas and 300 clients on one test process: Redis is given time to answer, so
+    // that what is tested is the coalescing, not the replicas going on their own when slow.
+    let apps = replicas_with(3, &redis, upstream, |c| {
+        c.redis.timeout = Duration::from_secs(1);
+    })
+    .await;
+    let tokens: Vec<String> = (0..4).map(reader).collect();
+    let requests = (0..300).map(|i| {
+        let app = &apps[i % 3];
+        let request = app
+            .client
+            .get(format!(
+                "{}/billing/v2beta1/taxes?billing_period=2026-07",
+                app.base
+            ))
+            .bearer_auth(&tokens[i % 4]);
+        async move {
+            let r = request.send().await.expect("request");
+            (r.status().as_u16(), r.text().await.expect("body"))
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200);
+        assert_eq!(body, &answers[0].1);
+    }
+    assert_eq!(apps[0].upstream_requests().await.len(), 1);
+    // One replica fetched; the two others waited for it (or found its answer stored).
+    let mut stored = 0.0;
+    for app in &apps {
+        let m = app.metrics().await;
+        let result = |r: &str| {
+            value(
+                &m,
+                &format!("billing_gateway_cache_requests_total{{result=\"{r}\"}}"),
+            )
+        };
+        stored += result("stored");
+        if result("stored") == 0.0 {
+            assert!(
+                result("coalesced_remote") + result("hit_shared") >= 1.0,
+                "{m}"
+            );
+        }
+    }
+    assert_eq!(stored, 1.0);
+}
+
+#[tokio::test]
+async fn an_answer_stored_by_one_replica_is_a_shared_hit_on_another() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("shared"))
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    let apps = replicas(2, &redis, upstream).await;
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    let (status, _) = product(&apps[0], path).await;
+    assert_eq!(status, "billing-gateway; fwd=miss; stored");
+    let r = apps[1].get(path, &reader(1)).await;
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; hit; detail=shared"
+    );
+    let age: u64 = header(&r, "age").parse().expect("Age");
+    assert!(age <= 1, "Age {age}");
+    assert!(header(&r, "cache-control").starts_with("private, max-age="));
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["consumptions"][0]["product_name"],
+        "shared"
+    );
+    // Now in the second replica's own memory.
+    let (status, _) = product(&apps[1], path).await;
+    assert_eq!(status, "billing-gateway; hit");
+}
+
+/// Asks `app` until it serves `wanted` for `path`; how long that took.
+async fn until_serves(app: &TestApp, path: &str, wanted: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (_, served) = product(app, path).await;
+        if served == wanted {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{} never served {wanted}",
+            app.base
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_purge_on_one_replica_reaches_the_others_within_a_second_even_without_pubsub() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    let apps = replicas(3, &redis, upstream).await;
+    let path = "/billing/v2beta1/consumptions";
+    let purge = || {
+        apps[0]
+            .client
+            .delete(format!("{}/gateway/v1/cache", apps[0].base))
+            .bearer_auth(apps[0].manager())
+            .send()
+    };
+    for (round, marker) in ["v1", "v2", "v3"].into_iter().enumerate() {
+        apps[0].upstream.reset().await;
+        Mock::given(any())
+            .respond_with(consumptions(marker))
+            .mount(&apps[0].upstream)
+            .await;
+        if round > 0 {
+            let r = purge().await.expect("purge");
+            assert_eq!(r.status(), 204);
+            for app in &apps[1..] {
+                let took = until_serves(app, path, marker).await;
+                assert!(
+                    took < Duration::from_secs(1),
+                    "{marker}: purged after {took:?}"
+                );
+            }
+        }
+        // Every replica holds the answer in its own memory: a hit asks nobody.
+        for app in &apps {
+            until_serves(app, path, marker).await;
+            assert_eq!(product(app, path).await.0, "billing-gateway; hit");
+        }
+        // One fetch served every replica.
+        assert_eq!(apps[0].upstream_requests().await.len(), 1, "{marker}");
+        // The last round without the announcements: the replicas' subscriptions are cut just
+        // before the purge, so only the generation poll can tell them.
+        if round == 1 {
+            redis
+                .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
+                .expect("client kill");
+        }
+    }
+    // The first purge came by its announcement, the second by the generation poll.
+    for app in &apps[1..] {
+        let m = app.metrics().await;
+        let flushes = |reason: &str| {
+            value(
+                &m,
+                &format!("billing_gateway_cache_l1_flushes_total{{reason=\"{reason}\"}}"),
+            )
+        };
+        assert_eq!(flushes("message"), 1.0, "{m}");
+        assert!(flushes("generation") >= 1.0, "{m}");
+        assert_eq!(value(&m, "billing_gateway_cache_generation"), 2.0, "{m}");
+    }
+}
+
+#[tokio::test]
+async fn a_purge_while_redis_is_unreachable_empties_this_replica_and_says_so() {
+    let mut redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("a"))
+        .mount(&upstream)
+        .await;
+    let apps = replicas(1, &redis, upstream).await;
+    let app = &apps[0];
+    let path = "/billing/v2beta1/taxes";
+    product(app, path).await;
+    assert_eq!(product(app, path).await.0, "billing-gateway; hit");
+    redis.kill();
+    let r = app
+        .client
+        .delete(format!("{}/gateway/v1/cache", app.base))
+        .bearer_auth(app.manager())
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["type"], "service_unavailable");
+    assert_eq!(
+        body["message"],
+        "purged on this replica only; the shared cache is unreachable"
+    );
+    // Purged here all the same: nothing more from memory; the answer comes from this
+    // replica's own fetch, once its budget (on its own, after a dead time) allows one.
+    let started = Instant::now();
+    loop {
+        let r = app.get(path, &reader(0)).await;
+        let status = header(&r, "cache-status");
+        if r.status() == 200 {
+            assert_eq!(status, "billing-gateway; fwd=miss; stored");
+            break;
+        }
+        assert_eq!(
+            (r.status().as_u16(), status.as_str()),
+            (429, "billing-gateway; fwd=miss")
+        );
+        assert!(started.elapsed() < PATIENCE, "never fetched again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.upstream_requests().await.len(), 2);
+}
+
+/// The real binary, `serve`, sharing through Redis; killed (SIGKILL) when dropped.
+struct Served {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    fn start(upstream: &str, redis: &str) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_billing-gateway"))
+            .arg("serve")
+            .env_clear()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("SCW_SECRET_KEY", SECRET_KEY)
+            .env("SCW_DEFAULT_ORGANIZATION_ID", ORG)
+            .env("SCW_API_URL", upstream)
+            .env("GATEWAY_LISTEN", "127.0.0.1:0")
+            .env("GATEWAY_JWT_HS256_SECRET", HS256)
+            .env("GATEWAY_REDIS_URL", redis)
+            .env("GATEWAY_PRINCIPAL_RATE", "10000/s")
+            .env("GATEWAY_UPSTREAM_RATE", "10000/s")
+            .env("GATEWAY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn,billing_gateway::cli=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the gateway logs before exiting")
+                .expect("log line");
+            let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if event["message"] == "billing-gateway listening" {
+                break event["addr"].as_str().expect("addr").to_owned();
+            }
+        };
+        // Keep draining the log so the gateway never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Served {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_dies_filling_is_taken_over_with_one_more_upstream_call() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("filled").set_delay(Duration::from_secs(2)))
+        .mount(&upstream)
+        .await;
+    let mut holder = Served::start(&upstream.uri(), &redis.url());
+    let apps = replicas(1, &redis, upstream).await;
+    let waiter = &apps[0];
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    // The holder takes the fill lease and calls the upstream...
+    let client = waiter.client.clone();
+    let dying = tokio::spawn(
+        client
+            .get(format!("{}{path}", holder.base))
+            .bearer_auth(reader(0))
+            .send(),
+    );
+    eventually(
+        || async { waiter.upstream_requests().await.len() == 1 },
+        PATIENCE,
+    )
+    .await;
+    // ...another replica is asked the same, and waits for the holder's fill...
+    let waiting = tokio::spawn({
+        let request = waiter
+            .client
+            .get(format!("{}{path}", waiter.base))
+            .bearer_auth(reader(1));
+        async move { request.send().await.expect("request") }
+    });
+    eventually(
+        || async {
+            waiter
+                .metrics()
+                .await
+                .contains("billing_gateway_requests_in_flight 1")
+        },
+        PATIENCE,
+    )
+    .await;
+    // ...and the holder dies before answering: its lease lapses, the waiter takes over.
+    let _ = holder.child.kill();
+    let _ = holder.child.wait();
+    assert!(dying.await.expect("join").is_err(), "the holder answered");
+    let r = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("the waiter is answered")
+        .expect("join");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; fwd=miss; stored; detail=takeover"
+    );
+    assert_eq!(waiter.upstream_requests().await.len(), 2);
+    let m = waiter.metrics().await;
+    assert_eq!(
+        value(
+            &m,
+            r#"billing_gateway_cache_requests_total{result="lock_takeover"}"#
+        ),
+        1.0
+    );
+    assert!(value(&m, "billing_gateway_cache_fill_wait_seconds_count") >= 1.0);
+}
+
+#[tokio::test]
+async fn coalescing_across_replicas_resumes_within_five_seconds_of_redis_restarting() {
+    let mut redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("a").set_delay(Duration::from_millis(200)))
+        .mount(&upstream)
+        .await;
+    let apps = replicas(3, &redis, upstream).await;
+    redis.kill();
+    // Without Redis each replica answers from its own fetch.
+    for (i, app) in apps.iter().enumerate() {
+        let r = app
+            .get(
+                &format!("/billing/v2beta1/taxes?page={}", i + 1),
+                &reader(i),
+            )
+            .await;
+        assert!(r.status() == 200 || r.status() == 429, "{}", r.status());
+    }
+    redis.restart();
+    let restarted = Instant::now();
+    let tokens: Vec<String> = (0..3).map(reader).collect();
+    let fill_waits = || async {
+        let mut waits = 0.0;
+        for app in &apps {
+            waits += value(
+                &app.metrics().await,
+                "billing_gateway_cache_fill_wait_seconds_count",
+            );
+        }
+        waits
+    };
+    // One request per replica for a new question each time, until the replicas coordinate
+    // again: one of them asks the upstream (or is refused by the shared budget, which holds
+    // back a little after Redis returns), the others wait for its answer and get the same.
+    let mut attempt = 100;
+    loop {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "still not coalescing across replicas 5 s after Redis restarted"
+        );
+        attempt += 1;
+        let path = format!("/billing/v2beta1/taxes?page={attempt}");
+        let (calls_before, waits_before) =
+            (apps[0].upstream_requests().await.len(), fill_waits().await);
+        let batch = (0..3).map(|i| apps[i].get(&path, &tokens[i]));
+        let statuses: Vec<u16> = futures_util::future::join_all(batch)
+            .await
+            .iter()
+            .map(|r| r.status().as_u16())
+            .collect();
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 429),
+            "{statuses:?}"
+        );
+        let calls = apps[0].upstream_requests().await.len() - calls_before;
+        let waited = fill_waits().await - waits_before;
+        if calls <= 1 && waited >= 1.0 && statuses.iter().all(|s| *s == statuses[0]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And once the budget calls upstream again, one call answers all three.
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "no single shared fetch after the restart"
+        );
+        attempt += 1;
+        let path = format!("/billing/v2beta1/taxes?page={attempt}");
+        let before = apps[0].upstream_requests().await.len();
+        let batch = (0..3).map(|i| apps[i].get(&path, &tokens[i]));
+        let answers = futures_util::future::join_all(batch).await;
+        if answers.iter().all(|r| r.status() == 200) {
+            assert_eq!(apps[0].upstream_requests().await.len() - before, 1);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failed_fill_is_relayed_to_the_replicas_that_waited_for_it() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(500)
+                .set_body_raw(
+                    r#"{"message":"boom","type":"internal_error"}"#,
+                    "application/json",
+                )
+                .set_delay(Duration::from_millis(500)),
+        )
+        .mount(&upstream)
+        .await;
+    let apps = replicas(3, &redis, upstream).await;
+    let tokens: Vec<String> = (0..6).map(reader).collect();
+    let path = "/billing/v2beta1/taxes?billing_period=2026-07";
+    let answers =
+        futures_util::future::join_all((0..6).map(|i| apps[i % 3].get(path, &tokens[i]))).await;
+    for r in answers {
+        assert_eq!(r.status(), 500);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["message"], "boom");
+    }
+    assert_eq!(apps[0].upstream_requests().await.len(), 1);
+    // Failures are not stored: the next question goes upstream again.
+    assert_eq!(apps[1].get(path, &tokens[0]).await.status(), 500);
+    assert_eq!(apps[0].upstream_requests().await.len(), 2);
+}
+
+#[tokio::test]
+async fn the_shared_copy_covers_a_failing_upstream_on_every_replica() {
+    const TTL: Duration = Duration::from_millis(500);
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("kept"))
+        .up_to_n_times(1)
+        .mount(&upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(500).set_body_raw("{}", "application/json"))
+        .mount(&upstream)
+        .await;
+    let apps = replicas_with(2, &redis, upstream, |c| c.cache.ttl = TTL).await;
+    let path = "/billing/v2beta1/consumptions";
+    assert_eq!(
+        product(&apps[0], path).await.0,
+        "billing-gateway; fwd=miss; stored"
+    );
+    // Past its freshness, within stale-if-error: the entry growing old is what is tested.
+    tokio::time::sleep(TTL + Duration::from_millis(200)).await;
+    // A replica that never held the answer serves the shared copy while the upstream fails...
+    assert_eq!(
+        product(&apps[1], path).await,
+        ("billing-gateway; fwd=stale".to_owned(), "kept".to_owned())
+    );
+    // ...and so does every other, without asking the upstream again for a few seconds.
+    assert_eq!(
+        product(&apps[0], path).await,
+        ("billing-gateway; fwd=stale".to_owned(), "kept".to_owned())
+    );
+    assert_eq!(apps[0].upstream_requests().await.len(), 2);
+}
