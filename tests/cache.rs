@@ -454,11 +454,12 @@ async fn at(at: Instant) {
 /// freshness, in the background.
 #[tokio::test]
 async fn a_key_polled_steadily_never_waits_for_the_upstream() {
-    const TTL: Duration = Duration::from_secs(2);
+    const TTL: Duration = Duration::from_secs(4);
     // Shorter than the last tenth of the freshness, so a refresh lands before the expiry; any
-    // request that waited for the upstream took at least this long.
-    const UPSTREAM: Duration = Duration::from_millis(150);
-    const POLLING: Duration = Duration::from_secs(6);
+    // request that waited for the upstream took at least this long. Long enough that a hit
+    // delayed by a busy 2-core machine (200 ms seen) is not mistaken for one that waited.
+    const UPSTREAM: Duration = Duration::from_millis(350);
+    const POLLING: Duration = Duration::from_secs(12);
     let app = TestApp::spawn_with(|c| c.cache.ttl = TTL).await;
     Mock::given(any())
         .respond_with(consumptions("polled").set_delay(UPSTREAM))
