@@ -12,10 +12,12 @@
 
 mod budget;
 mod fair;
+mod pace;
 mod shared;
 
-pub use budget::{Backoff, Caller, Pace, Slots, UPSTREAM_MAX_WAIT, UpstreamBudget};
+pub use budget::{Caller, Slots, UPSTREAM_MAX_WAIT, UpstreamBudget};
 pub use fair::{BacklogFull, FairQueue, Ticket};
+pub use pace::{Backoff, Pace};
 pub use shared::SharedSlots;
 
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis::Script;
 use tokio::time::Instant;
 
-use super::budget::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace};
+use super::pace::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace};
 use crate::cluster::{Cluster, DEAD_TIME, Mode, Op};
 use crate::config::Rate;
 use crate::telemetry::Metrics;
