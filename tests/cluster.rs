@@ -843,3 +843,82 @@ async fn the_principal_script_decides_as_governor_does() {
     assert!(rates.check("alice", rate).await.expect("answer").is_err());
     assert!(rates.check("bob", rate).await.expect("answer").is_ok());
 }
+
+/// Issue 12, leasing: the script grants k at once, fewer when fewer conform, none when none do,
+/// as governor's `check_n` decides at the same quota, and refuses for as long.
+#[tokio::test]
+async fn the_principal_script_leases_as_governors_check_n_decides() {
+    use billing_gateway::cluster::SharedRates;
+    use governor::{Quota, RateLimiter};
+    use std::num::NonZeroU32;
+    let redis = Redis::start();
+    let rates = SharedRates::new(link(&redis));
+    // Burst 10, a pace of 200 ms: nothing refills between the calls below.
+    let rate = per_second(5);
+    let n = |n| NonZeroU32::new(n).expect("not zero");
+    let governor = RateLimiter::direct(
+        Quota::with_period(rate.pace())
+            .expect("a pace")
+            .allow_burst(n(10)),
+    );
+    for _ in 0..2 {
+        assert_eq!(rates.lease("alice", rate, 4).await, Ok(Ok(4)));
+        assert_eq!(governor.check_n(n(4)), Ok(Ok(())));
+    }
+    // Two left: a partial grant, where governor refuses three and allows two.
+    assert_eq!(rates.lease("alice", rate, 4).await, Ok(Ok(2)));
+    assert!(governor.check_n(n(3)).expect("within the burst").is_err());
+    assert_eq!(governor.check_n(n(2)), Ok(Ok(())));
+    // None left: refused, for as long as governor would.
+    let Ok(Err(ours)) = rates.lease("alice", rate, 4).await else {
+        panic!("refused when nothing conforms")
+    };
+    let clock = governor::clock::DefaultClock::default();
+    let theirs = governor
+        .check()
+        .expect_err("refused")
+        .wait_time_from(governor::clock::Clock::now(&clock));
+    assert!(
+        ours.abs_diff(theirs) < Duration::from_millis(20),
+        "{ours:?} against {theirs:?}"
+    );
+    assert!(ours <= Duration::from_millis(200), "{ours:?}");
+    // Another principal is untouched.
+    assert_eq!(rates.lease("bob", rate, 4).await, Ok(Ok(4)));
+}
+
+/// Issue 12, leasing: a principal's hits on one replica, all at once, cost one Redis call per
+/// lease of k (one call in flight at a time, the other hits waiting for its lease), not one each.
+#[tokio::test]
+async fn leasing_cuts_a_principals_redis_calls_to_one_per_k_hits() {
+    use billing_gateway::cluster::lease_size;
+    let redis = Redis::start();
+    let rate = per_second(100);
+    let apps = replicas(1, &redis, |c| c.limits.principal_rate = rate).await;
+    // N is the fallback, 3: burst 200 / (4 × 3) is past the most leased at once.
+    let k = lease_size(rate, 3) as usize;
+    assert_eq!(k, 8);
+    let calls = |m: String| {
+        value(
+            &m,
+            "billing_gateway_redis_commands_total",
+            "op=\"principal\",result=\"ok\"",
+        )
+        .unwrap_or(0.0) as usize
+    };
+    let before = calls(apps[0].metrics().await);
+    let hits = 40;
+    let (allowed, took) = whoami_burst(&apps, &reader_as("busy"), hits).await;
+    assert_eq!(allowed, hits, "within the burst, in {took:?}");
+    let made = calls(apps[0].metrics().await) - before;
+    assert!(
+        (1..=hits.div_ceil(k) + 1).contains(&made),
+        "{made} principal calls for {hits} hits in {took:?}"
+    );
+    // whoami is the gateway's own answer: nothing went upstream.
+    let upstream = apps[0].upstream.received_requests().await;
+    assert_eq!(upstream.map(|r| r.len()), Some(0));
+    for app in apps {
+        app.stop().await;
+    }
+}

@@ -14,7 +14,7 @@
 
 mod rates;
 
-pub use rates::SharedRates;
+pub use rates::{SharedRates, lease_size};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
