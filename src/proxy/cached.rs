@@ -124,8 +124,12 @@ pub(super) async fn cached(
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
     // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
-    let miss = fetch(state, call, request_id, principal, &mut info.upstream_ms);
-    let (result, response) = match state.cache.get_or_fetch(&Cache::key(call), ttl, miss).await {
+    let key = Cache::key(call);
+    // Built only on a miss.
+    let miss = state.cache.get_or_fetch(&key, ttl, || {
+        fetch(state, call, request_id, principal, &mut info.upstream_ms)
+    });
+    let (result, response) = match miss.await {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
         Outcome::Refreshing(entry, refresh) => {
             let (state, call, request_id, principal) = (
@@ -223,7 +227,8 @@ pub(super) async fn cached(
                         response
                     }
                     // Another request is relaying that answer: this one asks for its own.
-                    None => forward(state, call, request_id, principal, info, slot)
+                    // Boxed: a long future, which a hit must not carry.
+                    None => Box::pin(forward(state, call, request_id, principal, info, slot))
                         .await
                         .unwrap_or_else(IntoResponse::into_response),
                 };
