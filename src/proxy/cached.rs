@@ -123,13 +123,13 @@ pub(super) async fn cached(
     slot: Slot,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
-    // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
     let key = Cache::key(call);
-    // Built only on a miss.
-    let miss = state.cache.get_or_fetch(&key, ttl, || {
+    // Only a miss that fetches spends a turn; coalesced waiters and hits never get here. The
+    // fetch is built on a miss only: a hit never carries its long future.
+    let lookup = state.cache.get_or_fetch(&key, ttl, || {
         fetch(state, call, request_id, principal, &mut info.upstream_ms)
     });
-    let (result, response) = match miss.await {
+    let (result, response) = match lookup.await {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
         Outcome::Refreshing(entry, refresh) => {
             let (state, call, request_id, principal) = (
@@ -227,8 +227,7 @@ pub(super) async fn cached(
                         response
                     }
                     // Another request is relaying that answer: this one asks for its own.
-                    // Boxed: a long future, which a hit must not carry.
-                    None => Box::pin(forward(state, call, request_id, principal, info, slot))
+                    None => forward(state, call, request_id, principal, info, slot)
                         .await
                         .unwrap_or_else(IntoResponse::into_response),
                 };

@@ -117,9 +117,7 @@ async fn serve(
         // keeps it like any relayed body).
         return cached(state, &call, request_id, principal, info, slot).await;
     }
-    // Boxed: the upstream call's future is kilobytes long, and a cache hit would carry (and
-    // copy at every move) a handler future as long.
-    Box::pin(forward(state, &call, request_id, principal, info, slot)).await
+    forward(state, &call, request_id, principal, info, slot).await
 }
 
 /// The Billing call the method, path and query name, validated against the operation table
