@@ -434,9 +434,9 @@ impl Cache {
         if closed { self.closed_ttl } else { self.ttl }
     }
 
-    /// Serves `key` from memory, or runs `fetch` once for every concurrent request that misses
-    /// (with Redis, for every replica's). A hit near the end of the entry's freshness may come
-    /// with the entry's [`Refresh`].
+    /// Serves `key` from memory, or runs the fetch `fetch` builds once for every concurrent
+    /// request that misses (with Redis, for every replica's); a hit never calls `fetch`. A hit
+    /// near the end of the entry's freshness may come with the entry's [`Refresh`].
     pub async fn get_or_fetch<M, F, Fut>(&self, key: &str, ttl: Duration, fetch: F) -> Outcome<M>
     where
         M: Shareable + Send + Sync + 'static,
