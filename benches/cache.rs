@@ -53,14 +53,14 @@ fn benches(c: &mut Criterion) {
     let body = Bytes::from(vec![b'x'; 16 * 1024]);
     runtime.block_on(async {
         let stored = cache
-            .get_or_fetch::<NoAnswer, _>(&key, config.cache.ttl, async { Fetch::Store(body) })
+            .get_or_fetch::<NoAnswer, _, _>(&key, config.cache.ttl, || async { Fetch::Store(body) })
             .await;
         assert!(matches!(stored, Outcome::Stored(_)));
     });
     c.bench_function("cache/hit", |b| {
         b.to_async(&runtime).iter(|| async {
             match cache
-                .get_or_fetch::<NoAnswer, _>(&Cache::key(&call), config.cache.ttl, async {
+                .get_or_fetch::<NoAnswer, _, _>(&Cache::key(&call), config.cache.ttl, || async {
                     unreachable!("a hit never fetches")
                 })
                 .await

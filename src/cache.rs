@@ -434,13 +434,14 @@ impl Cache {
         if closed { self.closed_ttl } else { self.ttl }
     }
 
-    /// Serves `key` from memory, or runs `fetch` once for every concurrent request that misses
-    /// (with Redis, for every replica's). A hit near the end of the entry's freshness may come
-    /// with the entry's [`Refresh`].
-    pub async fn get_or_fetch<M, F>(&self, key: &str, ttl: Duration, fetch: F) -> Outcome<M>
+    /// Serves `key` from memory, or runs the fetch `fetch` builds once for every concurrent
+    /// request that misses (with Redis, for every replica's); a hit never calls `fetch`. A hit
+    /// near the end of the entry's freshness may come with the entry's [`Refresh`].
+    pub async fn get_or_fetch<M, F, Fut>(&self, key: &str, ttl: Duration, fetch: F) -> Outcome<M>
     where
         M: Shareable + Send + Sync + 'static,
-        F: Future<Output = Fetch<M>>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Fetch<M>>,
     {
         let tiers = self.tiers.load_full();
         if let Some(entry) = tiers.fresh.get(key).await {
@@ -460,6 +461,25 @@ impl Cache {
             }
             return Outcome::Hit(entry);
         }
+        // A miss's future (the upstream call, the shared tier's wait) is kilobytes long, and
+        // every future around this one would be as long, copied at each move: boxed, a hit
+        // never builds or moves it.
+        Box::pin(self.miss(tiers, key, ttl, fetch)).await
+    }
+
+    /// A miss: one fetch for every concurrent request (and, with Redis, every replica).
+    async fn miss<M, F, Fut>(
+        &self,
+        tiers: Arc<Tiers>,
+        key: &str,
+        ttl: Duration,
+        fetch: F,
+    ) -> Outcome<M>
+    where
+        M: Shareable + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Fetch<M>>,
+    {
         // Owned only on a miss: a hit looks the key up as it was built.
         let key: Arc<str> = Arc::from(key);
         let via = OnceLock::new();
@@ -471,7 +491,7 @@ impl Cache {
                 }
                 None => {
                     let _ = via.set(Via::Stored);
-                    self.fill(&tiers, &key, ttl, fetch.await, None).await
+                    self.fill(&tiers, &key, ttl, fetch().await, None).await
                 }
             }
         };
@@ -536,7 +556,7 @@ impl Cache {
     /// A miss with the shared tier: its entry, or the fill lease (this replica fetches for all
     /// and shares what it got), or a wait for the replica that holds the lease. Redis out of
     /// reach, purges in a storm or a wait past `wait_limit`: this replica fetches on its own.
-    async fn fill_shared<M, F>(
+    async fn fill_shared<M, F, Fut>(
         &self,
         shared: &SharedTier,
         tiers: &Tiers,
@@ -547,7 +567,8 @@ impl Cache {
     ) -> Result<Arc<Entry>, Uncached<M>>
     where
         M: Shareable,
-        F: Future<Output = Fetch<M>>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Fetch<M>>,
     {
         // Subscribed before the first look, so the end of a fill cannot slip in between.
         let mut events = shared.events();
@@ -583,7 +604,7 @@ impl Cache {
                 },
                 Ok(Lookup::Fill(lease, old)) => {
                     got(waited, if waited { Via::TakenOver } else { Via::Stored });
-                    let filled = self.fill(tiers, key, ttl, fetch.await, old).await;
+                    let filled = self.fill(tiers, key, ttl, fetch().await, old).await;
                     let answer = match &filled {
                         Err(Uncached::Passed(m)) => m.to_shared(),
                         _ => None,
@@ -610,7 +631,7 @@ impl Cache {
             }
         }
         got(waited, Via::Stored);
-        self.fill(tiers, key, ttl, fetch.await, None).await
+        self.fill(tiers, key, ttl, fetch().await, None).await
     }
 
     /// Makes `generation` this replica's, dropping its memory when that is news.

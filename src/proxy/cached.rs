@@ -123,9 +123,13 @@ pub(super) async fn cached(
     slot: Slot,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
-    // Only a miss that fetches spends a turn; coalesced waiters and hits never get here.
-    let miss = fetch(state, call, request_id, principal, &mut info.upstream_ms);
-    let (result, response) = match state.cache.get_or_fetch(&Cache::key(call), ttl, miss).await {
+    let key = Cache::key(call);
+    // Only a miss that fetches spends a turn; coalesced waiters and hits never get here. The
+    // fetch is built on a miss only: a hit never carries its long future.
+    let lookup = state.cache.get_or_fetch(&key, ttl, || {
+        fetch(state, call, request_id, principal, &mut info.upstream_ms)
+    });
+    let (result, response) = match lookup.await {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
         Outcome::Refreshing(entry, refresh) => {
             let (state, call, request_id, principal) = (
