@@ -32,6 +32,13 @@ const PIPE_BUF: usize = 4096;
 /// How long shutting down waits for the lines still queued to be written.
 const FLUSH_PATIENCE: Duration = Duration::from_secs(5);
 
+/// How long the writer lets lines gather once one arrives. Woken for every line, the thread
+/// cost each request two context switches and a write of its own, which halved a cache hit's
+/// throughput on a core shared with the requests (bench/RESULTS.md); gathered, one wake-up and
+/// a few writes carry hundreds. At most this late, and the queue holds far more than comes in
+/// that long.
+const GATHER: Duration = Duration::from_millis(10);
+
 /// What one access log line says.
 #[derive(Debug)]
 pub struct Entry<'a> {
@@ -148,10 +155,12 @@ fn filter_allows() -> bool {
     })
 }
 
-/// The writer thread: whole lines, batched while more are queued, flushed when none is.
+/// The writer thread: whole lines, gathered for [`GATHER`] after the first, flushed when the
+/// queue is empty.
 fn write_lines(queue: &Receiver<Message>, writer: impl Write) {
     let mut out = BufWriter::with_capacity(PIPE_BUF, writer);
     while let Ok(first) = queue.recv() {
+        std::thread::sleep(GATHER);
         let mut next = Some(first);
         while let Some(message) = next {
             match message {
