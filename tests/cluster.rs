@@ -895,9 +895,9 @@ async fn leasing_cuts_a_principals_redis_calls_to_one_per_k_hits() {
     let redis = Redis::start();
     let rate = per_second(100);
     let apps = replicas(1, &redis, |c| c.limits.principal_rate = rate).await;
-    // N is the fallback, 3: burst 200 / (4 × 3) is past the most leased at once.
+    // N is the fallback, 3: a quarter of each replica's share of the burst, 200 / (4 × 3).
     let k = lease_size(rate, 3) as usize;
-    assert_eq!(k, 8);
+    assert_eq!(k, 16);
     let calls = |m: String| {
         value(
             &m,

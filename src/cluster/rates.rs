@@ -33,12 +33,14 @@ const REMEMBERED: u64 = 10_000;
 /// leases never add to a later burst.
 const LEASE_LIFE: Duration = Duration::from_secs(1);
 
-/// The most a replica leases at once.
-const LEASE_MAX: u32 = 8;
+/// The most a replica leases at once. One principal's hits on a replica wait for each other
+/// while a lease is fetched, so they are held to `k` per Redis round trip: at 8, one caller on
+/// 32 connections got half its throughput without Redis (bench/RESULTS.md); at 64 the round
+/// trip no longer bounds it, and the slack stays a quarter of the burst.
+const LEASE_MAX: u32 = 64;
 
 /// k, how many requests a replica leases at once for `rate` among `replicas`: a quarter of each
-/// replica's share of the burst, from 1 (a lease of one is the plain check) to 8 (one Redis
-/// call per 8 hits is cheap enough), so the slack above stays small beside the burst.
+/// replica's share of the burst, from 1 (a lease of one is the plain check) to [`LEASE_MAX`], so the slack above stays small beside the burst.
 pub fn lease_size(rate: Rate, replicas: u32) -> u32 {
     let burst = rate.count.saturating_mul(2);
     (burst / replicas.max(1).saturating_mul(4)).clamp(1, LEASE_MAX)
