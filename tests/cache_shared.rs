@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::redis::Redis;
+use common::served::Served;
 use common::*;
 use serde_json::{Value, json};
 use wiremock::matchers::any;
@@ -314,62 +313,6 @@ async fn a_purge_while_redis_is_unreachable_empties_this_replica_and_says_so() {
     assert_eq!(app.upstream_requests().await.len(), 2);
 }
 
-/// The real binary, `serve`, sharing through Redis; killed (SIGKILL) when dropped.
-struct Served {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Served {
-    fn start(upstream: &str, redis: &str) -> Served {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_billing-gateway"))
-            .arg("serve")
-            .env_clear()
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("SCW_SECRET_KEY", SECRET_KEY)
-            .env("SCW_DEFAULT_ORGANIZATION_ID", ORG)
-            .env("SCW_API_URL", upstream)
-            .env("GATEWAY_LISTEN", "127.0.0.1:0")
-            .env("GATEWAY_JWT_HS256_SECRET", HS256)
-            .env("GATEWAY_REDIS_URL", redis)
-            .env("GATEWAY_PRINCIPAL_RATE", "10000/s")
-            .env("GATEWAY_UPSTREAM_RATE", "10000/s")
-            .env("GATEWAY_LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn,billing_gateway::cli=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the gateway logs before exiting")
-                .expect("log line");
-            let Ok(event) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if event["message"] == "billing-gateway listening" {
-                break event["addr"].as_str().expect("addr").to_owned();
-            }
-        };
-        // Keep draining the log so the gateway never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Served {
-            child,
-            base: format!("http://{addr}"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_replica_that_dies_filling_is_taken_over_with_one_more_upstream_call() {
     let redis = Redis::start();
@@ -378,7 +321,7 @@ async fn a_replica_that_dies_filling_is_taken_over_with_one_more_upstream_call()
         .respond_with(consumptions("filled").set_delay(Duration::from_secs(2)))
         .mount(&upstream)
         .await;
-    let mut holder = Served::start(&upstream.uri(), &redis.url());
+    let mut holder = Served::start(&upstream.uri(), &[("GATEWAY_REDIS_URL", &redis.url())]);
     let apps = replicas(1, &redis, upstream).await;
     let waiter = &apps[0];
     let path = "/billing/v2beta1/consumptions?billing_period=2026-07";

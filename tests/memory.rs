@@ -3,15 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::served::Served;
 use common::*;
 use futures_util::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
@@ -32,66 +31,6 @@ fn rss(pid: u32) -> u64 {
 }
 
 const MIB: f64 = (1 << 20) as f64;
-
-/// The real binary, `serve`, killed when dropped.
-struct Served {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Served {
-    fn start(upstream: &str, cache_max_bytes: u64) -> Served {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_billing-gateway"))
-            .arg("serve")
-            .env_clear()
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("SCW_SECRET_KEY", SECRET_KEY)
-            .env("SCW_DEFAULT_ORGANIZATION_ID", ORG)
-            .env("SCW_API_URL", upstream)
-            .env("GATEWAY_LISTEN", "127.0.0.1:0")
-            .env("GATEWAY_JWT_HS256_SECRET", HS256)
-            .env("GATEWAY_CACHE_MAX_BYTES", cache_max_bytes.to_string())
-            .env("GATEWAY_PRINCIPAL_RATE", "100000/s")
-            .env("GATEWAY_UPSTREAM_RATE", "100000/s")
-            .env("GATEWAY_LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn,billing_gateway::cli=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the gateway logs before exiting")
-                .expect("log line");
-            let Ok(event) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if event["message"] == "billing-gateway listening" {
-                break event["addr"].as_str().expect("addr").to_owned();
-            }
-        };
-        // Keep draining the log so the gateway never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Served {
-            child,
-            base: format!("http://{addr}"),
-        }
-    }
-
-    fn rss(&self) -> u64 {
-        rss(self.child.id())
-    }
-}
 
 /// Answers every consumption query with the same small body, counting them.
 #[derive(Clone, Default)]
@@ -204,7 +143,10 @@ async fn the_cache_bound_bounds_the_process_memory() {
         .respond_with(counted.clone())
         .mount(&upstream)
         .await;
-    let gateway = Served::start(&upstream.uri(), bound);
+    let gateway = Served::start(
+        &upstream.uri(),
+        &[("GATEWAY_CACHE_MAX_BYTES", &bound.to_string())],
+    );
     let now = jsonwebtoken::get_current_timestamp();
     let manager = token_with(
         json!({"sub": "mem", "roles": ["billing-manager"], "iat": now, "exp": now + 600}),
@@ -213,10 +155,10 @@ async fn the_cache_bound_bounds_the_process_memory() {
     // Connections, pools and the runtime's first allocations before the baseline.
     fill(&gateway.base, &manager, 0, warm).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = gateway.rss();
+    let before = rss(gateway.child.id());
     fill(&gateway.base, &manager, warm, queries).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let full = gateway.rss();
+    let full = rss(gateway.child.id());
     let entries = gauge(&gateway.base, "billing_gateway_cache_entries").await;
     let counted_bytes = gauge(&gateway.base, "billing_gateway_cache_size_bytes").await;
     let growth = full.saturating_sub(before);
@@ -262,12 +204,12 @@ async fn the_cache_bound_bounds_the_process_memory() {
         0
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let purged = gateway.rss();
+    let purged = rss(gateway.child.id());
     // mimalloc keeps freed pages for reuse rather than handing them back at once: what a purge
     // frees shows as the next entries costing no new memory.
     fill(&gateway.base, &manager, warm + queries, refill).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let refilled = gateway.rss();
+    let refilled = rss(gateway.child.id());
     println!(
         "after the purge: RSS {:.1} MiB; {refill} new entries later: {:.1} MiB ({:.1?} in all)",
         purged as f64 / MIB,

@@ -16,6 +16,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod redis;
+pub mod served;
 
 use std::future::Future;
 use std::net::SocketAddr;
