@@ -18,21 +18,6 @@ const SHORT: Duration = Duration::from_millis(300);
 /// about, and nothing short of a request (which would change what is tested) shows it expired.
 const PAST_SHORT: Duration = Duration::from_millis(450);
 
-fn consumptions(marker: &str) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(
-        json!({"consumptions": [{"product_name": marker}], "total_count": 1}).to_string(),
-        "application/json",
-    )
-}
-
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
-}
-
 #[tokio::test]
 async fn two_identical_requests_make_one_upstream_call() {
     let app = TestApp::spawn().await;

@@ -14,21 +14,6 @@ use serde_json::{Value, json};
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-fn consumptions(marker: &str) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(
-        json!({"consumptions": [{"product_name": marker}], "total_count": 1}).to_string(),
-        "application/json",
-    )
-}
-
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
-}
-
 /// The value of the series `name{labels}` in a Prometheus exposition (0 when absent).
 fn value(exposition: &str, series: &str) -> f64 {
     exposition

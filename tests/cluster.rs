@@ -14,21 +14,6 @@ use common::*;
 use secrecy::SecretString;
 use tokio::sync::broadcast;
 
-/// The value of the series `name{labels}` in a Prometheus exposition.
-fn value(exposition: &str, name: &str, labels: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.split([' ', '{']).next() == Some(name)
-                && l.split(' ')
-                    .next()
-                    .is_some_and(|head| head.contains(labels))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 async fn mode(app: &TestApp) -> &'static str {
     let m = app.metrics().await;
     ["local", "connected", "degraded"]

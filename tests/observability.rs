@@ -101,21 +101,6 @@ fn samples(exposition: &str) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-/// One sample's value: the first sample of `name` whose labels contain `labels`.
-fn value(exposition: &str, name: &str, labels: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.split([' ', '{']).next() == Some(name)
-                && l.split(' ')
-                    .next()
-                    .is_some_and(|head| head.contains(labels))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn every_metric_name_the_alerts_dashboard_and_readme_use_is_exposed() {
     // A small mixed workload that makes every family show: shared through Redis, JWT keys from a JWKS, a cache miss

@@ -475,3 +475,35 @@ pub async fn read_head(
     }
     Ok(Some(head))
 }
+
+/// The value of the series `name{labels}` in a Prometheus exposition.
+pub fn value(exposition: &str, name: &str, labels: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.split([' ', '{']).next() == Some(name)
+                && l.split(' ')
+                    .next()
+                    .is_some_and(|head| head.contains(labels))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A consumption list whose one product is named `marker`, so a test tells answers apart.
+pub fn consumptions(marker: &str) -> wiremock::ResponseTemplate {
+    wiremock::ResponseTemplate::new(200).set_body_raw(
+        json!({"consumptions": [{"product_name": marker}], "total_count": 1}).to_string(),
+        "application/json",
+    )
+}
+
+/// A response header as text (empty when absent).
+pub fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
