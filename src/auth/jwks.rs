@@ -16,7 +16,6 @@
 use std::collections::HashSet;
 use std::error::Error as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
@@ -165,8 +164,10 @@ pub(crate) struct KeyStore {
     fetch: Mutex<FetchState>,
     /// Every fetch's outcome, for the metrics.
     health: SourceHealth,
-    /// Seconds until the next scheduled re-read, from the last successful fetch's max-age.
-    refresh_after: AtomicU64,
+    /// When a held set is next re-read: the last fetch's time plus its max-age (a failed
+    /// fetch, [`REFRESH_MIN`]), counted from the fetch rather than from whenever the
+    /// refresher next runs.
+    next_refresh: std::sync::Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -217,7 +218,7 @@ impl KeyStore {
             keys: RwLock::new(Arc::from(Vec::new())),
             fetch: Mutex::new(FetchState::default()),
             health,
-            refresh_after: AtomicU64::new(REFRESH_MAX.as_secs()),
+            next_refresh: std::sync::Mutex::new(Instant::now() + REFRESH_MAX),
         });
         store.refresh("startup").await;
         tokio::spawn(maintain(Arc::downgrade(&store)));
@@ -229,9 +230,19 @@ impl KeyStore {
         !self.snapshot().is_empty()
     }
 
-    /// How long to wait before the next scheduled re-read of a held set.
-    fn refresh_after(&self) -> Duration {
-        Duration::from_secs(self.refresh_after.load(Ordering::Relaxed))
+    /// When the held set is next re-read.
+    fn next_refresh(&self) -> Instant {
+        *self
+            .next_refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn refresh_in(&self, wait: Duration) {
+        *self
+            .next_refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now() + wait;
     }
 
     fn snapshot(&self) -> Arc<[Arc<Key>]> {
@@ -289,9 +300,10 @@ impl KeyStore {
         match self.fetch_keys(state).await {
             Ok((keys, max_age)) => {
                 self.health.succeeded();
-                let refresh = max_age.unwrap_or(REFRESH_MAX).clamp(REFRESH_MIN, REFRESH_MAX);
-                self.refresh_after
-                    .store(refresh.as_secs(), Ordering::Relaxed);
+                let refresh = max_age
+                    .unwrap_or(REFRESH_MAX)
+                    .clamp(REFRESH_MIN, REFRESH_MAX);
+                self.refresh_in(refresh);
                 tracing::info!(
                     keys = keys.len(),
                     why,
@@ -303,6 +315,7 @@ impl KeyStore {
             }
             Err(error) => {
                 self.health.failed();
+                self.refresh_in(REFRESH_MIN);
                 state.jwks_uri = None;
                 tracing::warn!(
                     %error,
@@ -390,8 +403,8 @@ impl KeyStore {
             }
             body.extend_from_slice(&chunk);
         }
-        let doc =
-            serde_json::from_slice(&body).map_err(|e| format!("{url}: unexpected document: {e}"))?;
+        let doc = serde_json::from_slice(&body)
+            .map_err(|e| format!("{url}: unexpected document: {e}"))?;
         Ok((doc, max_age))
     }
 }
@@ -487,12 +500,12 @@ fn find(keys: &[Arc<Key>], kid: Option<&str>, alg: Algorithm) -> Option<Result<A
 async fn maintain(store: Weak<KeyStore>) {
     let mut retry = RETRY_MIN;
     loop {
-        let wait = match store.upgrade() {
-            Some(s) if s.has_keys() => s.refresh_after(),
-            Some(_) => retry,
+        let wake = match store.upgrade() {
+            Some(s) if s.has_keys() => s.next_refresh(),
+            Some(_) => Instant::now() + retry,
             None => return,
         };
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep_until(wake).await;
         let Some(s) = store.upgrade() else { return };
         retry = if s.refresh("scheduled").await {
             RETRY_MIN

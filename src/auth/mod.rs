@@ -216,7 +216,9 @@ impl Authenticator {
         let key = match (header.alg, &self.hs256, &self.keys) {
             (Algorithm::HS256, Some(secret), _) => secret,
             (alg, _, Some(keys)) if ASYMMETRIC.contains(&alg) => {
-                &held.insert(keys.key_for(header.kid.as_deref(), alg).await?).key
+                &held
+                    .insert(keys.key_for(header.kid.as_deref(), alg).await?)
+                    .key
             }
             _ => {
                 return Err(invalid(
@@ -359,8 +361,13 @@ impl Reseal {
         &self,
         message: &str,
     ) -> jsonwebtoken::errors::Result<jsonwebtoken::TokenData<Map<String, Value>>> {
-        let seal = jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, Algorithm::HS256)?;
-        jsonwebtoken::decode(format!("{message}.{seal}"), &self.decoding, &self.validation)
+        let seal =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, Algorithm::HS256)?;
+        jsonwebtoken::decode(
+            format!("{message}.{seal}"),
+            &self.decoding,
+            &self.validation,
+        )
     }
 }
 

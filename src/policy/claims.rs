@@ -146,7 +146,10 @@ mod tests {
         };
         let path = |s: &str| claim_path(s).expect("claim");
         assert!(claim_matches(&c, &path(auth0), "billing-manager"));
-        assert!(!claim_matches(&c, &path(auth0), "nested"), "exact name wins");
+        assert!(
+            !claim_matches(&c, &path(auth0), "nested"),
+            "exact name wins"
+        );
         assert!(claim_matches(&c, &path("realm_access.roles"), "kc"));
         assert!(claim_matches(&c, &path("a.b"), "top"));
         assert!(!claim_matches(&c, &path("a.b"), "nested"));
