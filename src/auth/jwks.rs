@@ -579,4 +579,39 @@ mod tests {
         );
         assert!(find(&keys, None, Algorithm::EdDSA).is_none());
     }
+
+    #[test]
+    fn an_ed25519_jwk_may_name_its_algorithm_either_way() {
+        let x = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+        for alg in ["EdDSA", "Ed25519"] {
+            let ed = key(json!({"kty": "OKP", "crv": "Ed25519", "x": x, "alg": alg})).expect(alg);
+            assert!(
+                ed.fits(Algorithm::EdDSA) && !ed.fits(Algorithm::ES256),
+                "{alg}"
+            );
+        }
+        let refused =
+            key(json!({"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "alg": "Ed25519"}));
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn max_age_is_read_among_the_cache_control_directives() {
+        let headers = |values: &[&str]| {
+            let mut h = reqwest::header::HeaderMap::new();
+            for v in values {
+                h.append(reqwest::header::CACHE_CONTROL, v.parse().expect("value"));
+            }
+            h
+        };
+        let secs = |values: &[&str]| max_age(&headers(values)).map(|d| d.as_secs());
+        assert_eq!(secs(&["public, max-age=60"]), Some(60));
+        assert_eq!(
+            secs(&["no-transform", "max-age=0, must-revalidate"]),
+            Some(0)
+        );
+        assert_eq!(secs(&["s-maxage=60"]), None);
+        assert_eq!(secs(&["max-age=soon"]), None);
+        assert_eq!(secs(&[]), None);
+    }
 }
