@@ -144,3 +144,29 @@ expect = "allow"
         text(&out.stdout)
     );
 }
+
+#[test]
+fn check_refuses_an_idp_ca_file_that_holds_no_certificate() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").expect("write");
+    let missing = dir.path().join("missing.pem");
+    let settings = |ca: &Path| {
+        vec![
+            ("GATEWAY_JWKS_URL", "https://idp.example/keys".to_owned()),
+            ("GATEWAY_JWT_AUDIENCE", "billing-gateway".to_owned()),
+            ("GATEWAY_IDP_CA_FILE", ca.display().to_string()),
+        ]
+    };
+    for ca in [&not_pem, &missing] {
+        let owned = settings(ca);
+        let env: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = check(&env);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("GATEWAY_IDP_CA_FILE") && stderr.contains(&ca.display().to_string()),
+            "{stderr}"
+        );
+    }
+}
