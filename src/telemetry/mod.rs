@@ -7,11 +7,12 @@
 
 pub mod access;
 mod metrics;
+mod subscriber;
 pub mod trace;
 
 pub use access::AccessLog;
 pub use metrics::{Metrics, SourceHealth};
-pub use trace::{Telemetry, init};
+pub use subscriber::{Telemetry, init, log_format};
 
 use std::convert::Infallible;
 use std::ops::{Deref, DerefMut};
@@ -20,8 +21,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue};
-
-use crate::config::LogFormat;
 
 /// `X-Request-Id`, both ways.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -169,28 +168,6 @@ pub fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
         end -= 1;
     }
     format!("{}...[truncated: {} bytes]", &path[..end], path.len()).into()
-}
-
-/// The format asked for, or by default pretty at a terminal and JSON otherwise.
-pub fn log_format(format: Option<LogFormat>) -> LogFormat {
-    use std::io::IsTerminal;
-    format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Pretty
-    } else {
-        LogFormat::Json
-    })
-}
-
-/// Installs the process's log subscriber, without span export ([`init`] is the one that can
-/// export). A second call finds a subscriber already set; that is fine.
-pub fn init_logging(format: Option<LogFormat>) {
-    let none = crate::config::TracingConfig {
-        otlp_endpoint: None,
-        otlp_traces_endpoint: None,
-        service_name: String::new(),
-        disabled: true,
-    };
-    let _ = init(format, &none);
 }
 
 #[cfg(test)]
