@@ -330,10 +330,14 @@ mod tests {
     const P1: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
     fn policy() -> PolicySet {
-        let keys = format!(
-            "[[keys]]\nname = \"web-report\"\nsha256 = \"{}\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n",
-            "ab".repeat(32)
-        );
+        let keys = crate::policy::KeyEntry {
+            name: "web-report",
+            sha256: "ab".repeat(32),
+            roles: &["billing-read-only"],
+            projects: &[P1],
+        }
+        .to_toml()
+        .expect("TOML");
         PolicySet::from_sources(&[
             ("default.toml".into(), DEFAULT.into()),
             ("keys.toml".into(), keys),

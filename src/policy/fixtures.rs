@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{PolicyError, PolicySet, Principal, decide, key_sha256};
+use super::{KeyEntry, PolicyError, PolicySet, Principal, decide, key_sha256};
 use crate::billing::parse;
 
 pub const DEFAULT: &str = include_str!("../../policies/default.toml");
@@ -45,8 +45,11 @@ pub fn decide_on(p: &Principal, path: &str, query: &str) -> Result<String, u16> 
 /// A `[[keys]]` entry for `key` granting `billing-read-only`, with `extra` lines.
 pub fn key_entry(name: &str, key: &str, extra: &str) -> String {
     let key: Uuid = key.parse().expect("uuid");
-    format!(
-        "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"billing-read-only\"]\n{extra}",
-        key_sha256(&key)
-    )
+    let entry = KeyEntry {
+        name,
+        sha256: key_sha256(&key),
+        roles: &["billing-read-only"],
+        projects: &[],
+    };
+    entry.to_toml().expect("TOML") + extra
 }

@@ -36,7 +36,7 @@ use crate::billing::Permissions;
 use crate::config::Rate;
 
 pub use decide::{decide, require};
-pub use keys::{is_key_name, key_sha256};
+pub use keys::{KeyEntry, is_key_name, key_sha256};
 pub use load::{PolicyError, PolicySet};
 
 /// Roles from one binding or key, with the projects they are limited to.
