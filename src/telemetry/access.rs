@@ -4,7 +4,7 @@
 //!
 //! The line goes through a bounded queue: a line that finds it full is dropped and counted
 //! (`billing_gateway_log_lines_dropped_total`) instead of growing memory without bound or making
-//! the request wait. The writer thread writes whole lines in writes of at most [`PIPE_BUF`]
+//! the request wait. The writer thread writes whole lines in writes of at most `PIPE_BUF`
 //! bytes, so lines stay whole beside the other log events the process writes to the same
 //! stream. The log filter decides whether lines are written, as for any event (`RUST_LOG`,
 //! target [`ACCESS_TARGET`], level INFO): asked once, when the log is started, since the filter
