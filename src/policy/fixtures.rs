@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -40,6 +41,32 @@ pub fn decide_on(p: &Principal, path: &str, query: &str) -> Result<String, u16> 
     let mut call = parse("GET", path, Some(query)).map_err(|e| e.status().as_u16())?;
     decide(p, &mut call).map_err(|e| e.status().as_u16())?;
     Ok(call.query_string())
+}
+
+/// A `[[bindings]]` entry: members of `group` (in the `groups` claim) get `role` within
+/// `project`.
+pub fn group_binding(group: &str, role: &str, project: &str) -> String {
+    #[derive(Serialize)]
+    struct Binding<'a> {
+        claim: &'a str,
+        equals: &'a str,
+        roles: [&'a str; 1],
+        projects: [&'a str; 1],
+    }
+    #[derive(Serialize)]
+    struct File<'a> {
+        bindings: [Binding<'a>; 1],
+    }
+    let binding = Binding {
+        claim: "groups",
+        equals: group,
+        roles: [role],
+        projects: [project],
+    };
+    toml::to_string(&File {
+        bindings: [binding],
+    })
+    .expect("TOML")
 }
 
 /// A `[[keys]]` entry for `key` granting `billing-read-only`, with `extra` lines.
