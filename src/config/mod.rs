@@ -2,13 +2,13 @@
 //! startup (contract §3).
 //!
 //! [`Config`] is a plain struct of typed values; tests and `demo` build it with [`Config::new`]
-//! and set fields. Operators reach it through [`Config::load`], which reads every setting
-//! through the one table in `settings.rs` (variable, file key, parser) and the value types of
-//! [`units`]. A setting is written in three places: its row there, its field here, and its
-//! default in [`Config::new`]; its names and its parsing are in the row alone, so the
-//! environment, the file, the unknown-key check and the "required" check cannot disagree (and
-//! a test holds the README to the table). Loading reports every problem at once, each naming
-//! its variable or `file:line`, so a broken deployment is fixed in one round.
+//! and set fields. Operators reach it through [`Config::load`] (`sources.rs`), which reads
+//! every setting through the one table in `settings.rs` (variable, file key, parser) and the
+//! value types of [`units`]. A setting is written in three places: its row there, its field
+//! here, and its default in [`Config::new`]; its names and its parsing are in the row alone, so
+//! the environment, the file, the unknown-key check and the "required" check cannot disagree
+//! (and a test holds the README to the table). Loading reports every problem at once, each
+//! naming its variable or `file:line`, so a broken deployment is fixed in one round.
 //!
 //! Secrets (`SCW_SECRET_KEY`, `GATEWAY_JWT_HS256_SECRET`) come only from the environment or the
 //! files their `_FILE` variants name, and live in `secrecy` types so no `Debug`, log line or
@@ -22,14 +22,14 @@ pub mod units;
 
 pub use locate::{line_at, syntax_error_at};
 pub use problem::{ConfigErrors, Problem};
-pub(crate) use settings::parse_redis_url;
+pub(crate) use units::parse_redis_url;
 pub use units::{
     HttpUrl, Rate, parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate,
     parse_size,
 };
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -295,67 +295,6 @@ impl Config {
         }
     }
 
-    /// Reads `file` (or `gateway.toml` when present) and the environment through `env`; every
-    /// problem, or a configuration `needs` can run with.
-    pub fn load(
-        file: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-        needs: Needs,
-    ) -> Result<Config, ConfigErrors> {
-        match Config::gather(file, env, needs) {
-            (config, problems) if problems.is_empty() => Ok(config),
-            (_, problems) => Err(ConfigErrors(problems)),
-        }
-    }
-
-    /// [`Config::load`] without the verdict: every setting that could be read (defaults for
-    /// the rest, a nil organization and an empty key when missing) and every problem. For
-    /// `check`, which goes on to the policy folder to report its problems in the same run; a
-    /// configuration with problems must never serve.
-    pub fn gather(
-        file: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-        needs: Needs,
-    ) -> (Config, Vec<Problem>) {
-        let (mut config, mut problems) = sources::gather(file, env, needs);
-        if let Some(TlsFiles { cert, key }) = &config.tls
-            && (cert.as_os_str().is_empty() || key.as_os_str().is_empty())
-        {
-            problems.push(Problem::between(
-                "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY (tls.cert, tls.key) go together: set both \
-                 or neither",
-            ));
-            config.tls = None;
-        }
-        if let (None, None, Some(issuer)) = (
-            config.auth.key_source(),
-            &config.auth.hs256_secret,
-            &config.auth.issuer,
-        ) {
-            problems.push(Problem::at(
-                "GATEWAY_JWT_ISSUER",
-                format!(
-                    "`{issuer}` is not an http(s) URL, so no JWKS can be discovered from it; \
-                     set GATEWAY_JWKS_URL or GATEWAY_JWT_HS256_SECRET"
-                ),
-            ));
-        }
-        (config, problems)
-    }
-
-    /// Overrides the named settings from the environment only (the file is not read): `demo`
-    /// takes its rates this way, through the same parsers as `serve`.
-    pub fn apply_env(
-        &mut self,
-        names: &[&str],
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigErrors> {
-        match sources::overlay(self, names, env) {
-            problems if problems.is_empty() => Ok(()),
-            problems => Err(ConfigErrors(problems)),
-        }
-    }
-
     /// Whether any caller could authenticate: a token source configured, or gateway keys in
     /// the policy (`policy_has_keys`). `serve` refuses to start without one, and `check`
     /// reports it, from this one rule.
@@ -376,6 +315,7 @@ impl Config {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::path::Path;
 
     const ORG: &str = "11111111-2222-3333-4444-555555555555";
     const KEY: &str = "aaaaaaaa-0000-4000-8000-000000000001";
@@ -670,29 +610,6 @@ mod tests {
         assert!(
             e.to_string().starts_with("GATEWAY_UPSTREAM_RATE: `lots`"),
             "{e}"
-        );
-    }
-
-    #[test]
-    fn the_readme_documents_every_setting_of_the_table() {
-        let readme = include_str!("../../README.md");
-        for setting in settings::SETTINGS {
-            assert!(
-                readme.contains(&format!("`{}`", setting.env)),
-                "{}",
-                setting.env
-            );
-            if let settings::Place::File(key) = setting.place {
-                assert!(readme.contains(&format!("`{key}`")), "{key}");
-            }
-        }
-        let mut names: Vec<&str> = settings::SETTINGS.iter().map(|s| s.env).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(
-            names.len(),
-            settings::SETTINGS.len(),
-            "a variable is in the table twice"
         );
     }
 

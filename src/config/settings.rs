@@ -11,7 +11,8 @@ use secrecy::SecretString;
 use uuid::Uuid;
 
 use super::units::{
-    parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate, parse_size,
+    parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate, parse_redis_url,
+    parse_size,
 };
 use super::{Config, LogFormat, TlsFiles};
 
@@ -266,26 +267,37 @@ fn otlp_protocol(_: &mut Config, v: String) -> Result<(), String> {
     }
 }
 
-/// Checks a Redis URL's form without connecting; the message never repeats the URL, which may
-/// hold a password.
-pub(crate) fn parse_redis_url(v: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(v).map_err(|e| format!("not a URL ({e})"))?;
-    if !matches!(url.scheme(), "redis" | "rediss") {
-        return Err("not a redis:// or rediss:// URL".to_owned());
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("a redis:// URL names a host".to_owned());
-    }
-    let db = url.path().trim_start_matches('/');
-    if !db.is_empty() && db.parse::<u16>().is_err() {
-        return Err("the path of a redis:// URL is a database number".to_owned());
-    }
-    Ok(url)
-}
-
 fn tls_files(c: &mut Config) -> &mut TlsFiles {
     c.tls.get_or_insert_with(|| TlsFiles {
         cert: PathBuf::new(),
         key: PathBuf::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_documents_every_setting_of_the_table() {
+        let readme = include_str!("../../README.md");
+        for setting in SETTINGS {
+            assert!(
+                readme.contains(&format!("`{}`", setting.env)),
+                "{}",
+                setting.env
+            );
+            if let Place::File(key) = setting.place {
+                assert!(readme.contains(&format!("`{key}`")), "{key}");
+            }
+        }
+        let mut names: Vec<&str> = SETTINGS.iter().map(|s| s.env).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            SETTINGS.len(),
+            "a variable is in the table twice"
+        );
+    }
 }

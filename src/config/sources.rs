@@ -1,5 +1,6 @@
-//! Reading the settings: the environment (which wins), the secrets' `_FILE` variants and the
-//! TOML file, each through the one table of [`super::settings`]. There is no mirror struct of
+//! Reading the settings ([`Config::load`], [`Config::gather`], [`Config::apply_env`]): the
+//! environment (which wins), the secrets' `_FILE` variants and the TOML file, each through the
+//! one table of [`super::settings`], then the rules between settings. There is no mirror struct of
 //! the file: a key the table does not know is an unknown key. Values in the file are TOML
 //! strings (`timeout = "30s"`), exactly what the variable would hold.
 //!
@@ -14,7 +15,7 @@ use uuid::Uuid;
 
 use super::locate::{line_at, syntax_error_at};
 use super::settings::{Place, SETTINGS, Setting};
-use super::{Config, DEFAULT_API_URL, Needs, Problem};
+use super::{Config, ConfigErrors, DEFAULT_API_URL, Needs, Problem, TlsFiles};
 
 /// A value as found, and where, for messages.
 struct Found {
@@ -40,9 +41,72 @@ struct Document<'a> {
     table: DeTable<'a>,
 }
 
+impl Config {
+    /// Reads `file` (or `gateway.toml` when present) and the environment through `env`; every
+    /// problem, or a configuration `needs` can run with.
+    pub fn load(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        needs: Needs,
+    ) -> Result<Config, ConfigErrors> {
+        match Config::gather(file, env, needs) {
+            (config, problems) if problems.is_empty() => Ok(config),
+            (_, problems) => Err(ConfigErrors(problems)),
+        }
+    }
+
+    /// [`Config::load`] without the verdict: every setting that could be read (defaults for
+    /// the rest, a nil organization and an empty key when missing) and every problem. For
+    /// `check`, which goes on to the policy folder to report its problems in the same run; a
+    /// configuration with problems must never serve.
+    pub fn gather(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        needs: Needs,
+    ) -> (Config, Vec<Problem>) {
+        let (mut config, mut problems) = read(file, env, needs);
+        if let Some(TlsFiles { cert, key }) = &config.tls
+            && (cert.as_os_str().is_empty() || key.as_os_str().is_empty())
+        {
+            problems.push(Problem::between(
+                "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY (tls.cert, tls.key) go together: set both \
+                 or neither",
+            ));
+            config.tls = None;
+        }
+        if let (None, None, Some(issuer)) = (
+            config.auth.key_source(),
+            &config.auth.hs256_secret,
+            &config.auth.issuer,
+        ) {
+            problems.push(Problem::at(
+                "GATEWAY_JWT_ISSUER",
+                format!(
+                    "`{issuer}` is not an http(s) URL, so no JWKS can be discovered from it; \
+                     set GATEWAY_JWKS_URL or GATEWAY_JWT_HS256_SECRET"
+                ),
+            ));
+        }
+        (config, problems)
+    }
+
+    /// Overrides the named settings from the environment only (the file is not read): `demo`
+    /// takes its rates this way, through the same parsers as `serve`.
+    pub fn apply_env(
+        &mut self,
+        names: &[&str],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigErrors> {
+        match overlay(self, names, env) {
+            problems if problems.is_empty() => Ok(()),
+            problems => Err(ConfigErrors(problems)),
+        }
+    }
+}
+
 /// Reads every setting from `env` (which wins) and the file, starting from [`Config::new`]'s
 /// defaults; returns what could be read and every problem met.
-pub(super) fn gather(
+fn read(
     file: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
     needs: Needs,
@@ -109,7 +173,7 @@ pub(super) fn gather(
 }
 
 /// Applies only the named settings, from the environment only, over `config`.
-pub(super) fn overlay(
+fn overlay(
     config: &mut Config,
     names: &[&str],
     env: &dyn Fn(&str) -> Option<String>,

@@ -7,14 +7,14 @@
 //! call carries the trace on in its own `traceparent`: same trace id, a new parent id (the span
 //! of that call), the caller's sampled flag and `tracestate`.
 //!
-//! With an OTLP endpoint configured, [`init`](super::init) installs the OpenTelemetry layer and the request
-//! and upstream spans are exported over OTLP/HTTP (protobuf); the ids are then the exported
-//! spans'. Without one nothing of OpenTelemetry runs: no layer, no span built for it, no
+//! With an OTLP endpoint configured, [`init`](super::init) installs the OpenTelemetry layer and
+//! the request and upstream spans are exported over OTLP/HTTP (protobuf); the ids are then the
+//! exported spans'. Without one nothing of OpenTelemetry runs: no layer, no span built for it, no
 //! exporter thread; the ids are drawn here (a random trace id when the caller sent none, a
 //! random parent id per upstream call).
 //!
 //! Here: the request's and upstream calls' spans and the trace they carry on; the header codec
-//! is [`traceparent`], the exporter's adapter `otlp`.
+//! is `traceparent.rs`, the exporter's adapter `otlp.rs`.
 
 pub(super) mod otlp;
 mod traceparent;
@@ -32,7 +32,8 @@ use opentelemetry::trace::{
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Set once [`init`](super::init) has installed the OpenTelemetry layer; read (one relaxed load) per request.
+/// Set once [`init`](super::init) has installed the OpenTelemetry layer; read (one relaxed
+/// load) per request.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Whether spans are exported: only then is any OpenTelemetry span built.
