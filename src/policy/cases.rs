@@ -31,7 +31,8 @@ use serde_json::{Map, Value};
 use toml::Spanned;
 use uuid::Uuid;
 
-use super::{PolicyError, PolicySet, Principal};
+use super::load::{PolicyError, PolicySet};
+use super::principal::Principal;
 use crate::error::Error;
 
 /// One file of cases, parsed and checked for shape.

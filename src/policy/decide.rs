@@ -6,7 +6,7 @@
 
 use uuid::Uuid;
 
-use super::Principal;
+use super::principal::Principal;
 use crate::billing::{Call, Permission, Scope};
 use crate::error::Error;
 

@@ -12,7 +12,7 @@ use subtle::ConstantTimeEq;
 use toml::Spanned;
 use uuid::Uuid;
 
-use super::{Class, Grant, Principal};
+use super::principal::{Class, Grant, Principal};
 
 /// The SHA-256, as 64 lowercase hex digits, of a gateway key's canonical text (hyphenated,
 /// lowercase): what a `[[keys]]` entry stores instead of the key.
