@@ -1,5 +1,6 @@
-//! What the gateway tells its operators: request ids and each request's context, one log line
-//! per request ([`access`]), audit events, Prometheus metrics and traces ([`trace`]).
+//! What the gateway tells its operators: request ids and each request's context (here), one
+//! log line per request ([`access`]), audit events, Prometheus metrics ([`Metrics`]) and traces
+//! ([`trace`]), and the process's log subscriber that writes the events ([`init`]).
 //!
 //! Metrics live in a per-app registry (not a process-wide recorder), so tests can run many apps
 //! in one process and read each one's numbers. Log lines carry ids, names and numbers only: never
