@@ -30,7 +30,6 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::config::LogFormat;
 use crate::limits::PrincipalLimits;
-use crate::policy::PolicySet;
 use crate::policy::reload::{self, LivePolicy};
 use crate::server::tls::Tls;
 use crate::state::{AppState, Shared};
@@ -140,11 +139,6 @@ impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         let policy = LivePolicy::load_dir(&config.policy_dir)?;
         App::assemble(config, policy).await
-    }
-
-    /// Builds the gateway with an already loaded policy, which never changes.
-    pub async fn with_policy(config: Config, policy: PolicySet) -> Result<App, StartError> {
-        App::assemble(config, LivePolicy::fixed(policy)).await
     }
 
     /// Builds the gateway with a policy loaded by the caller, reloaded as it says (`demo`: the
