@@ -64,7 +64,9 @@ pub enum StartError {
 /// than twice `max_headers` headers over HTTP/1.1 (`431`), or a request target of 64 KiB or more
 /// over HTTP/1.1 (`414`, hyper's fixed limit).
 ///
-/// Places in flight are [`crate::admission`]'s: see there for what holds one and for how long.
+/// Places in flight: an authenticated request holds one from the moment its caller is known and
+/// allowed until its answer is given, or, for an upstream body relayed as it comes, until the
+/// client has taken it (or taken nothing for `idle_write_timeout`).
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
     /// Most bytes of request headers answered normally; more is a JSON 431.
