@@ -434,8 +434,7 @@ pub async fn assert_error(response: reqwest::Response, status: u16, kind: &str) 
     json
 }
 
-/// Log lines written by a test's subscriber (`.with_writer(move || writer.clone())`) and by the
-/// app's access log ([`TestAppBuilder::access_log`]), kept in memory to be searched.
+/// Log lines written by a test's subscriber ([`capture_logs`]) and by the app's access log ([`TestAppBuilder::access_log`]), kept in memory to be searched.
 #[derive(Clone, Default)]
 pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
@@ -457,6 +456,40 @@ impl std::io::Write for Captured {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Keeps the log capture of [`capture_logs`] set for this thread until dropped.
+pub struct LogCapture {
+    _guard: tracing::subscriber::DefaultGuard,
+    _anchor: tracing::Dispatch,
+}
+
+/// Sets, for this thread, a subscriber that writes what `filter` (`EnvFilter` directives, e.g.
+/// `"info"`, `"trace"`, `"info,billing_gateway::access=warn"`) lets through into the returned
+/// [`Captured`] as JSON lines, fields flattened. Use a `current_thread` runtime, so that every
+/// task of the app runs on this thread and is seen.
+pub fn capture_logs(filter: &str) -> (Captured, LogCapture) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(move || writer.clone())
+        .finish();
+    // tracing caches each log site's interest process-wide; with a single dispatcher it asks
+    // the registering thread's (tokio-rs/tracing#3611), so a sibling test without a subscriber
+    // would silence the site here. A second, always-interested dispatcher avoids that shortcut.
+    let anchor = tracing::Dispatch::new(tracing_subscriber::registry());
+    let guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    (
+        captured,
+        LogCapture {
+            _guard: guard,
+            _anchor: anchor,
+        },
+    )
 }
 
 /// Reads one HTTP/1.1 request head off a raw socket, for the hand-written upstreams that
@@ -491,12 +524,14 @@ pub fn value(exposition: &str, name: &str, labels: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A 200 with `body` as its JSON, the way the upstream answers.
+pub fn ok_json(body: Value) -> wiremock::ResponseTemplate {
+    wiremock::ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
+}
+
 /// A consumption list whose one product is named `marker`, so a test tells answers apart.
 pub fn consumptions(marker: &str) -> wiremock::ResponseTemplate {
-    wiremock::ResponseTemplate::new(200).set_body_raw(
-        json!({"consumptions": [{"product_name": marker}], "total_count": 1}).to_string(),
-        "application/json",
-    )
+    ok_json(json!({"consumptions": [{"product_name": marker}], "total_count": 1}))
 }
 
 /// A response header as text (empty when absent).
