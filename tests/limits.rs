@@ -13,19 +13,6 @@ use serde_json::{Value, json};
 use wiremock::matchers::{any, method, path};
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
-fn per_second(count: u32) -> Rate {
-    Rate {
-        count,
-        per: Duration::from_secs(1),
-    }
-}
-
-/// A read-only token for subject `sub`.
-fn reader_as(sub: &str) -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": sub, "roles": ["billing-read-only"], "iat": now, "exp": now + 600}))
-}
-
 /// The value of one sample line of the exposition, 0 when absent.
 fn sample(metrics: &str, series: &str) -> f64 {
     metrics

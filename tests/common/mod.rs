@@ -398,6 +398,20 @@ where
     }
 }
 
+/// A read-only token for subject `sub`.
+pub fn reader_as(sub: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    token_with(json!({"sub": sub, "roles": ["billing-read-only"], "iat": now, "exp": now + 600}))
+}
+
+/// `count` a second, burst twice that.
+pub fn per_second(count: u32) -> billing_gateway::config::Rate {
+    billing_gateway::config::Rate {
+        count,
+        per: Duration::from_secs(1),
+    }
+}
+
 pub fn token_with(claims: Value) -> String {
     let Value::Object(claims) = claims else {
         panic!("claims must be an object")
