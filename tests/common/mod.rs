@@ -22,7 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use billing_gateway::auth::mint_hs256;
 use billing_gateway::config::{Config, LogFormat};
@@ -409,6 +409,38 @@ pub fn per_second(count: u32) -> billing_gateway::config::Rate {
     billing_gateway::config::Rate {
         count,
         per: Duration::from_secs(1),
+    }
+}
+
+/// The upstream saw no more than `rate` allows since `since`, an instant taken before the first
+/// of these calls was sent: the `k`th arrival (in time order) came at least `k` paces after it,
+/// so at most `1 + rate × t` arrived within any `t` from `since`. Cumulative, not per window:
+/// a loaded machine only delays an arrival, which this bound allows, where a window would catch
+/// a delayed call bunched with the next. `burst` is how many calls may arrive at once (a budget
+/// of evenly spaced slots has none); 5 ms is the clocks' granularity.
+pub fn assert_paced(
+    since: Instant,
+    arrivals: &[Instant],
+    rate: billing_gateway::config::Rate,
+    burst: u32,
+) {
+    let mut times = arrivals.to_vec();
+    times.sort();
+    let gaps = || {
+        times
+            .iter()
+            .map(|t| t.duration_since(since).as_millis())
+            .collect::<Vec<_>>()
+    };
+    for (k, at) in times.iter().enumerate() {
+        let turns = (k as u32).saturating_sub(burst);
+        let earliest = (rate.pace() * turns).saturating_sub(Duration::from_millis(5));
+        assert!(
+            at.duration_since(since) >= earliest,
+            "arrival {k} came {:?} after the start, before {earliest:?}: ms since start {:?}",
+            at.duration_since(since),
+            gaps()
+        );
     }
 }
 
