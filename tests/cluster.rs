@@ -246,25 +246,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use billing_gateway::config::Rate;
-use serde_json::json;
 use tokio::time::Instant;
 use wiremock::matchers::any;
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
 /// The tests that load the machine run one at a time: each measures time.
 static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn per_second(count: u32) -> Rate {
-    Rate {
-        count,
-        per: Duration::from_secs(1),
-    }
-}
-
-fn reader_as(sub: &str) -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": sub, "roles": ["billing-read-only"], "iat": now, "exp": now + 600}))
-}
 
 /// Records when each upstream request arrived (wiremock's `Request` carries no timestamp).
 #[derive(Clone, Default)]

@@ -30,10 +30,7 @@ async fn gateway(
     })
     .await;
     Mock::given(any())
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(json!({"consumptions": []}).to_string(), "application/json"),
-        )
+        .respond_with(ok_json(json!({"consumptions": []})))
         .mount(&app.upstream)
         .await;
     app

@@ -17,10 +17,6 @@ const MANAGER_KEY: &str = "1c8e3f2d-0b55-4a7c-9d4e-6f7a8b9c0d1e";
 const WEB_KEY: &str = "2d9f4a3e-1c66-4b8d-8e5f-7a8b9c0d1e2f";
 const P1: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
-fn ok_json(body: Value) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
-}
-
 fn entry(name: &str, key: &str, roles: &str, extra: &str) -> String {
     format!(
         "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"{roles}\"]\n{extra}\n",

@@ -9,10 +9,6 @@ use serde_json::{Value, json};
 use wiremock::matchers::{any, header, method, path, query_param};
 use wiremock::{Mock, ResponseTemplate};
 
-fn ok_json(body: Value) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
-}
-
 #[tokio::test]
 async fn consumption_is_forwarded_with_the_key_injected_and_the_callers_token_absent() {
     let app = TestApp::spawn().await;
@@ -426,7 +422,21 @@ async fn hostile_requests_are_refused_and_never_forwarded() {
         let body: Value = serde_json::from_str(&body).expect("JSON body");
         assert!(body["type"].is_string(), "{verb} {path}: {body}");
     }
-    assert!(tokens.len() + requests.len() >= 30);
+    // Every one was answered by the gateway itself and counted as a refusal: no 2xx, no 5xx.
+    let m = app.metrics().await;
+    let answered: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("billing_gateway_requests_total{"))
+        .map(|l| {
+            assert!(l.contains("status=\"4"), "not a refusal: {l}");
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .expect("a count")
+        })
+        .sum();
+    assert_eq!(answered as usize, tokens.len() + requests.len(), "{m}");
+    assert!(!m.contains("billing_gateway_upstream_calls_total{"), "{m}");
     assert!(app.upstream_requests().await.is_empty());
 }
 
