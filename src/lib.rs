@@ -45,6 +45,7 @@ pub mod billing;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod limits;
 pub mod policy;
 pub mod server;
 pub mod telemetry;
@@ -54,7 +55,6 @@ pub mod upstream;
 mod admission;
 mod crypto;
 mod error;
-mod limits;
 mod proxy;
 mod state;
 

@@ -7,14 +7,14 @@
 //! fails or times out until background probes succeed again. A request never waits on Redis
 //! while degraded, and never longer than the timeout otherwise.
 //!
-//! Every shared decision is one Lua script (atomic, one round trip, Redis `TIME` as the only
-//! clock) run through [`Cluster::invoke`]. Every key is under the namespace (one hash tag, so
-//! Redis Cluster keeps them in one slot), and every key but the budget's carries a TTL, so
-//! `volatile-lru` never evicts the budget.
-
-mod rates;
-
-pub use rates::{SharedRates, lease_size};
+//! This module owns the link only. Each mechanism shared through it lives beside its local twin,
+//! with its own keys and scripts: the upstream budget in [`crate::upstream`], principals' rates
+//! in [`crate::limits`], the cache's shared tier in [`crate::cache`]. Every shared decision is
+//! one Lua script (atomic, one round trip, Redis `TIME` as the only clock) run through
+//! [`Cluster::invoke`]. Every key is under the namespace (one hash tag, so Redis Cluster keeps
+//! them in one slot), and every key but the budget's and the cache generation carries a TTL, so
+//! `volatile-lru` evicts neither: an evicted budget would overspend, an evicted generation
+//! would make purged entries reachable again.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,7 @@ use secrecy::ExposeSecret;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::config::RedisConfig;
+use crate::config::{Rate, RedisConfig};
 use crate::telemetry::Metrics;
 
 /// How often the background task heartbeats (connected) or probes (degraded).
@@ -34,11 +34,6 @@ pub const TICK: Duration = Duration::from_secs(1);
 
 /// Consecutive successful probes before a degraded replica shares again.
 pub const PROBES_TO_RESUME: u32 = 3;
-
-/// How long no replica takes an upstream slot around a switch of mode: the longest wait for a
-/// slot ([`crate::upstream::UPSTREAM_MAX_WAIT`]) plus the one-second window, so slots granted
-/// under one mode pass out of every window before the other mode spends any.
-pub const DEAD_TIME: Duration = Duration::from_secs(3);
 
 /// How a replica keeps its limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +50,7 @@ pub enum Mode {
 /// A Redis command this replica runs, by purpose: the `op` label of the Redis metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
-    /// Reserving an upstream slot.
+    /// Reserving an upstream turn.
     Budget,
     /// Noting or clearing the upstream's 429 backoff.
     Backoff,
@@ -118,6 +113,8 @@ pub struct Cluster {
     replica: String,
     timeout: Duration,
     fallback: u32,
+    /// Scripts that must succeed before this replica shares again after being on its own.
+    resume: Mutex<Vec<Arc<ScriptInvocation<'static>>>>,
     cmd: ConnectionManager,
     sub: ConnectionManager,
     events: broadcast::Sender<Event>,
@@ -129,8 +126,16 @@ pub struct Cluster {
 
 static HEARTBEAT: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
-static RESUME: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("lua/resume.lua")));
+
+/// This replica's share of `rate` among `replicas` (N), for when it keeps its limits on its
+/// own: ⌊count / N⌋ per the same period, at least 1 (contract §11), so N replicas together stay
+/// within `rate` in every window. Shared budget and principals' rates alike.
+pub fn share(rate: Rate, replicas: u32) -> Rate {
+    Rate {
+        count: (rate.count / replicas.max(1)).max(1),
+        per: rate.per,
+    }
+}
 
 impl Cluster {
     /// The link for `config` (which has a URL), without connecting: connections are made on
@@ -184,6 +189,7 @@ impl Cluster {
             replica: uuid::Uuid::new_v4().to_string(),
             timeout: config.timeout,
             fallback: config.fallback_replicas,
+            resume: Mutex::new(Vec::new()),
             cmd,
             sub,
             events,
@@ -203,11 +209,6 @@ impl Cluster {
         &self.replica
     }
 
-    /// The longest a request waits on Redis (`GATEWAY_REDIS_TIMEOUT`).
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// How this replica keeps its limits now.
     pub fn mode(&self) -> Mode {
         *self.mode.lock().unwrap_or_else(|e| e.into_inner())
@@ -217,6 +218,13 @@ impl Cluster {
     /// never fewer than `GATEWAY_REDIS_FALLBACK_REPLICAS` (an under-estimate would overspend).
     pub fn replicas(&self) -> u32 {
         self.seen.load(Ordering::Relaxed).max(self.fallback)
+    }
+
+    /// Adds `script` to what this replica runs when Redis answers again after it was on its
+    /// own: it shares again only once every such script succeeded (the budget's dead time).
+    pub fn on_resume(&self, script: ScriptInvocation<'static>) {
+        let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        resume.push(Arc::new(script));
     }
 
     /// Everything the pub/sub connection brings from now on.
@@ -309,7 +317,6 @@ impl Cluster {
     pub async fn run(self: Arc<Self>) -> std::convert::Infallible {
         let channel = self.key("events");
         let replicas = self.key("replicas");
-        let paused = self.key("budget:paused_until");
         let mut subscribed = false;
         let mut probes = 0;
         let mut tick = tokio::time::interval(TICK);
@@ -336,15 +343,32 @@ impl Cluster {
                     };
                     if probes >= PROBES_TO_RESUME {
                         probes = 0;
-                        let mut resume = RESUME.prepare_invoke();
-                        resume.key(&paused).arg(DEAD_TIME.as_micros() as u64);
-                        if self.timed::<i64>(Op::Probe, &resume).await.is_ok() {
+                        if self.resumed().await {
                             self.set_mode(Mode::Connected);
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Runs every script added by [`Cluster::on_resume`]; whether all succeeded.
+    async fn resumed(&self) -> bool {
+        let scripts = self
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for script in scripts {
+            if self
+                .timed::<redis::Value>(Op::Probe, &script)
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
     }
 
     /// Subscribes when not yet subscribed, or pings the subscribed connection so that a lost

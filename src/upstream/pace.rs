@@ -1,4 +1,4 @@
-//! This process's own clock of the budget: an even pace of slots, and the backoff after the
+//! This process's own clock of the budget: an even pace of turns, and the backoff after the
 //! upstream answers 429. The shared budget (`shared.rs`) keeps both too, to fall back on and
 //! to remember locally what Redis decided.
 
@@ -15,16 +15,16 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// The longest backoff, with or without `Retry-After`.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
-/// One slot every `period`, never two closer (GCRA with a burst of one), on tokio's clock, so
+/// One turn every `period`, never two closer (GCRA with a burst of one), on tokio's clock, so
 /// tests with paused time see exact turns.
 pub struct Pace {
     period: Duration,
-    /// When the next slot is free.
+    /// When the next turn is free.
     next: Mutex<Instant>,
 }
 
 impl Pace {
-    /// A pace of one slot per `period`; the first is free at once.
+    /// A pace of one turn per `period`; the first is free at once.
     pub fn new(period: Duration) -> Pace {
         Pace {
             period,
@@ -32,14 +32,14 @@ impl Pace {
         }
     }
 
-    pub(super) async fn next_slot(&self) {
+    pub(super) async fn next_turn(&self) {
         loop {
             let at = {
                 // A plain instant: a panic elsewhere cannot leave it half-written.
                 let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
                 if *next <= now {
-                    // A slot left unused is not saved up: no burst after a quiet spell.
+                    // A turn left unused is not saved up: no burst after a quiet spell.
                     *next = now + self.period;
                     return;
                 }
