@@ -1,4 +1,4 @@
-//! Replicas sharing one budget, one set of rates and one cache through Redis (contract §11).
+//! The link through which replicas share one budget, one set of rates and one cache (contract §11).
 //!
 //! [`Cluster`] is this replica's link: one multiplexed command connection (every command
 //! bounded by `GATEWAY_REDIS_TIMEOUT`), one RESP3 pub/sub connection on `{ns}:events` that
@@ -16,15 +16,20 @@
 //! `volatile-lru` evicts neither: an evicted budget would overspend, an evicted generation
 //! would make purged entries reachable again.
 
+mod events;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, PushInfo, PushKind, Script, ScriptInvocation};
+use redis::{FromRedisValue, PushInfo, Script, ScriptInvocation};
 use secrecy::ExposeSecret;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
+
+pub use events::Event;
+use events::event;
 
 use crate::config::{Rate, RedisConfig};
 use crate::telemetry::Metrics;
@@ -88,18 +93,6 @@ impl Op {
             Op::Probe => "probe",
         }
     }
-}
-
-/// What the pub/sub connection brings, to every [`Cluster::events`] receiver.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A message published on `{ns}:events`.
-    Message(String),
-    /// The subscription is (again) in place: messages published while it was not were lost,
-    /// so whoever relies on them re-reads what they would have said.
-    Subscribed,
-    /// The pub/sub connection dropped; messages may be lost until [`Event::Subscribed`].
-    Disconnected,
 }
 
 /// Redis could not be asked (degraded, an error, or no answer within the timeout): the caller
@@ -369,38 +362,5 @@ impl Cluster {
             }
         }
         true
-    }
-
-    /// Subscribes when not yet subscribed, or pings the subscribed connection so that a lost
-    /// one is remade (and resubscribed by the client); whether the subscription is in place.
-    async fn keep_subscribed(&self, channel: &str, subscribed: bool) -> bool {
-        let mut sub = self.sub.clone();
-        let bound = Duration::from_secs(1);
-        if subscribed {
-            let ping = redis::cmd("PING");
-            let pong = tokio::time::timeout(bound, ping.query_async::<redis::Value>(&mut sub));
-            let _ = pong.await;
-            true
-        } else {
-            matches!(
-                tokio::time::timeout(bound, sub.subscribe(channel)).await,
-                Ok(Ok(()))
-            )
-        }
-    }
-}
-
-/// The event a push from the pub/sub connection means, if any.
-fn event(push: PushInfo) -> Option<Event> {
-    match push.kind {
-        PushKind::Message => match push.data.get(1) {
-            Some(redis::Value::BulkString(bytes)) => {
-                Some(Event::Message(String::from_utf8_lossy(bytes).into_owned()))
-            }
-            _ => None,
-        },
-        PushKind::Subscribe => Some(Event::Subscribed),
-        PushKind::Disconnection => Some(Event::Disconnected),
-        _ => None,
     }
 }

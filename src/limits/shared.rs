@@ -44,7 +44,8 @@ const LEASE_LIFE: Duration = Duration::from_secs(1);
 const LEASE_MAX: u32 = 64;
 
 /// k, how many requests a replica leases at once for `rate` among `replicas`: a quarter of each
-/// replica's share of the burst, from 1 (a lease of one is the plain check) to [`LEASE_MAX`], so the slack above stays small beside the burst.
+/// replica's share of the burst, from 1 (a lease of one is the plain check) to 64, so the slack
+/// above stays small beside the burst.
 pub fn lease_size(rate: Rate, replicas: u32) -> u32 {
     let burst = rate.count.saturating_mul(2);
     (burst / replicas.max(1).saturating_mul(4)).clamp(1, LEASE_MAX)

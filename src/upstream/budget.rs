@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::fair::{FairQueue, Ticket};
-use super::pace::{Backoff, Pace};
-use super::shared::SharedTurns;
+use super::pace::{Backoff, Pace, period};
+use super::shared::{DEAD_TIME, SharedTurns};
 use crate::cluster::Cluster;
 use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
@@ -16,6 +16,9 @@ use crate::telemetry::Metrics;
 
 /// The longest a call waits for its turn in the upstream budget before it is answered 429.
 pub const UPSTREAM_MAX_WAIT: Duration = Duration::from_secs(2);
+
+// Turns granted under one mode pass out of every window before the other mode spends any.
+const _: () = assert!(DEAD_TIME.as_nanos() == UPSTREAM_MAX_WAIT.as_nanos() + 1_000_000_000);
 
 /// Who an upstream call is for: its place in the fair queue and its label in metrics.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +58,7 @@ impl UpstreamBudget {
     /// The pace is kept 5% under the rate: the calls leave evenly spaced, but they arrive with
     /// the network's jitter, and the headroom keeps a jittered window within the budget too.
     pub fn new(rate: Rate, max_wait: Duration) -> UpstreamBudget {
-        UpstreamBudget::with_turns(rate, max_wait, Turns::Local(Pace::new(Self::period(rate))))
+        UpstreamBudget::with_turns(rate, max_wait, Turns::Local(Pace::new(period(rate))))
     }
 
     /// A budget of `rate` for the calls of every replica together, through `cluster`; a 429
@@ -67,18 +70,12 @@ impl UpstreamBudget {
         backoff: Arc<Backoff>,
         metrics: Arc<Metrics>,
     ) -> UpstreamBudget {
-        let period = Self::period(rate);
-        let turns = SharedTurns::new(cluster, backoff, rate, period, max_wait, metrics);
+        let turns = SharedTurns::new(cluster, backoff, rate, period(rate), max_wait, metrics);
         UpstreamBudget::with_turns(rate, max_wait, Turns::Shared(Box::new(turns)))
     }
 
-    /// The time between two turns at `rate`: its pace, 5% longer.
-    pub(super) fn period(rate: Rate) -> Duration {
-        rate.pace().mul_f64(1.05)
-    }
-
     fn with_turns(rate: Rate, max_wait: Duration, turns: Turns) -> UpstreamBudget {
-        let backlog = (max_wait.as_secs_f64() / Self::period(rate).as_secs_f64()).ceil();
+        let backlog = (max_wait.as_secs_f64() / period(rate).as_secs_f64()).ceil();
         UpstreamBudget {
             turns,
             queue: FairQueue::default(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
 
 /// The first backoff after an upstream 429 without `Retry-After`; it doubles on each further one.
@@ -14,6 +15,13 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 
 /// The longest backoff, with or without `Retry-After`.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The time between two turns at `rate`: its pace kept 5% under the rate, because the calls
+/// leave evenly spaced but arrive with the network's jitter, and the headroom keeps a jittered
+/// window within the budget too. The shared budget's pace and a replica's own share alike.
+pub fn period(rate: Rate) -> Duration {
+    rate.pace().mul_f64(1.05)
+}
 
 /// One turn every `period`, never two closer (GCRA with a burst of one), on tokio's clock, so
 /// tests with paused time see exact turns.
@@ -51,7 +59,7 @@ impl Pace {
 }
 
 /// After an upstream 429 the gateway stops calling the upstream for everyone: for the upstream's
-/// `Retry-After` when it sent one, otherwise for a backoff that starts at [`BACKOFF_INITIAL`]
+/// `Retry-After` when it sent one, otherwise for a backoff that starts at `BACKOFF_INITIAL` (1 s)
 /// and doubles with each further 429, back to the start after any other answer.
 pub struct Backoff {
     state: Mutex<BackoffState>,

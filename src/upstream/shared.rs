@@ -15,8 +15,7 @@ use std::time::Duration;
 use redis::Script;
 use tokio::time::Instant;
 
-use super::budget::{UPSTREAM_MAX_WAIT, UpstreamBudget};
-use super::pace::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace};
+use super::pace::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace, period};
 use crate::cluster::{Cluster, Mode, Op, share};
 use crate::config::Rate;
 use crate::telemetry::Metrics;
@@ -29,9 +28,10 @@ static RESET: LazyLock<Script> =
 static RESUME: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/resume.lua")));
 
 /// How long no replica takes an upstream turn around a switch of mode: the longest wait for a
-/// turn ([`UPSTREAM_MAX_WAIT`]) plus the one-second window, so turns granted under one mode
-/// pass out of every window before the other mode spends any.
-pub const DEAD_TIME: Duration = UPSTREAM_MAX_WAIT.saturating_add(Duration::from_secs(1));
+/// turn ([`UPSTREAM_MAX_WAIT`](super::UPSTREAM_MAX_WAIT)) plus the one-second window, so turns
+/// granted under one mode pass out of every window before the other mode spends any (the budget
+/// checks the sum when it compiles).
+pub const DEAD_TIME: Duration = Duration::from_secs(3);
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -184,7 +184,7 @@ impl SharedTurns {
             let share = share(self.rate, self.cluster.replicas());
             self.metrics
                 .set_budget_degraded_rate(f64::from(share.count) / share.per.as_secs_f64());
-            Arc::new(Pace::new(UpstreamBudget::period(share)))
+            Arc::new(Pace::new(period(share)))
         });
         Some(pace.clone())
     }
