@@ -56,6 +56,7 @@ pub mod billing;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod limits;
 pub mod policy;
 pub mod server;
 pub mod telemetry;
@@ -65,7 +66,6 @@ pub mod upstream;
 mod admission;
 mod crypto;
 mod error;
-mod limits;
 mod proxy;
 mod state;
 

@@ -614,13 +614,13 @@ async fn fair_share_holds_across_two_replicas_beside_a_flooding_principal() {
 /// (doubling from 1 s without Retry-After).
 #[tokio::test]
 async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
-    use billing_gateway::upstream::{Backoff, SharedSlots};
+    use billing_gateway::upstream::{Backoff, SharedTurns};
     let redis = Redis::start();
     let pace = Duration::from_millis(105);
     let slots = |max_wait: Duration| {
         let backoff = Arc::new(Backoff::default());
         let cluster = link(&redis);
-        let slots = SharedSlots::new(
+        let slots = SharedTurns::new(
             cluster,
             backoff.clone(),
             per_second(10),
@@ -638,11 +638,11 @@ async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
             .and_then(|t| t.parse().ok())
             .expect("a tat")
     };
-    a.next_slot().await.expect("the first slot is free");
+    a.next_turn().await.expect("the first slot is free");
     let first = tat();
     let started = Instant::now();
     for s in [&b, &a, &b] {
-        s.next_slot().await.expect("a slot");
+        s.next_turn().await.expect("a slot");
     }
     assert_eq!(tat() - first, 3 * 105_000, "three paces, in µs");
     // The third of them was two paces after the first.
@@ -651,7 +651,7 @@ async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
     // A replica that will not wait is refused, and told for how long.
     let (impatient, _) = slots(Duration::ZERO);
     let left = impatient
-        .next_slot()
+        .next_turn()
         .await
         .expect_err("no slot within no wait");
     assert!(left <= pace, "{left:?}");
@@ -663,7 +663,7 @@ async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
         second > Duration::from_millis(1990) && second <= Duration::from_secs(2),
         "{second:?}"
     );
-    b.next_slot().await.expect("handed on to be refused");
+    b.next_turn().await.expect("handed on to be refused");
     assert!(b_backoff.remaining() > Duration::from_millis(1900));
     let until: u64 = redis
         .command(&["GET", "test:{events}:budget:backoff_until"])
@@ -776,7 +776,7 @@ async fn redis_gone_each_replica_holds_principals_to_its_share_of_their_rate() {
 /// at the same quota.
 #[tokio::test]
 async fn the_principal_script_decides_as_governor_does() {
-    use billing_gateway::cluster::SharedRates;
+    use billing_gateway::limits::SharedRates;
     use governor::{Quota, RateLimiter};
     use std::num::NonZeroU32;
     let redis = Redis::start();
@@ -820,7 +820,7 @@ async fn the_principal_script_decides_as_governor_does() {
 /// as governor's `check_n` decides at the same quota, and refuses for as long.
 #[tokio::test]
 async fn the_principal_script_leases_as_governors_check_n_decides() {
-    use billing_gateway::cluster::SharedRates;
+    use billing_gateway::limits::SharedRates;
     use governor::{Quota, RateLimiter};
     use std::num::NonZeroU32;
     let redis = Redis::start();
@@ -863,7 +863,7 @@ async fn the_principal_script_leases_as_governors_check_n_decides() {
 /// lease of k (one call in flight at a time, the other hits waiting for its lease), not one each.
 #[tokio::test]
 async fn leasing_cuts_a_principals_redis_calls_to_one_per_k_hits() {
-    use billing_gateway::cluster::lease_size;
+    use billing_gateway::limits::lease_size;
     let redis = Redis::start();
     let rate = per_second(100);
     let apps = replicas(1, &redis, |c| c.limits.principal_rate = rate).await;
