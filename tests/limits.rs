@@ -477,12 +477,6 @@ static FLOOD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A generous bound for a condition to come about; a test fails past it, it never measures.
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// A token for subject `sub` holding `role`.
-fn token_for(sub: &str, role: &str) -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": sub, "roles": [role], "iat": now, "exp": now + 600}))
-}
-
 /// A policy folder with one role per `(name, share)`, each bound to tokens whose `roles` claim
 /// holds its name and allowed to read consumption (consumptions, taxes, charges).
 fn policy_with_shares(roles: &[(&str, u32)]) -> std::path::PathBuf {

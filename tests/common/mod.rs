@@ -400,8 +400,13 @@ where
 
 /// A read-only token for subject `sub`.
 pub fn reader_as(sub: &str) -> String {
+    token_for(sub, "billing-read-only")
+}
+
+/// A token for subject `sub` holding `role`.
+pub fn token_for(sub: &str, role: &str) -> String {
     let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": sub, "roles": ["billing-read-only"], "iat": now, "exp": now + 600}))
+    token_with(json!({"sub": sub, "roles": [role], "iat": now, "exp": now + 600}))
 }
 
 /// `count` a second, burst twice that.
