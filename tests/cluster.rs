@@ -320,6 +320,18 @@ fn drive(
     })
 }
 
+/// Drives each of `apps` as [`drive`] does, all as `token`, until `stop`.
+fn drive_each(
+    apps: &[TestApp],
+    token: String,
+    every: Duration,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Seen>> {
+    apps.iter()
+        .map(|app| drive(app, token.clone(), every, stop.clone()))
+        .collect()
+}
+
 /// Three replicas at 10 calls/s in all; the upstream's arrivals are recorded.
 async fn budgeted(redis: &Redis, rate: u32) -> (Vec<TestApp>, Arrivals) {
     let apps = replicas(3, redis, move |c| {
@@ -356,17 +368,7 @@ async fn three_replicas_each_driven_at_three_times_the_budget_keep_within_it() {
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     // 30 calls a second to each replica: 90 against a budget of 10.
-    let drivers: Vec<_> = apps
-        .iter()
-        .map(|app| {
-            drive(
-                app,
-                reader_as("busy"),
-                Duration::from_millis(33),
-                stop.clone(),
-            )
-        })
-        .collect();
+    let drivers = drive_each(&apps, reader_as("busy"), Duration::from_millis(33), &stop);
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, Ordering::SeqCst);
     let mut served = 0;
@@ -467,17 +469,12 @@ async fn redis_killed_under_load_then_restarted_keeps_the_budget_and_fails_no_ca
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     // 12 calls a second in all, under the budget of 20 (and over each replica's 6 alone).
-    let drivers: Vec<_> = apps
-        .iter()
-        .map(|app| {
-            drive(
-                app,
-                reader_as("steady"),
-                Duration::from_millis(250),
-                stop.clone(),
-            )
-        })
-        .collect();
+    let drivers = drive_each(
+        &apps,
+        reader_as("steady"),
+        Duration::from_millis(250),
+        &stop,
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.kill();
     for app in &apps {
@@ -540,17 +537,12 @@ async fn fair_share_holds_across_two_replicas_beside_a_flooding_principal() {
         .await;
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let floods: Vec<_> = apps
-        .iter()
-        .map(|app| {
-            drive(
-                app,
-                reader_as("flooder"),
-                Duration::from_millis(20),
-                stop.clone(),
-            )
-        })
-        .collect();
+    let floods = drive_each(
+        &apps,
+        reader_as("flooder"),
+        Duration::from_millis(20),
+        &stop,
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Of another class than the flooder's, so that the gateway counts its waits apart.
     let innocent = token_for("innocent", "billing-manager");
