@@ -57,6 +57,17 @@ async fn get_with_key(app: &TestApp, path_and_query: &str, key: &str) -> reqwest
         .expect("request")
 }
 
+/// The message of the 403 `key` gets for `path_and_query`.
+async fn denied(app: &TestApp, path_and_query: &str, key: &str) -> String {
+    let body = assert_error(
+        get_with_key(app, path_and_query, key).await,
+        403,
+        "permissions_denied",
+    )
+    .await;
+    body["message"].as_str().expect("a message").to_owned()
+}
+
 #[tokio::test]
 async fn a_gateway_key_is_allowed_what_its_roles_allow() {
     let app = spawn_with_keys().await;
@@ -78,13 +89,7 @@ async fn a_gateway_key_is_allowed_what_its_roles_allow() {
     let r = get_with_key(&app, "/billing/v2beta1/consumptions", READER_KEY).await;
     assert_eq!(r.status(), 200);
     // The reader key may not list invoices; the message names the permission it lacks.
-    let denied = assert_error(
-        get_with_key(&app, "/billing/v2beta1/invoices", READER_KEY).await,
-        403,
-        "permissions_denied",
-    )
-    .await;
-    let message = denied["message"].as_str().unwrap_or_default();
+    let message = denied(&app, "/billing/v2beta1/invoices", READER_KEY).await;
     assert!(
         message.contains("`invoices:read`") && message.contains("billing-read-only"),
         "{message}"
@@ -128,19 +133,12 @@ async fn a_project_scoped_key_gets_its_project_filled_in() {
     assert_eq!(r.status(), 200);
     let r = get_with_key(&app, "/billing/v2beta1/charges?page_size=500", WEB_KEY).await;
     assert_eq!(r.status(), 200);
-    let denied = assert_error(
-        get_with_key(&app, "/billing/v2beta1/taxes", WEB_KEY).await,
-        403,
-        "permissions_denied",
-    )
-    .await;
+    let message = denied(&app, "/billing/v2beta1/taxes", WEB_KEY).await;
     assert!(
-        denied["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("limited to projects")
-                && m.contains("organization-wide grant")
-                && !m.contains("project_id")),
-        "{denied}"
+        message.contains("limited to projects")
+            && message.contains("organization-wide grant")
+            && !message.contains("project_id"),
+        "{message}"
     );
 
     let sent = app.upstream_requests().await;
