@@ -57,6 +57,15 @@ async fn get_with_key(app: &TestApp, path_and_query: &str, key: &str) -> reqwest
         .expect("request")
 }
 
+/// The upstream of `app` must see no call at all.
+async fn nothing_goes_upstream(app: &TestApp) {
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .expect(0)
+        .mount(&app.upstream)
+        .await;
+}
+
 /// The message of the 403 `key` gets for `path_and_query`.
 async fn denied(app: &TestApp, path_and_query: &str, key: &str) -> String {
     let body = assert_error(
@@ -166,11 +175,7 @@ async fn a_project_scoped_key_gets_its_project_filled_in() {
 #[tokio::test]
 async fn an_unknown_key_is_refused_and_nothing_goes_upstream() {
     let app = spawn_with_keys().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    nothing_goes_upstream(&app).await;
     let r = get_with_key(
         &app,
         "/billing/v2beta1/consumptions",
@@ -302,11 +307,7 @@ async fn gateway_keys_alone_are_a_valid_deployment() {
 #[tokio::test]
 async fn a_gateway_key_sent_as_a_bearer_token_is_told_where_it_goes() {
     let app = spawn_with_keys().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    nothing_goes_upstream(&app).await;
     let r = app.get("/billing/v2beta1/consumptions", READER_KEY).await;
     assert!(r.headers().contains_key("www-authenticate"));
     let body = assert_error(r, 401, "denied_authentication").await;
