@@ -42,12 +42,7 @@ const FIELDS: [&str; 16] = [
 /// The access lines among everything captured, parsed; every one must be a JSON object with
 /// exactly the known fields, in the known order.
 fn json_lines(captured: &Captured) -> Vec<Value> {
-    let text = captured.text();
-    let lines: Vec<Value> = text
-        .lines()
-        .filter(|l| l.contains("\"target\":\"billing_gateway::access\""))
-        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let lines = captured.access_lines();
     for line in &lines {
         let mut keys: Vec<&str> = line
             .as_object()
@@ -73,10 +68,7 @@ fn json_lines(captured: &Captured) -> Vec<Value> {
         );
         assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{line}");
     }
-    for raw in text
-        .lines()
-        .filter(|l| l.contains("\"target\":\"billing_gateway::access\""))
-    {
+    for raw in captured.access_raw() {
         let mut at = 0;
         for field in FIELDS.iter().filter(|f| !f.is_empty()) {
             if let Some(found) = raw[at..].find(&format!("\"{field}\":")) {
@@ -117,11 +109,7 @@ async fn send(req: reqwest::RequestBuilder, id: &str) -> u16 {
 /// extractors and the cache learned.
 #[tokio::test(flavor = "current_thread")]
 async fn each_request_is_logged_with_what_its_handler_learned() {
-    let (captured, _logs) = capture_logs("info");
-    let app = TestApp::builder()
-        .access_log(captured.clone())
-        .spawn()
-        .await;
+    let (captured, _logs, app) = app_logging().await;
     Mock::given(method("GET"))
         .and(path(CONSUMPTIONS))
         .respond_with(ResponseTemplate::new(200).set_body_raw(

@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use billing_gateway::config::Rate;
+use billing_gateway::config::{Config, Rate};
 use billing_gateway::upstream::UPSTREAM_MAX_WAIT;
 use common::*;
 use serde_json::{Value, json};
@@ -477,12 +477,6 @@ static FLOOD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A generous bound for a condition to come about; a test fails past it, it never measures.
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// A token for subject `sub` holding `role`.
-fn token_for(sub: &str, role: &str) -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": sub, "roles": [role], "iat": now, "exp": now + 600}))
-}
-
 /// A policy folder with one role per `(name, share)`, each bound to tokens whose `roles` claim
 /// holds its name and allowed to read consumption (consumptions, taxes, charges).
 fn policy_with_shares(roles: &[(&str, u32)]) -> std::path::PathBuf {
@@ -649,21 +643,28 @@ async fn assert_every_call_took_a_turn(app: &TestApp, since: Instant, recorder: 
     assert_paced(since, &arrivals, per_second(10), 0);
 }
 
+/// An app whose upstream budget (10/s) is the only limit a flood meets, `edit`ed further, and
+/// its upstream answering through `recorder`.
+async fn flooded(edit: impl FnOnce(&mut Config), recorder: Recorder) -> (TestApp, Recorder) {
+    let app = TestApp::spawn_with(|c| {
+        c.upstream.rate = per_second(10);
+        c.limits.principal_rate = per_second(1000);
+        edit(c);
+    })
+    .await;
+    Mock::given(any())
+        .respond_with(recorder.clone())
+        .mount(&app.upstream)
+        .await;
+    (app, recorder)
+}
+
 const WAITING: &str = "billing_gateway_upstream_budget_waiting_principals";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_principal_delays_another_by_at_most_two_paces() {
     let _one_at_a_time = FLOOD.lock().await;
-    let app = TestApp::spawn_with(|c| {
-        c.upstream.rate = per_second(10);
-        c.limits.principal_rate = per_second(1000);
-    })
-    .await;
-    let recorder = Recorder::default();
-    Mock::given(any())
-        .respond_with(recorder.clone())
-        .mount(&app.upstream)
-        .await;
+    let (app, recorder) = flooded(|_| {}, Recorder::default()).await;
     // A: a report script on consumption; B: a finance app listing invoices.
     let started = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -761,17 +762,7 @@ async fn a_flooding_principal_delays_another_by_at_most_two_paces() {
 async fn shares_weight_the_upstream_calls_of_flooding_principals() {
     let _one_at_a_time = FLOOD.lock().await;
     let dir = policy_with_shares(&[("heavy", 3), ("light", 1)]);
-    let app = TestApp::spawn_with(|c| {
-        c.policy_dir = dir;
-        c.upstream.rate = per_second(10);
-        c.limits.principal_rate = per_second(1000);
-    })
-    .await;
-    let recorder = Recorder::default();
-    Mock::given(any())
-        .respond_with(recorder.clone())
-        .mount(&app.upstream)
-        .await;
+    let (app, recorder) = flooded(|c| c.policy_dir = dir, Recorder::default()).await;
     let who: Value = app
         .get("/gateway/v1/whoami", &token_for("h", "heavy"))
         .await
@@ -816,18 +807,8 @@ async fn shares_weight_the_upstream_calls_of_flooding_principals() {
 async fn the_budget_holds_with_weighted_principals_and_retries() {
     let _one_at_a_time = FLOOD.lock().await;
     let dir = policy_with_shares(&[("heavy", 3), ("light", 1), ("other", 1)]);
-    let app = TestApp::spawn_with(|c| {
-        c.policy_dir = dir;
-        c.upstream.rate = per_second(10);
-        c.limits.principal_rate = per_second(1000);
-    })
-    .await;
     // Every fifth answer is a 503: its GET is retried, and each retry spends a turn too.
-    let recorder = Recorder::failing_every(5);
-    Mock::given(any())
-        .respond_with(recorder.clone())
-        .mount(&app.upstream)
-        .await;
+    let (app, recorder) = flooded(|c| c.policy_dir = dir, Recorder::failing_every(5)).await;
     let started = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let floods = [
@@ -865,16 +846,7 @@ async fn the_budget_holds_with_weighted_principals_and_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_that_disconnect_leave_the_queue_and_take_no_turn() {
     let _one_at_a_time = FLOOD.lock().await;
-    let app = TestApp::spawn_with(|c| {
-        c.upstream.rate = per_second(10);
-        c.limits.principal_rate = per_second(1000);
-    })
-    .await;
-    let recorder = Recorder::default();
-    Mock::given(any())
-        .respond_with(recorder.clone())
-        .mount(&app.upstream)
-        .await;
+    let (app, recorder) = flooded(|_| {}, Recorder::default()).await;
     // Twenty of A's calls at once: one is sent, the rest wait (two seconds' worth).
     let a_token = token_for("report-script", "billing-read-only");
     let client = reqwest::Client::new();

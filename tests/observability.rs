@@ -447,11 +447,7 @@ async fn a_malformed_traceparent_is_ignored_and_the_upstream_gets_a_fresh_trace(
 /// Single-threaded: the subscriber set for this thread sees every task of the app.
 #[tokio::test(flavor = "current_thread")]
 async fn the_access_log_line_names_the_trace() {
-    let (captured, _logs) = capture_logs("info");
-    let app = TestApp::builder()
-        .access_log(captured.clone())
-        .spawn()
-        .await;
+    let (captured, _logs, app) = app_logging().await;
     Mock::given(method("GET"))
         .respond_with(ok_json(
             json!({"consumptions": [], "invoices": [], "total_count": 0}),
@@ -478,10 +474,10 @@ async fn the_access_log_line_names_the_trace() {
     app.stop().await;
 
     let text = captured.text();
-    let lines: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["message"] == "request" && l["path"] != "/metrics")
+    let lines: Vec<Value> = captured
+        .access_lines()
+        .into_iter()
+        .filter(|l| l["path"] != "/metrics")
         .collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert_eq!(lines[0]["request_id"], "trace-in-log");

@@ -9,6 +9,17 @@ use serde_json::{Value, json};
 use wiremock::matchers::{any, header, method, path, query_param};
 use wiremock::{Mock, ResponseTemplate};
 
+/// An app whose upstream answers `{}` to anything, and must be asked `calls` times.
+async fn answering_empty(calls: impl Into<wiremock::Times>) -> TestApp {
+    let app = TestApp::spawn().await;
+    Mock::given(any())
+        .respond_with(ok_json(json!({})))
+        .expect(calls)
+        .mount(&app.upstream)
+        .await;
+    app
+}
+
 #[tokio::test]
 async fn consumption_is_forwarded_with_the_key_injected_and_the_callers_token_absent() {
     let app = TestApp::spawn().await;
@@ -69,11 +80,7 @@ async fn consumption_is_forwarded_with_the_key_injected_and_the_callers_token_ab
 
 #[tokio::test]
 async fn every_operation_reaches_its_path_with_validated_and_normalised_parameters() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0..).await;
     let project = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
     let cases: Vec<(&str, String, String)> = vec![
         (
@@ -154,12 +161,7 @@ async fn every_operation_reaches_its_path_with_validated_and_normalised_paramete
 
 #[tokio::test]
 async fn read_only_token_cannot_read_invoices_and_nothing_goes_upstream() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0).await;
     for path in [
         "/billing/v2beta1/invoices".to_owned(),
         format!("/billing/v2beta1/invoices/{INVOICE}/download?dl=1"),
@@ -192,12 +194,7 @@ async fn read_only_token_cannot_read_invoices_and_nothing_goes_upstream() {
 
 #[tokio::test]
 async fn another_organization_is_refused_before_the_upstream() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0).await;
     let response = app
         .get(
             &format!("/billing/v2beta1/invoices?organization_id={OTHER_ORG}"),
@@ -210,12 +207,7 @@ async fn another_organization_is_refused_before_the_upstream() {
 /// Hostile paths, queries and credentials: each is a 4xx and none reaches the upstream.
 #[tokio::test]
 async fn hostile_requests_are_refused_and_never_forwarded() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0).await;
     let now = jsonwebtoken::get_current_timestamp();
     let good = app.manager();
     let unsigned = {
@@ -883,11 +875,7 @@ async fn expect_100_continue_is_answered_only_to_an_allowed_caller() {
 
 #[tokio::test]
 async fn request_ids_are_echoed_when_sane_and_replaced_when_not() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0..).await;
     let send = |id: &'static str| {
         app.client
             .get(format!("{}/billing/v2beta1/charges", app.base))
@@ -918,11 +906,7 @@ async fn request_ids_are_echoed_when_sane_and_replaced_when_not() {
 
 #[tokio::test]
 async fn gateway_endpoints_answer() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0..).await;
     for p in ["/healthz", "/readyz"] {
         let r = app
             .client

@@ -400,8 +400,13 @@ where
 
 /// A read-only token for subject `sub`.
 pub fn reader_as(sub: &str) -> String {
+    token_for(sub, "billing-read-only")
+}
+
+/// A token for subject `sub` holding `role`.
+pub fn token_for(sub: &str, role: &str) -> String {
     let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": sub, "roles": ["billing-read-only"], "iat": now, "exp": now + 600}))
+    token_with(json!({"sub": sub, "roles": [role], "iat": now, "exp": now + 600}))
 }
 
 /// `count` a second, burst twice that.
@@ -489,6 +494,34 @@ impl Captured {
     pub fn text(&self) -> String {
         String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf-8")
     }
+
+    /// The access log's lines so far, as written (JSON lines, by their target).
+    pub fn access_raw(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains("\"target\":\"billing_gateway::access\""))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The access log's lines so far, parsed: each must be JSON.
+    pub fn access_lines(&self) -> Vec<Value> {
+        self.access_raw()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+/// An app writing its access log (and every other line at `info`) to the returned capture,
+/// for as long as the returned guard is held.
+pub async fn app_logging() -> (Captured, LogCapture, TestApp) {
+    let (captured, logs) = capture_logs("info");
+    let app = TestApp::builder()
+        .access_log(captured.clone())
+        .spawn()
+        .await;
+    (captured, logs, app)
 }
 
 impl std::io::Write for Captured {
