@@ -47,7 +47,7 @@
 //!
 //! Configuration is [`config`]; the assembled service is [`server::App`] (its accept loop bounds
 //! header size, header time and requests in flight, and serves [`server::tls`] when configured), whose
-//! policy [`policy::reload`] keeps in step with the policy folder; [`billing::openapi`] describes the served
+//! policy [`policy::reload`] keeps in step with the policy folder; [`server::openapi`] describes the served
 //! surface from the operation table. The in-process Billing API that `demo`, tests and
 //! benchmarks use as an upstream is the workspace crate `billing-sim` (`crates/billing-sim`).
 

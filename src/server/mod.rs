@@ -8,8 +8,10 @@
 
 mod accept;
 mod layer;
+pub mod openapi;
 mod probes;
 mod router;
+mod routes;
 pub mod tls;
 
 use accept::serve;

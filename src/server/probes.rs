@@ -19,7 +19,7 @@ pub(super) async fn healthz() -> Response {
 }
 
 pub(super) async fn openapi() -> Response {
-    json_response(StatusCode::OK, &crate::billing::openapi::document())
+    json_response(StatusCode::OK, &super::openapi::document())
 }
 
 /// Ready: configuration, policy and signing keys loaded, not shutting down, and a place in
