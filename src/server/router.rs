@@ -77,6 +77,8 @@ pub(super) fn router(
         // Every Billing path, and every unknown one (answered 404 by the operation table).
         .fallback(proxy::billing)
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
+        // Handed to its route rather than fetched by it: the document reads the route table.
+        .layer(Extension(Arc::new(super::openapi::document())))
         .with_state(state)
         .layer(layers)
 }

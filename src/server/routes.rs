@@ -6,7 +6,7 @@ use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
 use super::probes::{healthz, metrics, openapi, readyz};
-use crate::proxy::{self, Endpoint};
+use crate::proxy::{Endpoint, PURGE, WHOAMI};
 use crate::state::AppState;
 
 /// One of the gateway's own routes.
@@ -56,13 +56,13 @@ pub(super) const ROUTES: &[Route] = &[
         path: "/gateway/v1/whoami",
         method: Method::GET,
         summary: "the caller's subject, grants and permissions",
-        serve: Serve::Authenticated(proxy::WHOAMI),
+        serve: Serve::Authenticated(WHOAMI),
     },
     Route {
         path: "/gateway/v1/cache",
         method: Method::DELETE,
         summary: "drop every cached answer (permission cache:purge)",
-        serve: Serve::Authenticated(proxy::PURGE),
+        serve: Serve::Authenticated(PURGE),
     },
 ];
 
