@@ -176,15 +176,10 @@ impl Shared {
         let info = context.take();
         let path = uri.path();
         let status = response.status().as_u16();
-        let operation = info.operation.unwrap_or(match path {
-            p if p == "/healthz"
-                || p == "/readyz"
-                || p == "/metrics"
-                || p.starts_with("/gateway/") =>
-            {
-                "gateway"
-            }
-            _ => "unknown",
+        let operation = info.operation.unwrap_or(if super::routes::is_own(path) {
+            "gateway"
+        } else {
+            "unknown"
         });
         let rejection = response.extensions().get::<ErrorKind>().map(|k| k.0);
         self.metrics.request_done(operation, status, rejection);

@@ -8,8 +8,10 @@
 
 mod accept;
 mod layer;
+pub mod openapi;
 mod probes;
 mod router;
+mod routes;
 pub mod tls;
 
 use accept::serve;
@@ -61,13 +63,13 @@ pub enum StartError {
     AccessLog(std::io::Error),
     /// The upstream client could not be built.
     #[error("{0}")]
-    Upstream(crate::Error),
+    Upstream(crate::error::Error),
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
     /// The authenticator could not start.
     #[error("{0}")]
-    Auth(crate::Error),
+    Auth(crate::error::Error),
 }
 
 /// The bounds the server puts on clients, so a hostile or broken one cannot exhaust it.
