@@ -34,7 +34,7 @@ use crate::config::LogFormat;
 use crate::limits::PrincipalLimits;
 use crate::policy::reload::{self, LivePolicy};
 use crate::server::tls::Tls;
-use crate::state::{AppState, Shared};
+use crate::state::{AppState, Services};
 use crate::telemetry::{self, AccessLog, Metrics};
 use crate::upstream::Upstream;
 
@@ -209,7 +209,7 @@ impl App {
                     addr: config.listen,
                     source,
                 })?;
-        let state = Arc::new(Shared {
+        let state = Arc::new(Services {
             auth: Authenticator::start_reporting(&config.auth, metrics.jwks_fetch())
                 .await
                 .map_err(StartError::Auth)?,
