@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use super::Grant;
+use super::principal::Grant;
 
 /// One `[[bindings]]` entry, checked: who holds `equals` in the `claim` gets `grant`.
 #[derive(Debug, Clone)]
