@@ -43,6 +43,7 @@ fn verify(c: &mut Criterion) {
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(30),
+            ca_file: None,
         })
         .await
         .expect("authenticator");

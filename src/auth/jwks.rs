@@ -1,11 +1,21 @@
 //! The identity provider's signing keys (contract §4): fetched at startup from the JWKS (or the
 //! JWKS the issuer's OIDC discovery document names), held by `kid`, refetched on an unknown `kid`
-//! at most once per [`REFETCH_COOLDOWN`], and kept when a fetch fails.
+//! at most once per [`REFETCH_COOLDOWN`], re-read on a schedule (the answer's `Cache-Control`
+//! max-age, within [`REFRESH_MIN`]..[`REFRESH_MAX`]) so a withdrawn key stops verifying within
+//! minutes, and kept when a fetch fails.
+//!
+//! A key still published is kept as the same [`Key`] across re-reads, and only the store holds
+//! it strongly: the verified-token memo holds it weakly, so a key gone from the set takes every
+//! verification it made with it.
 //!
 //! Keys come only from the configured place: a token's `jku`, `x5u` or embedded `jwk` is never
-//! looked at. Fetches use their own client (short timeout, no redirects, no default headers), so
-//! nothing the gateway holds for the upstream can ride along.
+//! looked at. Fetches use their own client (short timeout, no redirects, no default headers, the
+//! system roots plus `GATEWAY_IDP_CA_FILE`'s), so nothing the gateway holds for the upstream can
+//! ride along, and a company CA trusted for the IdP is trusted for nothing else.
 
+use std::collections::HashSet;
+use std::error::Error as _;
+use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
@@ -35,13 +45,19 @@ const MAX_DOCUMENT: usize = 256 * 1024;
 /// Retry pace while no key is held: from the first to the second, doubling.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// While keys are held, the set is re-read this often, so keys the IdP withdrew stop verifying.
-const REFRESH_EVERY: Duration = Duration::from_secs(15 * 60);
+/// While keys are held, the set is re-read after the JWKS answer's `Cache-Control` max-age,
+/// held within these bounds (the most when it names none): a key the IdP withdrew stops verifying
+/// within [`REFRESH_MAX`] plus one fetch, under the 5 minutes contract §4 promises, and an IdP
+/// saying `max-age=0` is not asked in a loop.
+pub(crate) const REFRESH_MIN: Duration = Duration::from_secs(30);
+pub(crate) const REFRESH_MAX: Duration = Duration::from_secs(4 * 60);
 /// RSA keys shorter than this are refused (RFC 7518 §3.3 asks for 2048 bits at least).
 const MIN_RSA_BYTES: usize = 256;
 
 /// One usable verification key from the JWKS.
 pub(crate) struct Key {
+    /// The JWK as published: a re-read publishing the same one keeps this `Key`.
+    jwk: Value,
     kid: Option<String>,
     /// The algorithms this key type can verify, narrowed to the JWK's own `alg` when it has one.
     algs: Vec<Algorithm>,
@@ -53,7 +69,12 @@ impl Key {
     /// Accepts only public signature keys of a supported type; `oct` keys never come from a JWKS
     /// (a symmetric key there would let anyone who can read the JWKS sign tokens).
     fn from_jwk(value: Value) -> Result<Key, String> {
-        let jwk: Jwk = serde_json::from_value(value).map_err(|e| format!("not a JWK: {e}"))?;
+        let mut spelled = value.clone();
+        // RFC 9864's fully specified name for EdDSA on Ed25519, which jsonwebtoken does not know.
+        if spelled["alg"] == "Ed25519" {
+            spelled["alg"] = "EdDSA".into();
+        }
+        let jwk: Jwk = serde_json::from_value(spelled).map_err(|e| format!("not a JWK: {e}"))?;
         let kid = jwk.common.key_id.clone();
         match &jwk.common.public_key_use {
             None | Some(PublicKeyUse::Signature) => {}
@@ -115,7 +136,12 @@ impl Key {
                 _ => return Err(format!("{kid:?}: alg {declared} does not fit the key")),
             },
         };
-        Ok(Key { kid, algs, key })
+        Ok(Key {
+            jwk: value,
+            kid,
+            algs,
+            key,
+        })
     }
 
     /// Whether this key may check a token signed with `alg`: its type and its own `alg` agree.
@@ -138,6 +164,10 @@ pub(crate) struct KeyStore {
     fetch: Mutex<FetchState>,
     /// Every fetch's outcome, for the metrics.
     health: SourceHealth,
+    /// When a held set is next re-read: the last fetch's time plus its max-age (a failed
+    /// fetch, [`REFRESH_MIN`]), counted from the fetch rather than from whenever the
+    /// refresher next runs.
+    next_refresh: std::sync::Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -146,6 +176,8 @@ struct FetchState {
     jwks_uri: Option<String>,
     /// When an unknown `kid` last caused a fetch.
     last_on_demand: Option<Instant>,
+    /// Why JWKS keys were skipped, each warned about once rather than at every re-read.
+    skipped: HashSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -164,10 +196,16 @@ impl KeyStore {
     /// answers 503 for asymmetric tokens until keys arrive) and starts the background refresher.
     pub(crate) async fn start(
         source: KeySource,
+        ca_file: Option<&Path>,
         health: SourceHealth,
     ) -> Result<Arc<KeyStore>, String> {
         crate::crypto::install_crypto_provider();
+        let roots = match ca_file {
+            Some(path) => idp_roots(path)?,
+            None => Vec::new(),
+        };
         let client = reqwest::Client::builder()
+            .tls_certs_merge(roots)
             .no_proxy()
             .timeout(FETCH_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
@@ -180,6 +218,7 @@ impl KeyStore {
             keys: RwLock::new(Arc::from(Vec::new())),
             fetch: Mutex::new(FetchState::default()),
             health,
+            next_refresh: std::sync::Mutex::new(Instant::now() + REFRESH_MAX),
         });
         store.refresh("startup").await;
         tokio::spawn(maintain(Arc::downgrade(&store)));
@@ -189,6 +228,21 @@ impl KeyStore {
     /// Whether any key is held.
     pub(crate) fn has_keys(&self) -> bool {
         !self.snapshot().is_empty()
+    }
+
+    /// When the held set is next re-read.
+    fn next_refresh(&self) -> Instant {
+        *self
+            .next_refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn refresh_in(&self, wait: Duration) {
+        *self
+            .next_refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now() + wait;
     }
 
     fn snapshot(&self) -> Arc<[Arc<Key>]> {
@@ -244,14 +298,24 @@ impl KeyStore {
     /// Fetches and swaps in the new set; on failure the keys held stay.
     async fn fetch_locked(&self, state: &mut FetchState, why: &'static str) -> bool {
         match self.fetch_keys(state).await {
-            Ok(keys) => {
+            Ok((keys, max_age)) => {
                 self.health.succeeded();
-                tracing::info!(keys = keys.len(), why, "identity provider keys loaded");
+                let refresh = max_age
+                    .unwrap_or(REFRESH_MAX)
+                    .clamp(REFRESH_MIN, REFRESH_MAX);
+                self.refresh_in(refresh);
+                tracing::info!(
+                    keys = keys.len(),
+                    why,
+                    refresh_in_s = refresh.as_secs(),
+                    "identity provider keys loaded"
+                );
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys.into();
                 true
             }
             Err(error) => {
                 self.health.failed();
+                self.refresh_in(REFRESH_MIN);
                 state.jwks_uri = None;
                 tracing::warn!(
                     %error,
@@ -264,7 +328,12 @@ impl KeyStore {
         }
     }
 
-    async fn fetch_keys(&self, state: &mut FetchState) -> Result<Vec<Arc<Key>>, String> {
+    /// The usable keys of the set, the ones already held kept as they are, and the answer's
+    /// max-age.
+    async fn fetch_keys(
+        &self,
+        state: &mut FetchState,
+    ) -> Result<(Vec<Arc<Key>>, Option<Duration>), String> {
         let jwks_uri = match (&self.source, &state.jwks_uri) {
             (KeySource::Jwks(url), _) => url.clone(),
             (KeySource::Discovery(_), Some(uri)) => uri.clone(),
@@ -273,7 +342,7 @@ impl KeyStore {
                     "{}/.well-known/openid-configuration",
                     issuer.trim_end_matches('/')
                 );
-                let doc: Discovery = self.get_json(&url).await?;
+                let (doc, _): (Discovery, _) = self.get_json(&url).await?;
                 // OIDC Discovery §4.3: the document must name the issuer it was asked for.
                 if doc.issuer != *issuer {
                     return Err(format!("{url}: names issuer `{}`", doc.issuer));
@@ -283,44 +352,123 @@ impl KeyStore {
                 uri
             }
         };
-        let set: JwkSet = self.get_json(&jwks_uri).await?;
-        let keys: Vec<Arc<Key>> = set
-            .keys
-            .into_iter()
-            .filter_map(|jwk| match Key::from_jwk(jwk) {
-                Ok(key) => Some(Arc::new(key)),
-                Err(why) => {
-                    tracing::debug!(%why, "JWKS key skipped");
-                    None
+        let (set, max_age): (JwkSet, _) = self.get_json(&jwks_uri).await?;
+        let held = self.snapshot();
+        let mut keys = Vec::with_capacity(set.keys.len());
+        for jwk in set.keys {
+            if let Some(same) = held.iter().find(|k| k.jwk == jwk) {
+                keys.push(same.clone());
+                continue;
+            }
+            match Key::from_jwk(jwk) {
+                Ok(key) => keys.push(Arc::new(key)),
+                // An IdP publishing a key it means tokens to be signed with, in a form the
+                // gateway cannot use, is worth knowing about; once, not at every re-read.
+                Err(why) if state.skipped.insert(why.clone()) => {
+                    tracing::warn!(%why, "a JWKS key the gateway cannot use is skipped");
                 }
-            })
-            .collect();
+                Err(why) => tracing::debug!(%why, "JWKS key skipped"),
+            }
+        }
         if keys.is_empty() {
             return Err(format!("{jwks_uri}: no usable signing key"));
         }
-        Ok(keys)
+        Ok((keys, max_age))
     }
 
-    async fn get_json<T: DeserializeOwned>(&self, url: &str) -> Result<T, String> {
+    /// The document at `url` and its `Cache-Control` max-age; an error names its cause.
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        url: &str,
+    ) -> Result<(T, Option<Duration>), String> {
         let mut response = self
             .client
             .get(url)
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| format!("{url}: {}", cause(&e)))?;
         if !response.status().is_success() {
-            return Err(format!("{url}: answered {}", response.status()));
+            return Err(format!("{url}: status {}", response.status()));
         }
+        let max_age = max_age(response.headers());
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("{url}: {}", cause(&e)))?
+        {
             if body.len() + chunk.len() > MAX_DOCUMENT {
                 return Err(format!("{url}: larger than {MAX_DOCUMENT} bytes"));
             }
             body.extend_from_slice(&chunk);
         }
-        serde_json::from_slice(&body).map_err(|e| format!("{url}: unexpected document: {e}"))
+        let doc = serde_json::from_slice(&body)
+            .map_err(|e| format!("{url}: unexpected document: {e}"))?;
+        Ok((doc, max_age))
     }
+}
+
+/// The certificates of `GATEWAY_IDP_CA_FILE`: a PEM file holding at least one.
+pub(crate) fn idp_roots(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        Ok(_) => Err(format!("{}: no PEM certificate in it", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// `Cache-Control: max-age=N`, when the answer says it.
+fn max_age(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(reqwest::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|d| d.trim().strip_prefix("max-age=")?.parse().ok())
+        .map(Duration::from_secs)
+}
+
+/// Why a request failed, in the operator's words first (refused, timed out, certificate, TLS),
+/// then the innermost error's own: reqwest's text alone says "error sending request" for all.
+fn cause(error: &reqwest::Error) -> String {
+    let mut kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "cannot connect"
+    } else {
+        "failed"
+    };
+    let mut detail = error.to_string();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = error.source();
+    while let Some(e) = next {
+        detail = e.to_string();
+        // tokio-rustls reports TLS failures as an io::Error wrapping rustls's own, and an
+        // io::Error's `source` skips what it wraps: look inside it too.
+        let io = e.downcast_ref::<std::io::Error>();
+        let wrapped = io.and_then(|io| io.get_ref());
+        let tls = e
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| wrapped.and_then(|w| w.downcast_ref::<rustls::Error>()));
+        if let Some(tls) = tls {
+            kind = match tls {
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+                    "certificate not trusted"
+                }
+                _ => "TLS handshake failed",
+            };
+            detail = tls.to_string();
+            break;
+        }
+        match io.map(std::io::Error::kind) {
+            Some(std::io::ErrorKind::ConnectionRefused) => kind = "refused",
+            Some(std::io::ErrorKind::TimedOut) => kind = "timed out",
+            _ => {}
+        }
+        next = e.source();
+    }
+    format!("{kind} ({detail})")
 }
 
 /// `Some` when the set decides: the key, or why the token cannot use the key its `kid` names.
@@ -352,12 +500,12 @@ fn find(keys: &[Arc<Key>], kid: Option<&str>, alg: Algorithm) -> Option<Result<A
 async fn maintain(store: Weak<KeyStore>) {
     let mut retry = RETRY_MIN;
     loop {
-        let wait = match store.upgrade() {
-            Some(s) if s.has_keys() => REFRESH_EVERY,
-            Some(_) => retry,
+        let wake = match store.upgrade() {
+            Some(s) if s.has_keys() => s.next_refresh(),
+            Some(_) => Instant::now() + retry,
             None => return,
         };
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep_until(wake).await;
         let Some(s) = store.upgrade() else { return };
         retry = if s.refresh("scheduled").await {
             RETRY_MIN
@@ -430,5 +578,40 @@ mod tests {
             matches!(find(&keys, None, Algorithm::ES256), Some(Ok(k)) if k.kid.as_deref() == Some("b"))
         );
         assert!(find(&keys, None, Algorithm::EdDSA).is_none());
+    }
+
+    #[test]
+    fn an_ed25519_jwk_may_name_its_algorithm_either_way() {
+        let x = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+        for alg in ["EdDSA", "Ed25519"] {
+            let ed = key(json!({"kty": "OKP", "crv": "Ed25519", "x": x, "alg": alg})).expect(alg);
+            assert!(
+                ed.fits(Algorithm::EdDSA) && !ed.fits(Algorithm::ES256),
+                "{alg}"
+            );
+        }
+        let refused =
+            key(json!({"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "alg": "Ed25519"}));
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn max_age_is_read_among_the_cache_control_directives() {
+        let headers = |values: &[&str]| {
+            let mut h = reqwest::header::HeaderMap::new();
+            for v in values {
+                h.append(reqwest::header::CACHE_CONTROL, v.parse().expect("value"));
+            }
+            h
+        };
+        let secs = |values: &[&str]| max_age(&headers(values)).map(|d| d.as_secs());
+        assert_eq!(secs(&["public, max-age=60"]), Some(60));
+        assert_eq!(
+            secs(&["no-transform", "max-age=0, must-revalidate"]),
+            Some(0)
+        );
+        assert_eq!(secs(&["s-maxage=60"]), None);
+        assert_eq!(secs(&["max-age=soon"]), None);
+        assert_eq!(secs(&[]), None);
     }
 }

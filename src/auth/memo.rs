@@ -1,10 +1,12 @@
 //! The verified-token memo: a token whose signature and claims were checked is remembered,
 //! keyed by its SHA-256, so a caller repeating an RS256 token pays for one signature check, not
-//! one per request. An entry is never served past the token's `exp`, and never kept longer than
-//! a few minutes (a key withdrawn from the JWKS must stop a token it signed soon); only verified
-//! tokens enter it. Kept apart from verification so what is cached, and for how long, is
-//! decided in one place.
+//! one per request. An entry is never served past the token's `exp`, never kept longer than a
+//! few minutes, and never once the JWKS key that verified it is no longer held (it holds the key
+//! weakly: a key withdrawn from the JWKS takes its verifications with it); only verified tokens
+//! enter it. Kept apart from verification so what is cached, and for how long, is decided in one
+//! place.
 
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use moka::Expiry;
@@ -12,15 +14,18 @@ use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
 use super::Identity;
+use super::jwks::Key;
 
 /// Verified tokens remembered at most; each entry is one caller's live token.
 const VERIFIED_CAPACITY: u64 = 10_000;
 
-/// A remembered verification: the identity and the token's `exp`, past which it is not served.
+/// A remembered verification: the identity, the token's `exp`, past which it is not served, and
+/// the JWKS key that checked it (none for HS256), without which it is not served either.
 #[derive(Clone)]
 struct Verified {
     identity: Identity,
     exp: u64,
+    key: Option<Weak<Key>>,
 }
 
 /// Each remembered token lives until its own `exp`.
@@ -69,21 +74,24 @@ impl Memo {
         Sha256::digest(token.as_bytes()).into()
     }
 
-    /// The identity a token was verified as, unless its `exp` is not after `now`.
+    /// The identity a token was verified as, unless its `exp` is not after `now` or the key that
+    /// verified it has left the JWKS.
     pub(super) fn get(&self, digest: &[u8; 32], now: u64) -> Option<Identity> {
         self.cache
             .get(digest)
-            .filter(|v| v.exp > now)
+            .filter(|v| v.exp > now && v.key.as_ref().is_none_or(|k| k.strong_count() > 0))
             .map(|hit| hit.identity)
     }
 
-    /// Remembers a verified token, when its `exp` is after `now`.
+    /// Remembers a token `key` (or the HS256 secret, `None`) verified, when its `exp` is after
+    /// `now`.
     pub(super) fn remember(
         &self,
         digest: [u8; 32],
         identity: &Identity,
         exp: Option<u64>,
         now: u64,
+        key: Option<&Arc<Key>>,
     ) {
         if let Some(exp) = exp.filter(|exp| *exp > now) {
             self.cache.insert(
@@ -91,6 +99,7 @@ impl Memo {
                 Verified {
                     identity: identity.clone(),
                     exp,
+                    key: key.map(Arc::downgrade),
                 },
             );
         }
@@ -105,8 +114,6 @@ impl Memo {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use secrecy::SecretString;
     use serde_json::{Value, json};
 
@@ -150,6 +157,7 @@ mod tests {
                 &Verified {
                     identity: first.clone(),
                     exp: now + 60,
+                    key: None,
                 },
                 std::time::Instant::now(),
             )
@@ -163,6 +171,7 @@ mod tests {
             Verified {
                 identity: first.clone(),
                 exp: now,
+                key: None,
             },
         );
         assert_eq!(reason(a.verify_jwt(&expired).await), "expired");

@@ -12,7 +12,11 @@
 //!    ever meets the configured secret, the asymmetric algorithms only ever meet a key from the
 //!    identity provider's JWKS (`jwks.rs`) whose type and `alg` fit, so `none` and algorithm
 //!    confusion are refused up front. Both kinds then go through one validation (`exp`
-//!    required, `nbf`, `iat`, `iss`, `aud`, leeway), and the [`Identity`] is remembered.
+//!    required, `nbf`, `iat`, `iss`, `aud`, leeway), and the [`Identity`] is remembered, with
+//!    the JWKS key that verified it (a key withdrawn from the JWKS ends the memory).
+//! 4. A token whose header names RFC 9864's fully specified `Ed25519`, which jsonwebtoken does
+//!    not know, is read as `EdDSA` (`Respelled`): its signature is checked over the bytes as
+//!    signed, then the same validation as every other token's runs on it.
 //!
 //! This is where a token is verified and nowhere else.
 
@@ -24,6 +28,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
@@ -33,6 +39,7 @@ use crate::error::{AuthMethod, AuthReason, Error};
 use crate::telemetry::SourceHealth;
 
 pub use credential::Credential;
+pub(crate) use jwks::idp_roots;
 use memo::Memo;
 
 /// Tokens longer than this are refused before any parsing.
@@ -66,6 +73,20 @@ pub struct Authenticator {
     validations: Vec<Validation>,
     leeway: u64,
     verified: Memo,
+    /// Reseals respelled `Ed25519` tokens once their own signature is checked.
+    reseal: Reseal,
+}
+
+/// What start-up says about a configuration that accepts more tokens than the operator likely
+/// means: an identity provider with no audience to require accepts every token it issues, for
+/// any application (contract §4). `None` when there is nothing to say.
+pub fn audience_warning(cfg: &AuthConfig) -> Option<&'static str> {
+    let idp = cfg.issuer.is_some() || cfg.jwks_url.is_some();
+    (idp && cfg.audience.is_none()).then_some(
+        "GATEWAY_JWT_AUDIENCE is not set: every token the identity provider issues, for any \
+         application (other APIs' access tokens, other applications' ID tokens), is accepted; \
+         set it to the audience your IdP puts in tokens meant for this gateway",
+    )
 }
 
 fn denied(method: AuthMethod, reason: AuthReason, message: &'static str) -> Error {
@@ -96,7 +117,7 @@ impl Authenticator {
     ) -> Result<Authenticator, Error> {
         let keys = match cfg.key_source() {
             Some(source) => Some(
-                jwks::KeyStore::start(source, health)
+                jwks::KeyStore::start(source, cfg.ca_file.as_deref(), health)
                     .await
                     .map_err(Error::Internal)?,
             ),
@@ -127,15 +148,16 @@ impl Authenticator {
         }
         // jsonwebtoken wants one key family per `Validation`: one copy per enabled algorithm,
         // the claim rules identical in all.
+        let one = |alg| {
+            let mut v = validation.clone();
+            v.algorithms = vec![alg];
+            v
+        };
         let validations = hs256
             .iter()
             .map(|_| Algorithm::HS256)
             .chain(keys.iter().flat_map(|_| ASYMMETRIC))
-            .map(|alg| {
-                let mut v = validation.clone();
-                v.algorithms = vec![alg];
-                v
-            })
+            .map(one)
             .collect();
         Ok(Authenticator {
             hs256,
@@ -143,6 +165,7 @@ impl Authenticator {
             validations,
             leeway: cfg.leeway.as_secs(),
             verified: Memo::new(),
+            reseal: Reseal::new(one(Algorithm::HS256))?,
         })
     }
 
@@ -177,20 +200,25 @@ impl Authenticator {
         }
         // Only picks the key: `decode` below parses the header again and refuses any `crit`
         // extension it does not implement.
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| invalid("the token is not a well-formed JWT"))?;
+        let (header, respelled) = match jsonwebtoken::decode_header(token) {
+            Ok(header) => (header, None),
+            Err(_) => Respelled::ed25519(token)
+                .map(|(header, token)| (header, Some(token)))
+                .ok_or_else(|| invalid("the token is not a well-formed JWT"))?,
+        };
         let validation = self
             .validations
             .iter()
             .find(|v| v.algorithms == [header.alg])
             .ok_or_else(|| invalid("the token's algorithm is not accepted by this gateway"))?;
         // The algorithm picks where the key comes from; `jku`, `x5u` and `jwk` are never read.
-        let held;
+        let mut held = None;
         let key = match (header.alg, &self.hs256, &self.keys) {
             (Algorithm::HS256, Some(secret), _) => secret,
             (alg, _, Some(keys)) if ASYMMETRIC.contains(&alg) => {
-                held = keys.key_for(header.kid.as_deref(), alg).await?;
-                &held.key
+                &held
+                    .insert(keys.key_for(header.kid.as_deref(), alg).await?)
+                    .key
             }
             _ => {
                 return Err(invalid(
@@ -198,7 +226,11 @@ impl Authenticator {
                 ));
             }
         };
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation).map_err(
+        let decoded = match &respelled {
+            None => jsonwebtoken::decode::<Map<String, Value>>(token, key, validation),
+            Some(respelled) => respelled.decode(key, &self.reseal),
+        };
+        let data = decoded.map_err(
             |e| match e.kind() {
                 ErrorKind::ExpiredSignature => denied(
                     AuthMethod::Jwt,
@@ -246,8 +278,96 @@ impl Authenticator {
             subject,
             claims: Arc::new(claims),
         };
-        self.verified.remember(digest, &identity, exp, now);
+        self.verified
+            .remember(digest, &identity, exp, now, held.as_ref());
         Ok(identity)
+    }
+}
+
+/// A token whose header's `alg` is RFC 9864's `Ed25519`: `EdDSA` on the one curve an Ed25519
+/// JWK has, under a name jsonwebtoken does not know.
+struct Respelled {
+    /// The header as signed.
+    header: Map<String, Value>,
+    /// The claims part, as signed.
+    claims: String,
+    /// Header and claims as signed, and the signature over them.
+    message: String,
+    signature: String,
+}
+
+impl Respelled {
+    /// The header read as `EdDSA`, and the token; `None` unless the header is JSON whose `alg`
+    /// is exactly `Ed25519`.
+    fn ed25519(token: &str) -> Option<(Header, Respelled)> {
+        let (message, signature) = token.rsplit_once('.')?;
+        let (header, claims) = message.split_once('.')?;
+        let json: Map<String, Value> =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
+        if json.get("alg")? != "Ed25519" {
+            return None;
+        }
+        let mut as_eddsa = json.clone();
+        as_eddsa.insert("alg".into(), "EdDSA".into());
+        let read = serde_json::from_value(Value::Object(as_eddsa)).ok()?;
+        let respelled = Respelled {
+            header: json,
+            claims: claims.to_owned(),
+            message: message.to_owned(),
+            signature: signature.to_owned(),
+        };
+        Some((read, respelled))
+    }
+
+    /// Checks the signature over the bytes as signed, then hands the token, resealed, to the one
+    /// validation every token goes through.
+    fn decode(
+        &self,
+        key: &DecodingKey,
+        reseal: &Reseal,
+    ) -> jsonwebtoken::errors::Result<jsonwebtoken::TokenData<Map<String, Value>>> {
+        let signed = self.message.as_bytes();
+        if !jsonwebtoken::crypto::verify(&self.signature, signed, key, Algorithm::EdDSA)? {
+            return Err(ErrorKind::InvalidSignature.into());
+        }
+        let mut header = self.header.clone();
+        header.insert("alg".into(), "HS256".into());
+        let header = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
+        reseal.decode(&format!("{header}.{}", self.claims))
+    }
+}
+
+/// A key of this process alone, for nothing else: jsonwebtoken validates claims only together
+/// with a signature it checks, so a respelled token whose own signature was checked is resealed
+/// with it and decoded under the same claim rules as every other token.
+struct Reseal {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl Reseal {
+    fn new(validation: Validation) -> Result<Reseal, Error> {
+        let secret: [u8; 32] = rand::random();
+        let unusable = |e| Error::Internal(format!("cannot make the reseal key: {e}"));
+        Ok(Reseal {
+            encoding: EncodingKey::from_secret(&secret).map_err(unusable)?,
+            decoding: DecodingKey::from_secret(&secret).map_err(unusable)?,
+            validation,
+        })
+    }
+
+    fn decode(
+        &self,
+        message: &str,
+    ) -> jsonwebtoken::errors::Result<jsonwebtoken::TokenData<Map<String, Value>>> {
+        let seal =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, Algorithm::HS256)?;
+        jsonwebtoken::decode(
+            format!("{message}.{seal}"),
+            &self.decoding,
+            &self.validation,
+        )
     }
 }
 
@@ -274,6 +394,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(30),
+            ca_file: None,
         })
         .await
         .expect("authenticator")
@@ -409,6 +530,7 @@ mod tests {
             issuer: Some("billing".into()),
             audience: Some("gateway".into()),
             leeway: Duration::from_secs(30),
+            ca_file: None,
         })
         .await
         .expect("authenticator");

@@ -35,6 +35,10 @@ pub(super) fn run(config: Option<&Path>) -> anyhow::Result<()> {
     for problem in &problems {
         eprintln!("{problem}");
     }
+    // Not a problem (`serve` starts), but what the operator should hear before it does.
+    if let Some(warning) = billing_gateway::auth::audience_warning(&config.auth) {
+        eprintln!("warning: {warning}");
+    }
     let (Some(policy), Some(files)) = (policy, cases) else {
         bail!("{} found", count(problems.len()));
     };

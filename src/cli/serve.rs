@@ -11,6 +11,9 @@ pub(super) async fn run(config: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config, &env, Needs::Serve)?;
     let telemetry =
         telemetry::init(config.log_format, &config.tracing).map_err(anyhow::Error::msg)?;
+    if let Some(warning) = billing_gateway::auth::audience_warning(&config.auth) {
+        tracing::warn!("{warning}");
+    }
     let app = App::build(config).await?;
     tracing::info!(addr = %app.addr()?, "billing-gateway listening");
     app.run_until(shutdown_signal()).await?;

@@ -160,6 +160,8 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Clock skew allowed on `exp`, `nbf` and `iat`.
     pub leeway: Duration,
+    /// PEM certificates trusted, beside the system roots, for discovery and the JWKS only.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where the keys for asymmetric tokens come from.
@@ -264,6 +266,7 @@ impl Config {
                 issuer: None,
                 audience: None,
                 leeway: Duration::from_secs(30),
+                ca_file: None,
             },
             cache: CacheConfig {
                 ttl: Duration::from_secs(300),

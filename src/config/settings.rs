@@ -132,6 +132,12 @@ pub(super) static SETTINGS: &[Setting] = &[
     file("GATEWAY_JWT_LEEWAY", "auth.leeway", |c, v| {
         parse_duration(&v).map(|d| c.auth.leeway = d)
     }),
+    file("GATEWAY_IDP_CA_FILE", "auth.ca_file", |c, v| {
+        let path = PathBuf::from(v);
+        crate::auth::idp_roots(&path)?;
+        c.auth.ca_file = Some(path);
+        Ok(())
+    }),
     file("GATEWAY_CACHE_TTL", "cache.ttl", |c, v| {
         parse_duration(&v).map(|d| c.cache.ttl = d)
     }),

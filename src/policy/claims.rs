@@ -1,26 +1,50 @@
-//! A token's claims against the policy's `[[bindings]]`: a binding names a claim by a dot path
-//! (`realm_access.roles`) and the value it must hold; every binding a verified token's claims
-//! match adds its grant to the caller. How a claim holds a value (whole array elements, words
-//! of a string) is decided here and nowhere else.
+//! A token's claims against the policy's `[[bindings]]`: a binding names a claim (a top-level
+//! claim of exactly that name, such as Auth0's `https://billing.example.com/roles`, else a dot
+//! path into objects: `realm_access.roles`) and the value it must hold; every binding a verified
+//! token's claims match adds its grant to the caller. Which claim a name means, and how a claim
+//! holds a value (whole array elements, words of a string), is decided here and nowhere else.
 
 use serde_json::{Map, Value};
 
 use super::principal::Grant;
 
-/// One `[[bindings]]` entry, checked: who holds `equals` at the `claim` path gets `grant`.
+/// One `[[bindings]]` entry, checked: who holds `equals` in the `claim` gets `grant`.
 #[derive(Debug, Clone)]
 pub(super) struct Binding {
-    pub(super) claim: Vec<String>,
+    pub(super) claim: Claim,
     pub(super) equals: String,
     pub(super) grant: Grant,
 }
 
-/// The segments of a claim path (`realm_access.roles`), or `None` when it has an empty one.
-pub(super) fn claim_path(text: &str) -> Option<Vec<String>> {
+/// A binding's claim name: the whole name, and its dot path for when no top-level claim has it.
+#[derive(Debug, Clone)]
+pub(super) struct Claim {
+    name: String,
+    path: Vec<String>,
+}
+
+impl Claim {
+    /// The value it names in these claims: the top-level claim of exactly this name when there
+    /// is one (namespaced claims are URLs, dots included), else the one the dot path reaches.
+    fn find<'c>(&self, claims: &'c Map<String, Value>) -> Option<&'c Value> {
+        if let Some(exact) = claims.get(&self.name) {
+            return Some(exact);
+        }
+        let (first, rest) = self.path.split_first()?;
+        rest.iter()
+            .try_fold(claims.get(first)?, |value, key| value.get(key))
+    }
+}
+
+/// A binding's claim name, or `None` when it is empty or has an empty dot segment.
+pub(super) fn claim_path(text: &str) -> Option<Claim> {
     if text.is_empty() || text.split('.').any(str::is_empty) {
         return None;
     }
-    Some(text.split('.').map(str::to_owned).collect())
+    Some(Claim {
+        name: text.to_owned(),
+        path: text.split('.').map(str::to_owned).collect(),
+    })
 }
 
 /// The grants every binding matching these claims gives.
@@ -32,19 +56,11 @@ pub(super) fn grants(bindings: &[Binding], claims: &Map<String, Value>) -> Vec<G
         .collect()
 }
 
-/// Follows a dot path. An array matches when one of its elements is a string equal to `equals`
-/// (whole: `["Former finance"]` does not match `finance`); only a string claim is split into
-/// words, matching when it equals `equals` or one of its space-separated words does (OAuth
-/// `scope`).
-fn claim_matches(claims: &Map<String, Value>, path: &[String], equals: &str) -> bool {
-    let Some((first, rest)) = path.split_first() else {
-        return false;
-    };
-    let mut value = claims.get(first);
-    for key in rest {
-        value = value.and_then(|v| v.get(key));
-    }
-    match value {
+/// An array matches when one of its elements is a string equal to `equals` (whole:
+/// `["Former finance"]` does not match `finance`); only a string claim is split into words,
+/// matching when it equals `equals` or one of its space-separated words does (OAuth `scope`).
+fn claim_matches(claims: &Map<String, Value>, claim: &Claim, equals: &str) -> bool {
+    match claim.find(claims) {
         Some(Value::Array(items)) => items.iter().any(|item| item.as_str() == Some(equals)),
         Some(Value::String(s)) => s == equals || s.split(' ').any(|word| word == equals),
         _ => false,
@@ -63,7 +79,7 @@ mod tests {
         let claims =
             json!({"realm_access": {"roles": ["a", "b"]}, "scope": "openid billing", "n": 3});
         let Value::Object(c) = claims else { panic!() };
-        let path = |s: &str| s.split('.').map(str::to_owned).collect::<Vec<_>>();
+        let path = |s: &str| claim_path(s).expect("claim");
         assert!(claim_matches(&c, &path("realm_access.roles"), "b"));
         assert!(!claim_matches(&c, &path("realm_access.roles"), "c"));
         assert!(claim_matches(&c, &path("scope"), "billing"));
@@ -82,7 +98,7 @@ mod tests {
             "realm_access": {"roles": ["ex billing-read-only"]},
         });
         let Value::Object(c) = claims else { panic!() };
-        let path = |s: &str| s.split('.').map(str::to_owned).collect::<Vec<_>>();
+        let path = |s: &str| claim_path(s).expect("claim");
         assert!(!claim_matches(&c, &path("groups"), "finance"));
         assert!(!claim_matches(&c, &path("groups"), "Former"));
         assert!(claim_matches(&c, &path("groups"), "Former finance"));
@@ -112,5 +128,44 @@ mod tests {
         assert!(words.grants.is_empty());
         let string = principal(&set, json!({"roles": "billing-read-only billing-manager"}));
         assert_eq!(string.grants.len(), 2, "a string claim is split into words");
+    }
+
+    /// Auth0 namespaces its custom claims with URLs: a top-level claim of exactly the binding's
+    /// name wins over walking its dots; with none, the dots walk into objects.
+    #[test]
+    fn a_top_level_claim_of_exactly_the_name_wins_else_dots_walk_into_objects() {
+        let auth0 = "https://billing.example.com/roles";
+        let Value::Object(c) = json!({
+            auth0: ["billing-manager"],
+            "https://billing": {"example": {"com/roles": ["nested"]}},
+            "realm_access": {"roles": ["kc"]},
+            "a.b": "top",
+            "a": {"b": "nested"},
+        }) else {
+            panic!()
+        };
+        let path = |s: &str| claim_path(s).expect("claim");
+        assert!(claim_matches(&c, &path(auth0), "billing-manager"));
+        assert!(
+            !claim_matches(&c, &path(auth0), "nested"),
+            "exact name wins"
+        );
+        assert!(claim_matches(&c, &path("realm_access.roles"), "kc"));
+        assert!(claim_matches(&c, &path("a.b"), "top"));
+        assert!(!claim_matches(&c, &path("a.b"), "nested"));
+        let Value::Object(only_nested) = json!({"a": {"b": "nested"}}) else {
+            panic!()
+        };
+        assert!(claim_matches(&only_nested, &path("a.b"), "nested"));
+
+        let set = set(&[&format!(
+            "{DEFAULT}\n[[bindings]]\nclaim = \"{auth0}\"\nequals = \"billing-manager\"\nroles = [\"billing-manager\"]\n"
+        )])
+        .expect("policy");
+        let manager = principal(&set, json!({auth0: ["billing-manager"]}));
+        assert_eq!(
+            decide_on(&manager, "/billing/v2beta1/invoices", "").map(|_| ()),
+            Ok(())
+        );
     }
 }
