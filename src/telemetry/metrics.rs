@@ -108,6 +108,48 @@ impl SourceHealth {
     }
 }
 
+/// Client connections (contract §13): how many are open, and how many were closed, by reason
+/// (`client`, `timeout`, `idle`, `evicted`, `shutdown`).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionCounts {
+    open: Gauge,
+    closed: Family<ReasonLabels, Counter>,
+}
+
+impl ConnectionCounts {
+    /// One more connection accepted.
+    pub fn opened(&self) {
+        self.open.inc();
+    }
+
+    /// One connection closed, for `reason`.
+    pub fn closed(&self, reason: &'static str) {
+        self.open.dec();
+        self.closed.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Shows `reason` at 0 until a connection is closed for it, so alerts see the first one.
+    pub fn expect(&self, reason: &'static str) {
+        let _ = self.closed.get_or_create(&ReasonLabels { reason });
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "connections_open",
+            "Client connections open (at most GATEWAY_MAX_CONNECTIONS)",
+            self.open.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Client connections closed, by reason: client (closed by the client, or a protocol \
+             or TLS error), timeout (too slow: first byte, head, handshake, or an answer not \
+             taken), idle (idle for the idle timeout, shortened near the bound), evicted (idle, \
+             closed to make room at the bound or after an accept error), shutdown",
+            self.closed.clone(),
+        );
+    }
+}
+
 type HistogramFamily = Family<OperationLabels, Histogram, fn() -> Histogram>;
 type ClassHistogramFamily = Family<ClassLabels, Histogram, fn() -> Histogram>;
 
@@ -146,6 +188,7 @@ pub struct Metrics {
     redis_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
     cluster_replicas: Gauge,
     budget_degraded_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    connections: ConnectionCounts,
 }
 
 impl Default for Metrics {
@@ -367,6 +410,8 @@ impl Default for Metrics {
             "Upstream calls per second this replica allows itself while degraded (0 otherwise)",
             budget_degraded_rate.clone(),
         );
+        let connections = ConnectionCounts::default();
+        connections.register(&mut registry);
         // The refusals and cache answers the shipped alerts and dashboard watch start at 0: a
         // series born at 1 shows no `increase()`, so a first refusal would go unseen.
         for reason in [
@@ -435,6 +480,7 @@ impl Default for Metrics {
             redis_duration,
             cluster_replicas,
             budget_degraded_rate,
+            connections,
         }
     }
 }
@@ -618,6 +664,11 @@ impl Metrics {
     /// Records the calls per second this replica allows itself while degraded (0: sharing).
     pub fn set_budget_degraded_rate(&self, calls_per_second: f64) {
         self.budget_degraded_rate.set(calls_per_second);
+    }
+
+    /// Where client connections are counted.
+    pub fn connections(&self) -> ConnectionCounts {
+        self.connections.clone()
     }
 
     /// The Prometheus text exposition.

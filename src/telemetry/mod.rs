@@ -10,7 +10,7 @@ mod metrics;
 pub mod trace;
 
 pub use access::AccessLog;
-pub use metrics::{Metrics, SourceHealth};
+pub use metrics::{ConnectionCounts, Metrics, SourceHealth};
 pub use trace::{Telemetry, init};
 
 use std::convert::Infallible;
