@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use billing_gateway::ServerLimits;
 use common::served::Served;
 use common::*;
 use serde_json::{Value, json};
@@ -69,7 +70,7 @@ impl Flood {
                 holders.push(tokio::spawn(async move {
                     while !*stopped.borrow() {
                         tokio::select! {
-                            held = hold(&addr, kind) => if held {
+                            held = hold(&addr, kind) => if held.is_some() {
                                 closed[k].fetch_add(1, Ordering::Relaxed);
                             } else {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -101,12 +102,10 @@ impl Flood {
     }
 }
 
-/// Opens one connection of `kind` and holds it until the gateway closes it: `true` then, `false`
-/// when it could not be opened.
-async fn hold(addr: &str, kind: Kind) -> bool {
-    let Ok(mut stream) = TcpStream::connect(addr).await else {
-        return false;
-    };
+/// Opens one connection of `kind` and holds it until the gateway closes it: what the gateway
+/// sent on it then, `None` when it could not be opened.
+async fn hold(addr: &str, kind: Kind) -> Option<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
     let said = match kind {
         Kind::Preface => stream.write_all(PREFACE).await,
         Kind::Silent => Ok(()),
@@ -116,8 +115,9 @@ async fn hold(addr: &str, kind: Kind) -> bool {
                 .await
         }
     };
+    let mut received = Vec::new();
     if said.is_err() {
-        return true;
+        return Some(received);
     }
     // Whatever the gateway sends (its SETTINGS, a GOAWAY, the probe's answer) is read and never
     // answered; the end of the stream is the gateway closing it.
@@ -126,8 +126,21 @@ async fn hold(addr: &str, kind: Kind) -> bool {
         if n == 0 {
             break;
         }
+        received.extend_from_slice(&buf[..n]);
     }
-    true
+    Some(received)
+}
+
+/// The types of the HTTP/2 frames in `bytes` (a server's side of a connection).
+fn frame_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut at = 0;
+    while let Some(head) = bytes.get(at..at + 9) {
+        let length = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        types.push(head[3]);
+        at += 9 + length;
+    }
+    types
 }
 
 /// Descriptors the process `pid` holds.
@@ -386,9 +399,9 @@ async fn out_of_descriptors_the_gateway_sheds_idle_connections_and_logs_with_cou
         assert_eq!(response.status(), 200, "probe {probe}");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let exposition = metrics(&gateway.base).await;
     let seen = flood.stop().await;
     let elapsed = started.elapsed();
+    let exposition = metrics(&gateway.base).await;
 
     let lines = logged(&gateway, "accepting connections failed");
     let failures: u64 = lines
@@ -413,4 +426,62 @@ async fn out_of_descriptors_the_gateway_sheds_idle_connections_and_logs_with_cou
     assert!(failures > lines.len() as u64, "{failures} failures");
     assert!(idle_closed >= 1, "{lines:?}");
     assert!(closed_for(&exposition, "evicted") >= 1, "{exposition}");
+}
+
+#[tokio::test]
+async fn idle_connections_of_every_kind_are_closed_after_the_idle_timeout_but_a_slow_answer_is_not()
+{
+    let _one = ONE_AT_A_TIME.lock().await;
+    let app = TestApp::builder()
+        .limits(ServerLimits {
+            idle_timeout: Duration::from_millis(500),
+            ..ServerLimits::default()
+        })
+        .spawn()
+        .await;
+    // The answer takes three idle timeouts: a request in progress is not idle.
+    Mock::given(path("/billing/v2beta1/invoices"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(
+                    json!({"invoices": [{"id": "slow-invoice"}], "total_count": 1}).to_string(),
+                    "application/json",
+                )
+                .set_delay(Duration::from_millis(1500)),
+        )
+        .expect(1)
+        .mount(&app.upstream)
+        .await;
+    let addr = app.addr().to_string();
+    let held = KINDS.map(|kind| {
+        let addr = addr.clone();
+        tokio::spawn(async move { hold(&addr, kind).await.expect("connected") })
+    });
+
+    let slow = app.get("/billing/v2beta1/invoices", &app.manager()).await;
+    assert_eq!(slow.status(), 200);
+    assert!(slow.text().await.expect("body").contains("slow-invoice"));
+
+    let mut received = Vec::new();
+    for held in held {
+        received.push(
+            tokio::time::timeout(PATIENCE, held)
+                .await
+                .expect("closed by the gateway")
+                .expect("holder"),
+        );
+    }
+    let [preface, silent, keep_alive] = <[Vec<u8>; 3]>::try_from(received).expect("three");
+    // HTTP/2 is told first (GOAWAY: type 7), then closed, its client having stayed.
+    assert!(
+        frame_types(&preface).contains(&7),
+        "{:?}",
+        frame_types(&preface)
+    );
+    assert!(silent.is_empty(), "{silent:?}");
+    assert!(keep_alive.starts_with(b"HTTP/1.1 200"), "{keep_alive:?}");
+    let exposition = app.metrics().await;
+    assert!(closed_for(&exposition, "idle") >= 3, "{exposition}");
+    assert_eq!(closed_for(&exposition, "evicted"), 0);
+    assert_eq!(closed_for(&exposition, "timeout"), 0);
 }
