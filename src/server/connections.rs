@@ -74,14 +74,21 @@ pub(super) fn idle_timeout_at(base: Duration, open: usize, max: usize) -> Durati
 }
 
 /// The connection bound when `GATEWAY_MAX_CONNECTIONS` is not set, for an open-files limit of
-/// `open_files`: a quarter of the limit (at least 64, at most 4,096 descriptors) is kept for
-/// everything else — upstream, Redis and JWKS connections, policy and TLS files, the runtime's own.
+/// `open_files`: a quarter of the limit (at least 64 descriptors) is kept for everything else —
+/// upstream, Redis and JWKS connections, policy and TLS files, the runtime's own — and the bound
+/// is at most [`DEFAULT_MAX_CONNECTIONS`], whatever the limit.
 pub(crate) fn default_max_connections(open_files: u64) -> usize {
-    let reserve = (open_files / 4).clamp(64, 4096);
+    let reserve = (open_files / 4).max(64);
     usize::try_from(open_files.saturating_sub(reserve))
         .unwrap_or(usize::MAX)
-        .max(1)
+        .clamp(1, DEFAULT_MAX_CONNECTIONS)
 }
+
+/// The largest default bound. Hard limits run to 524,288 descriptors (systemd, containerd) and
+/// beyond, while an idle HTTP connection costs about 18 KiB (an HTTP/2 preface alone 16, a silent
+/// one 4): 4,096 of them take about 72 MiB, within the shipped manifest's 256 MiB beside the
+/// cache's 64.
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// The connection bound: `configured`, or derived from the open-files limit, which is raised to
 /// the hard limit first; logs the limit and the bound, and warns of a bound the limit cannot hold.
@@ -535,12 +542,14 @@ mod tests {
     }
 
     #[test]
-    fn the_default_bound_keeps_a_quarter_of_the_descriptors_between_64_and_4096() {
+    fn the_default_bound_keeps_a_quarter_of_the_descriptors_and_at_most_4096_connections() {
         assert_eq!(default_max_connections(256), 192);
         assert_eq!(default_max_connections(1024), 768);
         assert_eq!(default_max_connections(100), 36);
         assert_eq!(default_max_connections(64), 1);
-        assert_eq!(default_max_connections(65_536), 61_440);
-        assert_eq!(default_max_connections(1 << 20), (1 << 20) - 4096);
+        assert_eq!(default_max_connections(5460), 4095);
+        assert_eq!(default_max_connections(5461), 4096);
+        assert_eq!(default_max_connections(524_288), 4096);
+        assert_eq!(default_max_connections(rlimit::INFINITY), 4096);
     }
 }
