@@ -4,7 +4,7 @@
 //!
 //! The accept loop is hyper's own connection builder rather than `axum::serve`, for the bounds
 //! [`ServerLimits`] puts on hostile or broken clients: header size, header read time, requests
-//! in flight.
+//! in flight, connections open and idle (`connections`).
 
 mod accept;
 mod connections;
