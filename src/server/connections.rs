@@ -36,7 +36,7 @@ use tower::ServiceExt;
 use crate::telemetry::ConnectionCounts;
 
 /// The idle timeout at the bound, however long the configured one (unless it is shorter).
-pub(super) const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a connection told to close gracefully (HTTP/2: GOAWAY sent) may stay open while
 /// nothing is in progress on it: a client that never closes its side is closed after this.
@@ -77,7 +77,7 @@ pub(super) fn idle_timeout_at(base: Duration, open: usize, max: usize) -> Durati
 /// `open_files`: a quarter of the limit (at least 64 descriptors) is kept for everything else —
 /// upstream, Redis and JWKS connections, policy and TLS files, the runtime's own — and the bound
 /// is at most [`DEFAULT_MAX_CONNECTIONS`], whatever the limit.
-pub(crate) fn default_max_connections(open_files: u64) -> usize {
+pub(super) fn default_max_connections(open_files: u64) -> usize {
     let reserve = (open_files / 4).max(64);
     usize::try_from(open_files.saturating_sub(reserve))
         .unwrap_or(usize::MAX)
@@ -88,7 +88,7 @@ pub(crate) fn default_max_connections(open_files: u64) -> usize {
 /// beyond, while an idle HTTP connection costs about 18 KiB (an HTTP/2 preface alone 16, a silent
 /// one 4): 4,096 of them take about 72 MiB, within the shipped manifest's 256 MiB beside the
 /// cache's 64.
-pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// The connection bound: `configured`, or derived from the open-files limit, which is raised to
 /// the hard limit first; logs the limit and the bound, and warns of a bound the limit cannot hold.
@@ -96,7 +96,7 @@ pub(super) fn bound(configured: Option<usize>) -> usize {
     let open_files = open_files_limit();
     let max = configured.unwrap_or_else(|| default_max_connections(open_files));
     let reserve = u64::try_from(max).map_or(0, |max| open_files.saturating_sub(max));
-    if reserve < 64 {
+    if configured.is_some() && reserve < 64 {
         tracing::warn!(
             max_connections = max,
             open_files,
@@ -181,9 +181,9 @@ pub(super) enum Close {
     Now,
 }
 
-/// What one connection shares with the table.
+/// One connection, as the table and its task both see it.
 #[derive(Debug)]
-struct Shared {
+struct Entry {
     /// Requests in progress.
     busy: AtomicUsize,
     /// When it last became idle, in milliseconds since the table's epoch.
@@ -196,7 +196,7 @@ struct Shared {
     told: Notify,
 }
 
-impl Shared {
+impl Entry {
     fn close(&self) -> Close {
         match self.close.load(Ordering::Acquire) {
             0 => Close::No,
@@ -223,7 +223,7 @@ impl Shared {
 #[derive(Debug, Default)]
 struct Table {
     next_id: u64,
-    open: HashMap<u64, Arc<Shared>>,
+    open: HashMap<u64, Arc<Entry>>,
     /// Entries told to close [`Close::Now`] whose task has not dropped them yet: they still hold
     /// their descriptor, but need not be evicted again.
     doomed: usize,
@@ -290,7 +290,7 @@ impl Connections {
     pub(super) fn admit(self: &Arc<Self>) -> Tracked {
         self.counts.opened();
         let mut table = self.lock();
-        let shared = Arc::new(Shared {
+        let entry = Arc::new(Entry {
             busy: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.now()),
             close: AtomicU8::new(Close::No as u8),
@@ -299,11 +299,11 @@ impl Connections {
         });
         let id = table.next_id;
         table.next_id += 1;
-        table.open.insert(id, shared.clone());
+        table.open.insert(id, entry.clone());
         self.open.send_replace(table.open.len());
         Tracked {
             id,
-            shared,
+            entry,
             connections: self.clone(),
         }
     }
@@ -318,7 +318,7 @@ impl Connections {
         let before = self
             .now()
             .saturating_sub(u64::try_from(EVICT_AFTER.as_millis()).unwrap_or(u64::MAX));
-        let mut idle: Vec<(u64, &Arc<Shared>)> = table
+        let mut idle: Vec<(u64, &Arc<Entry>)> = table
             .open
             .values()
             .filter(|s| s.busy.load(Ordering::Acquire) == 0 && s.close() != Close::Now)
@@ -329,8 +329,8 @@ impl Connections {
         if batch < idle.len() {
             idle.select_nth_unstable_by_key(batch, |(since, _)| *since);
         }
-        for (_, shared) in &idle[..batch] {
-            shared.tell(Close::Now, Closed::Evicted);
+        for (_, entry) in &idle[..batch] {
+            entry.tell(Close::Now, Closed::Evicted);
         }
         table.doomed += batch;
         batch
@@ -343,12 +343,12 @@ impl Connections {
         let timeout = idle_timeout_at(self.idle_timeout, table.open.len() - table.doomed, self.max);
         let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let now = self.now();
-        for shared in table.open.values() {
-            if shared.busy.load(Ordering::Acquire) == 0
-                && shared.close() == Close::No
-                && now.saturating_sub(shared.idle_since.load(Ordering::Acquire)) >= timeout
+        for entry in table.open.values() {
+            if entry.busy.load(Ordering::Acquire) == 0
+                && entry.close() == Close::No
+                && now.saturating_sub(entry.idle_since.load(Ordering::Acquire)) >= timeout
             {
-                shared.tell(Close::Gracefully, Closed::Idle);
+                entry.tell(Close::Gracefully, Closed::Idle);
             }
         }
     }
@@ -361,8 +361,8 @@ impl Connections {
     /// Tells every connection to close gracefully (requests in progress finish, downloads
     /// included) and returns once all are closed.
     pub(super) async fn shutdown(&self) {
-        for shared in self.lock().open.values() {
-            shared.tell(Close::Gracefully, Closed::Shutdown);
+        for entry in self.lock().open.values() {
+            entry.tell(Close::Gracefully, Closed::Shutdown);
         }
         let _ = self.open.subscribe().wait_for(|open| *open == 0).await;
     }
@@ -373,7 +373,7 @@ impl Connections {
 #[derive(Debug)]
 pub(super) struct Tracked {
     id: u64,
-    shared: Arc<Shared>,
+    entry: Arc<Entry>,
     connections: Arc<Connections>,
 }
 
@@ -381,23 +381,23 @@ impl Tracked {
     /// Resolves once the connection has been told to close at least `at_least`, with how far.
     pub(super) async fn told(&self, at_least: Close) -> Close {
         loop {
-            let close = self.shared.close();
+            let close = self.entry.close();
             if close >= at_least {
                 return close;
             }
             // A tell between the check and here left a permit: this returns at once.
-            self.shared.told.notified().await;
+            self.entry.told.notified().await;
         }
     }
 
     /// Whether a request is in progress.
     pub(super) fn is_busy(&self) -> bool {
-        self.shared.busy.load(Ordering::Acquire) > 0
+        self.entry.busy.load(Ordering::Acquire) > 0
     }
 
     /// Records why the connection ended, unless it was told to close (that reason stands).
     pub(super) fn ended(&self, reason: Closed) {
-        self.shared.because(reason);
+        self.entry.because(reason);
     }
 
     /// `router`, counting each request in progress on this connection until its answer's body
@@ -411,10 +411,10 @@ impl Tracked {
         Error = Infallible,
         Future: Send + 'static,
     > + use<> {
-        let shared = self.shared.clone();
+        let entry = self.entry.clone();
         let epoch = self.connections.epoch;
         hyper::service::service_fn(move |request| {
-            let busy = Busy::start(shared.clone(), epoch);
+            let busy = Busy::start(entry.clone(), epoch);
             let answer = router.clone().oneshot(request);
             async move {
                 let answer = answer.await?;
@@ -428,13 +428,13 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         let mut table = self.connections.lock();
         table.open.remove(&self.id);
-        if self.shared.close() == Close::Now {
+        if self.entry.close() == Close::Now {
             table.doomed -= 1;
         }
         self.connections.open.send_replace(table.open.len());
         drop(table);
         let reason =
-            Closed::from_u8(self.shared.reason.load(Ordering::Acquire)).unwrap_or(Closed::Client);
+            Closed::from_u8(self.entry.reason.load(Ordering::Acquire)).unwrap_or(Closed::Client);
         self.connections.counts.closed(reason.label());
     }
 }
@@ -442,14 +442,14 @@ impl Drop for Tracked {
 /// A request in progress on a connection.
 #[derive(Debug)]
 struct Busy {
-    shared: Arc<Shared>,
+    entry: Arc<Entry>,
     epoch: Instant,
 }
 
 impl Busy {
-    fn start(shared: Arc<Shared>, epoch: Instant) -> Busy {
-        shared.busy.fetch_add(1, Ordering::AcqRel);
-        Busy { shared, epoch }
+    fn start(entry: Arc<Entry>, epoch: Instant) -> Busy {
+        entry.busy.fetch_add(1, Ordering::AcqRel);
+        Busy { entry, epoch }
     }
 }
 
@@ -459,8 +459,8 @@ impl Drop for Busy {
         // since long ago; harmless while other requests are still in progress (read only when
         // none is).
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.shared.idle_since.store(now, Ordering::Release);
-        self.shared.busy.fetch_sub(1, Ordering::AcqRel);
+        self.entry.idle_since.store(now, Ordering::Release);
+        self.entry.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
