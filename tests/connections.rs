@@ -485,3 +485,49 @@ async fn idle_connections_of_every_kind_are_closed_after_the_idle_timeout_but_a_
     assert_eq!(closed_for(&exposition, "evicted"), 0);
     assert_eq!(closed_for(&exposition, "timeout"), 0);
 }
+
+#[tokio::test]
+async fn at_the_bound_connections_that_never_carried_a_request_are_closed_before_a_callers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let app = TestApp::builder()
+        .limits(ServerLimits {
+            max_connections: 40,
+            ..ServerLimits::default()
+        })
+        .spawn()
+        .await;
+    let addr = app.addr().to_string();
+    // A caller's keep-alive connection, idle since its request: the longest idle of all.
+    let mut caller = TcpStream::connect(&addr).await.expect("connect");
+    let mut ask = async || {
+        caller
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n")
+            .await
+            .expect("request");
+        let mut answer = vec![0u8; 1024];
+        let n = caller.read(&mut answer).await.expect("answer");
+        answer.truncate(n);
+        answer
+    };
+    assert!(ask().await.starts_with(b"HTTP/1.1 200"));
+    // 39 silent connections fill the table; the next one waits until they have been idle
+    // 100 ms, then 32 of them are closed for it, and the caller's is not.
+    let mut silent = Vec::new();
+    for _ in 0..39 {
+        silent.push(TcpStream::connect(&addr).await.expect("connect"));
+    }
+    let exposition = app.metrics().await;
+    assert_eq!(closed_for(&exposition, "evicted"), 32, "{exposition}");
+    let closed = || {
+        silent
+            .iter()
+            .filter(|s| matches!(s.try_read(&mut [0u8; 1]), Ok(0)))
+            .count()
+    };
+    eventually(|| std::future::ready(closed() == 32), PATIENCE).await;
+    assert!(
+        ask().await.starts_with(b"HTTP/1.1 200"),
+        "the caller's connection was closed"
+    );
+    assert_eq!(closed(), 32);
+}

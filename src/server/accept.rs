@@ -61,19 +61,34 @@ pub(super) async fn serve(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = connections.changes();
     let mut trouble = AcceptTrouble::default();
+    // A connection accepted at the bound, waiting for room: the one descriptor over the bound.
+    let mut waiting: Option<TcpStream> = None;
     loop {
-        // At the bound with nothing idle long enough to close, new connections wait in the
-        // listen backlog (their requests with them) until one closes or a sweep finds room.
-        let room = connections.make_room();
-        trouble.room(room, connections);
-        let stream = tokio::select! {
-            () = &mut shutdown => return,
-            _ = sweep.tick() => {
-                connections.sweep();
-                continue;
+        if let Some(stream) = waiting.take() {
+            // Idle connections are closed only for a connection that is there: at the bound it
+            // waits, and the ones behind it in the listen backlog (their requests with them),
+            // until one closes or a sweep finds one idle long enough to close.
+            let room = connections.make_room();
+            trouble.room(room, connections);
+            if room {
+                tokio::spawn(connection(
+                    stream,
+                    tls.clone(),
+                    http.clone(),
+                    router.clone(),
+                    connections.admit(),
+                    limits.header_read_timeout,
+                    limits.idle_write_timeout,
+                ));
+            } else {
+                waiting = Some(stream);
             }
-            _ = closing.changed(), if !room => continue,
-            accepted = listener.accept(), if room => match accepted {
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = sweep.tick() => connections.sweep(),
+            _ = closing.changed(), if waiting.is_some() => {}
+            accepted = listener.accept(), if waiting.is_none() => match accepted {
                 Ok((stream, _)) => {
                     trouble.backoff = Duration::ZERO;
                     // A relayed answer leaves in several writes (head, then body chunks); with
@@ -82,7 +97,7 @@ pub(super) async fn serve(
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
-                    stream
+                    waiting = Some(stream);
                 }
                 Err(e) => {
                     // Out of descriptors, usually: the connection waits in the backlog, so
@@ -93,19 +108,9 @@ pub(super) async fn serve(
                         () = &mut shutdown => return,
                         () = tokio::time::sleep(trouble.backoff) => {}
                     }
-                    continue;
                 }
             },
-        };
-        tokio::spawn(connection(
-            stream,
-            tls.clone(),
-            http.clone(),
-            router.clone(),
-            connections.admit(),
-            limits.header_read_timeout,
-            limits.idle_write_timeout,
-        ));
+        }
     }
 }
 

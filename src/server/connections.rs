@@ -9,10 +9,12 @@
 //! Idle connections are closed after the idle timeout, which shrinks as the table approaches its
 //! bound ([`idle_timeout_at`], after Envoy's overload manager `reduce_timeouts`); at the bound the
 //! longest-idle ones are closed at once to make room (as nginx reuses keep-alive connections
-//! under `worker_connections`). A connection is never closed for room before it has been idle
-//! for [`EVICT_AFTER`]: however fast a flood of new connections, each gets that long to send its
-//! request, and while none can be closed the accept loop leaves new connections waiting in the
-//! listen backlog rather than refusing them.
+//! under `worker_connections`) when a new one is waiting; while connections that never carried a
+//! request are open, only they are, so a flood of connections opened only to be held cannot push
+//! out a caller between two requests. A connection is never closed for room before it has been
+//! idle for [`EVICT_AFTER`]: however fast a flood of new connections, each gets that long to
+//! send its request, and while none can be closed the accept loop leaves new connections waiting
+//! in the listen backlog rather than refusing them.
 //! The bound sits below the open-files limit, which the gateway raises to the hard limit at start
 //! ([`open_files_limit`]), so accepting never takes the descriptors upstream, Redis and JWKS
 //! calls need. Shutdown closes every connection the same way, gracefully.
@@ -20,7 +22,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -186,6 +188,8 @@ pub(super) enum Close {
 struct Entry {
     /// Requests in progress.
     busy: AtomicUsize,
+    /// Whether it has carried a request: at the bound, those that never did go first.
+    used: AtomicBool,
     /// When it last became idle, in milliseconds since the table's epoch.
     idle_since: AtomicU64,
     /// A [`Close`], as told.
@@ -270,7 +274,7 @@ impl Connections {
 
     /// Whether one more connection may be admitted. At the bound, up to [`EVICT_BATCH`] of the
     /// longest-idle ones are told to close first, unless enough already are; the room is there
-    /// once their tasks have dropped them, so descriptors never outnumber the bound. Only
+    /// once their tasks have dropped them, so the table never holds more than the bound. Only
     /// [`Connections::admit`] adds connections: a `true` holds until the caller admits one.
     pub(super) fn make_room(&self) -> bool {
         let mut table = self.lock();
@@ -292,6 +296,7 @@ impl Connections {
         let mut table = self.lock();
         let entry = Arc::new(Entry {
             busy: AtomicUsize::new(0),
+            used: AtomicBool::new(false),
             idle_since: AtomicU64::new(self.now()),
             close: AtomicU8::new(Close::No as u8),
             reason: AtomicU8::new(0),
@@ -318,10 +323,18 @@ impl Connections {
         let before = self
             .now()
             .saturating_sub(u64::try_from(EVICT_AFTER.as_millis()).unwrap_or(u64::MAX));
-        let mut idle: Vec<(u64, &Arc<Entry>)> = table
+        let idle: Vec<&Arc<Entry>> = table
             .open
             .values()
             .filter(|s| s.busy.load(Ordering::Acquire) == 0 && s.close() != Close::Now)
+            .collect();
+        // While any connection that never carried a request (silent, an HTTP/2 preface) is
+        // open, only those are closed for room, however young: a caller between two requests
+        // outlasts a flood of connections opened only to be held.
+        let unused = idle.iter().any(|s| !s.used.load(Ordering::Acquire));
+        let mut idle: Vec<(u64, &Arc<Entry>)> = idle
+            .into_iter()
+            .filter(|s| !(unused && s.used.load(Ordering::Acquire)))
             .map(|s| (s.idle_since.load(Ordering::Acquire), s))
             .filter(|(since, _)| *since <= before)
             .collect();
@@ -449,6 +462,7 @@ struct Busy {
 impl Busy {
     fn start(entry: Arc<Entry>, epoch: Instant) -> Busy {
         entry.busy.fetch_add(1, Ordering::AcqRel);
+        entry.used.store(true, Ordering::Release);
         Busy { entry, epoch }
     }
 }
