@@ -4,13 +4,14 @@
 //! document generated from the table.
 
 mod call;
-pub mod openapi;
 mod operations;
 mod query;
 
 pub use call::{Call, parse};
+#[cfg(test)]
+pub(crate) use operations::by_name;
 pub use operations::{
     Audit, Download, Kind, Method, OPERATIONS, Operation, OrgRule, Param, Permission, Permissions,
-    Scope, by_name,
+    Scope,
 };
 pub use query::parse_timestamp;

@@ -31,7 +31,8 @@ use serde_json::{Map, Value};
 use toml::Spanned;
 use uuid::Uuid;
 
-use super::{PolicyError, PolicySet, Principal};
+use super::load::{PolicyError, PolicySet};
+use super::principal::Principal;
 use crate::error::Error;
 
 /// One file of cases, parsed and checked for shape.
@@ -68,7 +69,7 @@ enum Expect {
 
 /// A case whose outcome is not the expected one.
 #[derive(Debug)]
-pub struct Failure {
+pub struct CaseFailure {
     /// The case file.
     pub file: PathBuf,
     /// The case's line in it.
@@ -81,7 +82,7 @@ pub struct Failure {
     pub reason: String,
 }
 
-impl fmt::Display for Failure {
+impl fmt::Display for CaseFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -103,7 +104,7 @@ pub struct Report {
     /// How many cases ran.
     pub total: usize,
     /// The ones that did not behave as expected.
-    pub failures: Vec<Failure>,
+    pub failures: Vec<CaseFailure>,
 }
 
 /// Reads every `*.toml` in `dir` (the policy folder's `tests/`); no folder means no cases.
@@ -179,7 +180,7 @@ pub fn run(policy: &PolicySet, files: &[CaseFile], org: Uuid) -> Report {
         for (i, case) in file.cases.iter().enumerate() {
             report.total += 1;
             if let Err(reason) = run_case(policy, case, org) {
-                report.failures.push(Failure {
+                report.failures.push(CaseFailure {
                     file: file.file.clone(),
                     line: case.line,
                     index: i + 1,
@@ -330,10 +331,14 @@ mod tests {
     const P1: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
     fn policy() -> PolicySet {
-        let keys = format!(
-            "[[keys]]\nname = \"web-report\"\nsha256 = \"{}\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n",
-            "ab".repeat(32)
-        );
+        let keys = crate::policy::KeyEntry {
+            name: "web-report",
+            sha256: "ab".repeat(32),
+            roles: &["billing-read-only"],
+            projects: &[P1],
+        }
+        .to_toml()
+        .expect("TOML");
         PolicySet::from_sources(&[
             ("default.toml".into(), DEFAULT.into()),
             ("keys.toml".into(), keys),

@@ -13,15 +13,15 @@ use bytes::Bytes;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use super::body::{Over, Read, error_body, read_at_most};
 use super::forward::{exact_json, forward};
-use crate::admission::Slot;
+use crate::admission::Place;
 use crate::billing::Call;
 use crate::cache::{Cache, Entry, Fetch, Outcome, Refreshed, Shareable};
 use crate::error::{Error, JSON};
 use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
+use crate::upstream::{Content, Unread};
 
 /// An upstream answer the cache does not store, shared by every request that waited for it.
 enum Uncached {
@@ -37,7 +37,7 @@ enum Uncached {
     TooLong {
         status: StatusCode,
         content_type: Option<HeaderValue>,
-        body: Mutex<Option<Over>>,
+        body: Mutex<Option<Unread>>,
     },
     Failed(Error),
 }
@@ -120,7 +120,7 @@ pub(super) async fn cached(
     request_id: &str,
     principal: &Principal,
     info: &mut RequestInfo,
-    slot: Slot,
+    place: Place,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
     let key = Cache::key(call);
@@ -217,7 +217,7 @@ pub(super) async fn cached(
                 // Streamed, so held and cut like any relayed body (see `forward`).
                 let mut response = match taken {
                     Some(body) => {
-                        let mut response = Response::new(slot.relay(body.into_stream()));
+                        let mut response = Response::new(place.relay(body.into_stream()));
                         *response.status_mut() = *status;
                         if let Some(ct) = content_type {
                             response
@@ -227,7 +227,7 @@ pub(super) async fn cached(
                         response
                     }
                     // Another request is relaying that answer: this one asks for its own.
-                    None => forward(state, call, request_id, principal, info, slot)
+                    None => forward(state, call, request_id, principal, info, place)
                         .await
                         .unwrap_or_else(IntoResponse::into_response),
                 };
@@ -240,9 +240,6 @@ pub(super) async fn cached(
                 ("miss", response)
             }
             Uncached::Failed(e) => {
-                if e.status().is_server_error() {
-                    tracing::error!(error = %e, operation = call.op.name, "upstream failed, no stale answer to serve");
-                }
                 let mut response = e.clone().into_response();
                 response.headers_mut().insert(
                     &CACHE_STATUS,
@@ -271,19 +268,17 @@ async fn fetch(
         Ok(upstream) => upstream,
         Err(e) => return Fetch::Failed(Uncached::Failed(e)),
     };
-    let status = upstream.status();
-    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-    // Never more than the cache would store: a longer answer is relayed, not held.
-    let read = if status.is_success() {
-        read_at_most(upstream, state.cache.store_limit()).await
-    } else {
-        error_body(upstream, state.upstream.secret_key())
-            .await
-            .map(Read::Whole)
+    let status = upstream.status;
+    let content_type = upstream.headers.get(header::CONTENT_TYPE).cloned();
+    // Never more than the cache would store: a longer answer is relayed, not held. An error
+    // answer comes read whole and scrubbed of the key.
+    let read = match upstream.body {
+        Content::Unread(body) => body.read_at_most(state.cache.store_limit()).await,
+        whole => Ok(whole),
     };
     let body = match read {
-        Ok(Read::Whole(body)) => body,
-        Ok(Read::Over(body)) => {
+        Ok(Content::Whole(body)) => body,
+        Ok(Content::Unread(body)) => {
             return Fetch::Pass(Uncached::TooLong {
                 status,
                 content_type,

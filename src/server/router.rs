@@ -1,27 +1,28 @@
 //! The route table and the layer stack, outermost first; CORS. The request layer
 //! ([`super::layer`]) gives every request its id and context, sheds oversized heads and writes
-//! the log line; places in flight are taken by the handlers, once the caller is known
-//! ([`crate::admission`]).
+//! the log line; places in flight are taken in the proxy's one order, once the caller is known
+//! and allowed ([`crate::admission`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::IntoResponse;
-use axum::routing::{delete, get};
+use axum::routing::{MethodFilter, MethodRouter, on};
+use axum::{Extension, Router};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyDeadlineLayer;
 
 use super::ServerLimits;
 use super::layer::{HeadLimits, RequestLayer};
-use super::probes::{healthz, metrics, openapi, readyz};
+use super::routes::{ROUTES, Serve};
 use crate::admission::{Admission, Bounds};
 use crate::error::Error;
 use crate::proxy;
 use crate::state::AppState;
-use crate::telemetry::AccessLog;
+use crate::telemetry::{AccessLog, RequestContext};
 
 /// The route table and every middleware layer.
 pub(super) fn router(
@@ -60,18 +61,39 @@ pub(super) fn router(
         // A body must arrive whole within the deadline: slow-loris on the body is cut off too,
         // a trickle of one byte a second included (an idle timeout never fires on that).
         .layer(RequestBodyDeadlineLayer::new(limits.body_deadline));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/gateway/v1/openapi.json", get(openapi))
-        .route("/gateway/v1/whoami", get(proxy::whoami))
-        .route("/gateway/v1/cache", delete(proxy::purge))
+    let mut router = Router::new();
+    for route in ROUTES {
+        let method = MethodFilter::try_from(route.method.clone())
+            .expect("a route's method is one axum can filter on");
+        router = router.route(
+            route.path,
+            match route.serve {
+                Serve::Open(serve) => serve(method),
+                Serve::Authenticated(endpoint) => authenticated(method, endpoint),
+            },
+        );
+    }
+    router
         // Every Billing path, and every unknown one (answered 404 by the operation table).
-        .fallback(proxy::handle)
+        .fallback(proxy::billing)
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
+        // Handed to its route rather than fetched by it: the document reads the route table.
+        .layer(Extension(Arc::new(super::openapi::document())))
         .with_state(state)
         .layer(layers)
+}
+
+/// The route of an authenticated gateway endpoint: served in the same order as a Billing call.
+fn authenticated(method: MethodFilter, endpoint: proxy::Endpoint) -> MethodRouter<AppState> {
+    on(
+        method,
+        move |state: State<AppState>,
+              admission: Extension<Arc<Admission>>,
+              context: RequestContext,
+              request: Request| {
+            proxy::gateway(endpoint, state, admission, context, request)
+        },
+    )
 }
 
 /// CORS for the configured origins only: tokens travel in headers, never cookies, so

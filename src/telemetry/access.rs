@@ -4,7 +4,7 @@
 //!
 //! The line goes through a bounded queue: a line that finds it full is dropped and counted
 //! (`billing_gateway_log_lines_dropped_total`) instead of growing memory without bound or making
-//! the request wait. The writer thread writes whole lines in writes of at most [`PIPE_BUF`]
+//! the request wait. The writer thread writes whole lines in writes of at most `PIPE_BUF`
 //! bytes, so lines stay whole beside the other log events the process writes to the same
 //! stream. The log filter decides whether lines are written, as for any event (`RUST_LOG`,
 //! target [`ACCESS_TARGET`], level INFO): asked once, when the log is started, since the filter
@@ -41,7 +41,7 @@ const GATHER: Duration = Duration::from_millis(10);
 
 /// What one access log line says.
 #[derive(Debug)]
-pub struct Entry<'a> {
+pub struct AccessEntry<'a> {
     /// The request id, as echoed.
     pub request_id: &'a str,
     /// The trace id, 32 hex digits.
@@ -103,7 +103,7 @@ impl AccessLog {
     }
 
     /// Queues the line for `entry`, when the log filter lets access lines through.
-    pub fn log(&self, entry: &Entry<'_>) {
+    pub fn log(&self, entry: &AccessEntry<'_>) {
         if !self.enabled {
             return;
         }
@@ -181,7 +181,7 @@ fn write_lines(queue: &Receiver<Message>, writer: impl Write) {
 }
 
 /// The line for `entry` at `now`, newline included.
-pub fn render(format: LogFormat, entry: &Entry<'_>, now: time::OffsetDateTime) -> String {
+pub fn render(format: LogFormat, entry: &AccessEntry<'_>, now: time::OffsetDateTime) -> String {
     let mut line = String::with_capacity(384 + entry.path.len() + entry.subject.len());
     match format {
         LogFormat::Json => json(&mut line, entry, now),
@@ -193,33 +193,11 @@ pub fn render(format: LogFormat, entry: &Entry<'_>, now: time::OffsetDateTime) -
 
 /// `{"timestamp":…,"level":"INFO","message":"request",<fields>,"target":…}`: the fields and
 /// their order of the JSON formatter this replaces.
-fn json(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
+fn json(line: &mut String, e: &AccessEntry<'_>, now: time::OffsetDateTime) {
     line.push_str("{\"timestamp\":\"");
     timestamp(line, now);
     line.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
-    for (name, value) in [
-        ("request_id", e.request_id),
-        ("trace_id", e.trace_id),
-        ("method", e.method),
-        ("path", e.path),
-        ("operation", e.operation),
-        ("subject", e.subject),
-    ] {
-        json_key(line, name);
-        json_string(line, value);
-    }
-    json_key(line, "status");
-    push_u64(line, u64::from(e.status));
-    json_key(line, "rejection");
-    json_string(line, e.rejection);
-    json_key(line, "cache");
-    json_string(line, e.cache);
-    if let Some(ms) = e.upstream_ms {
-        json_key(line, "upstream_ms");
-        millis(line, ms_to_micros(ms));
-    }
-    json_key(line, "duration_ms");
-    millis(line, duration_micros(e.duration));
+    fields(line, e, json_key, json_string);
     json_key(line, "target");
     json_string(line, ACCESS_TARGET);
     line.push('}');
@@ -227,11 +205,22 @@ fn json(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
 
 /// `<timestamp>  INFO billing_gateway::access: request name=value …`: values a caller chose
 /// (subject, path) quoted and escaped, so a line is always one line.
-fn pretty(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
+fn pretty(line: &mut String, e: &AccessEntry<'_>, now: time::OffsetDateTime) {
     timestamp(line, now);
     line.push_str("  INFO ");
     line.push_str(ACCESS_TARGET);
     line.push_str(": request");
+    fields(line, e, pretty_key, pretty_string);
+}
+
+/// The entry's fields, in the line's order, each name written by `key` and each text by
+/// `text` (numbers are written alike in both formats): one list of fields, two renderings.
+fn fields(
+    line: &mut String,
+    e: &AccessEntry<'_>,
+    key: fn(&mut String, &str),
+    text: fn(&mut String, &str),
+) {
     for (name, value) in [
         ("request_id", e.request_id),
         ("trace_id", e.trace_id),
@@ -240,20 +229,20 @@ fn pretty(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
         ("operation", e.operation),
         ("subject", e.subject),
     ] {
-        pretty_key(line, name);
-        pretty_string(line, value);
+        key(line, name);
+        text(line, value);
     }
-    pretty_key(line, "status");
+    key(line, "status");
     push_u64(line, u64::from(e.status));
-    pretty_key(line, "rejection");
-    pretty_string(line, e.rejection);
-    pretty_key(line, "cache");
-    pretty_string(line, e.cache);
+    key(line, "rejection");
+    text(line, e.rejection);
+    key(line, "cache");
+    text(line, e.cache);
     if let Some(ms) = e.upstream_ms {
-        pretty_key(line, "upstream_ms");
+        key(line, "upstream_ms");
         millis(line, ms_to_micros(ms));
     }
-    pretty_key(line, "duration_ms");
+    key(line, "duration_ms");
     millis(line, duration_micros(e.duration));
 }
 
@@ -378,8 +367,8 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
-    fn entry<'a>(subject: &'a str, path: &'a str) -> Entry<'a> {
-        Entry {
+    fn entry<'a>(subject: &'a str, path: &'a str) -> AccessEntry<'a> {
+        AccessEntry {
             request_id: "req-1",
             trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
             method: "GET",
