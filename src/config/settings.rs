@@ -171,15 +171,17 @@ pub(super) static SETTINGS: &[Setting] = &[
             _ => Err(format!("`{v}` is not a connection count (1 or more)")),
         },
     ),
-    file("GATEWAY_IDLE_TIMEOUT", "limits.idle_timeout", |c, v| {
-        match parse_duration(&v)? {
+    file(
+        "GATEWAY_IDLE_TIMEOUT",
+        "limits.idle_timeout",
+        |c, v| match parse_duration(&v)? {
             d if d.is_zero() => Err(format!("`{v}`: an idle timeout is longer than 0")),
             d => {
                 c.limits.idle_timeout = d;
                 Ok(())
             }
-        }
-    }),
+        },
+    ),
     file("GATEWAY_LOG_FORMAT", "log.format", |c, v| {
         v.parse::<LogFormat>().map(|f| c.log_format = Some(f))
     }),
