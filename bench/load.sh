@@ -4,7 +4,9 @@
 # count (goal: 0) and the gateway's resident memory before and after (goal: flat).
 # With HOSTILE=1 the measured load runs twice, quiet and then beside a hostile mix (zero-window
 # HTTP/2 streams with and without a credential, HTTP/1.1 readers that never read, cache
-# busting), and both runs' errors and p99 are reported (goal: the same).
+# busting, connection floods: idle HTTP/2 prefaces, silent TCP and idle keep-alive connections
+# by the thousand against a gateway limited to OPEN_FILES descriptors), and both runs' errors
+# and p99 are reported (goal: the same), the p99 beside the mix as a ratio to the quiet one.
 # With REPLICAS=N (N >= 2) the same load is spread evenly over N `serve` replicas sharing one
 # Redis (GATEWAY_REDIS_URL), in front of `billing-gateway simulate`, and the upstream calls of
 # all replicas together are reported against the one budget they share.
@@ -18,6 +20,8 @@ PORT=${PORT:-18080}
 WARMUP=${WARMUP:-5s}
 HOSTILE=${HOSTILE:-0}       # 1: also measure beside the hostile mix
 BUST=${BUST:-1}             # with HOSTILE=1: include cache busting (it spends the upstream budget)
+FLOOD=${FLOOD:-1200}        # with HOSTILE=1: idle connections of each kind held (0: no flood)
+OPEN_FILES=${OPEN_FILES:-1024}  # with HOSTILE=1: the demo's open-files limit, soft and hard
 REPLICAS=${REPLICAS:-1}     # N >= 2: N replicas sharing a Redis (ports PORT..PORT+N-1)
 
 cd "$(dirname "$0")/.."
@@ -77,7 +81,11 @@ wait_for() { # pid log url [curl args...]
 pids=()   # the gateways measured
 urls=()
 if [ "$REPLICAS" = 1 ]; then
-    "$BIN" demo --listen "127.0.0.1:$PORT" >"$work/demo.out" 2>"$work/demo.log" &
+    # Beside the hostile mix, the demo gets the limit systemd and containers start services
+    # with (soft and hard alike: it cannot raise it), so the floods reach its connection bound.
+    limit=()
+    if [ "$HOSTILE" = 1 ]; then limit=(prlimit "--nofile=$OPEN_FILES:$OPEN_FILES" --); fi
+    "${limit[@]}" "$BIN" demo --listen "127.0.0.1:$PORT" >"$work/demo.out" 2>"$work/demo.log" &
     servers+=($!)
     pids+=($!)
     urls+=("http://127.0.0.1:$PORT")
@@ -233,10 +241,30 @@ if [ "$HOSTILE" = 1 ]; then
             >"$work/bust.txt" 2>&1 &
         hostile_pids+=($!)
     fi
+    # 5. Connection floods: FLOOD idle connections of each kind, opened again as they close.
+    if [ "$FLOOD" -gt 0 ]; then
+        python3 bench/flood.py 127.0.0.1 "$PORT" "$FLOOD" "$secs" >"$work/flood.txt" 2>&1 &
+        hostile_pids+=($!)
+        flood_pid=$!
+    fi
+    # The gateway's descriptors, sampled every 100 ms: the most it held.
+    (
+        most=0
+        while :; do
+            n=$(ls "/proc/${pids[0]}/fd" 2>/dev/null | wc -l)
+            (( n > most )) && { most=$n; echo "$most" >"$work/fds.txt"; }
+            sleep 0.1
+        done
+    ) &
+    hostile_pids+=($!)
     sleep 3
     wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --timeout 10s -s bench/mixed.lua "$url" | tee "$work/hostile.txt"
     during=$(curl -s "$url/metrics")
     ready=$(curl -s -o /dev/null -w '%{http_code}' "$url/readyz")
+    if [ "$FLOOD" -gt 0 ]; then
+        # The flood reports when its time is up (a margin after the measured run).
+        wait "$flood_pid" 2>/dev/null || true
+    fi
     stop_hostile
     hostile_result=$(grep '^RESULT requests' "$work/hostile.txt")
     hostile_errors=$(errors_of "$hostile_result")
@@ -260,10 +288,18 @@ echo "errors: $errors (goal 0)"
 echo "RSS: ${rss_start} KiB at start, ${rss_before} KiB after warm-up, ${rss_after} KiB after the run (goal: flat)"
 if [ "$HOSTILE" = 1 ]; then
     echo
-    echo "the same load beside the hostile mix (bust=$BUST):"
+    echo "the same load beside the hostile mix (bust=$BUST, flood=$FLOOD per kind, open files $OPEN_FILES):"
     echo "$hostile_result"
     grep '^RESULT latency' "$work/hostile.txt"
     echo "errors: $hostile_errors (goal 0)"
+    p99() { sed -nE 's/^RESULT latency_ms .*p99=([0-9.]+).*/\1/p' "$1"; }
+    echo "normal traffic's p99 beside the mix / quiet: $(p99 "$work/hostile.txt") / $(p99 "$work/run.txt") ms =" \
+        "$(awk -v h="$(p99 "$work/hostile.txt")" -v q="$(p99 "$work/run.txt")" 'BEGIN { printf "%.2fx", h / q }')"
+    if [ "$FLOOD" -gt 0 ]; then
+        echo "connection floods: $(cat "$work/flood.txt")"
+        echo "  the gateway's descriptors: at most $(cat "$work/fds.txt" 2>/dev/null || echo '?') of $OPEN_FILES"
+        grep -E '^billing_gateway_connections_(open|closed_total)' <<<"$during" | sed 's/^/  /' || true
+    fi
     echo "during the attack: /readyz $ready, RSS $(rss_kib) KiB after it,"
     grep -E '^billing_gateway_(requests_in_flight|stalled_answers_total) ' <<<"$during" | sed 's/^/  /' || true
     echo "  rejections during the attack, by reason (the attackers'):"

@@ -204,11 +204,17 @@ pub struct CacheConfig {
     pub background_refresh: bool,
 }
 
-/// Per-principal limits.
+/// Per-principal limits, and the bounds on client connections (contract §13).
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
     /// Requests per principal.
     pub principal_rate: Rate,
+    /// `GATEWAY_MAX_CONNECTIONS`: most client connections open at once; `None`: derived from
+    /// the open-files limit, keeping room for upstream, Redis, JWKS and files.
+    pub max_connections: Option<usize>,
+    /// `GATEWAY_IDLE_TIMEOUT`: how long a connection with no request in progress stays open
+    /// (shorter as connections approach the bound).
+    pub idle_timeout: Duration,
 }
 
 /// How log lines are written.
@@ -280,6 +286,8 @@ impl Config {
                     count: 25,
                     per: Duration::from_secs(1),
                 },
+                max_connections: None,
+                idle_timeout: Duration::from_secs(60),
             },
             cors_origins: Vec::new(),
             tls: None,
@@ -613,6 +621,33 @@ mod tests {
         assert!(
             e.to_string().starts_with("GATEWAY_UPSTREAM_RATE: `lots`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn connection_settings_are_read_from_either_place_and_refuse_zero() {
+        let file = temp_file("[limits]\nmax_connections = \"500\"\nidle_timeout = \"15s\"\n");
+        let (config, problems) = gather(&[], Some(&*file), Needs::Tools);
+        assert_eq!(problems, Vec::<String>::new());
+        assert_eq!(config.limits.max_connections, Some(500));
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(15));
+        let (config, _) = gather(&[], None, Needs::Tools);
+        assert_eq!(config.limits.max_connections, None, "derived at start");
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(60));
+        let (_, problems) = gather(
+            &[
+                ("GATEWAY_MAX_CONNECTIONS", "0"),
+                ("GATEWAY_IDLE_TIMEOUT", "0s"),
+            ],
+            None,
+            Needs::Tools,
+        );
+        assert_eq!(
+            problems,
+            [
+                "GATEWAY_MAX_CONNECTIONS: `0` is not a connection count (1 or more)",
+                "GATEWAY_IDLE_TIMEOUT: `0s`: an idle timeout is longer than 0",
+            ]
         );
     }
 

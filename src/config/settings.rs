@@ -166,6 +166,28 @@ pub(super) static SETTINGS: &[Setting] = &[
     file("GATEWAY_PRINCIPAL_RATE", "limits.principal_rate", |c, v| {
         parse_rate(&v).map(|r| c.limits.principal_rate = r)
     }),
+    file(
+        "GATEWAY_MAX_CONNECTIONS",
+        "limits.max_connections",
+        |c, v| match v.parse::<usize>() {
+            Ok(n) if n > 0 => {
+                c.limits.max_connections = Some(n);
+                Ok(())
+            }
+            _ => Err(format!("`{v}` is not a connection count (1 or more)")),
+        },
+    ),
+    file(
+        "GATEWAY_IDLE_TIMEOUT",
+        "limits.idle_timeout",
+        |c, v| match parse_duration(&v)? {
+            d if d.is_zero() => Err(format!("`{v}`: an idle timeout is longer than 0")),
+            d => {
+                c.limits.idle_timeout = d;
+                Ok(())
+            }
+        },
+    ),
     file("GATEWAY_LOG_FORMAT", "log.format", |c, v| {
         v.parse::<LogFormat>().map(|f| c.log_format = Some(f))
     }),

@@ -4,9 +4,10 @@
 //!
 //! The accept loop is hyper's own connection builder rather than `axum::serve`, for the bounds
 //! [`ServerLimits`] puts on hostile or broken clients: header size, header read time, requests
-//! in flight.
+//! in flight, connections open and idle (`connections`).
 
 mod accept;
+mod connections;
 mod layer;
 pub mod openapi;
 mod probes;
@@ -15,6 +16,7 @@ mod routes;
 pub mod tls;
 
 use accept::serve;
+use connections::Connections;
 use router::router;
 
 use std::future::Future;
@@ -23,7 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
@@ -114,6 +115,12 @@ pub struct ServerLimits {
     pub idle_write_timeout: Duration,
     /// How long in-flight requests (downloads included) may take to finish once shutdown begins.
     pub shutdown_grace: Duration,
+    /// Most client connections open at once (`GATEWAY_MAX_CONNECTIONS`); at the bound the
+    /// longest-idle ones are closed to admit new ones. Keep it below the open-files limit.
+    pub max_connections: usize,
+    /// How long a connection with no request in progress stays open (`GATEWAY_IDLE_TIMEOUT`),
+    /// shortened as connections approach `max_connections`.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -135,6 +142,12 @@ impl Default for ServerLimits {
             max_streams_per_connection: 32,
             idle_write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            max_connections: connections::default_max_connections(
+                rlimit::Resource::NOFILE
+                    .get()
+                    .map_or(1024, |(soft, _)| soft),
+            ),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -237,7 +250,11 @@ impl App {
             listener,
             state,
             policy_poll: reload::DEFAULT_POLL,
-            limits: ServerLimits::default(),
+            limits: ServerLimits {
+                max_connections: connections::bound(config.limits.max_connections),
+                idle_timeout: config.limits.idle_timeout,
+                ..ServerLimits::default()
+            },
             tls,
             cors_origins: config.cors_origins,
             log,
@@ -308,7 +325,11 @@ impl App {
             hangup,
         } = self;
         let router = router(state.clone(), &limits, &cors_origins, log.clone());
-        let graceful = GracefulShutdown::new();
+        let connections = Arc::new(Connections::new(
+            limits.max_connections,
+            limits.idle_timeout,
+            state.metrics.connections(),
+        ));
         let certificate = async {
             match &tls {
                 Some(tls) => tls.watch(policy_poll).await,
@@ -323,7 +344,7 @@ impl App {
         };
         // The watchers live exactly as long as the accept loop: no task outlives the app.
         tokio::select! {
-            () = serve(listener, router, &limits, tls.clone(), &graceful, shutdown) => {}
+            () = serve(listener, router, &limits, tls.clone(), &connections, shutdown) => {}
             never = reload::watch(state.policy.clone(), policy_poll, hangup) => match never {},
             never = certificate => match never {},
             never = cluster => match never {},
@@ -332,11 +353,11 @@ impl App {
 
         state.draining.store(true, Ordering::SeqCst);
         tracing::info!(
-            connections = graceful.count(),
+            connections = connections.count(),
             "shutting down: finishing in-flight requests"
         );
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all requests finished"),
+            () = connections.shutdown() => tracing::info!("all requests finished"),
             () = tokio::time::sleep(limits.shutdown_grace) => {
                 tracing::warn!("grace period over: closing the connections still open");
             }

@@ -12,7 +12,7 @@ mod subscriber;
 pub mod trace;
 
 pub use access::AccessLog;
-pub use metrics::{Metrics, SourceHealth};
+pub use metrics::{ConnectionCounts, Metrics, SourceHealth};
 pub use subscriber::{Telemetry, init, log_format};
 
 use std::convert::Infallible;

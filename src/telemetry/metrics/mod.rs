@@ -3,13 +3,16 @@
 //!
 //! [`Metrics`] is one registry; each group of families registers itself and records in a file
 //! of its own: the requests here, the upstream and its budget in `upstream`, the cache in
-//! `cache`, sharing through Redis in `redis`, sources re-read while running in `source`.
+//! `cache`, sharing through Redis in `redis`, sources re-read while running in `source`, client
+//! connections in `connections`.
 
 mod cache;
+mod connections;
 mod redis;
 mod source;
 mod upstream;
 
+pub use connections::ConnectionCounts;
 pub use source::SourceHealth;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -64,6 +67,7 @@ pub struct Metrics {
     policy_reload: SourceHealth,
     jwks_fetch: SourceHealth,
     redis: redis::RedisMetrics,
+    connections: ConnectionCounts,
 }
 
 impl Default for Metrics {
@@ -130,6 +134,7 @@ impl Default for Metrics {
         let jwks_fetch =
             SourceHealth::register(r, "jwks_fetch", "the identity provider's keys (JWKS)");
         let redis = redis::RedisMetrics::register(r);
+        let connections = ConnectionCounts::register(r);
         Metrics {
             registry,
             requests,
@@ -142,6 +147,7 @@ impl Default for Metrics {
             policy_reload,
             jwks_fetch,
             redis,
+            connections,
         }
     }
 }
@@ -182,6 +188,11 @@ impl Metrics {
     /// Where the identity provider's key fetches are reported.
     pub fn jwks_fetch(&self) -> SourceHealth {
         self.jwks_fetch.clone()
+    }
+
+    /// Where client connections are counted.
+    pub fn connections(&self) -> ConnectionCounts {
+        self.connections.clone()
     }
 
     /// The Prometheus text exposition.
