@@ -83,6 +83,11 @@ async fn serve(
     // nothing to read then. Read only once the caller is known and allowed: hyper answers
     // `Expect: 100-continue` when the body is first read, and a refused caller must not be
     // invited to send it.
+    // A declared length over the limit is refused before any read, so a client that asked
+    // `Expect: 100-continue` is answered 413 without being invited to send the body.
+    if http_body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+        return Err(Error::PayloadTooLarge);
+    }
     if !http_body::Body::is_end_stream(&body) {
         axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
             let caused_by = |is: fn(&(dyn std::error::Error + 'static)) -> bool| {

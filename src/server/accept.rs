@@ -41,10 +41,16 @@ pub(super) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(head_cap)
-        .max_headers(limits.max_headers.saturating_mul(2).max(100));
+        // As many header lines as fit in that buffer (the shortest, `a:\r\n`, is 4 bytes):
+        // hyper's own count limit, a bare 431, is never what refuses a head the buffer holds;
+        // the gateway's JSON 431 is. The array is allocated, not filled, per parse.
+        .max_headers(head_cap / 4);
+    // HTTP/2 counts 32 bytes more per field (RFC 9113 §6.5.2): room for as many fields as
+    // HTTP/1.1 takes, so h2's bare 431 is no nearer than hyper's.
+    let head_list = head_cap + 32 * (head_cap / 4);
     http.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(head_cap).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(head_list).unwrap_or(u32::MAX))
         // One connection cannot hold more than this many requests open, however it stalls them.
         .max_concurrent_streams(limits.max_streams_per_connection)
         // Request bodies are at most a few KiB: a client cannot make the gateway buffer

@@ -69,7 +69,13 @@ pub(super) fn router(
         .route("/gateway/v1/cache", delete(proxy::purge))
         // Every Billing path, and every unknown one (answered 404 by the operation table).
         .fallback(proxy::handle)
-        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
+        // axum sets `Allow` on this answer itself, from the route's methods.
+        .method_not_allowed_fallback(|| async {
+            Error::MethodNotAllowed {
+                allow: String::new(),
+            }
+            .into_response()
+        })
         .with_state(state)
         .layer(layers)
 }
