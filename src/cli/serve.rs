@@ -1,14 +1,20 @@
 //! `serve`: the gateway in production, against the real Billing API.
 
-use super::{env, shutdown_signal};
-use billing_gateway::config::{Config, Needs};
+use super::check::{Validated, refuse, validate};
+use super::shutdown_signal;
 use billing_gateway::server::App;
 use billing_gateway::telemetry;
 use std::path::Path;
 
 /// `serve`: the gateway against the Billing API, until SIGTERM or Ctrl-C.
-pub(super) async fn run(config: Option<&Path>) -> anyhow::Result<()> {
-    let config = Config::load(config, &env, Needs::Serve)?;
+pub(super) async fn run(file: Option<&Path>) -> anyhow::Result<()> {
+    // `check`'s validation, word for word: every problem at once, the same lines.
+    let Validated {
+        config, problems, ..
+    } = validate(file);
+    if !problems.is_empty() {
+        return Err(refuse(&problems));
+    }
     let telemetry =
         telemetry::init(config.log_format, &config.tracing).map_err(anyhow::Error::msg)?;
     let app = App::build(config).await?;

@@ -13,6 +13,7 @@
 
 mod sources;
 pub mod units;
+mod weak;
 
 pub(crate) use sources::parse_redis_url;
 pub use sources::{line_at, syntax_error_at};
