@@ -183,7 +183,14 @@ impl Error {
             Error::UriTooLong => "uri_too_long",
             Error::RequestTimeout => "request_timeout",
             // One reason per way authentication fails, so dashboards can tell expired tokens
-            // (a client bug) from bad signatures (an attack or a misconfiguration).
+            // (a client bug) from bad signatures (an attack or a misconfiguration), and a
+            // gateway key that names no one (a revoked key still in use, or guessing) from no
+            // credential at all.
+            Error::Unauthenticated {
+                method: AuthMethod::ApiKey,
+                reason: AuthReason::NotFound,
+                ..
+            } => "authentication_unknown_key",
             Error::Unauthenticated { reason, .. } => match reason {
                 AuthReason::InvalidArgument => "authentication_invalid",
                 AuthReason::Expired => "authentication_expired",

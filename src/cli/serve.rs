@@ -18,7 +18,12 @@ pub(super) async fn run(file: Option<&Path>) -> anyhow::Result<()> {
     let telemetry =
         telemetry::init(config.log_format, &config.tracing).map_err(anyhow::Error::msg)?;
     let app = App::build(config).await?;
-    tracing::info!(addr = %app.addr()?, "billing-gateway listening");
+    match app.metrics_addr() {
+        Some(metrics) => {
+            tracing::info!(addr = %app.addr()?, %metrics, "billing-gateway listening");
+        }
+        None => tracing::info!(addr = %app.addr()?, "billing-gateway listening"),
+    }
     app.run_until(shutdown_signal()).await?;
     telemetry.shutdown().await;
     Ok(())

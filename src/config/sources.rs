@@ -116,6 +116,11 @@ pub(super) static SETTINGS: &[Setting] = &[
             .map(|addr| c.listen = addr)
             .map_err(|_| format!("`{v}` is not an address such as 127.0.0.1:8080"))
     }),
+    file("GATEWAY_METRICS_LISTEN", "metrics.listen", |c, v| {
+        v.parse::<SocketAddr>()
+            .map(|addr| c.metrics_listen = Some(addr))
+            .map_err(|_| format!("`{v}` is not an address such as 0.0.0.0:9090"))
+    }),
     file("GATEWAY_POLICY_DIR", "policy.dir", |c, v| {
         c.policy_dir = PathBuf::from(v);
         Ok(())

@@ -13,7 +13,7 @@ mod router;
 pub mod tls;
 
 use accept::serve;
-use router::router;
+use router::{metrics_router, router};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -124,6 +124,8 @@ impl Default for ServerLimits {
 /// A bound, ready-to-run gateway.
 pub struct App {
     listener: TcpListener,
+    /// `/metrics`'s own listener, when `GATEWAY_METRICS_LISTEN` is set.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     policy_poll: Duration,
     limits: ServerLimits,
@@ -197,6 +199,14 @@ impl App {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let state = Arc::new(Shared {
             auth: Authenticator::start_reporting(&config.auth, metrics.jwks_fetch())
                 .await
@@ -223,6 +233,7 @@ impl App {
         });
         Ok(App {
             listener,
+            metrics_listener,
             state,
             policy_poll: reload::DEFAULT_POLL,
             limits: ServerLimits::default(),
@@ -279,6 +290,14 @@ impl App {
         self.listener.local_addr()
     }
 
+    /// Where `/metrics` is served when it has a listener of its own (the real port when 0 was
+    /// asked); `None`: on the main listener.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, turns `/readyz` 503 and lets
     /// in-flight requests (downloads included) finish within the grace period.
     pub async fn run_until(
@@ -287,6 +306,7 @@ impl App {
     ) -> std::io::Result<()> {
         let App {
             listener,
+            metrics_listener,
             state,
             policy_poll,
             limits,
@@ -295,7 +315,24 @@ impl App {
             log,
             hangup,
         } = self;
-        let router = router(state.clone(), &limits, &cors_origins, log.clone());
+        let router = router(
+            state.clone(),
+            &limits,
+            &cors_origins,
+            log.clone(),
+            metrics_listener.is_none(),
+        );
+        let scrapes = async {
+            match metrics_listener {
+                Some(listener) => {
+                    if let Err(e) = axum::serve(listener, metrics_router(state.clone())).await {
+                        tracing::error!(error = %e, "the metrics listener stopped");
+                    }
+                    std::future::pending().await
+                }
+                None => std::future::pending().await,
+            }
+        };
         let graceful = GracefulShutdown::new();
         let certificate = async {
             match &tls {
@@ -316,6 +353,7 @@ impl App {
             never = certificate => match never {},
             never = cluster => match never {},
             never = state.cache.follow_purges() => match never {},
+            never = scrapes => match never {},
         }
 
         state.draining.store(true, Ordering::SeqCst);

@@ -29,6 +29,7 @@ pub(super) fn router(
     limits: &ServerLimits,
     cors_origins: &[String],
     log: AccessLog,
+    metrics_here: bool,
 ) -> Router {
     // Authenticated requests take a place once their caller is known; probes and scrapes never
     // do, so a busy gateway is not mistaken for a dead one (`/readyz` says when it is full).
@@ -60,10 +61,16 @@ pub(super) fn router(
         // A body must arrive whole within the deadline: slow-loris on the body is cut off too,
         // a trickle of one byte a second included (an idle timeout never fires on that).
         .layer(RequestBodyDeadlineLayer::new(limits.body_deadline));
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz));
+    // With a listener of its own, `/metrics` is unknown here: a 404 like any unknown path.
+    let routes = if metrics_here {
+        routes.route("/metrics", get(metrics))
+    } else {
+        routes
+    };
+    routes
         .route("/gateway/v1/openapi.json", get(openapi))
         .route("/gateway/v1/whoami", get(proxy::whoami))
         .route("/gateway/v1/cache", delete(proxy::purge))
@@ -78,6 +85,13 @@ pub(super) fn router(
         })
         .with_state(state)
         .layer(layers)
+}
+
+/// The metrics listener's routes (`GATEWAY_METRICS_LISTEN`): `/metrics` alone, for the scraper.
+pub(super) fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
 }
 
 /// CORS for the configured origins only: tokens travel in headers, never cookies, so

@@ -8,6 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::billing::{Method, OPERATIONS};
 use crate::error::{Error, Throttle};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -402,6 +403,11 @@ impl Default for Metrics {
         }
         for result in ["stored", "kept", "shared"] {
             let _ = cache_refreshes.get_or_create(&ResultLabels { result });
+        }
+        // Only reads are retried; their retries start at 0, so the dashboard's panel has data
+        // before the first one.
+        for op in OPERATIONS.iter().filter(|op| op.method == Method::Get) {
+            let _ = upstream_retries.get_or_create(&OperationLabels { operation: op.name });
         }
         Metrics {
             registry,

@@ -12,7 +12,6 @@ use super::shared::SharedSlots;
 use crate::cluster::Cluster;
 use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
-use crate::telemetry::Metrics;
 
 /// The longest a call waits for its turn in the upstream budget before it is answered 429.
 pub const UPSTREAM_MAX_WAIT: Duration = Duration::from_secs(2);
@@ -65,10 +64,9 @@ impl UpstreamBudget {
         max_wait: Duration,
         cluster: Arc<Cluster>,
         backoff: Arc<Backoff>,
-        metrics: Arc<Metrics>,
     ) -> UpstreamBudget {
         let period = Self::period(rate);
-        let slots = SharedSlots::new(cluster, backoff, rate, period, max_wait, metrics);
+        let slots = SharedSlots::new(cluster, backoff, rate, period, max_wait);
         UpstreamBudget::with_slots(rate, max_wait, Slots::Shared(Box::new(slots)))
     }
 

@@ -16,7 +16,6 @@ use tokio::time::Instant;
 use super::pace::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace};
 use crate::cluster::{Cluster, DEAD_TIME, Mode, Op};
 use crate::config::Rate;
-use crate::telemetry::Metrics;
 
 static RESERVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/budget_reserve.lua")));
@@ -48,7 +47,6 @@ pub struct SharedSlots {
     closed: Mutex<Option<Instant>>,
     /// The one slot this replica has reserved and not yet spent.
     held: Mutex<Option<Instant>>,
-    metrics: Arc<Metrics>,
 }
 
 impl SharedSlots {
@@ -59,7 +57,6 @@ impl SharedSlots {
         rate: Rate,
         period: Duration,
         max_wait: Duration,
-        metrics: Arc<Metrics>,
     ) -> SharedSlots {
         SharedSlots {
             tat: cluster.key("budget:tat"),
@@ -73,7 +70,6 @@ impl SharedSlots {
             alone: Mutex::new(None),
             closed: Mutex::new(None),
             held: Mutex::new(None),
-            metrics,
         }
     }
 
@@ -90,9 +86,7 @@ impl SharedSlots {
         }
         match self.cluster.mode() {
             Mode::Connected => {
-                if self.alone_pace(false).is_some() {
-                    self.metrics.set_budget_degraded_rate(0.0);
-                }
+                self.alone_pace(false);
                 // A reservation whose dispatcher went away is the next one's; one past due
                 // would crowd the slot after it, so it goes unused.
                 let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -157,6 +151,26 @@ impl SharedSlots {
         left
     }
 
+    /// The calls per second this replica allows itself while degraded: its share of the rate,
+    /// the budget divided by the replicas it counts.
+    fn alone_share(&self) -> f64 {
+        let per_second = f64::from(self.rate.count) / self.rate.per.as_secs_f64();
+        (per_second / f64::from(self.cluster.replicas()))
+            .floor()
+            .max(1.0)
+    }
+
+    /// What `upstream_budget_degraded_rate` shows: [`Self::alone_share`] while the replica is
+    /// not sharing, 0 while it is. Read at scrape time, so a degraded replica says so before
+    /// its first upstream call.
+    pub fn degraded_rate(&self) -> f64 {
+        if self.cluster.mode() == Mode::Connected {
+            0.0
+        } else {
+            self.alone_share()
+        }
+    }
+
     /// The pace alone while degraded (made when `degraded` and none is), or, connected, none:
     /// returns the one dropped.
     fn alone_pace(&self, degraded: bool) -> Option<Arc<Pace>> {
@@ -168,11 +182,7 @@ impl SharedSlots {
             return None;
         }
         let pace = alone.get_or_insert_with(|| {
-            let per_second = f64::from(self.rate.count) / self.rate.per.as_secs_f64();
-            let share = (per_second / f64::from(self.cluster.replicas()))
-                .floor()
-                .max(1.0);
-            self.metrics.set_budget_degraded_rate(share);
+            let share = self.alone_share();
             // 5% under, as the shared pace.
             Arc::new(Pace::new(
                 Duration::from_secs(1).div_f64(share).mul_f64(1.05),
