@@ -61,9 +61,9 @@ pub enum StartError {
 ///
 /// Request heads: the gateway answers JSON `414` past `max_uri_bytes` and JSON `431` past
 /// `max_header_bytes` or `max_headers`. hyper's own, bare answers only come past hard caps set
-/// well above those: a whole head over twice `max_header_bytes + max_uri_bytes` (`431`), or a
-/// request target of 64 KiB or more over HTTP/1.1 (`414`, hyper's fixed limit). However many
-/// header fields a head within that size holds, the answer is the gateway's.
+/// well above those: a whole head over twice `max_header_bytes + max_uri_bytes` (`431`), more
+/// than `max_header_bytes / 4` header fields (`431`: 8,192 by default), or a request target of
+/// 64 KiB or more over HTTP/1.1 (`414`, hyper's fixed limit).
 ///
 /// Places in flight are [`crate::admission`]'s: see there for what holds one and for how long.
 #[derive(Debug, Clone, Copy)]
