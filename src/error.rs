@@ -2,8 +2,9 @@
 //!
 //! Every answer the gateway produces itself (as opposed to passing an upstream answer through)
 //! is built here, so the SDKs' error parsers (which call `.json()` on every status >= 400) never
-//! meet HTML or plain text. 4xx bodies say what was wrong; 5xx bodies are opaque and the cause is
-//! logged once by the caller of [`Error::into_response`].
+//! meet HTML or plain text. 4xx bodies say what was wrong; 5xx bodies are opaque: the response
+//! carries the error ([`Failure`]) so that the one place that ends an authenticated request
+//! (the proxy's pipeline) logs its cause, once.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -324,9 +325,16 @@ impl IntoResponse for Error {
             _ => {}
         }
         response.extensions_mut().insert(ErrorKind(self.kind()));
+        if self.status().is_server_error() {
+            response.extensions_mut().insert(Failure(self));
+        }
         response
     }
 }
+
+/// Left on a 5xx response built from an [`Error`]: the cause its opaque body hides, for the log.
+#[derive(Debug, Clone)]
+pub struct Failure(pub Error);
 
 /// Left on a response built from an [`Error`], so the request log can name the rejection.
 #[derive(Debug, Clone, Copy)]

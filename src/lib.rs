@@ -3,35 +3,46 @@
 //!
 //! # The life of one request
 //!
-//! `GET /billing/v2beta1/invoices?page=2` with `Authorization: Bearer <JWT>`:
+//! `GET /billing/v2beta1/invoices?page=2` with `Authorization: Bearer <JWT>`. The stages below
+//! run in this order, written once in the proxy's pipeline; the gateway's own authenticated
+//! endpoints (`whoami`, the cache purge) go through the same stages, with their permission for
+//! step 4 and their own answer for step 9.
 //!
-//! 1. The request layer (`server::layer`) gives it a request id (the caller's when sane), its
-//!    [`telemetry::RequestContext`] and a span; it writes the request's one log line
-//!    ([`telemetry::access`]) and its metrics from that context when the answer leaves.
-//! 2. [`proxy::handle`]'s [`proxy::Operation`] extractor asks [`billing::parse`] which operation
-//!    the method and raw path name and validates every query parameter against that operation's table: unknown paths are 404,
-//!    bad or unknown parameters 400, and the result is a [`billing::Call`] — the only thing the
-//!    upstream request is ever built from.
-//! 3. [`auth`] finds the one credential and verifies it (algorithm pinned, `exp` required);
-//!    [`policy`] turns the identity into a [`policy::Principal`] whose grants come from the
-//!    policy files, and [`policy::decide`] allows the call or answers 403. A project-scoped
-//!    grant may fill in the projects it covers. [`limits::PrincipalLimits`] then counts the
-//!    request against the caller's own rate, and [`admission::Admission`] gives it a place in
-//!    flight (the caller's own share of the global bound), held until the handler returns or a
-//!    relayed body has been taken.
-//! 4. [`billing::Call::apply_organization`] fills in the gateway's organization (or refuses
-//!    another one).
-//! 5. [`upstream::Upstream::send`] waits for the call's turn in the upstream budget, taking turns
+//! 1. The request layer gives it a request id (the caller's when sane), its
+//!    [`telemetry::RequestContext`] and a span; it sheds an oversized head, and writes the
+//!    request's one log line ([`telemetry::access`]) and its metrics from that context when the
+//!    answer leaves.
+//! 2. [`billing::parse`] finds the operation the method and raw path name and validates every
+//!    query parameter against that operation's table, before any credential is looked at:
+//!    unknown paths are 404, bad or unknown parameters 400, and the result is a
+//!    [`billing::Call`] — the only thing the upstream request is ever built from.
+//! 3. [`auth`] finds the one credential and verifies it (algorithm pinned, `exp` required) —
+//!    a check that has to wait for the identity provider's keys waits within a small allowance
+//!    of its own — and [`policy`] turns the identity into a [`policy::Principal`] whose grants
+//!    come from the policy files.
+//! 4. [`policy::decide`] allows the call or answers 403 (a project-scoped grant may fill in the
+//!    projects it covers), and [`billing::Call::apply_organization`] fills in the gateway's
+//!    organization (or refuses another one).
+//! 5. The caller's own rate ([`config::LimitsConfig`]'s `principal_rate`, or its policy's) is
+//!    counted: only a request the caller may make spends it (429 past it).
+//! 6. The request takes a place in flight — its caller's own share of the global bound
+//!    ([`ServerLimits`]) — held until the answer is given or a relayed body has been taken.
+//! 7. A request body is read (bounded) only now, and never forwarded; an audited call writes its
+//!    audit line.
+//! 8. `consumptions` and `taxes` go through [`cache::Cache`]: a fresh entry answers at once (and
+//!    is refreshed in the background near its end); concurrent misses share one upstream call,
+//!    across replicas too with Redis; a failing upstream is covered by a stale entry when there
+//!    is one. Only a miss goes on to step 9.
+//! 9. [`upstream::Upstream::send`] waits for the call's turn in the upstream budget, taking turns
 //!    fairly with other callers' waiting calls (or refuses while backing off after a 429),
 //!    builds the request from the `Call`, injects the secret key last, follows no redirect,
 //!    retries idempotent calls on connection errors, 502 and 503, and maps timeouts, refusals
-//!    and 429s to [`error::Error`].
-//! 6. `consumptions` and `taxes` go through [`cache::Cache`] first: a fresh entry answers at
-//!    once (and is refreshed in the background near its end); concurrent misses share one
-//!    upstream call, across replicas too with Redis; a failing upstream is covered by a stale
-//!    entry when there is one.
-//! 7. The answer is relayed as it comes: status, content type (JSON relabelled exactly
-//!    `application/json`), body streamed.
+//!    and 429s to [`Error`]. The answer is relayed as it comes: status, content type (JSON
+//!    relabelled exactly `application/json`), body streamed; an error answer is read whole
+//!    (bounded) and scrubbed of the secret key.
+//!
+//! Any stage's refusal is an [`Error`], rendered Scaleway-shaped; a 5xx is logged once, with
+//! its cause, when the pipeline ends.
 //!
 //! Configuration is [`config`]; the assembled service is [`server::App`] (its accept loop bounds
 //! header size, header time and requests in flight, and serves [`server::tls`] when configured), whose
@@ -45,6 +56,7 @@ pub mod billing;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod limits;
 pub mod policy;
 pub mod server;
 pub mod telemetry;
@@ -54,7 +66,6 @@ pub mod upstream;
 mod admission;
 mod crypto;
 mod error;
-mod limits;
 mod proxy;
 mod state;
 

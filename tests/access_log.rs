@@ -39,32 +39,10 @@ const FIELDS: [&str; 16] = [
     "",
 ];
 
-/// A subscriber for this thread that lets INFO through, into `captured`.
-fn subscribe(captured: &Captured) -> (tracing::Dispatch, tracing::subscriber::DefaultGuard) {
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || writer.clone())
-        .finish();
-    // tracing caches each log site's interest process-wide; with a single dispatcher it asks
-    // the registering thread's (tokio-rs/tracing#3611), so a sibling test without a subscriber
-    // would silence the site here. A second, always-interested dispatcher avoids that shortcut.
-    let anchor = tracing::Dispatch::new(tracing_subscriber::registry());
-    let guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
-    (anchor, guard)
-}
-
 /// The access lines among everything captured, parsed; every one must be a JSON object with
 /// exactly the known fields, in the known order.
 fn json_lines(captured: &Captured) -> Vec<Value> {
-    let text = captured.text();
-    let lines: Vec<Value> = text
-        .lines()
-        .filter(|l| l.contains("\"target\":\"billing_gateway::access\""))
-        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let lines = captured.access_lines();
     for line in &lines {
         let mut keys: Vec<&str> = line
             .as_object()
@@ -90,10 +68,7 @@ fn json_lines(captured: &Captured) -> Vec<Value> {
         );
         assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{line}");
     }
-    for raw in text
-        .lines()
-        .filter(|l| l.contains("\"target\":\"billing_gateway::access\""))
-    {
+    for raw in captured.access_raw() {
         let mut at = 0;
         for field in FIELDS.iter().filter(|f| !f.is_empty()) {
             if let Some(found) = raw[at..].find(&format!("\"{field}\":")) {
@@ -134,12 +109,7 @@ async fn send(req: reqwest::RequestBuilder, id: &str) -> u16 {
 /// extractors and the cache learned.
 #[tokio::test(flavor = "current_thread")]
 async fn each_request_is_logged_with_what_its_handler_learned() {
-    let captured = Captured::default();
-    let _subscriber = subscribe(&captured);
-    let app = TestApp::builder()
-        .access_log(captured.clone())
-        .spawn()
-        .await;
+    let (captured, _logs, app) = app_logging().await;
     Mock::given(method("GET"))
         .and(path(CONSUMPTIONS))
         .respond_with(ResponseTemplate::new(200).set_body_raw(
@@ -229,8 +199,7 @@ async fn each_request_is_logged_with_what_its_handler_learned() {
 /// chose quoted, the same fields as the JSON line.
 #[tokio::test(flavor = "current_thread")]
 async fn a_pretty_line_carries_the_same_fields() {
-    let captured = Captured::default();
-    let _subscriber = subscribe(&captured);
+    let (captured, _logs) = capture_logs("info");
     let app = TestApp::builder()
         .access_log_as(LogFormat::Pretty, captured.clone(), 64)
         .spawn()
@@ -349,8 +318,7 @@ impl std::io::Write for Gate {
 /// are dropped and counted in `/metrics`; once the sink moves, what was kept is written whole.
 #[tokio::test(flavor = "current_thread")]
 async fn a_blocked_sink_drops_and_counts_lines_and_delays_no_request() {
-    let captured = Captured::default();
-    let _subscriber = subscribe(&captured);
+    let (_captured, _logs) = capture_logs("info");
     let gate = Gate::default();
     let capacity = 2;
     let app = TestApp::builder()
@@ -398,19 +366,7 @@ async fn a_blocked_sink_drops_and_counts_lines_and_delays_no_request() {
 /// silences it and nothing else.
 #[tokio::test(flavor = "current_thread")]
 async fn the_log_filter_can_turn_the_access_log_off() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            "info,billing_gateway::access=warn",
-        ))
-        .with_writer(move || writer.clone())
-        .finish();
-    let _anchor = tracing::Dispatch::new(tracing_subscriber::registry());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
+    let (captured, _logs) = capture_logs("info,billing_gateway::access=warn");
     let app = TestApp::builder()
         .access_log(captured.clone())
         .spawn()

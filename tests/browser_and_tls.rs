@@ -11,7 +11,7 @@ use billing_gateway::server::App;
 use common::*;
 use serde_json::json;
 use wiremock::matchers::any;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{Mock, MockServer};
 
 const APP_ORIGIN: &str = "https://costs.example.com";
 
@@ -19,10 +19,7 @@ const APP_ORIGIN: &str = "https://costs.example.com";
 async fn preflights_are_answered_without_credentials_for_configured_origins_only() {
     let app = TestApp::spawn_with(|c| c.cors_origins = vec![APP_ORIGIN.into()]).await;
     Mock::given(any())
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(json!({"charges": []}).to_string(), "application/json"),
-        )
+        .respond_with(ok_json(json!({"charges": []})))
         .expect(1)
         .mount(&app.upstream)
         .await;

@@ -16,14 +16,7 @@ const PASSWORD: &str = "hunter2-redis-password";
 /// Single-threaded runtime: the subscriber set for this thread sees every task of the app.
 #[tokio::test(flavor = "current_thread")]
 async fn mode_changes_are_logged_once_and_the_password_never() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _logs) = capture_logs("debug");
 
     let mut redis = Redis::with_password(PASSWORD);
     let app = TestApp::builder().redis(redis.url()).spawn().await;

@@ -30,10 +30,7 @@ async fn gateway(
     })
     .await;
     Mock::given(any())
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(json!({"consumptions": []}).to_string(), "application/json"),
-        )
+        .respond_with(ok_json(json!({"consumptions": []})))
         .mount(&app.upstream)
         .await;
     app
@@ -67,6 +64,21 @@ async fn readyz(app: &TestApp) -> u16 {
         .expect("readyz")
         .status()
         .as_u16()
+}
+
+/// An IdP whose JWKS holds `RSA_1` at the gateway's start-up fetch, then answers `later`.
+async fn idp_then(later: ResponseTemplate) -> MockServer {
+    let idp = MockServer::start().await;
+    Mock::given(path("/jwks"))
+        .respond_with(jwks(&[&RSA_1]))
+        .up_to_n_times(1)
+        .mount(&idp)
+        .await;
+    Mock::given(path("/jwks"))
+        .respond_with(later)
+        .mount(&idp)
+        .await;
+    idp
 }
 
 #[tokio::test]
@@ -103,16 +115,7 @@ async fn rs256_es256_and_eddsa_tokens_from_the_jwks_are_accepted() {
 
 #[tokio::test]
 async fn a_key_rotated_in_after_startup_is_fetched_once_for_many_concurrent_callers() {
-    let idp = MockServer::start().await;
-    Mock::given(path("/jwks"))
-        .respond_with(jwks(&[&RSA_1]))
-        .up_to_n_times(1)
-        .mount(&idp)
-        .await;
-    Mock::given(path("/jwks"))
-        .respond_with(jwks(&[&RSA_1, &RSA_2]).set_delay(Duration::from_millis(200)))
-        .mount(&idp)
-        .await;
+    let idp = idp_then(jwks(&[&RSA_1, &RSA_2]).set_delay(Duration::from_millis(200))).await;
     let app = gateway(&idp, |_| {}).await;
     assert_eq!(requests_to(&idp, "/jwks").await, 1);
 
@@ -278,16 +281,7 @@ async fn issuer_audience_and_time_claims_are_enforced_on_asymmetric_tokens() {
 
 #[tokio::test]
 async fn an_unknown_kid_while_the_jwks_is_down_is_refused_and_held_keys_keep_working() {
-    let idp = MockServer::start().await;
-    Mock::given(path("/jwks"))
-        .respond_with(jwks(&[&RSA_1]))
-        .up_to_n_times(1)
-        .mount(&idp)
-        .await;
-    Mock::given(path("/jwks"))
-        .respond_with(ResponseTemplate::new(503))
-        .mount(&idp)
-        .await;
+    let idp = idp_then(ResponseTemplate::new(503)).await;
     let app = gateway(&idp, |_| {}).await;
 
     let unknown = RSA_2.sign(&idp_claims(json!({})));

@@ -17,10 +17,6 @@ const MANAGER_KEY: &str = "1c8e3f2d-0b55-4a7c-9d4e-6f7a8b9c0d1e";
 const WEB_KEY: &str = "2d9f4a3e-1c66-4b8d-8e5f-7a8b9c0d1e2f";
 const P1: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
-fn ok_json(body: Value) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
-}
-
 fn entry(name: &str, key: &str, roles: &str, extra: &str) -> String {
     format!(
         "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"{roles}\"]\n{extra}\n",
@@ -61,6 +57,26 @@ async fn get_with_key(app: &TestApp, path_and_query: &str, key: &str) -> reqwest
         .expect("request")
 }
 
+/// The upstream of `app` must see no call at all.
+async fn nothing_goes_upstream(app: &TestApp) {
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .expect(0)
+        .mount(&app.upstream)
+        .await;
+}
+
+/// The message of the 403 `key` gets for `path_and_query`.
+async fn denied(app: &TestApp, path_and_query: &str, key: &str) -> String {
+    let body = assert_error(
+        get_with_key(app, path_and_query, key).await,
+        403,
+        "permissions_denied",
+    )
+    .await;
+    body["message"].as_str().expect("a message").to_owned()
+}
+
 #[tokio::test]
 async fn a_gateway_key_is_allowed_what_its_roles_allow() {
     let app = spawn_with_keys().await;
@@ -82,13 +98,7 @@ async fn a_gateway_key_is_allowed_what_its_roles_allow() {
     let r = get_with_key(&app, "/billing/v2beta1/consumptions", READER_KEY).await;
     assert_eq!(r.status(), 200);
     // The reader key may not list invoices; the message names the permission it lacks.
-    let denied = assert_error(
-        get_with_key(&app, "/billing/v2beta1/invoices", READER_KEY).await,
-        403,
-        "permissions_denied",
-    )
-    .await;
-    let message = denied["message"].as_str().unwrap_or_default();
+    let message = denied(&app, "/billing/v2beta1/invoices", READER_KEY).await;
     assert!(
         message.contains("`invoices:read`") && message.contains("billing-read-only"),
         "{message}"
@@ -132,19 +142,12 @@ async fn a_project_scoped_key_gets_its_project_filled_in() {
     assert_eq!(r.status(), 200);
     let r = get_with_key(&app, "/billing/v2beta1/charges?page_size=500", WEB_KEY).await;
     assert_eq!(r.status(), 200);
-    let denied = assert_error(
-        get_with_key(&app, "/billing/v2beta1/taxes", WEB_KEY).await,
-        403,
-        "permissions_denied",
-    )
-    .await;
+    let message = denied(&app, "/billing/v2beta1/taxes", WEB_KEY).await;
     assert!(
-        denied["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("limited to projects")
-                && m.contains("organization-wide grant")
-                && !m.contains("project_id")),
-        "{denied}"
+        message.contains("limited to projects")
+            && message.contains("organization-wide grant")
+            && !message.contains("project_id"),
+        "{message}"
     );
 
     let sent = app.upstream_requests().await;
@@ -172,11 +175,7 @@ async fn a_project_scoped_key_gets_its_project_filled_in() {
 #[tokio::test]
 async fn an_unknown_key_is_refused_and_nothing_goes_upstream() {
     let app = spawn_with_keys().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    nothing_goes_upstream(&app).await;
     let r = get_with_key(
         &app,
         "/billing/v2beta1/consumptions",
@@ -308,11 +307,7 @@ async fn gateway_keys_alone_are_a_valid_deployment() {
 #[tokio::test]
 async fn a_gateway_key_sent_as_a_bearer_token_is_told_where_it_goes() {
     let app = spawn_with_keys().await;
-    Mock::given(any())
-        .respond_with(ResponseTemplate::new(200))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    nothing_goes_upstream(&app).await;
     let r = app.get("/billing/v2beta1/consumptions", READER_KEY).await;
     assert!(r.headers().contains_key("www-authenticate"));
     let body = assert_error(r, 401, "denied_authentication").await;

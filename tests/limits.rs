@@ -6,29 +6,12 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use billing_gateway::config::Rate;
+use billing_gateway::config::{Config, Rate};
 use billing_gateway::upstream::UPSTREAM_MAX_WAIT;
 use common::*;
 use serde_json::{Value, json};
 use wiremock::matchers::{any, method, path};
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
-
-fn ok_json(body: Value) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
-}
-
-fn per_second(count: u32) -> Rate {
-    Rate {
-        count,
-        per: Duration::from_secs(1),
-    }
-}
-
-/// A read-only token for subject `sub`.
-fn reader_as(sub: &str) -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": sub, "roles": ["billing-read-only"], "iat": now, "exp": now + 600}))
-}
 
 /// The value of one sample line of the exposition, 0 when absent.
 fn sample(metrics: &str, series: &str) -> f64 {
@@ -38,10 +21,13 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The most requests a principal limited to `rate` per second (burst: twice that) can have
-/// served within `elapsed`: the burst, plus what the rate refilled meanwhile.
-fn most_allowed(rate: u32, elapsed: Duration) -> usize {
-    (2 * rate) as usize + (elapsed.as_secs_f64() * f64::from(rate)).floor() as usize
+/// `count` an hour, burst twice that: nothing refills while a test runs, so exactly the burst
+/// is served however slow the machine.
+fn per_hour(count: u32) -> Rate {
+    Rate {
+        count,
+        per: Duration::from_secs(3600),
+    }
 }
 
 fn retry_after(response: &reqwest::Response) -> u64 {
@@ -66,7 +52,7 @@ impl Respond for Arrivals {
 #[tokio::test]
 async fn a_principal_over_its_rate_is_throttled_while_another_is_served() {
     let app = TestApp::spawn_with(|c| {
-        c.limits.principal_rate = per_second(5);
+        c.limits.principal_rate = per_hour(5);
         c.upstream.rate = per_second(1000);
     })
     .await;
@@ -75,12 +61,10 @@ async fn a_principal_over_its_rate_is_throttled_while_another_is_served() {
         .mount(&app.upstream)
         .await;
     let greedy = reader_as("greedy");
-    let started = Instant::now();
     let answers = futures_util::future::join_all(
         (0..30).map(|_| app.get("/billing/v2beta1/charges", &greedy)),
     )
     .await;
-    let most = most_allowed(5, started.elapsed());
     let mut served = 0;
     let mut throttled = 0;
     for response in answers {
@@ -88,19 +72,17 @@ async fn a_principal_over_its_rate_is_throttled_while_another_is_served() {
             200 => served += 1,
             429 => {
                 throttled += 1;
-                // The next request is allowed within one pace step (200 ms), rounded up.
-                assert_eq!(retry_after(&response), 1);
+                // The next request is allowed within one pace step (720 s), rounded up.
+                let wait = retry_after(&response);
+                assert!((1..=720).contains(&wait), "Retry-After {wait}");
                 assert_error(response, 429, "too_many_requests").await;
             }
             other => panic!("unexpected status {other}"),
         }
     }
-    // A burst of twice the rate is served at once, and no more than the rate refills.
-    assert!(
-        (10..=most).contains(&served),
-        "{served} served, at most {most}"
-    );
-    assert!(throttled >= 1, "nothing throttled");
+    // A burst of twice the rate is served at once, and nothing more.
+    assert_eq!(served, 10);
+    assert_eq!(throttled, 20);
 
     let patient = reader_as("patient");
     assert_eq!(
@@ -123,7 +105,7 @@ async fn a_principal_over_its_rate_is_throttled_while_another_is_served() {
 #[tokio::test]
 async fn the_principal_limit_is_keyed_by_subject_not_by_forwarded_address() {
     let app = TestApp::spawn_with(|c| {
-        c.limits.principal_rate = per_second(1);
+        c.limits.principal_rate = per_hour(1);
         c.upstream.rate = per_second(1000);
     })
     .await;
@@ -132,7 +114,6 @@ async fn the_principal_limit_is_keyed_by_subject_not_by_forwarded_address() {
         .mount(&app.upstream)
         .await;
     let token = reader_as("spoofer");
-    let started = Instant::now();
     let mut statuses = Vec::new();
     // A fresh X-Forwarded-For each time buys nothing: the burst of 2 is the subject's.
     for i in 0..4 {
@@ -146,17 +127,13 @@ async fn the_principal_limit_is_keyed_by_subject_not_by_forwarded_address() {
             .expect("request");
         statuses.push(response.status().as_u16());
     }
-    let most = most_allowed(1, started.elapsed());
-    assert!(statuses.contains(&429), "{statuses:?}");
-    let served = statuses.iter().filter(|s| **s == 200).count();
-    assert!((2..=most).contains(&served), "{statuses:?}, at most {most}");
+    assert_eq!(statuses, [200, 200, 429, 429]);
 }
 
 #[tokio::test]
 async fn the_gateway_endpoints_count_against_the_callers_rate_too() {
-    let app = TestApp::spawn_with(|c| c.limits.principal_rate = per_second(1)).await;
+    let app = TestApp::spawn_with(|c| c.limits.principal_rate = per_hour(1)).await;
     let token = reader_as("poller");
-    let started = Instant::now();
     let mut statuses = Vec::new();
     for _ in 0..4 {
         statuses.push(
@@ -166,10 +143,7 @@ async fn the_gateway_endpoints_count_against_the_callers_rate_too() {
                 .as_u16(),
         );
     }
-    let most = most_allowed(1, started.elapsed());
-    let served = statuses.iter().filter(|s| **s == 200).count();
-    assert!((2..=most).contains(&served), "{statuses:?}, at most {most}");
-    assert!(statuses.contains(&429), "{statuses:?}");
+    assert_eq!(statuses, [200, 200, 429, 429]);
     // Refused for the caller's rate, not anything else, and counted under its class (its role),
     // never its subject.
     let m = app.metrics().await;
@@ -188,7 +162,7 @@ async fn the_gateway_endpoints_count_against_the_callers_rate_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_calls_never_exceed_the_budget_in_any_one_second_window() {
+async fn upstream_calls_never_come_faster_than_the_budget() {
     let app = TestApp::spawn_with(|c| {
         c.upstream.rate = per_second(5);
         c.limits.principal_rate = per_second(100);
@@ -204,8 +178,7 @@ async fn upstream_calls_never_exceed_the_budget_in_any_one_second_window() {
         .expect(1)
         .mount(&app.upstream)
         .await;
-    // Opens the upstream connection first, so a connection set-up cannot delay one arrival
-    // and bunch the next ones into its window.
+    // Opens the upstream connection first: the calls below then wait for nothing but turns.
     let warm = app.get("/billing/v2beta1/taxes", &app.reader()).await;
     assert_eq!(warm.status(), 200);
     // Many principals, every request distinct: nothing a cache could answer.
@@ -217,19 +190,12 @@ async fn upstream_calls_never_exceed_the_budget_in_any_one_second_window() {
             )
         })
         .collect();
-    let answers = futures_util::future::join_all(requests.iter().map(|(token, p)| async {
-        let sent = Instant::now();
-        let response = app.get(p, token).await;
-        (response, sent.elapsed())
-    }))
-    .await;
+    let started = Instant::now();
+    let answers =
+        futures_util::future::join_all(requests.iter().map(|(token, p)| app.get(p, token))).await;
     let mut served = 0;
     let mut refused = 0;
-    for (response, took) in answers {
-        // The wait for a turn is bounded: nobody is kept longer, served or refused (plus a
-        // second for the round trip on a busy machine).
-        let bound = UPSTREAM_MAX_WAIT + Duration::from_secs(1);
-        assert!(took <= bound, "answered after {took:?}, bound {bound:?}");
+    for response in answers {
         match response.status().as_u16() {
             200 => served += 1,
             429 => {
@@ -241,23 +207,9 @@ async fn upstream_calls_never_exceed_the_budget_in_any_one_second_window() {
             other => panic!("unexpected status {other}"),
         }
     }
-    let mut times = arrivals.0.lock().expect("lock").clone();
-    times.sort();
+    let times = arrivals.0.lock().expect("lock").clone();
     assert_eq!(times.len(), served, "every served request made one call");
-    for (i, start) in times.iter().enumerate() {
-        let in_window = times[i..]
-            .iter()
-            .take_while(|t| t.duration_since(*start) < Duration::from_secs(1))
-            .count();
-        assert!(
-            in_window <= 5,
-            "{in_window} upstream calls within one second: gaps {:?}",
-            times
-                .windows(2)
-                .map(|w| w[1].duration_since(w[0]).as_millis())
-                .collect::<Vec<_>>()
-        );
-    }
+    assert_paced(started, &times, per_second(5), 0);
     // Some waited their turn and were served; past the bounded wait the rest were refused.
     assert!(served > 5, "{served} served");
     assert!(refused >= 1, "nothing refused");
@@ -522,17 +474,8 @@ async fn a_policy_rate_overrides_the_default_for_its_holders_only() {
 /// each other's CPU (the other tests of this file are short and light).
 static FLOOD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// At 10/s the budget paces calls 5% under the rate: one every 105 ms.
-const PACE: Duration = Duration::from_millis(105);
-
 /// A generous bound for a condition to come about; a test fails past it, it never measures.
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A token for subject `sub` holding `role`.
-fn token_for(sub: &str, role: &str) -> String {
-    let now = jsonwebtoken::get_current_timestamp();
-    token_with(json!({"sub": sub, "roles": [role], "iat": now, "exp": now + 600}))
-}
 
 /// A policy folder with one role per `(name, share)`, each bound to tokens whose `roles` claim
 /// holds its name and allowed to read consumption (consumptions, taxes, charges).
@@ -677,39 +620,43 @@ fn flood(
     })
 }
 
-/// Waits (polling the metrics) until `series` reads `value`; returns how long that took.
-async fn until_metric(app: &TestApp, series: &str, value: f64) -> Duration {
-    let started = Instant::now();
-    loop {
-        if sample(&app.metrics().await, series) == value {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{series} never reached {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits (polling the metrics) until `series` reads `value`.
+async fn until_metric(app: &TestApp, series: &str, value: f64) {
+    eventually(
+        || async { sample(&app.metrics().await, series) == value },
+        PATIENCE,
+    )
+    .await;
 }
 
-/// Fails when more than `rate` requests arrived within any one second.
-fn assert_within_budget(arrivals: &[(Instant, String)], rate: usize) {
-    let mut times: Vec<Instant> = arrivals.iter().map(|(t, _)| *t).collect();
-    times.sort();
-    for (i, start) in times.iter().enumerate() {
-        let in_window = times[i..]
-            .iter()
-            .take_while(|t| t.duration_since(*start) < Duration::from_secs(1))
-            .count();
-        assert!(
-            in_window <= rate,
-            "{in_window} upstream calls within one second: gaps {:?}",
-            times
-                .windows(2)
-                .map(|w| w[1].duration_since(w[0]).as_millis())
-                .collect::<Vec<_>>()
-        );
-    }
+/// Every call that reached the upstream since `since` took a turn of the budget, as the gateway
+/// counts turns, and the upstream saw them no faster than the budget's 10/s (the rate of every
+/// flood here).
+async fn assert_every_call_took_a_turn(app: &TestApp, since: Instant, recorder: &Recorder) {
+    let arrivals: Vec<_> = recorder.arrivals().into_iter().map(|(at, _)| at).collect();
+    let m = app.metrics().await;
+    assert_eq!(
+        sample(&m, "billing_gateway_upstream_budget_wait_seconds_count"),
+        arrivals.len() as f64,
+        "{m}"
+    );
+    assert_paced(since, &arrivals, per_second(10), 0);
+}
+
+/// An app whose upstream budget (10/s) is the only limit a flood meets, `edit`ed further, and
+/// its upstream answering through `recorder`.
+async fn flooded(edit: impl FnOnce(&mut Config), recorder: Recorder) -> (TestApp, Recorder) {
+    let app = TestApp::spawn_with(|c| {
+        c.upstream.rate = per_second(10);
+        c.limits.principal_rate = per_second(1000);
+        edit(c);
+    })
+    .await;
+    Mock::given(any())
+        .respond_with(recorder.clone())
+        .mount(&app.upstream)
+        .await;
+    (app, recorder)
 }
 
 const WAITING: &str = "billing_gateway_upstream_budget_waiting_principals";
@@ -717,17 +664,9 @@ const WAITING: &str = "billing_gateway_upstream_budget_waiting_principals";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_principal_delays_another_by_at_most_two_paces() {
     let _one_at_a_time = FLOOD.lock().await;
-    let app = TestApp::spawn_with(|c| {
-        c.upstream.rate = per_second(10);
-        c.limits.principal_rate = per_second(1000);
-    })
-    .await;
-    let recorder = Recorder::default();
-    Mock::given(any())
-        .respond_with(recorder.clone())
-        .mount(&app.upstream)
-        .await;
+    let (app, recorder) = flooded(|_| {}, Recorder::default()).await;
     // A: a report script on consumption; B: a finance app listing invoices.
+    let started = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let a = flood(
         &app.base,
@@ -749,47 +688,30 @@ async fn a_flooding_principal_delays_another_by_at_most_two_paces() {
         .await
         .expect("whoami");
     assert_eq!(warm.status(), 200);
-    let started = Instant::now();
-    let mut latencies = Vec::new();
+    let mut a_waiting = Vec::new();
     for page in 1..=8 {
-        let sent = Instant::now();
+        let sent = tokio::time::Instant::now();
+        a_waiting.push(sample(&app.metrics().await, WAITING));
         let response = b_client
             .get(format!("{}{INVOICES}?page={page}", app.base))
             .bearer_auth(&b_token)
             .send()
             .await
             .expect("request");
-        latencies.push(sent.elapsed());
         assert_eq!(response.status(), 200, "B's call {page} was refused");
-        tokio::time::sleep_until((sent + Duration::from_millis(500)).into()).await;
+        tokio::time::sleep_until(sent + Duration::from_millis(500)).await;
     }
-    let flooded_for = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let a = a.await.expect("flood");
 
-    // Every B call waited at most two paces for its turn: counted by the gateway itself (the
-    // histogram bucket just above 210 ms holds all eight), and seen by B, whose whole request
-    // took little more.
+    // Every B call waited at most two paces for its turn, as the gateway counted it: the
+    // histogram bucket just above 210 ms holds all eight.
     let m = app.metrics().await;
     let b_waits = r#"billing_gateway_upstream_budget_wait_by_class_seconds_bucket{le="0.256",class="billing-manager"}"#;
     assert_eq!(sample(&m, b_waits), 8.0, "{m}");
-    let slowest = latencies.iter().max().expect("latencies");
-    assert!(
-        *slowest <= 2 * PACE + Duration::from_millis(80),
-        "B waited {slowest:?}: {latencies:?}"
-    );
-    // Not vacuous: A kept the budget spent the whole time, its calls waited long, and its
+    // Not vacuous: A had calls waiting for the budget when each of B's was sent, and its
     // excess (only A's) was refused for the budget, with Retry-After.
-    let during = recorder
-        .arrivals()
-        .iter()
-        .filter(|(t, _)| *t >= started && t.duration_since(started) < flooded_for)
-        .count();
-    let budget = flooded_for.as_secs_f64() / PACE.as_secs_f64();
-    assert!(
-        during as f64 >= 0.8 * budget,
-        "{during} upstream calls in {flooded_for:?}"
-    );
+    assert!(a_waiting.iter().all(|w| *w >= 1.0), "{a_waiting:?}");
     assert!(a.throttled > 0 && a.unavailable == 0, "{a:?}");
     assert_eq!(
         sample(
@@ -832,25 +754,15 @@ async fn a_flooding_principal_delays_another_by_at_most_two_paces() {
         !m.contains("finance-app") && !m.contains("report-script"),
         "{m}"
     );
-    assert_within_budget(&recorder.arrivals(), 10);
-    eprintln!("B's calls took {latencies:?}; A: {a:?}, waited {a_wait:.2} s on average");
+    assert_every_call_took_a_turn(&app, started, &recorder).await;
+    eprintln!("A: {a:?}, waited {a_wait:.2} s on average");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shares_weight_the_upstream_calls_of_flooding_principals() {
     let _one_at_a_time = FLOOD.lock().await;
     let dir = policy_with_shares(&[("heavy", 3), ("light", 1)]);
-    let app = TestApp::spawn_with(|c| {
-        c.policy_dir = dir;
-        c.upstream.rate = per_second(10);
-        c.limits.principal_rate = per_second(1000);
-    })
-    .await;
-    let recorder = Recorder::default();
-    Mock::given(any())
-        .respond_with(recorder.clone())
-        .mount(&app.upstream)
-        .await;
+    let (app, recorder) = flooded(|c| c.policy_dir = dir, Recorder::default()).await;
     let who: Value = app
         .get("/gateway/v1/whoami", &token_for("h", "heavy"))
         .await
@@ -859,6 +771,7 @@ async fn shares_weight_the_upstream_calls_of_flooding_principals() {
         .expect("json");
     assert_eq!((&who["share"], &who["class"]), (&json!(3), &json!("heavy")));
 
+    let started = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let heavy = flood(
         &app.base,
@@ -887,25 +800,16 @@ async fn shares_weight_the_upstream_calls_of_flooding_principals() {
     // The light principal asked for more than its quarter: its excess was refused.
     assert!(light.throttled > 0, "{heavy:?} {light:?}");
     eprintln!("heavy {h}, light {l}: ratio {ratio:.2}; {heavy:?} {light:?}");
-    assert_within_budget(&recorder.arrivals(), 10);
+    assert_every_call_took_a_turn(&app, started, &recorder).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_budget_holds_with_weighted_principals_and_retries() {
     let _one_at_a_time = FLOOD.lock().await;
     let dir = policy_with_shares(&[("heavy", 3), ("light", 1), ("other", 1)]);
-    let app = TestApp::spawn_with(|c| {
-        c.policy_dir = dir;
-        c.upstream.rate = per_second(10);
-        c.limits.principal_rate = per_second(1000);
-    })
-    .await;
     // Every fifth answer is a 503: its GET is retried, and each retry spends a turn too.
-    let recorder = Recorder::failing_every(5);
-    Mock::given(any())
-        .respond_with(recorder.clone())
-        .mount(&app.upstream)
-        .await;
+    let (app, recorder) = flooded(|c| c.policy_dir = dir, Recorder::failing_every(5)).await;
+    let started = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let floods = [
         flood(
@@ -925,7 +829,7 @@ async fn the_budget_holds_with_weighted_principals_and_retries() {
     }
     let arrivals = recorder.arrivals();
     assert!(arrivals.len() >= 20, "{} upstream calls", arrivals.len());
-    assert_within_budget(&arrivals, 10);
+    assert_every_call_took_a_turn(&app, started, &recorder).await;
     let m = app.metrics().await;
     let retries: f64 = ["consumptions", "taxes", "charges"]
         .iter()
@@ -942,19 +846,11 @@ async fn the_budget_holds_with_weighted_principals_and_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_that_disconnect_leave_the_queue_and_take_no_turn() {
     let _one_at_a_time = FLOOD.lock().await;
-    let app = TestApp::spawn_with(|c| {
-        c.upstream.rate = per_second(10);
-        c.limits.principal_rate = per_second(1000);
-    })
-    .await;
-    let recorder = Recorder::default();
-    Mock::given(any())
-        .respond_with(recorder.clone())
-        .mount(&app.upstream)
-        .await;
+    let (app, recorder) = flooded(|_| {}, Recorder::default()).await;
     // Twenty of A's calls at once: one is sent, the rest wait (two seconds' worth).
     let a_token = token_for("report-script", "billing-read-only");
     let client = reqwest::Client::new();
+    let a_sent_at = tokio::time::Instant::now();
     let a: Vec<_> = (1..=20)
         .map(|page| {
             let request = client
@@ -971,27 +867,21 @@ async fn callers_that_disconnect_leave_the_queue_and_take_no_turn() {
     for request in &a {
         request.abort();
     }
-    let emptied = until_metric(&app, WAITING, 0.0).await;
-    assert!(emptied < Duration::from_millis(500), "took {emptied:?}");
+    // An ordering, not a measure: the queue empties before the first of A's waits could
+    // have run out.
+    tokio::select! {
+        () = until_metric(&app, WAITING, 0.0) => {}
+        () = tokio::time::sleep_until(a_sent_at + UPSTREAM_MAX_WAIT) => {
+            panic!("A's places were held until their wait ran out")
+        }
+    }
 
     // B, now alone, has a turn every pace: none goes to A's departed calls.
     let b_token = token_for("finance-app", "billing-manager");
-    let started = Instant::now();
     for page in 1..=5 {
-        let sent = Instant::now();
         let response = app.get(&format!("{INVOICES}?page={page}"), &b_token).await;
         assert_eq!(response.status(), 200);
-        assert!(
-            sent.elapsed() <= PACE + Duration::from_millis(60),
-            "{:?}",
-            sent.elapsed()
-        );
     }
-    assert!(
-        started.elapsed() <= 5 * PACE + Duration::from_millis(100),
-        "{:?}",
-        started.elapsed()
-    );
     // A turn granted just before the disconnect may still have been on its way: B's first
     // turn came a pace after it, so by now it has arrived. Nothing of A's came after.
     let a_sent = recorder.count(CONSUMPTIONS);
@@ -1006,5 +896,13 @@ async fn callers_that_disconnect_leave_the_queue_and_take_no_turn() {
         recorder.count(CONSUMPTIONS),
         a_sent,
         "an aborted call went upstream"
+    );
+    // Turns are counted as they are granted: every one went to a call that went upstream.
+    assert_eq!(
+        sample(
+            &app.metrics().await,
+            "billing_gateway_upstream_budget_wait_seconds_count"
+        ),
+        recorder.arrivals().len() as f64
     );
 }

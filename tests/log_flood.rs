@@ -12,13 +12,7 @@ use common::*;
 /// Single-threaded runtime: the subscriber set for this thread sees every task of the app.
 #[tokio::test(flavor = "current_thread")]
 async fn a_64_kib_path_gets_a_json_414_and_a_short_log_line() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _logs) = capture_logs("info");
 
     let app = TestApp::builder()
         .access_log(captured.clone())

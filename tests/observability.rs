@@ -10,8 +10,6 @@ mod common;
 mod idp;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use billing_gateway::telemetry::trace::parse_traceparent;
@@ -30,10 +28,6 @@ const CALLER_PARENT: &str = "b7ad6b7169203331";
 
 fn read(file: &str) -> String {
     std::fs::read_to_string(format!("{ROOT}/{file}")).unwrap_or_else(|e| panic!("{file}: {e}"))
-}
-
-fn ok(body: Value) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
 }
 
 /// Every `billing_gateway_*` name in `text` (PromQL identifiers, names in prose alike).
@@ -111,7 +105,7 @@ async fn every_metric_name_the_alerts_dashboard_and_readme_use_is_exposed() {
         .mount(&upstream)
         .await;
     Mock::given(path(CONSUMPTIONS))
-        .respond_with(ok(json!({"consumptions": [], "total_count": 0})))
+        .respond_with(ok_json(json!({"consumptions": [], "total_count": 0})))
         .mount(&upstream)
         .await;
     Mock::given(path(INVOICES))
@@ -120,7 +114,7 @@ async fn every_metric_name_the_alerts_dashboard_and_readme_use_is_exposed() {
         .mount(&upstream)
         .await;
     Mock::given(path(INVOICES))
-        .respond_with(ok(json!({"invoices": [], "total_count": 0})))
+        .respond_with(ok_json(json!({"invoices": [], "total_count": 0})))
         .mount(&upstream)
         .await;
     Mock::given(path(TAXES))
@@ -346,7 +340,7 @@ fn every_alert_is_documented_unit_tested_and_wrapped_for_the_operator() {
 async fn traced_app() -> TestApp {
     let app = TestApp::spawn().await;
     Mock::given(method("GET"))
-        .respond_with(ok(
+        .respond_with(ok_json(
             json!({"consumptions": [], "invoices": [], "total_count": 0}),
         ))
         .mount(&app.upstream)
@@ -450,44 +444,12 @@ async fn a_malformed_traceparent_is_ignored_and_the_upstream_gets_a_fresh_trace(
     app.stop().await;
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Single-threaded: the subscriber set for this thread sees every task of the app.
 #[tokio::test(flavor = "current_thread")]
 async fn the_access_log_line_names_the_trace() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || writer.clone())
-        .finish();
-    // tracing caches each log site's interest process-wide; with a single dispatcher it asks
-    // the registering thread's (tokio-rs/tracing#3611), so a sibling test without a subscriber
-    // would silence the site here. A second, always-interested dispatcher avoids that shortcut.
-    let _anchor = tracing::Dispatch::new(tracing_subscriber::registry());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
-    let app = TestApp::builder()
-        .access_log(captured.clone())
-        .spawn()
-        .await;
+    let (captured, _logs, app) = app_logging().await;
     Mock::given(method("GET"))
-        .respond_with(ok(
+        .respond_with(ok_json(
             json!({"consumptions": [], "invoices": [], "total_count": 0}),
         ))
         .mount(&app.upstream)
@@ -511,11 +473,11 @@ async fn the_access_log_line_names_the_trace() {
     assert_eq!(app.get(INVOICES, &app.manager()).await.status(), 200);
     app.stop().await;
 
-    let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
-    let lines: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["message"] == "request" && l["path"] != "/metrics")
+    let text = captured.text();
+    let lines: Vec<Value> = captured
+        .access_lines()
+        .into_iter()
+        .filter(|l| l["path"] != "/metrics")
         .collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert_eq!(lines[0]["request_id"], "trace-in-log");
@@ -561,7 +523,7 @@ async fn policy_reload_metrics_follow_a_broken_edit_and_its_fix() {
     assert!(more > last.1, "each poll counts: {more} after {}", last.1);
     // A request is still decided by the last good policy.
     Mock::given(method("GET"))
-        .respond_with(ok(json!({"invoices": [], "total_count": 0})))
+        .respond_with(ok_json(json!({"invoices": [], "total_count": 0})))
         .mount(&app.upstream)
         .await;
     assert_eq!(app.get(INVOICES, &app.manager()).await.status(), 200);

@@ -16,8 +16,8 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::Status
 use prost::Message;
 use secrecy::SecretString;
 use serde_json::json;
+use wiremock::Mock;
 use wiremock::matchers::method;
-use wiremock::{Mock, ResponseTemplate};
 
 /// The W3C specification's own example.
 const CALLER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -99,10 +99,7 @@ async fn spans_reach_an_otlp_collector_with_the_callers_trace_operation_and_stat
 
     let app = TestApp::spawn().await;
     Mock::given(method("GET"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(json!({"consumptions": []}).to_string(), "application/json"),
-        )
+        .respond_with(ok_json(json!({"consumptions": []})))
         .mount(&app.upstream)
         .await;
     let response = app

@@ -9,8 +9,15 @@ use serde_json::{Value, json};
 use wiremock::matchers::{any, header, method, path, query_param};
 use wiremock::{Mock, ResponseTemplate};
 
-fn ok_json(body: Value) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
+/// An app whose upstream answers `{}` to anything, and must be asked `calls` times.
+async fn answering_empty(calls: impl Into<wiremock::Times>) -> TestApp {
+    let app = TestApp::spawn().await;
+    Mock::given(any())
+        .respond_with(ok_json(json!({})))
+        .expect(calls)
+        .mount(&app.upstream)
+        .await;
+    app
 }
 
 #[tokio::test]
@@ -73,11 +80,7 @@ async fn consumption_is_forwarded_with_the_key_injected_and_the_callers_token_ab
 
 #[tokio::test]
 async fn every_operation_reaches_its_path_with_validated_and_normalised_parameters() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0..).await;
     let project = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
     let cases: Vec<(&str, String, String)> = vec![
         (
@@ -158,12 +161,7 @@ async fn every_operation_reaches_its_path_with_validated_and_normalised_paramete
 
 #[tokio::test]
 async fn read_only_token_cannot_read_invoices_and_nothing_goes_upstream() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0).await;
     for path in [
         "/billing/v2beta1/invoices".to_owned(),
         format!("/billing/v2beta1/invoices/{INVOICE}/download?dl=1"),
@@ -196,12 +194,7 @@ async fn read_only_token_cannot_read_invoices_and_nothing_goes_upstream() {
 
 #[tokio::test]
 async fn another_organization_is_refused_before_the_upstream() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0).await;
     let response = app
         .get(
             &format!("/billing/v2beta1/invoices?organization_id={OTHER_ORG}"),
@@ -214,12 +207,7 @@ async fn another_organization_is_refused_before_the_upstream() {
 /// Hostile paths, queries and credentials: each is a 4xx and none reaches the upstream.
 #[tokio::test]
 async fn hostile_requests_are_refused_and_never_forwarded() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .expect(0)
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0).await;
     let now = jsonwebtoken::get_current_timestamp();
     let good = app.manager();
     let unsigned = {
@@ -426,7 +414,21 @@ async fn hostile_requests_are_refused_and_never_forwarded() {
         let body: Value = serde_json::from_str(&body).expect("JSON body");
         assert!(body["type"].is_string(), "{verb} {path}: {body}");
     }
-    assert!(tokens.len() + requests.len() >= 30);
+    // Every one was answered by the gateway itself and counted as a refusal: no 2xx, no 5xx.
+    let m = app.metrics().await;
+    let answered: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("billing_gateway_requests_total{"))
+        .map(|l| {
+            assert!(l.contains("status=\"4"), "not a refusal: {l}");
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .expect("a count")
+        })
+        .sum();
+    assert_eq!(answered as usize, tokens.len() + requests.len(), "{m}");
+    assert!(!m.contains("billing_gateway_upstream_calls_total{"), "{m}");
     assert!(app.upstream_requests().await.is_empty());
 }
 
@@ -873,11 +875,7 @@ async fn expect_100_continue_is_answered_only_to_an_allowed_caller() {
 
 #[tokio::test]
 async fn request_ids_are_echoed_when_sane_and_replaced_when_not() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0..).await;
     let send = |id: &'static str| {
         app.client
             .get(format!("{}/billing/v2beta1/charges", app.base))
@@ -908,11 +906,7 @@ async fn request_ids_are_echoed_when_sane_and_replaced_when_not() {
 
 #[tokio::test]
 async fn gateway_endpoints_answer() {
-    let app = TestApp::spawn().await;
-    Mock::given(any())
-        .respond_with(ok_json(json!({})))
-        .mount(&app.upstream)
-        .await;
+    let app = answering_empty(0..).await;
     for p in ["/healthz", "/readyz"] {
         let r = app
             .client

@@ -4,16 +4,14 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use billing_gateway::policy::reload::{DEFAULT_POLL, Reload};
 use common::*;
 use serde_json::json;
+use wiremock::Mock;
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, ResponseTemplate};
 
 const ROLES: &str = r#"
 [roles.billing-read-only]
@@ -47,10 +45,7 @@ async fn start(builder: TestAppBuilder<'_>) -> TestApp {
     let app = builder.spawn().await;
     Mock::given(method("GET"))
         .and(path("/billing/v2beta1/invoices"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(json!({"invoices": []}).to_string(), "application/json"),
-        )
+        .respond_with(ok_json(json!({"invoices": []})))
         .mount(&app.upstream)
         .await;
     app
@@ -103,42 +98,9 @@ async fn a_valid_edit_takes_effect_while_serving() {
     app.stop().await;
 }
 
-/// Captures log lines written while it is the thread's default subscriber (a current-thread
-/// test runtime runs the app's tasks on this thread).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned()
-    }
-}
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("logs").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_broken_edit_is_logged_once_and_the_last_good_policy_stays() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    // tracing caches each log site's interest process-wide; with a single dispatcher it asks
-    // the registering thread's (tokio-rs/tracing#3611), so a sibling test without a subscriber
-    // would silence the site here. A second, always-interested dispatcher avoids that shortcut.
-    let _anchor = tracing::Dispatch::new(tracing_subscriber::registry());
-    let _guard = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish(),
-    );
-    tracing::callsite::rebuild_interest_cache();
+    let (logs, _capture) = capture_logs("info");
     let app = start(
         TestApp::builder()
             .policy(&[("policy.toml", &with_managers())])

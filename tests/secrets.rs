@@ -11,24 +11,14 @@ use wiremock::{Mock, ResponseTemplate};
 /// including reqwest's and hyper's own trace events.
 #[tokio::test(flavor = "current_thread")]
 async fn the_secret_key_is_absent_from_every_log_line_at_trace_level() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .json()
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _logs) = capture_logs("trace");
 
     let app = TestApp::builder()
         .access_log(captured.clone())
         .spawn()
         .await;
     Mock::given(path("/billing/v2beta1/taxes"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(json!({"taxes": []}).to_string(), "application/json"),
-        )
+        .respond_with(ok_json(json!({"taxes": []})))
         .mount(&app.upstream)
         .await;
     Mock::given(any())

@@ -9,8 +9,10 @@ mod operations;
 mod query;
 
 pub use call::{Call, parse};
+#[cfg(test)]
+pub(crate) use operations::by_name;
 pub use operations::{
     Audit, Download, Kind, Method, OPERATIONS, Operation, OrgRule, Param, Permission, Permissions,
-    Scope, by_name,
+    Scope,
 };
 pub use query::parse_timestamp;

@@ -510,8 +510,9 @@ pub static OPERATIONS: &[Operation] = &[
     },
 ];
 
-/// Looks an operation up by its short name (policy tests, benches).
-pub fn by_name(name: &str) -> Option<&'static Operation> {
+/// Looks an operation up by its short name (unit tests).
+#[cfg(test)]
+pub(crate) fn by_name(name: &str) -> Option<&'static Operation> {
     OPERATIONS.iter().find(|op| op.name == name)
 }
 

@@ -26,23 +26,15 @@ pub(super) fn new(name: &str, roles: &[String], projects: &[String]) -> anyhow::
                 .map_err(|_| anyhow!("--projects: `{p}` is not a project id (a UUID)"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let list = |items: &[&str]| -> anyhow::Result<String> {
-        let quoted = items
-            .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(format!("[{}]", quoted.join(", ")))
-    };
     let key = uuid::Uuid::new_v4();
-    let mut entry = format!(
-        "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = {}\n",
-        policy::key_sha256(&key),
-        list(&roles)?
-    );
-    if !projects.is_empty() {
-        let projects: Vec<&str> = projects.iter().map(String::as_str).collect();
-        entry += &format!("projects = {}\n", list(&projects)?);
+    let projects: Vec<&str> = projects.iter().map(String::as_str).collect();
+    let entry = policy::KeyEntry {
+        name,
+        sha256: policy::key_sha256(&key),
+        roles: &roles,
+        projects: &projects,
     }
+    .to_toml()?;
     // Checked against the policy folder when there is one: roles must exist, names be unique.
     let config = Config::load(None, &env, Needs::Tools)?;
     match PolicySet::read_sources(&config.policy_dir) {

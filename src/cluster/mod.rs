@@ -1,4 +1,4 @@
-//! Replicas sharing one budget, one set of rates and one cache through Redis (contract §11).
+//! The link through which replicas share one budget, one set of rates and one cache (contract §11).
 //!
 //! [`Cluster`] is this replica's link: one multiplexed command connection (every command
 //! bounded by `GATEWAY_REDIS_TIMEOUT`), one RESP3 pub/sub connection on `{ns}:events` that
@@ -7,26 +7,31 @@
 //! fails or times out until background probes succeed again. A request never waits on Redis
 //! while degraded, and never longer than the timeout otherwise.
 //!
-//! Every shared decision is one Lua script (atomic, one round trip, Redis `TIME` as the only
-//! clock) run through [`Cluster::invoke`]. Every key is under the namespace (one hash tag, so
-//! Redis Cluster keeps them in one slot), and every key but the budget's carries a TTL, so
-//! `volatile-lru` never evicts the budget.
+//! This module owns the link only. Each mechanism shared through it lives beside its local twin,
+//! with its own keys and scripts: the upstream budget in [`crate::upstream`], principals' rates
+//! in [`crate::limits`], the cache's shared tier in [`crate::cache`]. Every shared decision is
+//! one Lua script (atomic, one round trip, Redis `TIME` as the only clock) run through
+//! [`Cluster::invoke`]. Every key is under the namespace (one hash tag, so Redis Cluster keeps
+//! them in one slot), and every key but the budget's and the cache generation carries a TTL, so
+//! `volatile-lru` evicts neither: an evicted budget would overspend, an evicted generation
+//! would make purged entries reachable again.
 
-mod rates;
-
-pub use rates::{SharedRates, lease_size};
+mod events;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, PushInfo, PushKind, Script, ScriptInvocation};
+use redis::{FromRedisValue, PushInfo, Script, ScriptInvocation};
 use secrecy::ExposeSecret;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::config::RedisConfig;
+pub use events::Event;
+use events::event;
+
+use crate::config::{Rate, RedisConfig};
 use crate::telemetry::Metrics;
 
 /// How often the background task heartbeats (connected) or probes (degraded).
@@ -34,11 +39,6 @@ pub const TICK: Duration = Duration::from_secs(1);
 
 /// Consecutive successful probes before a degraded replica shares again.
 pub const PROBES_TO_RESUME: u32 = 3;
-
-/// How long no replica takes an upstream slot around a switch of mode: the longest wait for a
-/// slot ([`crate::upstream::UPSTREAM_MAX_WAIT`]) plus the one-second window, so slots granted
-/// under one mode pass out of every window before the other mode spends any.
-pub const DEAD_TIME: Duration = Duration::from_secs(3);
 
 /// How a replica keeps its limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub enum Mode {
 /// A Redis command this replica runs, by purpose: the `op` label of the Redis metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
-    /// Reserving an upstream slot.
+    /// Reserving an upstream turn.
     Budget,
     /// Noting or clearing the upstream's 429 backoff.
     Backoff,
@@ -95,18 +95,6 @@ impl Op {
     }
 }
 
-/// What the pub/sub connection brings, to every [`Cluster::events`] receiver.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A message published on `{ns}:events`.
-    Message(String),
-    /// The subscription is (again) in place: messages published while it was not were lost,
-    /// so whoever relies on them re-reads what they would have said.
-    Subscribed,
-    /// The pub/sub connection dropped; messages may be lost until [`Event::Subscribed`].
-    Disconnected,
-}
-
 /// Redis could not be asked (degraded, an error, or no answer within the timeout): the caller
 /// decides on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +106,8 @@ pub struct Cluster {
     replica: String,
     timeout: Duration,
     fallback: u32,
+    /// Scripts that must succeed before this replica shares again after being on its own.
+    resume: Mutex<Vec<Arc<ScriptInvocation<'static>>>>,
     cmd: ConnectionManager,
     sub: ConnectionManager,
     events: broadcast::Sender<Event>,
@@ -129,8 +119,16 @@ pub struct Cluster {
 
 static HEARTBEAT: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/heartbeat.lua")));
-static RESUME: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("lua/resume.lua")));
+
+/// This replica's share of `rate` among `replicas` (N), for when it keeps its limits on its
+/// own: ⌊count / N⌋ per the same period, at least 1 (contract §11), so N replicas together stay
+/// within `rate` in every window. Shared budget and principals' rates alike.
+pub fn share(rate: Rate, replicas: u32) -> Rate {
+    Rate {
+        count: (rate.count / replicas.max(1)).max(1),
+        per: rate.per,
+    }
+}
 
 impl Cluster {
     /// The link for `config` (which has a URL), without connecting: connections are made on
@@ -184,6 +182,7 @@ impl Cluster {
             replica: uuid::Uuid::new_v4().to_string(),
             timeout: config.timeout,
             fallback: config.fallback_replicas,
+            resume: Mutex::new(Vec::new()),
             cmd,
             sub,
             events,
@@ -203,11 +202,6 @@ impl Cluster {
         &self.replica
     }
 
-    /// The longest a request waits on Redis (`GATEWAY_REDIS_TIMEOUT`).
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// How this replica keeps its limits now.
     pub fn mode(&self) -> Mode {
         *self.mode.lock().unwrap_or_else(|e| e.into_inner())
@@ -217,6 +211,13 @@ impl Cluster {
     /// never fewer than `GATEWAY_REDIS_FALLBACK_REPLICAS` (an under-estimate would overspend).
     pub fn replicas(&self) -> u32 {
         self.seen.load(Ordering::Relaxed).max(self.fallback)
+    }
+
+    /// Adds `script` to what this replica runs when Redis answers again after it was on its
+    /// own: it shares again only once every such script succeeded (the budget's dead time).
+    pub fn on_resume(&self, script: ScriptInvocation<'static>) {
+        let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        resume.push(Arc::new(script));
     }
 
     /// Everything the pub/sub connection brings from now on.
@@ -309,7 +310,6 @@ impl Cluster {
     pub async fn run(self: Arc<Self>) -> std::convert::Infallible {
         let channel = self.key("events");
         let replicas = self.key("replicas");
-        let paused = self.key("budget:paused_until");
         let mut subscribed = false;
         let mut probes = 0;
         let mut tick = tokio::time::interval(TICK);
@@ -336,9 +336,7 @@ impl Cluster {
                     };
                     if probes >= PROBES_TO_RESUME {
                         probes = 0;
-                        let mut resume = RESUME.prepare_invoke();
-                        resume.key(&paused).arg(DEAD_TIME.as_micros() as u64);
-                        if self.timed::<i64>(Op::Probe, &resume).await.is_ok() {
+                        if self.resumed().await {
                             self.set_mode(Mode::Connected);
                         }
                     }
@@ -347,36 +345,22 @@ impl Cluster {
         }
     }
 
-    /// Subscribes when not yet subscribed, or pings the subscribed connection so that a lost
-    /// one is remade (and resubscribed by the client); whether the subscription is in place.
-    async fn keep_subscribed(&self, channel: &str, subscribed: bool) -> bool {
-        let mut sub = self.sub.clone();
-        let bound = Duration::from_secs(1);
-        if subscribed {
-            let ping = redis::cmd("PING");
-            let pong = tokio::time::timeout(bound, ping.query_async::<redis::Value>(&mut sub));
-            let _ = pong.await;
-            true
-        } else {
-            matches!(
-                tokio::time::timeout(bound, sub.subscribe(channel)).await,
-                Ok(Ok(()))
-            )
-        }
-    }
-}
-
-/// The event a push from the pub/sub connection means, if any.
-fn event(push: PushInfo) -> Option<Event> {
-    match push.kind {
-        PushKind::Message => match push.data.get(1) {
-            Some(redis::Value::BulkString(bytes)) => {
-                Some(Event::Message(String::from_utf8_lossy(bytes).into_owned()))
+    /// Runs every script added by [`Cluster::on_resume`]; whether all succeeded.
+    async fn resumed(&self) -> bool {
+        let scripts = self
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for script in scripts {
+            if self
+                .timed::<redis::Value>(Op::Probe, &script)
+                .await
+                .is_err()
+            {
+                return false;
             }
-            _ => None,
-        },
-        PushKind::Subscribe => Some(Event::Subscribed),
-        PushKind::Disconnection => Some(Event::Disconnected),
-        _ => None,
+        }
+        true
     }
 }

@@ -2,29 +2,35 @@
 //! startup (contract §3).
 //!
 //! [`Config`] is a plain struct of typed values; tests and `demo` build it with [`Config::new`]
-//! and set fields. Operators reach it through [`Config::load`], which reads every setting
-//! through the one table in `sources.rs` (variable, file key, parser) and the value types of
-//! [`units`]: a setting is defined once, there. Loading reports every problem at once, each
+//! and set fields. Operators reach it through [`Config::load`] (`sources.rs`), which reads
+//! every setting through the one table in `settings.rs` (variable, file key, parser) and the
+//! value types of [`units`]. A setting is written in three places: its row there, its field
+//! here, and its default in [`Config::new`]; its names and its parsing are in the row alone, so
+//! the environment, the file, the unknown-key check and the "required" check cannot disagree
+//! (and a test holds the README to the table). Loading reports every problem at once, each
 //! naming its variable or `file:line`, so a broken deployment is fixed in one round.
 //!
 //! Secrets (`SCW_SECRET_KEY`, `GATEWAY_JWT_HS256_SECRET`) come only from the environment or the
 //! files their `_FILE` variants name, and live in `secrecy` types so no `Debug`, log line or
 //! error can print them.
 
+mod locate;
+mod problem;
+mod settings;
 mod sources;
 pub mod units;
 mod weak;
 
-pub(crate) use sources::parse_redis_url;
-pub use sources::{line_at, syntax_error_at};
+pub use locate::{line_at, syntax_error_at};
+pub use problem::{ConfigErrors, Problem};
+pub(crate) use units::parse_redis_url;
 pub use units::{
     HttpUrl, Rate, parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate,
     parse_size,
 };
 
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -239,59 +245,6 @@ pub enum Needs {
     Tools,
 }
 
-/// One thing wrong with the configuration, worded for the operator who must fix it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Where to look: the environment variable, or `file:line`; `None` for a rule between
-    /// settings, whose message names them all.
-    pub at: Option<String>,
-    /// What is wrong; never a secret's value.
-    pub message: String,
-}
-
-impl Problem {
-    fn at(at: impl fmt::Display, message: impl Into<String>) -> Problem {
-        Problem {
-            at: Some(at.to_string()),
-            message: message.into(),
-        }
-    }
-
-    fn between(message: impl Into<String>) -> Problem {
-        Problem {
-            at: None,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.at {
-            Some(at) => write!(f, "{at}: {}", self.message),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-/// Every problem found while loading: one line each, so one run shows them all.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<Problem>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.as_slice() {
-            [one] => write!(f, "{one}"),
-            all => {
-                write!(f, "{} configuration problems:", all.len())?;
-                all.iter().try_for_each(|p| write!(f, "\n  {p}"))
-            }
-        }
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
 impl Config {
     /// A configuration with every default, for tests and `demo`.
     pub fn new(upstream_url: &str, organization_id: Uuid, secret_key: SecretString) -> Config {
@@ -347,67 +300,6 @@ impl Config {
         }
     }
 
-    /// Reads `file` (or `gateway.toml` when present) and the environment through `env`; every
-    /// problem, or a configuration `needs` can run with.
-    pub fn load(
-        file: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-        needs: Needs,
-    ) -> Result<Config, ConfigErrors> {
-        match Config::gather(file, env, needs) {
-            (config, problems) if problems.is_empty() => Ok(config),
-            (_, problems) => Err(ConfigErrors(problems)),
-        }
-    }
-
-    /// [`Config::load`] without the verdict: every setting that could be read (defaults for
-    /// the rest, a nil organization and an empty key when missing) and every problem. For
-    /// `check`, which goes on to the policy folder to report its problems in the same run; a
-    /// configuration with problems must never serve.
-    pub fn gather(
-        file: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-        needs: Needs,
-    ) -> (Config, Vec<Problem>) {
-        let (mut config, mut problems) = sources::gather(file, env, needs);
-        if let Some(TlsFiles { cert, key }) = &config.tls
-            && (cert.as_os_str().is_empty() || key.as_os_str().is_empty())
-        {
-            problems.push(Problem::between(
-                "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY (tls.cert, tls.key) go together: set both \
-                 or neither",
-            ));
-            config.tls = None;
-        }
-        if let (None, None, Some(issuer)) = (
-            config.auth.key_source(),
-            &config.auth.hs256_secret,
-            &config.auth.issuer,
-        ) {
-            problems.push(Problem::at(
-                "GATEWAY_JWT_ISSUER",
-                format!(
-                    "`{issuer}` is not an http(s) URL, so no JWKS can be discovered from it; \
-                     set GATEWAY_JWKS_URL or GATEWAY_JWT_HS256_SECRET"
-                ),
-            ));
-        }
-        (config, problems)
-    }
-
-    /// Overrides the named settings from the environment only (the file is not read): `demo`
-    /// takes its rates this way, through the same parsers as `serve`.
-    pub fn apply_env(
-        &mut self,
-        names: &[&str],
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigErrors> {
-        match sources::overlay(self, names, env) {
-            problems if problems.is_empty() => Ok(()),
-            problems => Err(ConfigErrors(problems)),
-        }
-    }
-
     /// Whether any caller could authenticate: a token source configured, or gateway keys in
     /// the policy (`policy_has_keys`). `serve` refuses to start without one, and `check`
     /// reports it, from this one rule.
@@ -428,6 +320,7 @@ impl Config {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::path::Path;
 
     const ORG: &str = "11111111-2222-3333-4444-555555555555";
     const KEY: &str = "aaaaaaaa-0000-4000-8000-000000000001";
@@ -573,31 +466,8 @@ mod tests {
 
     #[test]
     fn a_syntax_error_is_located_where_the_unfinished_value_begins() {
-        // An unclosed array, a multi-line array missing its `]`, an unclosed multi-line string:
-        // the parser stops lines later; the line reported is where the value began.
-        for (text, line, stopped) in [
-            ("a = 1\nb = [\"x\"\n\n[t]\nc = 2\n", 2, "line 4"),
-            ("a = 1\nb = [\n  \"x\",\n  \"y\"\n\n[t]\n", 2, "line 6"),
-            ("a = 1\nb = \"\"\"x\ny\n\nc = 2\n", 2, "the end of the file"),
-        ] {
-            let table = toml::de::DeTable::parse(text).expect_err("broken");
-            let offset = table.span().map_or(0, |s| s.start);
-            let (at, message) = syntax_error_at(text, offset, table.message());
-            assert_eq!(at, line, "{text:?}: {message}");
-            assert!(message.contains(stopped), "{text:?}: {message}");
-        }
-        // An error on its own line stays there; so does a duplicate key at a line's start.
-        for (text, line) in [
-            ("a = 1\nb \"x\"\n", 2),
-            ("a = 1\nb = \"x\" y\n", 2),
-            ("a = 1\n\na = 2\n", 3),
-        ] {
-            let e = toml::de::DeTable::parse(text).expect_err("broken");
-            let (at, message) = syntax_error_at(text, e.span().map_or(0, |s| s.start), e.message());
-            assert_eq!((at, message.as_str()), (line, e.message()), "{text:?}");
-        }
-        // Through the loader: at the line the array began, and not the parser's cascade of
-        // complaints about the lines it swallowed.
+        // The locator's own cases are in `locate.rs`; through the loader: at the line the
+        // array began, and not the parser's cascade of complaints about the lines it swallowed.
         let file = temp_file("listen = \"127.0.0.1:0\"\n[cache]\nttl = [\"5m\"\n\n[upstream]\n");
         let (_, problems) = gather(&[], Some(&file), Needs::Tools);
         let f = file.display();
@@ -745,29 +615,6 @@ mod tests {
         assert!(
             e.to_string().starts_with("GATEWAY_UPSTREAM_RATE: `lots`"),
             "{e}"
-        );
-    }
-
-    #[test]
-    fn the_readme_documents_every_setting_of_the_table() {
-        let readme = include_str!("../../README.md");
-        for setting in sources::SETTINGS {
-            assert!(
-                readme.contains(&format!("`{}`", setting.env)),
-                "{}",
-                setting.env
-            );
-            if let sources::Place::File(key) = setting.place {
-                assert!(readme.contains(&format!("`{key}`")), "{key}");
-            }
-        }
-        let mut names: Vec<&str> = sources::SETTINGS.iter().map(|s| s.env).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(
-            names.len(),
-            sources::SETTINGS.len(),
-            "a variable is in the table twice"
         );
     }
 

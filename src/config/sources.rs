@@ -1,311 +1,21 @@
-//! Where each setting comes from: [`SETTINGS`], the one table of environment variable, file key
-//! and parser, and the reading of the environment and the TOML file through it.
-//!
-//! A setting is one row here plus its field in [`Config`]: the environment lookup, the file
-//! lookup, the unknown-key check and the "required" check all walk this table, so they cannot
-//! disagree, and the env and file spellings of a value go through the same parser. There is no
-//! mirror struct of the file: a key the table does not know is an unknown key. Values in the
-//! file are TOML strings (`timeout = "30s"`), exactly what the variable would hold.
+//! Reading the settings ([`Config::load`], [`Config::gather`], [`Config::apply_env`]): the
+//! environment (which wins), the secrets' `_FILE` variants and the TOML file, each through the
+//! one table of [`super::settings`], then the rules between settings. There is no mirror struct of
+//! the file: a key the table does not know is an unknown key. Values in the file are TOML
+//! strings (`timeout = "30s"`), exactly what the variable would hold.
 //!
 //! Every problem is collected rather than returned at the first, each naming the variable or
 //! the `file:line` it came from, so one run of `check` or `serve` lists them all.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use secrecy::SecretString;
 use toml::de::{DeTable, DeValue};
 use uuid::Uuid;
 
-use super::units::{
-    parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate, parse_size,
-};
-use super::weak;
-use super::{Config, DEFAULT_API_URL, LogFormat, Needs, Problem, TlsFiles};
-
-/// Where a setting may be written besides its environment variable.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Place {
-    /// This dotted key of the configuration file.
-    File(&'static str),
-    /// Nowhere else: a secret, read from the variable or from the file `{VAR}_FILE` names.
-    /// `refused` is the file key an operator would reach for; finding it is an error that
-    /// says where secrets go instead.
-    Secret {
-        /// The file key refused with an explanation.
-        refused: &'static str,
-    },
-}
-
-/// One setting: where it is read from, and how its text becomes a field of [`Config`].
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Setting {
-    /// The environment variable, which wins over the file.
-    pub(super) env: &'static str,
-    /// The file key, or the mark of a secret.
-    pub(super) place: Place,
-    /// For a setting with no default: what it is, said when `serve` finds it missing.
-    pub(super) required: Option<&'static str>,
-    /// Parses the text and stores the value; the message is the operator's, without the
-    /// variable or file position (added by the caller), and never echoes a secret.
-    pub(super) apply: fn(&mut Config, String) -> Result<(), String>,
-}
-
-const fn file(
-    env: &'static str,
-    key: &'static str,
-    apply: fn(&mut Config, String) -> Result<(), String>,
-) -> Setting {
-    Setting {
-        env,
-        place: Place::File(key),
-        required: None,
-        apply,
-    }
-}
-
-const fn secret(
-    env: &'static str,
-    refused: &'static str,
-    apply: fn(&mut Config, String) -> Result<(), String>,
-) -> Setting {
-    Setting {
-        env,
-        place: Place::Secret { refused },
-        required: None,
-        apply,
-    }
-}
-
-impl Setting {
-    const fn required(self, what: &'static str) -> Setting {
-        Setting {
-            required: Some(what),
-            ..self
-        }
-    }
-}
-
-/// Every setting (contract §3, plus CORS and TLS). Defaults are [`Config::new`]'s.
-pub(super) static SETTINGS: &[Setting] = &[
-    secret("SCW_SECRET_KEY", "upstream.secret_key", |c, v| {
-        // Never echoed: a real key with a typo is still nearly a real key.
-        let key =
-            Uuid::try_parse(&v).map_err(|_| "not a Scaleway secret key (a UUID)".to_owned())?;
-        weak::secret_key(&key)?;
-        c.upstream.secret_key = SecretString::from(v);
-        Ok(())
-    })
-    .required("the Scaleway API secret key"),
-    file(
-        "SCW_DEFAULT_ORGANIZATION_ID",
-        "upstream.organization_id",
-        |c, v| {
-            Uuid::try_parse(&v)
-                .map(|id| c.upstream.organization_id = id)
-                .map_err(|_| format!("`{v}` is not a UUID"))
-        },
-    )
-    .required("the one organization this gateway serves"),
-    file("SCW_API_URL", "upstream.url", |c, v| {
-        parse_base_url(&v).map(|url| c.upstream.url = url)
-    }),
-    file("GATEWAY_LISTEN", "listen", |c, v| {
-        v.parse::<SocketAddr>()
-            .map(|addr| c.listen = addr)
-            .map_err(|_| format!("`{v}` is not an address such as 127.0.0.1:8080"))
-    }),
-    file("GATEWAY_METRICS_LISTEN", "metrics.listen", |c, v| {
-        v.parse::<SocketAddr>()
-            .map(|addr| c.metrics_listen = Some(addr))
-            .map_err(|_| format!("`{v}` is not an address such as 0.0.0.0:9090"))
-    }),
-    file("GATEWAY_POLICY_DIR", "policy.dir", |c, v| {
-        c.policy_dir = PathBuf::from(v);
-        Ok(())
-    }),
-    secret("GATEWAY_JWT_HS256_SECRET", "auth.hs256_secret", |c, v| {
-        if v.len() < 32 {
-            return Err("must be at least 32 bytes (256 bits) long".into());
-        }
-        weak::hs256_secret(&v)?;
-        c.auth.hs256_secret = Some(SecretString::from(v));
-        Ok(())
-    }),
-    file("GATEWAY_JWKS_URL", "auth.jwks_url", |c, v| {
-        parse_http_url(&v).map(|url| c.auth.jwks_url = Some(url))
-    }),
-    file("GATEWAY_JWT_ISSUER", "auth.issuer", |c, v| {
-        // Compared byte for byte with `iss`: kept exactly as written.
-        c.auth.issuer = Some(v);
-        Ok(())
-    }),
-    file("GATEWAY_JWT_AUDIENCE", "auth.audience", |c, v| {
-        c.auth.audience = Some(v);
-        Ok(())
-    }),
-    file("GATEWAY_JWT_LEEWAY", "auth.leeway", |c, v| {
-        parse_duration(&v).map(|d| c.auth.leeway = d)
-    }),
-    file("GATEWAY_CACHE_TTL", "cache.ttl", |c, v| {
-        parse_duration(&v).map(|d| c.cache.ttl = d)
-    }),
-    file("GATEWAY_CACHE_CLOSED_TTL", "cache.closed_ttl", |c, v| {
-        parse_duration(&v).map(|d| c.cache.closed_ttl = d)
-    }),
-    file(
-        "GATEWAY_CACHE_STALE_IF_ERROR",
-        "cache.stale_if_error",
-        |c, v| parse_duration(&v).map(|d| c.cache.stale_if_error = d),
-    ),
-    file("GATEWAY_CACHE_MAX_BYTES", "cache.max_bytes", |c, v| {
-        parse_size(&v).map(|n| c.cache.max_bytes = n)
-    }),
-    file(
-        "GATEWAY_CACHE_BACKGROUND_REFRESH",
-        "cache.background_refresh",
-        |c, v| parse_bool(&v).map(|b| c.cache.background_refresh = b),
-    ),
-    file("GATEWAY_UPSTREAM_TIMEOUT", "upstream.timeout", |c, v| {
-        parse_duration(&v).map(|d| c.upstream.timeout = d)
-    }),
-    file("GATEWAY_UPSTREAM_RATE", "upstream.rate", |c, v| {
-        parse_rate(&v).map(|r| c.upstream.rate = r)
-    }),
-    file("GATEWAY_PRINCIPAL_RATE", "limits.principal_rate", |c, v| {
-        parse_rate(&v).map(|r| c.limits.principal_rate = r)
-    }),
-    file("GATEWAY_LOG_FORMAT", "log.format", |c, v| {
-        v.parse::<LogFormat>().map(|f| c.log_format = Some(f))
-    }),
-    file("GATEWAY_CORS_ORIGINS", "cors.origins", |c, v| {
-        c.cors_origins = v
-            .split(',')
-            .map(str::trim)
-            .filter(|o| !o.is_empty())
-            .map(parse_origin)
-            .collect::<Result<_, _>>()?;
-        Ok(())
-    }),
-    // Half a pair is reported by `Config::gather`, which sees both.
-    file("GATEWAY_TLS_CERT", "tls.cert", |c, v| {
-        tls_files(c).cert = PathBuf::from(v);
-        Ok(())
-    }),
-    file("GATEWAY_TLS_KEY", "tls.key", |c, v| {
-        tls_files(c).key = PathBuf::from(v);
-        Ok(())
-    }),
-    // A Redis URL may carry a password: a secret, like the keys; never echoed.
-    secret("GATEWAY_REDIS_URL", "redis.url", |c, v| {
-        weak::redis_password(&parse_redis_url(&v)?)?;
-        c.redis.url = Some(SecretString::from(v));
-        Ok(())
-    }),
-    file("GATEWAY_REDIS_PREFIX", "redis.prefix", |c, v| {
-        if v.is_empty() || v.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
-            return Err(format!("`{v}` is not a key prefix (empty, or has spaces)"));
-        }
-        c.redis.prefix = Some(v);
-        Ok(())
-    }),
-    file(
-        "GATEWAY_REDIS_TIMEOUT",
-        "redis.timeout",
-        |c, v| match parse_duration(&v)? {
-            d if d.is_zero() || d > Duration::from_secs(10) => Err(format!(
-                "`{v}`: between 1ms and 10s (a request waits this long on Redis at most)"
-            )),
-            d => {
-                c.redis.timeout = d;
-                Ok(())
-            }
-        },
-    ),
-    file(
-        "GATEWAY_REDIS_FALLBACK_REPLICAS",
-        "redis.fallback_replicas",
-        |c, v| match v.parse::<u32>() {
-            Ok(n @ 1..=1000) => {
-                c.redis.fallback_replicas = n;
-                Ok(())
-            }
-            _ => Err(format!("`{v}` is not a replica count (1 to 1000)")),
-        },
-    ),
-    // OpenTelemetry's own names, so a collector's usual settings work unchanged.
-    file(
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "tracing.otlp_endpoint",
-        |c, v| parse_base_url(&v).map(|url| c.tracing.otlp_endpoint = Some(url)),
-    ),
-    file(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "tracing.otlp_traces_endpoint",
-        |c, v| parse_http_url(&v).map(|url| c.tracing.otlp_traces_endpoint = Some(url)),
-    ),
-    file("OTEL_SERVICE_NAME", "tracing.service_name", |c, v| {
-        c.tracing.service_name = v;
-        Ok(())
-    }),
-    file("OTEL_SDK_DISABLED", "tracing.disabled", |c, v| {
-        parse_bool(&v).map(|b| c.tracing.disabled = b)
-    }),
-    file(
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-        "tracing.protocol",
-        otlp_protocol,
-    ),
-    file(
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "tracing.traces_protocol",
-        otlp_protocol,
-    ),
-];
-
-fn parse_bool(v: &str) -> Result<bool, String> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        _ => Err(format!("`{v}` is neither true nor false")),
-    }
-}
-
-/// Spans are exported over OTLP/HTTP with protobuf bodies only (no gRPC stack is built in).
-fn otlp_protocol(_: &mut Config, v: String) -> Result<(), String> {
-    if v == "http/protobuf" {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{v}`: only http/protobuf is supported (point it at the collector's OTLP/HTTP port, 4318)"
-        ))
-    }
-}
-
-/// Checks a Redis URL's form without connecting; the message never repeats the URL, which may
-/// hold a password.
-pub(crate) fn parse_redis_url(v: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(v).map_err(|e| format!("not a URL ({e})"))?;
-    if !matches!(url.scheme(), "redis" | "rediss") {
-        return Err("not a redis:// or rediss:// URL".to_owned());
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("a redis:// URL names a host".to_owned());
-    }
-    let db = url.path().trim_start_matches('/');
-    if !db.is_empty() && db.parse::<u16>().is_err() {
-        return Err("the path of a redis:// URL is a database number".to_owned());
-    }
-    Ok(url)
-}
-
-fn tls_files(c: &mut Config) -> &mut TlsFiles {
-    c.tls.get_or_insert_with(|| TlsFiles {
-        cert: PathBuf::new(),
-        key: PathBuf::new(),
-    })
-}
+use super::locate::{line_at, syntax_error_at};
+use super::settings::{Place, SETTINGS, Setting};
+use super::{Config, ConfigErrors, DEFAULT_API_URL, Needs, Problem, TlsFiles};
 
 /// A value as found, and where, for messages.
 struct Found {
@@ -331,9 +41,72 @@ struct Document<'a> {
     table: DeTable<'a>,
 }
 
+impl Config {
+    /// Reads `file` (or `gateway.toml` when present) and the environment through `env`; every
+    /// problem, or a configuration `needs` can run with.
+    pub fn load(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        needs: Needs,
+    ) -> Result<Config, ConfigErrors> {
+        match Config::gather(file, env, needs) {
+            (config, problems) if problems.is_empty() => Ok(config),
+            (_, problems) => Err(ConfigErrors(problems)),
+        }
+    }
+
+    /// [`Config::load`] without the verdict: every setting that could be read (defaults for
+    /// the rest, a nil organization and an empty key when missing) and every problem. For
+    /// `check`, which goes on to the policy folder to report its problems in the same run; a
+    /// configuration with problems must never serve.
+    pub fn gather(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        needs: Needs,
+    ) -> (Config, Vec<Problem>) {
+        let (mut config, mut problems) = read(file, env, needs);
+        if let Some(TlsFiles { cert, key }) = &config.tls
+            && (cert.as_os_str().is_empty() || key.as_os_str().is_empty())
+        {
+            problems.push(Problem::between(
+                "GATEWAY_TLS_CERT and GATEWAY_TLS_KEY (tls.cert, tls.key) go together: set both \
+                 or neither",
+            ));
+            config.tls = None;
+        }
+        if let (None, None, Some(issuer)) = (
+            config.auth.key_source(),
+            &config.auth.hs256_secret,
+            &config.auth.issuer,
+        ) {
+            problems.push(Problem::at(
+                "GATEWAY_JWT_ISSUER",
+                format!(
+                    "`{issuer}` is not an http(s) URL, so no JWKS can be discovered from it; \
+                     set GATEWAY_JWKS_URL or GATEWAY_JWT_HS256_SECRET"
+                ),
+            ));
+        }
+        (config, problems)
+    }
+
+    /// Overrides the named settings from the environment only (the file is not read): `demo`
+    /// takes its rates this way, through the same parsers as `serve`.
+    pub fn apply_env(
+        &mut self,
+        names: &[&str],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigErrors> {
+        match overlay(self, names, env) {
+            problems if problems.is_empty() => Ok(()),
+            problems => Err(ConfigErrors(problems)),
+        }
+    }
+}
+
 /// Reads every setting from `env` (which wins) and the file, starting from [`Config::new`]'s
 /// defaults; returns what could be read and every problem met.
-pub(super) fn gather(
+fn read(
     file: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
     needs: Needs,
@@ -400,7 +173,7 @@ pub(super) fn gather(
 }
 
 /// Applies only the named settings, from the environment only, over `config`.
-pub(super) fn overlay(
+fn overlay(
     config: &mut Config,
     names: &[&str],
     env: &dyn Fn(&str) -> Option<String>,
@@ -592,64 +365,180 @@ fn unknown(path: &str, prefix: &str) -> String {
     format!("unknown key `{path}` (known {place}: {})", known.join(", "))
 }
 
-/// Where a TOML syntax error found at byte `offset` really is, and its message worded for it.
-///
-/// The parser notices a missing `]`, `}` or closing `"""` only at the next token, which may be
-/// several lines later (past blank lines, at the next table header, at the end of the file).
-/// When the error is the first thing on its line, the lines before it are re-parsed alone: while
-/// they still end inside an unfinished value, the value began earlier, and the line it began on
-/// is the one reported, the message adding where the parser stopped.
-pub fn syntax_error_at(text: &str, offset: usize, message: &str) -> (usize, String) {
-    let offset = offset.min(text.len());
-    let stopped = line_at(text, offset);
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    if !text[line_start..offset].trim().is_empty() {
-        return (stopped, message.to_owned());
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| vars.get(k).cloned()
     }
-    // `end`: the start of a line; `text[..end]` the lines before it.
-    let mut end = line_start;
-    let mut opened = None;
-    for _ in 0..MAX_LINES_BACK {
-        if end == 0 || !unfinished(&text[..end]) {
-            break;
-        }
-        end = text[..end - 1].rfind('\n').map_or(0, |i| i + 1);
-        opened = Some(line_at(text, end));
+
+    fn document<'a>(text: &'a str, problems: &mut Vec<Problem>) -> Document<'a> {
+        parse(Path::new("g.toml"), text, problems)
     }
-    match opened {
-        Some(line) if line != stopped => {
-            let at = if offset == text.len() {
-                "the end of the file".to_owned()
-            } else {
-                format!("line {stopped}")
-            };
-            let message = format!(
-                "{message} (the value begun on this line is still open at {at}: is a closing \
-                 bracket, brace or quote missing?)"
+
+    #[test]
+    fn an_empty_variable_is_no_value() {
+        let env = env_of(&[("SET", "x"), ("EMPTY", "")]);
+        assert_eq!(from_env(&env, "SET").as_deref(), Some("x"));
+        assert_eq!(from_env(&env, "EMPTY"), None);
+        assert_eq!(from_env(&env, "UNSET"), None);
+    }
+
+    #[test]
+    fn a_secret_is_read_from_its_variable_first_then_from_the_file_its_file_variant_names() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "s3cret\r\n\n").expect("write");
+        let path = path.to_str().expect("utf-8");
+        let mut problems = Vec::new();
+
+        let env = env_of(&[("S", "direct"), ("S_FILE", path)]);
+        let Lookup::Found(found) = read_secret(&env, "S", &mut problems) else {
+            panic!("the variable is set")
+        };
+        assert_eq!((found.value.as_str(), found.at.as_str()), ("direct", "S"));
+
+        let env = env_of(&[("S_FILE", path)]);
+        let Lookup::Found(found) = read_secret(&env, "S", &mut problems) else {
+            panic!("the file is named")
+        };
+        // The newlines editors add are not part of the secret.
+        assert_eq!(
+            (found.value.as_str(), found.at.as_str()),
+            ("s3cret", "S_FILE")
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+
+        assert!(matches!(
+            read_secret(&env_of(&[]), "S", &mut problems),
+            Lookup::Missing
+        ));
+        let env = env_of(&[("S_FILE", "/nonexistent/secret")]);
+        assert!(matches!(
+            read_secret(&env, "S", &mut problems),
+            Lookup::Failed
+        ));
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].at.as_deref(), Some("S_FILE"));
+        assert!(
+            problems[0]
+                .message
+                .starts_with("cannot read /nonexistent/secret: "),
+            "{}",
+            problems[0].message
+        );
+    }
+
+    #[test]
+    fn a_file_value_is_found_by_its_dotted_key_at_its_line_and_must_be_a_string() {
+        let text =
+            "listen = \"127.0.0.1:0\"\n[cache]\nttl = \"5m\"\nclosed_ttl = 5\nmax_bytes = \"\"\n";
+        let mut problems = Vec::new();
+        let doc = document(text, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let Lookup::Found(found) = doc.get("cache.ttl", &mut problems) else {
+            panic!("cache.ttl is set")
+        };
+        assert_eq!(
+            (found.value.as_str(), found.at.as_str(), found.key),
+            ("5m", "g.toml:3", Some("cache.ttl"))
+        );
+        // Absent, empty (no value, as for a variable), or a scalar where a table should be.
+        for key in ["cache.stale_if_error", "cache.max_bytes", "listen.port"] {
+            assert!(
+                matches!(doc.get(key, &mut problems), Lookup::Missing),
+                "{key}"
             );
-            (line, message)
         }
-        _ => (stopped, message.to_owned()),
+        assert!(problems.is_empty(), "{problems:?}");
+
+        assert!(matches!(
+            doc.get("cache.closed_ttl", &mut problems),
+            Lookup::Failed
+        ));
+        assert_eq!(
+            problems,
+            [Problem::at(
+                "g.toml:4",
+                "cache.closed_ttl: must be a quoted string, as the variable would hold it \
+                 (found integer)"
+            )]
+        );
     }
-}
 
-/// How far back [`syntax_error_at`] looks for the start of an unfinished value.
-const MAX_LINES_BACK: usize = 500;
-
-/// Whether `text` (whole lines) ends inside a value: it fails to parse, at its very end.
-fn unfinished(text: &str) -> bool {
-    match DeTable::parse(text) {
-        Ok(_) => false,
-        Err(e) => e.span().is_some_and(|s| s.start >= text.trim_end().len()),
+    #[test]
+    fn an_unknown_key_is_reported_at_its_line_with_the_keys_known_at_its_level() {
+        let text =
+            "lisen = \"x\"\n[cache]\nttl = \"5m\"\ntll = \"5m\"\n[upstream]\nsecret_key = \"k\"\n";
+        let mut problems = Vec::new();
+        let doc = document(text, &mut problems);
+        let mut unknown = Vec::new();
+        doc.unknown_keys(&doc.table, "", &mut unknown);
+        unknown.sort_by_key(|(line, _)| *line);
+        let lines: Vec<usize> = unknown.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [1, 4, 6]);
+        let messages: Vec<&str> = unknown.iter().map(|(_, p)| p.message.as_str()).collect();
+        assert!(
+            messages[0].starts_with("unknown key `lisen` (known at the top level: ")
+                && messages[0].contains("listen"),
+            "{}",
+            messages[0]
+        );
+        assert!(
+            messages[1].starts_with("unknown key `cache.tll` (known in [cache]: ttl, "),
+            "{}",
+            messages[1]
+        );
+        assert_eq!(
+            messages[2],
+            "upstream.secret_key: secrets are never read from the configuration file; set \
+             SCW_SECRET_KEY or SCW_SECRET_KEY_FILE"
+        );
     }
-}
 
-/// The 1-based line of a byte offset, for `file:line:` messages.
-pub fn line_at(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
+    #[test]
+    fn a_syntax_error_is_recorded_at_its_line_and_the_rest_of_the_file_is_kept() {
+        let mut problems = Vec::new();
+        let doc = document("listen = \"127.0.0.1:0\"\nbroken\n", &mut problems);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].at.as_deref(), Some("g.toml:2"));
+        assert!(matches!(doc.get("listen", &mut problems), Lookup::Found(_)));
+    }
+
+    #[test]
+    fn an_overlay_applies_only_the_named_settings_and_refuses_a_name_outside_the_table() {
+        let mut config = Config::new(
+            DEFAULT_API_URL,
+            Uuid::nil(),
+            SecretString::from(String::new()),
+        );
+        let env = env_of(&[
+            ("GATEWAY_UPSTREAM_RATE", "5/s"),
+            ("GATEWAY_PRINCIPAL_RATE", "1/s"),
+        ]);
+        let problems = overlay(
+            &mut config,
+            &["GATEWAY_UPSTREAM_RATE", "NOT_A_SETTING"],
+            &env,
+        );
+        assert_eq!(
+            problems,
+            [Problem::at(
+                "NOT_A_SETTING",
+                "not a setting of this gateway"
+            )]
+        );
+        assert_eq!(config.upstream.rate.count, 5);
+        assert_eq!(
+            config.limits.principal_rate.count, 25,
+            "not named: the default"
+        );
+    }
 }

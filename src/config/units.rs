@@ -288,6 +288,23 @@ pub fn parse_origin(s: &str) -> Result<String, String> {
     s.parse::<HttpUrl>()?.into_origin()
 }
 
+/// Checks a Redis URL's form without connecting; the message never repeats the URL, which may
+/// hold a password.
+pub(crate) fn parse_redis_url(v: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(v).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err("not a redis:// or rediss:// URL".to_owned());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("a redis:// URL names a host".to_owned());
+    }
+    let db = url.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Err("the path of a redis:// URL is a database number".to_owned());
+    }
+    Ok(url)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,8 @@ use serde_json::{Map, Value};
 use toml::Spanned;
 use uuid::Uuid;
 
-use super::{PolicyError, PolicySet, Principal};
+use super::load::{PolicyError, PolicySet};
+use super::principal::Principal;
 use crate::error::Error;
 
 /// One file of cases, parsed and checked for shape.
@@ -330,10 +331,14 @@ mod tests {
     const P1: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
     fn policy() -> PolicySet {
-        let keys = format!(
-            "[[keys]]\nname = \"web-report\"\nsha256 = \"{}\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n",
-            "ab".repeat(32)
-        );
+        let keys = crate::policy::KeyEntry {
+            name: "web-report",
+            sha256: "ab".repeat(32),
+            roles: &["billing-read-only"],
+            projects: &[P1],
+        }
+        .to_toml()
+        .expect("TOML");
         PolicySet::from_sources(&[
             ("default.toml".into(), DEFAULT.into()),
             ("keys.toml".into(), keys),

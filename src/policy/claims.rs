@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::Grant;
+use super::principal::Grant;
 
 /// One `[[bindings]]` entry, checked: who holds `equals` at the `claim` path gets `grant`.
 #[derive(Debug, Clone)]

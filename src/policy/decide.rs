@@ -6,7 +6,7 @@
 
 use uuid::Uuid;
 
-use super::Principal;
+use super::principal::Principal;
 use crate::billing::{Call, Permission, Scope};
 use crate::error::Error;
 
@@ -141,7 +141,7 @@ mod tests {
 
     use super::*;
     use crate::billing::{OPERATIONS, Operation, by_name, parse};
-    use crate::policy::fixtures::{DEFAULT, P1, P2, decide_on, principal, set};
+    use crate::policy::fixtures::{DEFAULT, P1, P2, decide_on, group_binding, principal, set};
 
     #[test]
     fn default_policy_separates_read_only_from_manager() {
@@ -160,10 +160,8 @@ mod tests {
 
     #[test]
     fn scoped_grants_cover_only_their_projects() {
-        let scoped = format!(
-            "{DEFAULT}\n[[bindings]]\nclaim = \"groups\"\nequals = \"team-web\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n"
-        );
-        let set = set(&[&scoped]).expect("valid");
+        let scoped = group_binding("team-web", "billing-read-only", P1);
+        let set = set(&[DEFAULT, &scoped]).expect("valid");
         let p = principal(&set, json!({"groups": ["team-web"]}));
         assert_eq!(
             decide_on(&p, "/billing/v2beta1/consumptions", ""),
@@ -203,10 +201,11 @@ mod tests {
     /// One project in the grant: what each operation's [`Scope`] lets it do with no project
     /// asked.
     fn scoped_to_p1() -> Principal {
-        let text = format!(
-            "{DEFAULT}\n[[bindings]]\nclaim = \"groups\"\nequals = \"team\"\nroles = [\"billing-manager\"]\nprojects = [\"{P1}\"]\n"
-        );
-        principal(&set(&[&text]).expect("valid"), json!({"groups": ["team"]}))
+        let text = group_binding("team", "billing-manager", P1);
+        principal(
+            &set(&[DEFAULT, &text]).expect("valid"),
+            json!({"groups": ["team"]}),
+        )
     }
 
     /// A call of `op` as the table has it, with no parameter.
@@ -336,11 +335,9 @@ mod tests {
 
     #[test]
     fn several_scoped_grants_cover_the_union_of_their_projects() {
-        let two = format!(
-            "{DEFAULT}\n[[bindings]]\nclaim = \"groups\"\nequals = \"a\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P1}\"]\n\
-             [[bindings]]\nclaim = \"groups\"\nequals = \"b\"\nroles = [\"billing-read-only\"]\nprojects = [\"{P2}\"]\n"
-        );
-        let set = set(&[&two]).expect("valid");
+        let a = group_binding("a", "billing-read-only", P1);
+        let b = group_binding("b", "billing-read-only", P2);
+        let set = set(&[DEFAULT, &a, &b]).expect("valid");
         let p = principal(&set, json!({"groups": ["a", "b"]}));
         let mut both = [P1, P2];
         both.sort_unstable();

@@ -4,10 +4,11 @@
 
 use std::path::PathBuf;
 
+use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{PolicyError, PolicySet, Principal, decide, key_sha256};
+use super::{KeyEntry, PolicyError, PolicySet, Principal, decide, key_sha256};
 use crate::billing::parse;
 
 pub const DEFAULT: &str = include_str!("../../policies/default.toml");
@@ -42,11 +43,40 @@ pub fn decide_on(p: &Principal, path: &str, query: &str) -> Result<String, u16> 
     Ok(call.query_string())
 }
 
+/// A `[[bindings]]` entry: members of `group` (in the `groups` claim) get `role` within
+/// `project`.
+pub fn group_binding(group: &str, role: &str, project: &str) -> String {
+    #[derive(Serialize)]
+    struct Binding<'a> {
+        claim: &'a str,
+        equals: &'a str,
+        roles: [&'a str; 1],
+        projects: [&'a str; 1],
+    }
+    #[derive(Serialize)]
+    struct File<'a> {
+        bindings: [Binding<'a>; 1],
+    }
+    let binding = Binding {
+        claim: "groups",
+        equals: group,
+        roles: [role],
+        projects: [project],
+    };
+    toml::to_string(&File {
+        bindings: [binding],
+    })
+    .expect("TOML")
+}
+
 /// A `[[keys]]` entry for `key` granting `billing-read-only`, with `extra` lines.
 pub fn key_entry(name: &str, key: &str, extra: &str) -> String {
     let key: Uuid = key.parse().expect("uuid");
-    format!(
-        "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nroles = [\"billing-read-only\"]\n{extra}",
-        key_sha256(&key)
-    )
+    let entry = KeyEntry {
+        name,
+        sha256: key_sha256(&key),
+        roles: &["billing-read-only"],
+        projects: &[],
+    };
+    entry.to_toml().expect("TOML") + extra
 }

@@ -6,19 +6,46 @@
 
 use std::ops::Range;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use toml::Spanned;
 use uuid::Uuid;
 
-use super::{Class, Grant, Principal};
+use super::principal::{Class, Grant, Principal};
 
 /// The SHA-256, as 64 lowercase hex digits, of a gateway key's canonical text (hyphenated,
 /// lowercase): what a `[[keys]]` entry stores instead of the key.
 pub fn key_sha256(key: &Uuid) -> String {
     let digest = Sha256::digest(key.hyphenated().to_string().as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A `[[keys]]` entry as written into a policy file (what `key new` prints): the key's name,
+/// the SHA-256 of the key (never the key), its roles and the projects they are limited to.
+#[derive(Debug, Serialize)]
+pub struct KeyEntry<'a> {
+    /// The key's name: the principal's subject.
+    pub name: &'a str,
+    /// [`key_sha256`] of the key.
+    pub sha256: String,
+    /// The roles the key is granted.
+    pub roles: &'a [&'a str],
+    /// The projects those roles are limited to; none: organization-wide.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub projects: &'a [&'a str],
+}
+
+impl KeyEntry<'_> {
+    /// The entry in TOML, its `[[keys]]` header included. Serialized rather than formatted, so
+    /// whatever a value holds is quoted and escaped as TOML wants.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        #[derive(Serialize)]
+        struct File<'e, 'a> {
+            keys: [&'e KeyEntry<'a>; 1],
+        }
+        toml::to_string(&File { keys: [self] })
+    }
 }
 
 /// Whether `name` may name a gateway key: it becomes the principal's subject in logs and audit
@@ -162,7 +189,14 @@ mod tests {
         let keys = format!(
             "{}\n{}",
             key_entry("report", K1, "rate = \"2/s\"\n"),
-            key_entry("web", K2, &format!("projects = [\"{P1}\"]\n"))
+            KeyEntry {
+                name: "web",
+                sha256: key_sha256(&K2.parse().expect("uuid")),
+                roles: &["billing-read-only"],
+                projects: &[P1],
+            }
+            .to_toml()
+            .expect("TOML")
         );
         let set = set(&[DEFAULT, &keys]).expect("valid");
         assert_eq!(set.summary(), "roles: 2, bindings: 2, keys: 2");
@@ -195,13 +229,48 @@ mod tests {
     }
 
     #[test]
+    fn a_serialized_entry_is_read_back_as_the_key_it_describes() {
+        const K: &str = "0b7d2e1c-9a44-4f6b-8c3d-5e6f7a8b9c0d";
+        let key: Uuid = K.parse().expect("uuid");
+        let entry = KeyEntry {
+            name: "nightly.report",
+            sha256: key_sha256(&key),
+            roles: &["billing-read-only", "billing-manager"],
+            projects: &[P1],
+        }
+        .to_toml()
+        .expect("TOML");
+        assert_eq!(
+            entry,
+            format!(
+                "[[keys]]\nname = \"nightly.report\"\nsha256 = \"{}\"\nroles = \
+                 [\"billing-read-only\", \"billing-manager\"]\nprojects = [\"{P1}\"]\n",
+                key_sha256(&key)
+            )
+        );
+        let set = set(&[DEFAULT, &entry]).expect("valid");
+        let principal = set.principal_for_key(&key).expect("known key");
+        assert_eq!(principal.subject, "nightly.report");
+        assert_eq!(
+            decide_on(&principal, "/billing/v2beta1/consumptions", ""),
+            Ok(format!("project_id={P1}"))
+        );
+    }
+
+    #[test]
     fn broken_keys_are_located() {
         const K: &str = "0b7d2e1c-9a44-4f6b-8c3d-5e6f7a8b9c0d";
         let cases = [
             (key_entry("a b", K, ""), 2, "`a b` is not a key name"),
             (
-                "[[keys]]\nname = \"k\"\nsha256 = \"ABCD\"\nroles = [\"billing-read-only\"]\n"
-                    .to_owned(),
+                KeyEntry {
+                    name: "k",
+                    sha256: "ABCD".to_owned(),
+                    roles: &["billing-read-only"],
+                    projects: &[],
+                }
+                .to_toml()
+                .expect("TOML"),
                 3,
                 "`sha256` must be 64 lowercase hex digits",
             ),

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::claims::{self, Binding, claim_path};
 use super::keys::{self, Key, KeyDef};
-use super::{Class, DEFAULT_SHARE, Grant, MAX_SHARE, Principal, most_generous};
+use super::principal::{Class, DEFAULT_SHARE, Grant, MAX_SHARE, Principal, most_generous};
 use crate::billing::{Permission, Permissions};
 use crate::config::{Rate, parse_rate};
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
 
-use crate::policy::{PolicyError, PolicySet};
+use super::load::{PolicyError, PolicySet};
 use crate::telemetry::SourceHealth;
 
 /// How often the policy folder is re-read unless the app is told otherwise.

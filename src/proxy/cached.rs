@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::body::{Over, Read, error_body, read_at_most};
 use super::forward::{exact_json, forward};
-use crate::admission::Slot;
+use crate::admission::Place;
 use crate::billing::Call;
 use crate::cache::{Cache, Entry, Fetch, Outcome, Refreshed, Shareable};
 use crate::error::{Error, JSON};
@@ -120,7 +120,7 @@ pub(super) async fn cached(
     request_id: &str,
     principal: &Principal,
     info: &mut RequestInfo,
-    slot: Slot,
+    place: Place,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
     let key = Cache::key(call);
@@ -217,7 +217,7 @@ pub(super) async fn cached(
                 // Streamed, so held and cut like any relayed body (see `forward`).
                 let mut response = match taken {
                     Some(body) => {
-                        let mut response = Response::new(slot.relay(body.into_stream()));
+                        let mut response = Response::new(place.relay(body.into_stream()));
                         *response.status_mut() = *status;
                         if let Some(ct) = content_type {
                             response
@@ -227,7 +227,7 @@ pub(super) async fn cached(
                         response
                     }
                     // Another request is relaying that answer: this one asks for its own.
-                    None => forward(state, call, request_id, principal, info, slot)
+                    None => forward(state, call, request_id, principal, info, place)
                         .await
                         .unwrap_or_else(IntoResponse::into_response),
                 };
@@ -240,9 +240,6 @@ pub(super) async fn cached(
                 ("miss", response)
             }
             Uncached::Failed(e) => {
-                if e.status().is_server_error() {
-                    tracing::error!(error = %e, operation = call.op.name, "upstream failed, no stale answer to serve");
-                }
                 let mut response = e.clone().into_response();
                 response.headers_mut().insert(
                     &CACHE_STATUS,

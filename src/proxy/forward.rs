@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 
 use super::body::error_body;
-use crate::admission::Slot;
+use crate::admission::Place;
 use crate::billing::Call;
 use crate::error::{Error, JSON};
 use crate::policy::Principal;
@@ -20,10 +20,10 @@ pub(super) async fn forward(
     request_id: &str,
     principal: &Principal,
     info: &mut RequestInfo,
-    slot: Slot,
+    place: Place,
 ) -> Result<Response, Error> {
     let upstream = super::send(state, call, request_id, principal, &mut info.upstream_ms).await?;
-    relay(state, call, upstream, slot).await
+    relay(state, call, upstream, place).await
 }
 
 /// The upstream's answer as the caller gets it: its status, the few headers the caller needs, and
@@ -33,7 +33,7 @@ async fn relay(
     state: &AppState,
     call: &Call,
     upstream: reqwest::Response,
-    slot: Slot,
+    place: Place,
 ) -> Result<Response, Error> {
     let status = upstream.status();
     let mut response = Response::builder().status(status);
@@ -45,7 +45,7 @@ async fn relay(
     // the body, and given back if it stops taking it. An error answer is small, read whole and
     // scrubbed of the key.
     let body = if status.is_success() {
-        slot.relay(upstream.bytes_stream())
+        place.relay(upstream.bytes_stream())
     } else {
         Body::from(error_body(upstream, state.upstream.secret_key()).await?)
     };

@@ -1,30 +1,33 @@
-//! The gateway's own authenticated API: `whoami` and the cache purge.
+//! The gateway's own authenticated API: `whoami` and the cache purge, each an [`Endpoint`]
+//! served in the same order as a Billing call (see [`super`]).
 
-use std::sync::Arc;
-
-use axum::Extension;
-use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use serde_json::json;
 
-use super::Authenticated;
-use crate::admission::Admission;
+use super::Endpoint;
 use crate::billing::Permission;
 use crate::cluster::Unavailable;
 use crate::error::{Error, json_response};
-use crate::policy::{self};
+use crate::policy::Principal;
 use crate::state::AppState;
+
+/// `DELETE /gateway/v1/cache`.
+pub const PURGE: Endpoint = Endpoint {
+    permission: Some(Permission::CachePurge),
+    answer: |state, principal| purge(state, principal).boxed(),
+};
+
+/// `GET /gateway/v1/whoami`.
+pub const WHOAMI: Endpoint = Endpoint {
+    permission: None,
+    answer: |state, principal| whoami(state, principal).boxed(),
+};
 
 /// `DELETE /gateway/v1/cache`: empties the cache (`cache:purge`, organization-wide): with Redis,
 /// every replica's; `503` when Redis cannot be reached, after emptying this replica's.
-pub async fn purge(
-    State(state): State<AppState>,
-    Extension(admission): Extension<Arc<Admission>>,
-    Authenticated(principal): Authenticated,
-) -> Result<Response, Error> {
-    let _slot = admission.admit(&principal.subject)?;
-    policy::require(&principal, Permission::CachePurge)?;
+async fn purge(state: &AppState, principal: &Principal) -> Result<Response, Error> {
     let subject = &principal.subject;
     Ok(match state.cache.purge().await {
         Ok(None) => {
@@ -54,12 +57,7 @@ pub async fn purge(
 }
 
 /// `GET /gateway/v1/whoami`: the caller as the gateway sees it.
-pub async fn whoami(
-    State(state): State<AppState>,
-    Extension(admission): Extension<Arc<Admission>>,
-    Authenticated(principal): Authenticated,
-) -> Result<Response, Error> {
-    let _slot = admission.admit(&principal.subject)?;
+async fn whoami(state: &AppState, principal: &Principal) -> Result<Response, Error> {
     let grants: Vec<_> = principal
         .grants
         .iter()

@@ -1,11 +1,24 @@
-//! The one handler every Billing call goes through:
-//! resolve the operation ([`Operation`]) -> authenticate ([`Authenticated`]) -> authorize ->
-//! fill the organization -> take a place in flight -> upstream -> relay the answer, streamed.
+//! The one order every authenticated request is served in, a Billing call and a gateway
+//! endpoint alike. [`serve`] runs it top-down:
 //!
-//! The operation and the caller are extractors: they note what they find in the request's
-//! context ([`RequestContext`]), so its log line names them whatever the handler does.
+//! 1. **What is asked**, known before any credential is looked at: a Billing call resolved and
+//!    validated against the operation table (unknown path 404, bad parameter 400), or one of the
+//!    gateway's own [`Endpoint`]s (the router chose it).
+//! 2. **Who asks**: the request's one credential, verified within the unauthenticated allowance
+//!    (401, or 503 when that allowance is full).
+//! 3. **Whether it may**: for a Billing call the policy's decision and the gateway's
+//!    organization filled in (403); for an endpoint, the permission it needs.
+//! 4. **The caller's own rate**: only a request it may make spends it (429).
+//! 5. **A place in flight** (429 past the caller's share, 503 when none is free), held until the
+//!    answer is given or, for a relayed upstream body, until the client has taken it.
+//! 6. **The request body**, read only now and never forwarded: an oversized one is refused.
+//! 7. **The audit line** of an audited Billing call.
+//! 8. **The answer**: a Billing call from the cache or the upstream, streamed; an endpoint from
+//!    its function.
 //!
-//! Each step returns an [`Error`] that renders as a Scaleway-shaped answer; nothing reaches the
+//! The operation and the caller are noted in the request's context ([`RequestContext`]) as soon
+//! as they are known, so its log line names them whatever follows. Each step returns an [`Error`]
+//! that renders as a Scaleway-shaped answer; a 5xx is logged here, once. Nothing reaches the
 //! upstream unless every step before it succeeded.
 
 mod body;
@@ -15,22 +28,22 @@ mod gateway;
 
 use cached::cached;
 use forward::forward;
-pub use gateway::{purge, whoami};
+pub use gateway::{PURGE, WHOAMI};
 
 use std::sync::Arc;
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
-use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
 use tower_http::timeout::TimeoutError;
 
 use crate::admission::Admission;
 use crate::auth::{Authenticator, Credential};
-use crate::billing::{Audit, Call};
-use crate::error::{AuthMethod, AuthReason, Error};
+use crate::billing::{Audit, Call, Permission};
+use crate::error::{AuthMethod, AuthReason, Error, Failure};
 use crate::policy::{self, Principal};
 use crate::state::AppState;
 use crate::telemetry::{RequestContext, RequestInfo};
@@ -39,70 +52,120 @@ use crate::upstream::Caller;
 /// Billing calls take their arguments in the query string; the Python SDK sends `{}` as a body.
 const MAX_BODY: usize = 4 * 1024;
 
+/// One of the gateway's own authenticated endpoints: what it requires, and what answers it once
+/// every step before has passed. A new endpoint is one of these and one route.
+#[derive(Clone, Copy)]
+pub struct Endpoint {
+    /// The permission it needs, organization-wide; `None`: any authenticated caller.
+    pub permission: Option<Permission>,
+    /// The answer, given the caller.
+    pub answer: for<'a> fn(&'a AppState, &'a Principal) -> BoxFuture<'a, Result<Response, Error>>,
+}
+
+/// What an authenticated request asks for.
+enum Asked {
+    Billing(Call),
+    Gateway(Endpoint),
+}
+
 /// Serves every `/billing/...` request (and answers 404 for any other unknown path, before
 /// looking at any credential).
-pub async fn handle(
+pub async fn billing(
     State(state): State<AppState>,
     Extension(admission): Extension<Arc<Admission>>,
     context: RequestContext,
-    Operation(call): Operation,
-    Authenticated(principal): Authenticated,
-    body: Body,
+    request: Request,
 ) -> Response {
-    let mut info = context.fill();
-    let request_id = context.request_id();
-    serve(
-        &state, &admission, call, &principal, body, request_id, &mut info,
-    )
-    .await
-    .unwrap_or_else(|e| {
-        if e.status().is_server_error() {
-            tracing::error!(error = %e, operation = info.operation, "request failed");
-        }
-        e.into_response()
-    })
+    let uri = request.uri();
+    let asked = crate::billing::parse(request.method().as_str(), uri.path(), uri.query())
+        .map(Asked::Billing);
+    serve(&state, &admission, &context, asked, request).await
 }
 
+/// Serves one of the gateway's own authenticated endpoints.
+pub async fn gateway(
+    endpoint: Endpoint,
+    State(state): State<AppState>,
+    Extension(admission): Extension<Arc<Admission>>,
+    context: RequestContext,
+    request: Request,
+) -> Response {
+    let asked = Ok(Asked::Gateway(endpoint));
+    serve(&state, &admission, &context, asked, request).await
+}
+
+/// The order, once; the answer or the error's rendering, a 5xx logged with its cause.
 async fn serve(
     state: &AppState,
     admission: &Arc<Admission>,
-    mut call: Call,
-    principal: &Principal,
+    context: &RequestContext,
+    asked: Result<Asked, Error>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let mut info = context.fill();
+    let response = steps(
+        state,
+        admission,
+        context,
+        asked,
+        &parts.headers,
+        body,
+        &mut info,
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    if let Some(Failure(e)) = response.extensions().get::<Failure>() {
+        tracing::error!(error = %e, operation = info.operation, "request failed");
+    }
+    response
+}
+
+async fn steps(
+    state: &AppState,
+    admission: &Arc<Admission>,
+    context: &RequestContext,
+    asked: Result<Asked, Error>,
+    headers: &HeaderMap,
     body: Body,
-    request_id: &str,
     info: &mut RequestInfo,
 ) -> Result<Response, Error> {
-    policy::decide(principal, &mut call)?;
-    call.apply_organization(state.organization_id)?;
-    // From here on the request holds a place: until this handler returns, or for a relayed
-    // upstream body until the client has taken it (see `forward`). Refused requests never take
-    // one.
-    let slot = admission.admit(&principal.subject)?;
-    // The body is never forwarded; it is read only so an oversized one is refused, not ignored
-    // (and a slow one is cut off by the body deadline layer). Most calls are GETs without one:
-    // nothing to read then. Read only once the caller is known and allowed: hyper answers
-    // `Expect: 100-continue` when the body is first read, and a refused caller must not be
-    // invited to send it.
-    // A declared length over the limit is refused before any read, so a client that asked
-    // `Expect: 100-continue` is answered 413 without being invited to send the body.
-    if http_body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
-        return Err(Error::PayloadTooLarge);
+    // 1. What is asked.
+    let mut asked = asked?;
+    if let Asked::Billing(call) = &asked {
+        info.operation = Some(call.op.name);
     }
-    if !http_body::Body::is_end_stream(&body) {
-        axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-            let caused_by = |is: fn(&(dyn std::error::Error + 'static)) -> bool| {
-                std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source()).any(is)
-            };
-            if caused_by(|e| e.is::<TimeoutError>()) {
-                Error::RequestTimeout
-            } else if caused_by(|e| e.is::<http_body_util::LengthLimitError>()) {
-                Error::PayloadTooLarge
-            } else {
-                // Broken chunked encoding, or a client gone mid-body.
-                Error::MalformedBody
+    // 2. Who asks.
+    let principal = admission.authenticate(authenticate(state, headers)).await?;
+    info.subject = Some(principal.subject.clone());
+    // 3. Whether it may.
+    match &mut asked {
+        Asked::Billing(call) => {
+            policy::decide(&principal, call)?;
+            call.apply_organization(state.organization_id)?;
+        }
+        Asked::Gateway(endpoint) => {
+            if let Some(permission) = endpoint.permission {
+                policy::require(&principal, permission)?;
             }
-        })?;
+        }
     }
+    // 4. The caller's own rate.
+    check_rate(state, &principal).await?;
+    // 5. A place in flight, until this function returns or a relayed body has been taken
+    // (see `forward`).
+    let place = admission.admit(&principal.subject)?;
+    // 6. The body is read only so an oversized one is refused, not ignored (and a slow one is
+    // cut off by the body deadline layer); most calls are GETs without one. Only once the
+    // caller is known and allowed: hyper answers `Expect: 100-continue` when the body is first
+    // read, and a refused caller must not be invited to send it.
+    read_body(body).await?;
+    let call = match asked {
+        // 8. An endpoint's answer.
+        Asked::Gateway(endpoint) => return (endpoint.answer)(state, &principal).await,
+        Asked::Billing(call) => call,
+    };
+    // 7. The audit line.
     if call.op.audit != Audit::None {
         // The parameter the table audits, cut short: enough to tell calls apart, not to repeat one.
         let (param, prefix) = call.audit_prefix().unzip();
@@ -116,62 +179,41 @@ async fn serve(
             "billing action"
         );
     }
+    // 8. A Billing call's answer.
+    let request_id = context.request_id();
     if call.op.cacheable {
-        // Cached answers are whole in memory: the place goes back when the handler returns,
-        // not when a slow reader has taken the body (an answer too long to store streams, and
-        // keeps it like any relayed body).
-        return cached(state, &call, request_id, principal, info, slot).await;
+        // Cached answers are whole in memory: the place goes back when this returns, not when a
+        // slow reader has taken the body (an answer too long to store streams, and keeps it
+        // like any relayed body).
+        return cached(state, &call, request_id, &principal, info, place).await;
     }
-    forward(state, &call, request_id, principal, info, slot).await
+    forward(state, &call, request_id, &principal, info, place).await
 }
 
-/// The Billing call the method, path and query name, validated against the operation table
-/// (404 for an unknown path, 400 for a bad parameter); noted in the request's context.
-pub struct Operation(pub Call);
-
-impl FromRequestParts<AppState> for Operation {
-    type Rejection = Error;
-
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Operation, Error> {
-        let call =
-            crate::billing::parse(parts.method.as_str(), parts.uri.path(), parts.uri.query())?;
-        if let Some(context) = parts.extensions.get::<RequestContext>() {
-            context.record(|info| info.operation = Some(call.op.name));
-        }
-        Ok(Operation(call))
+/// Reads a request body to its end, refusing one that is too large, too slow or broken.
+async fn read_body(body: Body) -> Result<(), Error> {
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(());
     }
-}
-
-/// The caller: authenticated from its one credential within the unauthenticated allowance
-/// ([`Admission::authenticate`]), noted in the request's context, and counted against its own
-/// rate. It takes no place in flight: a handler does, once it has refused what it refuses.
-pub struct Authenticated(pub Principal);
-
-impl FromRequestParts<AppState> for Authenticated {
-    type Rejection = Error;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Authenticated, Error> {
-        let admission = parts
-            .extensions
-            .get::<Arc<Admission>>()
-            .ok_or_else(|| Error::Internal("no admission on the request".into()))?;
-        let principal = admission
-            .authenticate(authenticate(state, &parts.headers))
-            .await
-            .inspect_err(|e| {
-                if e.status().is_server_error() {
-                    tracing::error!(error = %e, "authentication failed");
-                }
-            })?;
-        if let Some(context) = parts.extensions.get::<RequestContext>() {
-            context.record(|info| info.subject = Some(principal.subject.clone()));
-        }
-        check_rate(state, &principal).await?;
-        Ok(Authenticated(principal))
+    // A declared length over the limit is refused before any read, so a client that asked
+    // `Expect: 100-continue` is answered 413 without being invited to send the body.
+    if http_body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+        return Err(Error::PayloadTooLarge);
     }
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        let caused_by = |is: fn(&(dyn std::error::Error + 'static)) -> bool| {
+            std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source()).any(is)
+        };
+        if caused_by(|e| e.is::<TimeoutError>()) {
+            Error::RequestTimeout
+        } else if caused_by(|e| e.is::<http_body_util::LengthLimitError>()) {
+            Error::PayloadTooLarge
+        } else {
+            // Broken chunked encoding, or a client gone mid-body.
+            Error::MalformedBody
+        }
+    })?;
+    Ok(())
 }
 
 /// Counts a request against its principal's own rate; a refusal is counted by class too.
@@ -216,7 +258,7 @@ fn caller(principal: &Principal) -> Caller<'_> {
 }
 
 /// The caller's identity with its grants, from its one credential.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Error> {
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Error> {
     match Authenticator::credential(headers)? {
         Credential::Jwt(token) => {
             let identity = state.auth.verify_jwt(token).await?;

@@ -34,7 +34,7 @@ pub(super) async fn serve(
 ) {
     let mut http = auto::Builder::new(TokioExecutor::new());
     // hyper's own limits answer with a bare status, so they are hard caps set well above the
-    // gateway's JSON 414 and 431 (`check_head`): a head within twice the gateway's limits
+    // gateway's JSON 414 and 431 (`HeadLimits` in `layer.rs`): a head within twice the gateway's limits
     // reaches the router and gets its JSON answer.
     let head_cap = ((limits.max_header_bytes + limits.max_uri_bytes) * 2).max(8192);
     let head_fields = (limits.max_header_bytes / 4).max(limits.max_headers * 2);

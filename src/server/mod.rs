@@ -30,7 +30,6 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::config::LogFormat;
 use crate::limits::PrincipalLimits;
-use crate::policy::PolicySet;
 use crate::policy::reload::{self, LivePolicy};
 use crate::server::tls::Tls;
 use crate::state::{AppState, Shared};
@@ -51,9 +50,24 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-    /// Anything else found while assembling.
+    /// The configuration cannot authenticate anyone.
     #[error("{0}")]
-    Other(String),
+    Config(crate::config::Problem),
+    /// The Redis link could not be set up.
+    #[error("{0}")]
+    Cluster(String),
+    /// The access log's writer thread could not start.
+    #[error("cannot start the access log: {0}")]
+    AccessLog(std::io::Error),
+    /// The upstream client could not be built.
+    #[error("{0}")]
+    Upstream(crate::Error),
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The authenticator could not start.
+    #[error("{0}")]
+    Auth(crate::Error),
 }
 
 /// The bounds the server puts on clients, so a hostile or broken one cannot exhaust it.
@@ -65,7 +79,9 @@ pub enum StartError {
 /// than `max_header_bytes / 4` header fields (`431`: 8,192 by default), or a request target of
 /// 64 KiB or more over HTTP/1.1 (`414`, hyper's fixed limit).
 ///
-/// Places in flight are [`crate::admission`]'s: see there for what holds one and for how long.
+/// Places in flight: an authenticated request holds one from the moment its caller is known and
+/// allowed until its answer is given, or, for an upstream body relayed as it comes, until the
+/// client has taken it (or taken nothing for `idle_write_timeout`).
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
     /// Most bytes of request headers answered normally; more is a JSON 431.
@@ -144,11 +160,6 @@ impl App {
         App::assemble(config, policy).await
     }
 
-    /// Builds the gateway with an already loaded policy, which never changes.
-    pub async fn with_policy(config: Config, policy: PolicySet) -> Result<App, StartError> {
-        App::assemble(config, LivePolicy::fixed(policy)).await
-    }
-
     /// Builds the gateway with a policy loaded by the caller, reloaded as it says (`demo`: the
     /// folder plus its in-memory SDK key).
     pub async fn with_live_policy(config: Config, policy: LivePolicy) -> Result<App, StartError> {
@@ -161,7 +172,7 @@ impl App {
     async fn assemble(config: Config, policy: LivePolicy) -> Result<App, StartError> {
         config
             .require_authentication(policy.load().has_keys())
-            .map_err(|p| StartError::Other(p.to_string()))?;
+            .map_err(StartError::Config)?;
         let metrics = Arc::new(Metrics::default());
         metrics.set_upstream_budget(1.0 / config.upstream.rate.pace().as_secs_f64());
         let cluster = match config.redis.url {
@@ -171,7 +182,7 @@ impl App {
                     config.upstream.organization_id,
                     metrics.clone(),
                 )
-                .map_err(StartError::Other)?,
+                .map_err(StartError::Cluster)?,
             ),
             None => None,
         };
@@ -182,13 +193,12 @@ impl App {
             telemetry::access::DEFAULT_CAPACITY,
             metrics.log_lines_dropped(),
         )
-        .map_err(|e| StartError::Other(format!("cannot start the access log: {e}")))?;
+        .map_err(StartError::AccessLog)?;
         let upstream = Upstream::new(&config.upstream, metrics.clone(), cluster.clone())
-            .map_err(|e| StartError::Other(e.to_string()))?;
+            .map_err(StartError::Upstream)?;
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(
-                Tls::load(&files.cert, &files.key)
-                    .map_err(|e| StartError::Other(format!("TLS: {e}")))?,
+                Tls::load(&files.cert, &files.key).map_err(StartError::Tls)?,
             )),
             None => None,
         };
@@ -210,7 +220,7 @@ impl App {
         let state = Arc::new(Shared {
             auth: Authenticator::start_reporting(&config.auth, metrics.jwks_fetch())
                 .await
-                .map_err(|e| StartError::Other(e.to_string()))?,
+                .map_err(StartError::Auth)?,
             cache: {
                 let cache = Cache::new(&config.cache, metrics.clone());
                 match &cluster {

@@ -1,15 +1,16 @@
 //! The route table and the layer stack, outermost first; CORS. The request layer
 //! ([`super::layer`]) gives every request its id and context, sheds oversized heads and writes
-//! the log line; places in flight are taken by the handlers, once the caller is known
-//! ([`crate::admission`]).
+//! the log line; places in flight are taken in the proxy's one order, once the caller is known
+//! and allowed ([`crate::admission`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::IntoResponse;
-use axum::routing::{delete, get};
+use axum::routing::{MethodFilter, MethodRouter, get, on};
+use axum::{Extension, Router};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyDeadlineLayer;
@@ -21,7 +22,7 @@ use crate::admission::{Admission, Bounds};
 use crate::error::Error;
 use crate::proxy;
 use crate::state::AppState;
-use crate::telemetry::AccessLog;
+use crate::telemetry::{AccessLog, RequestContext};
 
 /// The route table and every middleware layer.
 pub(super) fn router(
@@ -72,10 +73,16 @@ pub(super) fn router(
     };
     routes
         .route("/gateway/v1/openapi.json", get(openapi))
-        .route("/gateway/v1/whoami", get(proxy::whoami))
-        .route("/gateway/v1/cache", delete(proxy::purge))
+        .route(
+            "/gateway/v1/whoami",
+            authenticated(MethodFilter::GET, proxy::WHOAMI),
+        )
+        .route(
+            "/gateway/v1/cache",
+            authenticated(MethodFilter::DELETE, proxy::PURGE),
+        )
         // Every Billing path, and every unknown one (answered 404 by the operation table).
-        .fallback(proxy::handle)
+        .fallback(proxy::billing)
         // axum sets `Allow` on this answer itself, from the route's methods.
         .method_not_allowed_fallback(|| async {
             Error::MethodNotAllowed {
@@ -92,6 +99,19 @@ pub(super) fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// The route of an authenticated gateway endpoint: served in the same order as a Billing call.
+fn authenticated(method: MethodFilter, endpoint: proxy::Endpoint) -> MethodRouter<AppState> {
+    on(
+        method,
+        move |state: State<AppState>,
+              admission: Extension<Arc<Admission>>,
+              context: RequestContext,
+              request: Request| {
+            proxy::gateway(endpoint, state, admission, context, request)
+        },
+    )
 }
 
 /// CORS for the configured origins only: tokens travel in headers, never cookies, so

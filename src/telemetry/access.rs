@@ -4,7 +4,7 @@
 //!
 //! The line goes through a bounded queue: a line that finds it full is dropped and counted
 //! (`billing_gateway_log_lines_dropped_total`) instead of growing memory without bound or making
-//! the request wait. The writer thread writes whole lines in writes of at most [`PIPE_BUF`]
+//! the request wait. The writer thread writes whole lines in writes of at most `PIPE_BUF`
 //! bytes, so lines stay whole beside the other log events the process writes to the same
 //! stream. The log filter decides whether lines are written, as for any event (`RUST_LOG`,
 //! target [`ACCESS_TARGET`], level INFO): asked once, when the log is started, since the filter
@@ -197,29 +197,7 @@ fn json(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
     line.push_str("{\"timestamp\":\"");
     timestamp(line, now);
     line.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
-    for (name, value) in [
-        ("request_id", e.request_id),
-        ("trace_id", e.trace_id),
-        ("method", e.method),
-        ("path", e.path),
-        ("operation", e.operation),
-        ("subject", e.subject),
-    ] {
-        json_key(line, name);
-        json_string(line, value);
-    }
-    json_key(line, "status");
-    push_u64(line, u64::from(e.status));
-    json_key(line, "rejection");
-    json_string(line, e.rejection);
-    json_key(line, "cache");
-    json_string(line, e.cache);
-    if let Some(ms) = e.upstream_ms {
-        json_key(line, "upstream_ms");
-        millis(line, ms_to_micros(ms));
-    }
-    json_key(line, "duration_ms");
-    millis(line, duration_micros(e.duration));
+    fields(line, e, json_key, json_string);
     json_key(line, "target");
     json_string(line, ACCESS_TARGET);
     line.push('}');
@@ -232,6 +210,17 @@ fn pretty(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
     line.push_str("  INFO ");
     line.push_str(ACCESS_TARGET);
     line.push_str(": request");
+    fields(line, e, pretty_key, pretty_string);
+}
+
+/// The entry's fields, in the line's order, each name written by `key` and each text by
+/// `text` (numbers are written alike in both formats): one list of fields, two renderings.
+fn fields(
+    line: &mut String,
+    e: &Entry<'_>,
+    key: fn(&mut String, &str),
+    text: fn(&mut String, &str),
+) {
     for (name, value) in [
         ("request_id", e.request_id),
         ("trace_id", e.trace_id),
@@ -240,20 +229,20 @@ fn pretty(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
         ("operation", e.operation),
         ("subject", e.subject),
     ] {
-        pretty_key(line, name);
-        pretty_string(line, value);
+        key(line, name);
+        text(line, value);
     }
-    pretty_key(line, "status");
+    key(line, "status");
     push_u64(line, u64::from(e.status));
-    pretty_key(line, "rejection");
-    pretty_string(line, e.rejection);
-    pretty_key(line, "cache");
-    pretty_string(line, e.cache);
+    key(line, "rejection");
+    text(line, e.rejection);
+    key(line, "cache");
+    text(line, e.cache);
     if let Some(ms) = e.upstream_ms {
-        pretty_key(line, "upstream_ms");
+        key(line, "upstream_ms");
         millis(line, ms_to_micros(ms));
     }
-    pretty_key(line, "duration_ms");
+    key(line, "duration_ms");
     millis(line, duration_micros(e.duration));
 }
 

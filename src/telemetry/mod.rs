@@ -1,5 +1,6 @@
-//! What the gateway tells its operators: request ids and each request's context, one log line
-//! per request ([`access`]), audit events, Prometheus metrics and traces ([`trace`]).
+//! What the gateway tells its operators: request ids and each request's context (here), one
+//! log line per request ([`access`]), audit events, Prometheus metrics ([`Metrics`]) and traces
+//! ([`trace`]), and the process's log subscriber that writes the events ([`init`]).
 //!
 //! Metrics live in a per-app registry (not a process-wide recorder), so tests can run many apps
 //! in one process and read each one's numbers. Log lines carry ids, names and numbers only: never
@@ -7,11 +8,12 @@
 
 pub mod access;
 mod metrics;
+mod subscriber;
 pub mod trace;
 
 pub use access::AccessLog;
 pub use metrics::{Metrics, SourceHealth};
-pub use trace::{Telemetry, init};
+pub use subscriber::{Telemetry, init, log_format};
 
 use std::convert::Infallible;
 use std::ops::{Deref, DerefMut};
@@ -20,8 +22,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue};
-
-use crate::config::LogFormat;
 
 /// `X-Request-Id`, both ways.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -169,28 +169,6 @@ pub fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
         end -= 1;
     }
     format!("{}...[truncated: {} bytes]", &path[..end], path.len()).into()
-}
-
-/// The format asked for, or by default pretty at a terminal and JSON otherwise.
-pub fn log_format(format: Option<LogFormat>) -> LogFormat {
-    use std::io::IsTerminal;
-    format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Pretty
-    } else {
-        LogFormat::Json
-    })
-}
-
-/// Installs the process's log subscriber, without span export ([`init`] is the one that can
-/// export). A second call finds a subscriber already set; that is fine.
-pub fn init_logging(format: Option<LogFormat>) {
-    let none = crate::config::TracingConfig {
-        otlp_endpoint: None,
-        otlp_traces_endpoint: None,
-        service_name: String::new(),
-        disabled: true,
-    };
-    let _ = init(format, &none);
 }
 
 #[cfg(test)]

@@ -7,14 +7,17 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::fair::{FairQueue, Ticket};
-use super::pace::{Backoff, Pace};
-use super::shared::SharedSlots;
+use super::pace::{Backoff, Pace, period};
+use super::shared::{DEAD_TIME, SharedTurns};
 use crate::cluster::Cluster;
 use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
 
 /// The longest a call waits for its turn in the upstream budget before it is answered 429.
 pub const UPSTREAM_MAX_WAIT: Duration = Duration::from_secs(2);
+
+// Turns granted under one mode pass out of every window before the other mode spends any.
+const _: () = assert!(DEAD_TIME.as_nanos() == UPSTREAM_MAX_WAIT.as_nanos() + 1_000_000_000);
 
 /// Who an upstream call is for: its place in the fair queue and its label in metrics.
 #[derive(Debug, Clone, Copy)]
@@ -36,10 +39,10 @@ pub struct Caller<'a> {
 /// length and in time ([`UPSTREAM_MAX_WAIT`]); past either, that principal's call is answered
 /// 429 rather than left to pile up, and no other principal's is.
 pub struct UpstreamBudget {
-    slots: Slots,
+    turns: Turns,
     queue: FairQueue,
-    /// One waiting call at a time takes the budget's next slot and hands it to whichever call
-    /// the queue says is next (often another): the slot is decided by the rotation, not by who
+    /// One waiting call at a time takes the budget's next turn and hands it to whichever call
+    /// the queue says is next (often another): the turn is decided by the rotation, not by who
     /// happened to wait for it.
     dispatch: tokio::sync::Mutex<()>,
     /// The most calls one principal may have waiting: as many as the budget could serve within
@@ -54,7 +57,7 @@ impl UpstreamBudget {
     /// The pace is kept 5% under the rate: the calls leave evenly spaced, but they arrive with
     /// the network's jitter, and the headroom keeps a jittered window within the budget too.
     pub fn new(rate: Rate, max_wait: Duration) -> UpstreamBudget {
-        UpstreamBudget::with_slots(rate, max_wait, Slots::Local(Pace::new(Self::period(rate))))
+        UpstreamBudget::with_turns(rate, max_wait, Turns::Local(Pace::new(period(rate))))
     }
 
     /// A budget of `rate` for the calls of every replica together, through `cluster`; a 429
@@ -65,19 +68,14 @@ impl UpstreamBudget {
         cluster: Arc<Cluster>,
         backoff: Arc<Backoff>,
     ) -> UpstreamBudget {
-        let period = Self::period(rate);
-        let slots = SharedSlots::new(cluster, backoff, rate, period, max_wait);
-        UpstreamBudget::with_slots(rate, max_wait, Slots::Shared(Box::new(slots)))
+        let turns = SharedTurns::new(cluster, backoff, rate, period(rate), max_wait);
+        UpstreamBudget::with_turns(rate, max_wait, Turns::Shared(Box::new(turns)))
     }
 
-    fn period(rate: Rate) -> Duration {
-        rate.pace().mul_f64(1.05)
-    }
-
-    fn with_slots(rate: Rate, max_wait: Duration, slots: Slots) -> UpstreamBudget {
-        let backlog = (max_wait.as_secs_f64() / Self::period(rate).as_secs_f64()).ceil();
+    fn with_turns(rate: Rate, max_wait: Duration, turns: Turns) -> UpstreamBudget {
+        let backlog = (max_wait.as_secs_f64() / period(rate).as_secs_f64()).ceil();
         UpstreamBudget {
-            slots,
+            turns,
             queue: FairQueue::default(),
             dispatch: tokio::sync::Mutex::new(()),
             backlog: (backlog as usize).max(1),
@@ -85,11 +83,11 @@ impl UpstreamBudget {
         }
     }
 
-    /// The slots reserved in Redis, when the budget is shared.
-    pub fn shared_slots(&self) -> Option<&SharedSlots> {
-        match &self.slots {
-            Slots::Shared(shared) => Some(shared),
-            Slots::Local(_) => None,
+    /// The turns reserved in Redis, when the budget is shared.
+    pub fn shared_turns(&self) -> Option<&SharedTurns> {
+        match &self.turns {
+            Turns::Shared(shared) => Some(shared),
+            Turns::Local(_) => None,
         }
     }
 
@@ -130,7 +128,7 @@ impl UpstreamBudget {
     }
 
     /// Waits until the queue gives `ticket` a turn, taking the dispatcher's part meanwhile when
-    /// no other waiting call has it; or, when the slots say none is to be had within the
+    /// no other waiting call has it; or, when the turns say none is to be had within the
     /// wait, how long until one is.
     async fn turn(&self, ticket: &mut Ticket<'_>) -> Result<(), Duration> {
         loop {
@@ -142,12 +140,12 @@ impl UpstreamBudget {
             if ticket.try_granted() {
                 return Ok(());
             }
-            // Cancel-safe: a dispatcher that goes away before the slot takes none, and the
-            // next waiting call takes its part. One that learns there is no slot within the
+            // Cancel-safe: a dispatcher that goes away before the turn takes none, and the
+            // next waiting call takes its part. One that learns there is no turn within the
             // wait leaves at once, and so does each waiting call after it.
-            self.slots.next_slot().await?;
+            self.turns.next_turn().await?;
             // Nobody to grant only when every waiting call left, this one included (it was
-            // handed a turn another call left unused): the slot goes unused, an under-spend.
+            // handed a turn another call left unused): the turn goes unused, an under-spend.
             self.queue.grant_next();
             drop(dispatching);
         }
@@ -159,27 +157,27 @@ impl UpstreamBudget {
     }
 }
 
-/// Where the budget's slots come from: a pace kept in this process, or reservations on one
+/// Where the budget's turns come from: a pace kept in this process, or reservations on one
 /// timeline in Redis for every replica (contract §11). Either way the fair queue stays local and
-/// only decides whose call takes each slot this replica gets.
-pub enum Slots {
+/// only decides whose call takes each turn this replica gets.
+pub enum Turns {
     /// This process's own pace.
     Local(Pace),
     /// Reserved in Redis (or, Redis out of reach, this replica's share alone).
-    Shared(Box<SharedSlots>),
+    Shared(Box<SharedTurns>),
 }
 
-impl Slots {
-    /// Waits for the next slot and takes it, or says how long until one can be had when none
-    /// can within the wait (only shared slots: a dead time, a booked timeline). Cancel-safe: a
-    /// caller that goes away before it returns takes no slot.
-    pub async fn next_slot(&self) -> Result<(), Duration> {
+impl Turns {
+    /// Waits for the next turn and takes it, or says how long until one can be had when none
+    /// can within the wait (only shared turns: a dead time, a booked timeline). Cancel-safe: a
+    /// caller that goes away before it returns takes no turn.
+    pub async fn next_turn(&self) -> Result<(), Duration> {
         match self {
-            Slots::Local(pace) => {
-                pace.next_slot().await;
+            Turns::Local(pace) => {
+                pace.next_turn().await;
                 Ok(())
             }
-            Slots::Shared(shared) => shared.next_slot().await,
+            Turns::Shared(shared) => shared.next_turn().await,
         }
     }
 }
@@ -272,7 +270,7 @@ mod tests {
     }
 
     /// Queues `calls` in order behind one call that has just taken a turn, and returns the order
-    /// (and the times, from the first slot) in which they got theirs.
+    /// (and the times, from the first turn) in which they got theirs.
     async fn turns(rate: u32, calls: &[(&'static str, u32)]) -> Vec<(String, Duration)> {
         let budget = std::sync::Arc::new(UpstreamBudget::new(
             Rate {
@@ -285,7 +283,7 @@ mod tests {
         budget
             .acquire(caller("first"), false, LONG)
             .await
-            .expect("the first slot is free");
+            .expect("the first turn is free");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut counts = std::collections::HashMap::<&str, usize>::new();
         for &(who, share) in calls {
@@ -315,7 +313,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waiting_calls_take_turns_round_robin_one_pace_apart() {
-        // 10/s paced 5% under: a slot every 105 ms.
+        // 10/s paced 5% under: a turn every 105 ms.
         let order = turns(10, &[("A", 1), ("A", 1), ("A", 1), ("B", 1)]).await;
         let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["A1", "B1", "A2", "A3"]);
@@ -337,7 +335,7 @@ mod tests {
         assert_eq!(
             last,
             Duration::from_millis(1050),
-            "one slot per pace, none lost"
+            "one turn per pace, none lost"
         );
     }
 
@@ -380,7 +378,7 @@ mod tests {
         }
         tokio::task::yield_now().await;
         assert_eq!(budget.waiting_principals(), 1, "A's calls left at once");
-        // B takes the very next slot: none goes to A's departed calls.
+        // B takes the very next turn: none goes to A's departed calls.
         assert_eq!(b.await.expect("task"), Duration::from_millis(105));
         assert_eq!(budget.waiting_principals(), 0);
     }

@@ -3,9 +3,10 @@
 //! (deficit round robin, one call costing one turn), so a principal flooding the gateway with
 //! uncached queries delays another's next call by at most its own share of turns.
 //!
-//! The queue only decides *whose* call takes the next slot; the slots themselves come from the
-//! budget ([`super::budget::Slots`]), which may later be shared between replicas. It is local to
-//! the process and never waits: every method takes the lock for a few hash and deque operations.
+//! The queue only decides *whose* call takes the next turn; the turns themselves come from the
+//! budget ([`super::budget::Turns`]): this process's pace, or reservations shared with the other
+//! replicas through Redis. The queue is local to the process either way, and never waits: every
+//! method takes the lock for a few hash and deque operations.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -103,7 +104,7 @@ impl FairQueue {
         })
     }
 
-    /// Gives one turn (a slot the budget has just granted) to the next call in the rotation.
+    /// Gives one turn (one the budget has just granted) to the next call in the rotation.
     /// Returns `false` when no call is waiting.
     pub fn grant_next(&self) -> bool {
         self.state().grant_next()

@@ -15,10 +15,10 @@ mod fair;
 mod pace;
 mod shared;
 
-pub use budget::{Caller, Slots, UPSTREAM_MAX_WAIT, UpstreamBudget};
+pub use budget::{Caller, Turns, UPSTREAM_MAX_WAIT, UpstreamBudget};
 pub use fair::{BacklogFull, FairQueue, Ticket};
 pub use pace::{Backoff, Pace};
-pub use shared::SharedSlots;
+pub use shared::SharedTurns;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,8 +116,8 @@ impl Upstream {
     /// while it shares, or runs alone by configuration).
     pub fn degraded_rate(&self) -> f64 {
         self.budget
-            .shared_slots()
-            .map_or(0.0, SharedSlots::degraded_rate)
+            .shared_turns()
+            .map_or(0.0, SharedTurns::degraded_rate)
     }
 
     /// How many principals have calls waiting for a turn in the budget.
@@ -277,7 +277,7 @@ impl Upstream {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(|s| Duration::from_secs(s.max(1)));
             // Every replica backs off (alone when Redis cannot be asked).
-            let shared = match self.budget.shared_slots() {
+            let shared = match self.budget.shared_turns() {
                 Some(shared) => shared.note_backoff(retry_after).await,
                 None => None,
             };
@@ -295,7 +295,7 @@ impl Upstream {
             });
         }
         if self.backoff.succeeded()
-            && let Some(shared) = self.budget.shared_slots()
+            && let Some(shared) = self.budget.shared_turns()
         {
             shared.reset_backoff().await;
         }

@@ -1,4 +1,4 @@
-//! This process's own clock of the budget: an even pace of slots, and the backoff after the
+//! This process's own clock of the budget: an even pace of turns, and the backoff after the
 //! upstream answers 429. The shared budget (`shared.rs`) keeps both too, to fall back on and
 //! to remember locally what Redis decided.
 
@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
 
 /// The first backoff after an upstream 429 without `Retry-After`; it doubles on each further one.
@@ -15,16 +16,23 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// The longest backoff, with or without `Retry-After`.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
-/// One slot every `period`, never two closer (GCRA with a burst of one), on tokio's clock, so
+/// The time between two turns at `rate`: its pace kept 5% under the rate, because the calls
+/// leave evenly spaced but arrive with the network's jitter, and the headroom keeps a jittered
+/// window within the budget too. The shared budget's pace and a replica's own share alike.
+pub fn period(rate: Rate) -> Duration {
+    rate.pace().mul_f64(1.05)
+}
+
+/// One turn every `period`, never two closer (GCRA with a burst of one), on tokio's clock, so
 /// tests with paused time see exact turns.
 pub struct Pace {
     period: Duration,
-    /// When the next slot is free.
+    /// When the next turn is free.
     next: Mutex<Instant>,
 }
 
 impl Pace {
-    /// A pace of one slot per `period`; the first is free at once.
+    /// A pace of one turn per `period`; the first is free at once.
     pub fn new(period: Duration) -> Pace {
         Pace {
             period,
@@ -32,14 +40,14 @@ impl Pace {
         }
     }
 
-    pub(super) async fn next_slot(&self) {
+    pub(super) async fn next_turn(&self) {
         loop {
             let at = {
                 // A plain instant: a panic elsewhere cannot leave it half-written.
                 let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
                 if *next <= now {
-                    // A slot left unused is not saved up: no burst after a quiet spell.
+                    // A turn left unused is not saved up: no burst after a quiet spell.
                     *next = now + self.period;
                     return;
                 }
@@ -51,7 +59,7 @@ impl Pace {
 }
 
 /// After an upstream 429 the gateway stops calling the upstream for everyone: for the upstream's
-/// `Retry-After` when it sent one, otherwise for a backoff that starts at [`BACKOFF_INITIAL`]
+/// `Retry-After` when it sent one, otherwise for a backoff that starts at `BACKOFF_INITIAL` (1 s)
 /// and doubles with each further 429, back to the start after any other answer.
 pub struct Backoff {
     state: Mutex<BackoffState>,

@@ -1,11 +1,13 @@
 //! The upstream budget and backoff shared by every replica through Redis (contract §11).
 //!
-//! Slots are reserved on one timeline in Redis, one pace apart cluster-wide; the fair queue of
-//! each replica still decides whose call takes a slot it gets. A replica holds one reservation
-//! at a time (its queue has one dispatcher), so the timeline never holds more than N slots
+//! Turns are reserved on one timeline in Redis, one pace apart cluster-wide; the fair queue of
+//! each replica still decides whose call takes a turn it gets. A replica holds one reservation
+//! at a time (its queue has one dispatcher), so the timeline never holds more than N turns
 //! ahead and a principal's call waits for its own rotation plus at most N paces. While Redis is
-//! out of reach, each replica paces itself at its share, `max(1, ⌊rate / N⌋)` a second, after a
-//! dead time long enough for the slots granted while shared to pass out of every window.
+//! out of reach, each replica paces itself at its [`share`] of the rate, after a dead time long
+//! enough for the turns granted while shared to pass out of every window; when Redis answers
+//! again, every replica pauses for as long (`lua/resume.lua`, run by the link before it shares
+//! again).
 
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -13,8 +15,8 @@ use std::time::Duration;
 use redis::Script;
 use tokio::time::Instant;
 
-use super::pace::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace};
-use crate::cluster::{Cluster, DEAD_TIME, Mode, Op};
+use super::pace::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace, period};
+use crate::cluster::{Cluster, Mode, Op, share};
 use crate::config::Rate;
 
 static RESERVE: LazyLock<Script> =
@@ -22,6 +24,13 @@ static RESERVE: LazyLock<Script> =
 static NOTE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/backoff_note.lua")));
 static RESET: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/backoff_reset.lua")));
+static RESUME: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/resume.lua")));
+
+/// How long no replica takes an upstream turn around a switch of mode: the longest wait for a
+/// turn ([`UPSTREAM_MAX_WAIT`](super::UPSTREAM_MAX_WAIT)) plus the one-second window, so turns
+/// granted under one mode pass out of every window before the other mode spends any (the budget
+/// checks the sum when it compiles).
+pub const DEAD_TIME: Duration = Duration::from_secs(3);
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -31,8 +40,8 @@ fn from_micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
-/// The budget's slots, reserved in Redis (or taken alone at this replica's share).
-pub struct SharedSlots {
+/// The budget's turns, reserved in Redis (or taken alone at this replica's share).
+pub struct SharedTurns {
     cluster: Arc<Cluster>,
     backoff: Arc<Backoff>,
     rate: Rate,
@@ -43,25 +52,29 @@ pub struct SharedSlots {
     paused: String,
     /// This replica's own pace while degraded, made on entering (N may have changed since).
     alone: Mutex<Option<Arc<Pace>>>,
-    /// No slot to be had before this.
+    /// No turn to be had before this.
     closed: Mutex<Option<Instant>>,
-    /// The one slot this replica has reserved and not yet spent.
+    /// The one turn this replica has reserved and not yet spent.
     held: Mutex<Option<Instant>>,
 }
 
-impl SharedSlots {
-    /// Slots one `period` apart across the cluster, never booked more than `max_wait` ahead.
+impl SharedTurns {
+    /// Turns one `period` apart across the cluster, never booked more than `max_wait` ahead.
     pub fn new(
         cluster: Arc<Cluster>,
         backoff: Arc<Backoff>,
         rate: Rate,
         period: Duration,
         max_wait: Duration,
-    ) -> SharedSlots {
-        SharedSlots {
+    ) -> SharedTurns {
+        let paused = cluster.key("budget:paused_until");
+        let mut resume = RESUME.prepare_invoke();
+        resume.key(&paused).arg(micros(DEAD_TIME));
+        cluster.on_resume(resume);
+        SharedTurns {
             tat: cluster.key("budget:tat"),
             until: cluster.key("budget:backoff_until"),
-            paused: cluster.key("budget:paused_until"),
+            paused,
             cluster,
             backoff,
             rate,
@@ -73,13 +86,13 @@ impl SharedSlots {
         }
     }
 
-    /// Waits for this replica's next slot and takes it; or, when none can be had within the
+    /// Waits for this replica's next turn and takes it; or, when none can be had within the
     /// wait (a dead time, a timeline booked further ahead), says how long until one can, so
-    /// that waiting calls are refused at once rather than after the whole wait. A slot that
+    /// that waiting calls are refused at once rather than after the whole wait. A turn that
     /// comes with a backoff is handed on at once: the backoff, now noted here, refuses the call
     /// it goes to without a Redis call. Cancel-safe: a reservation whose waiter goes away goes
     /// unused (an under-spend).
-    pub async fn next_slot(&self) -> Result<(), Duration> {
+    pub async fn next_turn(&self) -> Result<(), Duration> {
         let closed = *self.closed.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(left) = closed.and_then(|until| until.checked_duration_since(Instant::now())) {
             return Err(left);
@@ -88,7 +101,7 @@ impl SharedSlots {
             Mode::Connected => {
                 self.alone_pace(false);
                 // A reservation whose dispatcher went away is the next one's; one past due
-                // would crowd the slot after it, so it goes unused.
+                // would crowd the turn after it, so it goes unused.
                 let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(at) = held.filter(|at| Instant::now() <= *at) {
                     self.spend(at).await;
@@ -120,14 +133,14 @@ impl SharedSlots {
                 }
             }
             Mode::Degraded { since } => {
-                // Slots other replicas reserved before Redis went away are still being spent:
+                // Turns other replicas reserved before Redis went away are still being spent:
                 // none alone until they are out of every window.
                 let dead = (since + DEAD_TIME).saturating_duration_since(Instant::now());
                 if !dead.is_zero() {
                     return Err(self.close_for(dead));
                 }
                 match self.alone_pace(true) {
-                    Some(pace) => pace.next_slot().await,
+                    Some(pace) => pace.next_turn().await,
                     // Connected again meanwhile: resuming paused the budget for a dead time.
                     None => return Err(self.close_for(DEAD_TIME)),
                 }
@@ -136,7 +149,7 @@ impl SharedSlots {
         }
     }
 
-    /// Waits for the slot reserved at `at` and takes it; cancelled, the slot stays held for the
+    /// Waits for the turn reserved at `at` and takes it; cancelled, the turn stays held for the
     /// next dispatcher.
     async fn spend(&self, at: Instant) {
         *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
@@ -144,31 +157,22 @@ impl SharedSlots {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
-    /// No slot for `left`: noted, so the calls waiting behind are refused without asking Redis.
+    /// No turn for `left`: noted, so the calls waiting behind are refused without asking Redis.
     fn close_for(&self, left: Duration) -> Duration {
         let left = left.max(Duration::from_millis(1));
         *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + left);
         left
     }
 
-    /// The calls per second this replica allows itself while degraded: its share of the rate,
-    /// the budget divided by the replicas it counts.
-    fn alone_share(&self) -> f64 {
-        let per_second = f64::from(self.rate.count) / self.rate.per.as_secs_f64();
-        (per_second / f64::from(self.cluster.replicas()))
-            .floor()
-            .max(1.0)
-    }
-
-    /// What `upstream_budget_degraded_rate` shows: [`Self::alone_share`] while the replica is
-    /// not sharing, 0 while it is. Read at scrape time, so a degraded replica says so before
-    /// its first upstream call.
+    /// What `upstream_budget_degraded_rate` shows: the calls per second this replica allows
+    /// itself while not sharing (its share of the budget), 0 while it shares. Read at scrape
+    /// time, so a degraded replica says so before its first upstream call.
     pub fn degraded_rate(&self) -> f64 {
         if self.cluster.mode() == Mode::Connected {
-            0.0
-        } else {
-            self.alone_share()
+            return 0.0;
         }
+        let share = share(self.rate, self.cluster.replicas());
+        f64::from(share.count) / share.per.as_secs_f64()
     }
 
     /// The pace alone while degraded (made when `degraded` and none is), or, connected, none:
@@ -182,11 +186,7 @@ impl SharedSlots {
             return None;
         }
         let pace = alone.get_or_insert_with(|| {
-            let share = self.alone_share();
-            // 5% under, as the shared pace.
-            Arc::new(Pace::new(
-                Duration::from_secs(1).div_f64(share).mul_f64(1.05),
-            ))
+            Arc::new(Pace::new(period(share(self.rate, self.cluster.replicas()))))
         });
         Some(pace.clone())
     }

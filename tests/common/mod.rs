@@ -22,7 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use billing_gateway::auth::mint_hs256;
 use billing_gateway::config::{Config, LogFormat};
@@ -398,6 +398,57 @@ where
     }
 }
 
+/// A read-only token for subject `sub`.
+pub fn reader_as(sub: &str) -> String {
+    token_for(sub, "billing-read-only")
+}
+
+/// A token for subject `sub` holding `role`.
+pub fn token_for(sub: &str, role: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    token_with(json!({"sub": sub, "roles": [role], "iat": now, "exp": now + 600}))
+}
+
+/// `count` a second, burst twice that.
+pub fn per_second(count: u32) -> billing_gateway::config::Rate {
+    billing_gateway::config::Rate {
+        count,
+        per: Duration::from_secs(1),
+    }
+}
+
+/// The upstream saw no more than `rate` allows since `since`, an instant taken before the first
+/// of these calls was sent: the `k`th arrival (in time order) came at least `k` paces after it,
+/// so at most `1 + rate × t` arrived within any `t` from `since`. Cumulative, not per window:
+/// a loaded machine only delays an arrival, which this bound allows, where a window would catch
+/// a delayed call bunched with the next. `burst` is how many calls may arrive at once (a budget
+/// of evenly spaced slots has none); 5 ms is the clocks' granularity.
+pub fn assert_paced(
+    since: Instant,
+    arrivals: &[Instant],
+    rate: billing_gateway::config::Rate,
+    burst: u32,
+) {
+    let mut times = arrivals.to_vec();
+    times.sort();
+    let gaps = || {
+        times
+            .iter()
+            .map(|t| t.duration_since(since).as_millis())
+            .collect::<Vec<_>>()
+    };
+    for (k, at) in times.iter().enumerate() {
+        let turns = (k as u32).saturating_sub(burst);
+        let earliest = (rate.pace() * turns).saturating_sub(Duration::from_millis(5));
+        assert!(
+            at.duration_since(since) >= earliest,
+            "arrival {k} came {:?} after the start, before {earliest:?}: ms since start {:?}",
+            at.duration_since(since),
+            gaps()
+        );
+    }
+}
+
 pub fn token_with(claims: Value) -> String {
     let Value::Object(claims) = claims else {
         panic!("claims must be an object")
@@ -434,8 +485,7 @@ pub async fn assert_error(response: reqwest::Response, status: u16, kind: &str) 
     json
 }
 
-/// Log lines written by a test's subscriber (`.with_writer(move || writer.clone())`) and by the
-/// app's access log ([`TestAppBuilder::access_log`]), kept in memory to be searched.
+/// Log lines written by a test's subscriber ([`capture_logs`]) and by the app's access log ([`TestAppBuilder::access_log`]), kept in memory to be searched.
 #[derive(Clone, Default)]
 pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
@@ -444,6 +494,34 @@ impl Captured {
     pub fn text(&self) -> String {
         String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf-8")
     }
+
+    /// The access log's lines so far, as written (JSON lines, by their target).
+    pub fn access_raw(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains("\"target\":\"billing_gateway::access\""))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The access log's lines so far, parsed: each must be JSON.
+    pub fn access_lines(&self) -> Vec<Value> {
+        self.access_raw()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+/// An app writing its access log (and every other line at `info`) to the returned capture,
+/// for as long as the returned guard is held.
+pub async fn app_logging() -> (Captured, LogCapture, TestApp) {
+    let (captured, logs) = capture_logs("info");
+    let app = TestApp::builder()
+        .access_log(captured.clone())
+        .spawn()
+        .await;
+    (captured, logs, app)
 }
 
 impl std::io::Write for Captured {
@@ -457,6 +535,40 @@ impl std::io::Write for Captured {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Keeps the log capture of [`capture_logs`] set for this thread until dropped.
+pub struct LogCapture {
+    _guard: tracing::subscriber::DefaultGuard,
+    _anchor: tracing::Dispatch,
+}
+
+/// Sets, for this thread, a subscriber that writes what `filter` (`EnvFilter` directives, e.g.
+/// `"info"`, `"trace"`, `"info,billing_gateway::access=warn"`) lets through into the returned
+/// [`Captured`] as JSON lines, fields flattened. Use a `current_thread` runtime, so that every
+/// task of the app runs on this thread and is seen.
+pub fn capture_logs(filter: &str) -> (Captured, LogCapture) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(move || writer.clone())
+        .finish();
+    // tracing caches each log site's interest process-wide; with a single dispatcher it asks
+    // the registering thread's (tokio-rs/tracing#3611), so a sibling test without a subscriber
+    // would silence the site here. A second, always-interested dispatcher avoids that shortcut.
+    let anchor = tracing::Dispatch::new(tracing_subscriber::registry());
+    let guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    (
+        captured,
+        LogCapture {
+            _guard: guard,
+            _anchor: anchor,
+        },
+    )
 }
 
 /// Reads one HTTP/1.1 request head off a raw socket, for the hand-written upstreams that
@@ -491,12 +603,14 @@ pub fn value(exposition: &str, name: &str, labels: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A 200 with `body` as its JSON, the way the upstream answers.
+pub fn ok_json(body: Value) -> wiremock::ResponseTemplate {
+    wiremock::ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
+}
+
 /// A consumption list whose one product is named `marker`, so a test tells answers apart.
 pub fn consumptions(marker: &str) -> wiremock::ResponseTemplate {
-    wiremock::ResponseTemplate::new(200).set_body_raw(
-        json!({"consumptions": [{"product_name": marker}], "total_count": 1}).to_string(),
-        "application/json",
-    )
+    ok_json(json!({"consumptions": [{"product_name": marker}], "total_count": 1}))
 }
 
 /// A response header as text (empty when absent).

@@ -34,7 +34,7 @@ use axum::{
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::data::{Data, PROJECTS};
+use crate::data::Data;
 use crate::routes::{
     Endpoint, authenticate, charges, consumptions, discounts, download, export, get_invoice,
     handle, handle_id, list_invoices, redeem_coupon, taxes, unknown_path,
@@ -99,11 +99,6 @@ impl Simulator {
     /// Invoice ids the simulator knows, newest first (for demo output and tests).
     pub fn invoice_ids(&self) -> Vec<Uuid> {
         self.data.invoices.iter().map(|i| i.id).collect()
-    }
-
-    /// Project ids of the sample organization: production, staging, data.
-    pub fn project_ids(&self) -> Vec<Uuid> {
-        PROJECTS.iter().map(|p| p.id).collect()
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! This is the upstream's parser, not the gateway's: it decodes and validates on its own (its own
 //! percent-decoding, camelCase folding, timestamp, enum and range checks) and shares no code with
-//! `billing_gateway::operations`, which it cannot depend on. A request the gateway has already
+//! `billing_gateway::billing` (the gateway's operation table and parser), which it cannot depend
+//! on. A request the gateway has already
 //! validated is thus checked a second time by independent code, as the real API would check it,
 //! so the simulator is an independent oracle for the gateway's own validation: keep it that way
 //! rather than reusing the gateway's parser here.

@@ -1,6 +1,6 @@
 -- The upstream answered 429: every replica stops calling it until `until`, for its Retry-After
 -- or a backoff doubling from the initial one (the doubling state shared too), and the budget's
--- slots resume after it, paced, not in a burst.
+-- turns resume after it, paced, not in a burst.
 -- KEYS: backoff_until, backoff_next, tat   ARGV: Retry-After µs (0: none), initial µs, max µs
 -- Returns how long the backoff lasts from now, µs.
 local t = redis.call('TIME')

@@ -1,10 +1,10 @@
--- Reserves the next upstream slot, exactly one pace after the last one reserved by any replica
+-- Reserves the next upstream turn, exactly one pace after the last one reserved by any replica
 -- (GCRA virtual scheduling; the time arithmetic follows rwz/redis-gcra, MIT). Redis TIME is the
 -- only clock, in µs: exact in doubles until the year 2255.
 -- KEYS: tat (no TTL: never evicted), backoff_until, paused_until
 -- ARGV: pace µs, longest wait µs
--- Returns {0, wait µs}: the slot is the caller's after that wait; {-1, left µs}: no slot within
--- the longest wait for that long (a pause after a replica resumed sharing, or slots booked too
+-- Returns {0, wait µs}: the turn is the caller's after that wait; {-1, left µs}: no turn within
+-- the longest wait for that long (a pause after a replica resumed sharing, or turns booked too
 -- far ahead); {-2, left µs}: backing off after an upstream 429.
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]

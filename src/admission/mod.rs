@@ -1,9 +1,10 @@
-//! Admission: how many requests the gateway works on at once, and who may hold those places.
+//! Admission: how many requests the gateway works on at once, and who may hold those places
+//! in flight. Relaying an upstream body while holding a place is [`relay`]'s.
 //!
 //! One rule: **a request holds a place while the gateway works on it or holds an upstream
 //! connection for it** — from the moment its caller is authenticated until the handler returns,
 //! and, for an upstream body relayed as it comes, until its last byte is taken by the client (or
-//! the client stops taking bytes for [`Admission::idle_write`], see [`Slot::relay`]). An answer
+//! the client stops taking bytes for [`Admission::idle_write`], see [`Place::relay`]). An answer
 //! already in memory (every error, a cache hit) holds no place while it waits for a slow or
 //! silent reader: it costs a few kilobytes at most, and the server's per-connection stream cap
 //! bounds how many one connection can leave unread.
@@ -27,23 +28,18 @@
 //! Callers are told apart by their authenticated subject, never by address: behind a load
 //! balancer every caller shares one.
 
+mod relay;
+
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use axum::body::Body;
-use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tracing::Instrument;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Throttle};
 use crate::telemetry::Metrics;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The bounds, as [`crate::server::ServerLimits`] sets them.
 #[derive(Debug, Clone, Copy)]
@@ -108,7 +104,7 @@ impl Admission {
 
     /// A place for one request of `subject`: 429 past the principal's own share, 503 when every
     /// place is taken.
-    pub fn admit(self: &Arc<Self>, subject: &str) -> Result<Slot, Error> {
+    pub fn admit(self: &Arc<Self>, subject: &str) -> Result<Place, Error> {
         let principal = {
             let mut held = self
                 .principals
@@ -132,7 +128,7 @@ impl Admission {
             return Err(Error::Overloaded);
         };
         self.metrics.in_flight.inc();
-        Ok(Slot {
+        Ok(Place {
             admission: self.clone(),
             principal,
             _permit: permit,
@@ -163,158 +159,23 @@ impl Admission {
 }
 
 /// One request's place (global and its principal's); given back when dropped.
-pub struct Slot {
+pub struct Place {
     admission: Arc<Admission>,
     principal: Arc<str>,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Drop for Slot {
+impl Drop for Place {
     fn drop(&mut self) {
         self.admission.metrics.in_flight.dec();
         self.admission.release(&self.principal);
     }
 }
 
-impl Slot {
-    /// Relays an upstream body to the client, holding this place (and the upstream connection)
-    /// only while the client keeps taking it.
-    ///
-    /// A task reads the upstream and hands each frame over a one-frame channel; when the client
-    /// (hyper) has not taken the previous frame within the idle write time — a reader that
-    /// stopped reading, or an HTTP/2 stream whose flow-control window stays shut — the task
-    /// stops: the upstream body is dropped (closing its connection), the place is given back,
-    /// the frame waiting in the channel is freed, and the body ends with an error whenever hyper
-    /// next asks for a frame, so hyper resets the stream or closes the connection instead of
-    /// ending the answer as if it were complete. The timer runs in the task, so it fires even
-    /// when hyper never polls the body again.
-    pub fn relay<S, E>(self, upstream: S) -> Body
-    where
-        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
-        E: Into<BoxError> + Send + 'static,
-    {
-        let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(1);
-        let link = Arc::new(Mutex::new(Link {
-            rx: Some(rx),
-            waker: None,
-        }));
-        let client = link.clone();
-        let idle = self.admission.idle_write;
-        let pump = async move {
-            let slot = self;
-            let mut upstream = Box::pin(upstream);
-            loop {
-                let next = tokio::select! {
-                    next = upstream.next() => next,
-                    // The client left: stop reading the upstream at once.
-                    () = tx.closed() => break,
-                };
-                let Some(frame) = next else { break };
-                let last = frame.is_err();
-                match tokio::time::timeout(idle, tx.send(frame.map_err(Into::into))).await {
-                    Ok(Ok(())) if !last => {}
-                    Ok(_) => break,
-                    Err(_) => {
-                        slot.admission.metrics.count_stalled_answer();
-                        tracing::info!(
-                            idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
-                            "the client took nothing for the idle write time: answer cut off"
-                        );
-                        Link::cut(&link);
-                        break;
-                    }
-                }
-            }
-            // The upstream body goes first (its connection closes), then the place.
-            drop(upstream);
-            drop(slot);
-        };
-        tokio::spawn(pump.instrument(tracing::Span::current()));
-        Body::from_stream(Relayed {
-            link: client,
-            done: false,
-        })
-    }
-}
-
-/// What the relay task and the client's body share: the channel's receiving end (gone once the
-/// relay is cut) and the waker of a client waiting on it.
-struct Link {
-    rx: Option<mpsc::Receiver<Result<Bytes, BoxError>>>,
-    waker: Option<std::task::Waker>,
-}
-
-impl Link {
-    fn lock(link: &Mutex<Link>) -> std::sync::MutexGuard<'_, Link> {
-        link.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Drops the receiving end (and the frame it holds) and wakes a client waiting on it.
-    fn cut(link: &Mutex<Link>) {
-        let (rx, waker) = {
-            let mut shared = Link::lock(link);
-            (shared.rx.take(), shared.waker.take())
-        };
-        drop(rx);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-}
-
-/// The client's side of [`Slot::relay`]: the frames, then an error if the relay was cut.
-struct Relayed {
-    link: Arc<Mutex<Link>>,
-    done: bool,
-}
-
-impl Stream for Relayed {
-    type Item = Result<Bytes, BoxError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        let polled = {
-            let mut shared = Link::lock(&self.link);
-            match shared.rx.as_mut() {
-                None => None,
-                Some(rx) => match rx.poll_recv(cx) {
-                    Poll::Pending => {
-                        shared.waker = Some(cx.waker().clone());
-                        Some(Poll::Pending)
-                    }
-                    ready => Some(ready),
-                },
-            }
-        };
-        match polled {
-            Some(Poll::Ready(None)) => {
-                self.done = true;
-                Poll::Ready(None)
-            }
-            Some(other) => other,
-            None => {
-                self.done = true;
-                Poll::Ready(Some(Err(
-                    "the client took nothing for the idle write time".into()
-                )))
-            }
-        }
-    }
-}
-
-impl Drop for Relayed {
-    /// The client left (or hyper dropped the answer): the receiving end goes, so the relay task
-    /// sees it at once and stops reading the upstream.
-    fn drop(&mut self) {
-        Link::cut(&self.link);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn admission(global: usize, per_principal: usize) -> Arc<Admission> {
         Admission::new(
@@ -328,7 +189,7 @@ mod tests {
         )
     }
 
-    fn reason(result: Result<Slot, Error>) -> &'static str {
+    fn reason(result: Result<Place, Error>) -> &'static str {
         match result {
             Ok(_) => "admitted",
             Err(e) => e.kind(),
@@ -411,11 +272,11 @@ mod tests {
             },
             metrics,
         );
-        let slot = a.admit("alice").expect("place");
+        let place = a.admit("alice").expect("place");
         let upstream = futures_util::stream::iter(
             (0..10).map(|_| Ok::<_, std::io::Error>(Bytes::from_static(b"0123456789"))),
         );
-        let body = slot.relay(upstream);
+        let body = place.relay(upstream);
         tokio::time::timeout(Duration::from_secs(5), async {
             while a.saturated() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -431,11 +292,11 @@ mod tests {
     #[tokio::test]
     async fn a_relay_read_to_the_end_is_complete() {
         let a = admission(1, 1);
-        let slot = a.admit("alice").expect("place");
+        let place = a.admit("alice").expect("place");
         let upstream = futures_util::stream::iter(
             (0..10).map(|i| Ok::<_, std::io::Error>(Bytes::from(vec![i; 1000]))),
         );
-        let body = axum::body::to_bytes(slot.relay(upstream), usize::MAX)
+        let body = axum::body::to_bytes(place.relay(upstream), usize::MAX)
             .await
             .expect("complete");
         assert_eq!(body.len(), 10_000);

@@ -10,6 +10,9 @@
 //! window may be spent in it: at most N·k more in any window, and none older than a second
 //! (`LEASE_LIFE`). The other way, a caller can be refused up to (N−1)·k requests early (held
 //! unspent on the other replicas), and a lease that dies unspent loses at most k.
+//!
+//! While Redis cannot be asked, the replica counts alone ([`LocalRates`]) at its
+//! [`share`](crate::cluster::share) of every rate.
 
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -19,7 +22,8 @@ use redis::Script;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use super::{Cluster, Op, Unavailable};
+use super::LocalRates;
+use crate::cluster::{Cluster, Op, Unavailable, share};
 use crate::config::Rate;
 
 static GCRA: LazyLock<Script> =
@@ -40,7 +44,8 @@ const LEASE_LIFE: Duration = Duration::from_secs(1);
 const LEASE_MAX: u32 = 64;
 
 /// k, how many requests a replica leases at once for `rate` among `replicas`: a quarter of each
-/// replica's share of the burst, from 1 (a lease of one is the plain check) to [`LEASE_MAX`], so the slack above stays small beside the burst.
+/// replica's share of the burst, from 1 (a lease of one is the plain check) to 64, so the slack
+/// above stays small beside the burst.
 pub fn lease_size(rate: Rate, replicas: u32) -> u32 {
     let burst = rate.count.saturating_mul(2);
     (burst / replicas.max(1).saturating_mul(4)).clamp(1, LEASE_MAX)
@@ -61,6 +66,9 @@ pub struct SharedRates {
     /// Key → what is held for it; its lock makes one Redis call at a time per principal, the
     /// other hits waiting for it and then spending from its lease.
     held: moka::sync::Cache<String, Arc<Mutex<Option<Held>>>>,
+    /// Every rate at this replica's share, for the N it was made with: what counts while Redis
+    /// cannot be asked.
+    alone: std::sync::Mutex<Option<(u32, Arc<LocalRates>)>>,
 }
 
 impl SharedRates {
@@ -73,6 +81,35 @@ impl SharedRates {
                 // Longer than any refusal of a sane rate; what is held past its end is ignored.
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
+            alone: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Counts one request of `subject` at `rate`, or at `default` when its policy sets none, as
+    /// [`LocalRates::check`] does: allowed, or refused for how long. Redis out of reach, it
+    /// counts alone, at this replica's share of either rate.
+    pub async fn count(
+        &self,
+        subject: &str,
+        default: Rate,
+        rate: Option<Rate>,
+    ) -> Result<(), Duration> {
+        match self.check(subject, rate.unwrap_or(default)).await {
+            Ok(decided) => decided,
+            Err(Unavailable) => {
+                let n = self.cluster.replicas();
+                let alone = {
+                    let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
+                    match &*alone {
+                        Some((made_for, local)) if *made_for == n => local.clone(),
+                        _ => {
+                            let local = Arc::new(LocalRates::new(share(default, n)));
+                            alone.insert((n, local)).1.clone()
+                        }
+                    }
+                };
+                alone.check(subject, rate.map(|r| share(r, n)))
+            }
         }
     }
 

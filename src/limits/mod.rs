@@ -1,16 +1,25 @@
 //! Each principal's own rate, checked by the proxy right after authentication, so cache hits
 //! count too (the upstream budget, which only real upstream calls spend, is [`crate::upstream`]'s). Principals are keyed by their authenticated subject
 //! (or gateway key name), never by address: behind a load balancer every caller shares one.
+//!
+//! The rates are counted in this process ([`LocalRates`]), or, when replicas share through
+//! Redis, for all of them together ([`SharedRates`], `shared.rs`); both answer the same
+//! question the same way: allowed, or refused for how long.
+
+mod shared;
+
+pub use shared::{SharedRates, lease_size};
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::cluster::{Cluster, SharedRates, Unavailable};
+use crate::cluster::Cluster;
 use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
 
@@ -30,31 +39,19 @@ fn keyed(rate: Rate) -> Keyed {
     RateLimiter::keyed(quota)
 }
 
-/// One replica's share of `rate` among `n`: its count divided (at least 1), so its burst too.
-fn share(rate: Rate, n: u32) -> Rate {
-    Rate {
-        count: (rate.count / n.max(1)).max(1),
-        per: rate.per,
-    }
-}
-
 /// Each principal's own rate: the configured one, or the one its policy grants set
 /// (`rate = "2/s"` on a role or key); across replicas when they share through Redis.
 pub struct PrincipalLimits {
     rate: Rate,
-    default: Keyed,
-    /// One limiter per distinct policy rate; few exist, so the lock is brief and rare.
-    overrides: Mutex<HashMap<Rate, Arc<Keyed>>>,
-    checks: AtomicU64,
-    shared: Option<Shared>,
+    rates: Rates,
 }
 
-/// The rates held in Redis, and this replica's own share of them for when Redis cannot be asked.
-struct Shared {
-    rates: SharedRates,
-    cluster: Arc<Cluster>,
-    /// Every rate divided by N, made for the N it was made with.
-    alone: Mutex<Option<(u32, Arc<PrincipalLimits>)>>,
+/// Where the requests are counted.
+enum Rates {
+    /// In this process.
+    Local(LocalRates),
+    /// In Redis for every replica (or, out of reach, at this replica's share).
+    Shared(SharedRates),
 }
 
 impl PrincipalLimits {
@@ -62,22 +59,15 @@ impl PrincipalLimits {
     pub fn new(rate: Rate) -> PrincipalLimits {
         PrincipalLimits {
             rate,
-            default: keyed(rate),
-            overrides: Mutex::new(HashMap::new()),
-            checks: AtomicU64::new(0),
-            shared: None,
+            rates: Rates::Local(LocalRates::new(rate)),
         }
     }
 
     /// A limiter for `rate` per principal across every replica sharing through `cluster`.
     pub fn shared(rate: Rate, cluster: Arc<Cluster>) -> PrincipalLimits {
         PrincipalLimits {
-            shared: Some(Shared {
-                rates: SharedRates::new(cluster.clone()),
-                cluster,
-                alone: Mutex::new(None),
-            }),
-            ..PrincipalLimits::new(rate)
+            rate,
+            rates: Rates::Shared(SharedRates::new(cluster)),
         }
     }
 
@@ -85,41 +75,49 @@ impl PrincipalLimits {
     /// saying when to come back. Shared, it asks Redis once per lease of a few requests (none
     /// while the caller is refused); Redis out of reach, it counts alone at the rate divided by N.
     pub async fn check_principal(&self, subject: &str, rate: Option<Rate>) -> Result<(), Error> {
-        let Some(shared) = &self.shared else {
-            return self.check_here(subject, rate);
+        let counted = match &self.rates {
+            Rates::Local(local) => local.check(subject, rate),
+            Rates::Shared(shared) => shared.count(subject, self.rate, rate).await,
         };
-        match shared.rates.check(subject, rate.unwrap_or(self.rate)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(wait)) => Err(Error::TooManyRequests {
-                retry_after: retry_after_secs(wait),
-                reason: Throttle::Principal,
-            }),
-            Err(Unavailable) => {
-                let n = shared.cluster.replicas();
-                let alone = {
-                    let mut alone = shared.alone.lock().unwrap_or_else(|e| e.into_inner());
-                    match &*alone {
-                        Some((made_for, limits)) if *made_for == n => limits.clone(),
-                        _ => alone
-                            .insert((n, Arc::new(PrincipalLimits::new(share(self.rate, n)))))
-                            .1
-                            .clone(),
-                    }
-                };
-                alone.check_here(subject, rate.map(|r| share(r, n)))
-            }
+        counted.map_err(|wait| Error::TooManyRequests {
+            retry_after: retry_after_secs(wait),
+            reason: Throttle::Principal,
+        })
+    }
+}
+
+/// Principals' rates counted in this process: one governor table for the default rate, one per
+/// distinct policy rate.
+pub struct LocalRates {
+    rate: Rate,
+    default: Keyed,
+    /// One limiter per distinct policy rate; few exist, so the lock is brief and rare.
+    overrides: Mutex<HashMap<Rate, Arc<Keyed>>>,
+    checks: AtomicU64,
+}
+
+impl LocalRates {
+    /// Every principal at `rate` unless its policy sets another.
+    pub fn new(rate: Rate) -> LocalRates {
+        LocalRates {
+            rate,
+            default: keyed(rate),
+            overrides: Mutex::new(HashMap::new()),
+            checks: AtomicU64::new(0),
         }
     }
 
-    /// Counts one request against this process's limiters.
-    fn check_here(&self, subject: &str, rate: Option<Rate>) -> Result<(), Error> {
+    /// Counts one request of `subject` at `rate` (the default one when `None`): allowed, or
+    /// refused for how long.
+    pub fn check(&self, subject: &str, rate: Option<Rate>) -> Result<(), Duration> {
         let own;
         let limiter = match rate {
             Some(rate) if rate != self.rate => {
+                // The map holds whole limiters only: a panic elsewhere cannot leave it torn.
                 own = self
                     .overrides
                     .lock()
-                    .map_err(|_| Error::Internal("rate limiter lock poisoned".into()))?
+                    .unwrap_or_else(|e| e.into_inner())
                     .entry(rate)
                     .or_insert_with(|| Arc::new(keyed(rate)))
                     .clone();
@@ -133,10 +131,7 @@ impl PrincipalLimits {
         }
         limiter
             .check_key(&subject.to_owned())
-            .map_err(|not_until| Error::TooManyRequests {
-                retry_after: retry_after_secs(not_until.wait_time_from(limiter.clock().now())),
-                reason: Throttle::Principal,
-            })
+            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
     }
 
     /// How many principals the default table holds.
@@ -149,7 +144,6 @@ impl PrincipalLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn rate(count: u32) -> Rate {
         Rate {
@@ -158,38 +152,42 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_principal_gets_twice_its_rate_as_a_burst_and_others_are_untouched() {
+    #[tokio::test]
+    async fn a_principal_gets_twice_its_rate_as_a_burst_and_others_are_untouched() {
         let limits = PrincipalLimits::new(rate(5));
-        let allowed = (0..30)
-            .filter(|_| limits.check_here("alice", None).is_ok())
-            .count();
+        let mut allowed = 0;
+        for _ in 0..30 {
+            allowed += usize::from(limits.check_principal("alice", None).await.is_ok());
+        }
         // The burst is 10; a test slower than one pace step may see one more.
         assert!((10..=11).contains(&allowed), "{allowed}");
-        match limits.check_here("alice", None) {
+        match limits.check_principal("alice", None).await {
             Err(Error::TooManyRequests {
                 retry_after,
                 reason: Throttle::Principal,
             }) => assert!(retry_after >= 1),
             other => panic!("expected a principal 429, got {other:?}"),
         }
-        assert!(limits.check_here("bob", None).is_ok());
-        assert_eq!(limits.tracked(), 2);
+        assert!(limits.check_principal("bob", None).await.is_ok());
+        let Rates::Local(local) = &limits.rates else {
+            panic!("counted in this process")
+        };
+        assert_eq!(local.tracked(), 2);
     }
 
     #[test]
     fn principals_back_at_a_full_burst_are_forgotten_so_the_table_stays_small() {
         // A pace of 1 µs: a principal seen once is back at a full burst a microsecond later.
-        let limits = PrincipalLimits::new(rate(1_000_000));
+        let limits = LocalRates::new(rate(1_000_000));
         let passers_by = SWEEP_EVERY - 1;
         for i in 0..passers_by {
-            assert!(limits.check_here(&format!("caller-{i}"), None).is_ok());
+            assert!(limits.check(&format!("caller-{i}"), None).is_ok());
         }
         assert_eq!(limits.tracked() as u64, passers_by);
         // Not synchronisation: the passing of (many paces') time is what makes them forgettable.
         std::thread::sleep(Duration::from_millis(5));
         // The next check sweeps: only the principal just checked is left.
-        assert!(limits.check_here("alice", None).is_ok());
+        assert!(limits.check("alice", None).is_ok());
         assert_eq!(limits.tracked(), 1);
     }
 }
