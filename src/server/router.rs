@@ -65,7 +65,10 @@ pub(super) fn router(
         .layer(RequestBodyDeadlineLayer::new(limits.body_deadline));
     let mut router = Router::new();
     // With a listener of its own, `/metrics` is unknown here: a 404 like any unknown path.
-    for route in ROUTES.iter().filter(|r| metrics_here || r.path != "/metrics") {
+    for route in ROUTES
+        .iter()
+        .filter(|r| metrics_here || r.path != "/metrics")
+    {
         let method = MethodFilter::try_from(route.method.clone())
             .expect("a route's method is one axum can filter on");
         router = router.route(
