@@ -75,9 +75,13 @@ pub enum Error {
     /// The path names no operation the gateway serves.
     #[error("resource is not found")]
     NotFound,
-    /// The path exists but not with this method.
+    /// The path exists but not with this method; `allow` lists the methods it has, for the
+    /// `Allow` header RFC 9110 requires on a 405 (`GET, HEAD`).
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed {
+        /// The `Allow` header's value; empty when the router sets the header itself.
+        allow: String,
+    },
     /// Query or path arguments failed validation; nothing was sent upstream.
     #[error("invalid argument(s)")]
     InvalidArguments(Vec<ArgError>),
@@ -150,7 +154,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::NotFound => StatusCode::NOT_FOUND,
-            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::InvalidArguments(_) | Error::MalformedBody => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Error::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -172,7 +176,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::NotFound => "not_found",
-            Error::MethodNotAllowed => "method_not_allowed",
+            Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::InvalidArguments(_) => "invalid_arguments",
             Error::MalformedBody => "malformed_body",
             Error::PayloadTooLarge => "payload_too_large",
@@ -180,7 +184,14 @@ impl Error {
             Error::UriTooLong => "uri_too_long",
             Error::RequestTimeout => "request_timeout",
             // One reason per way authentication fails, so dashboards can tell expired tokens
-            // (a client bug) from bad signatures (an attack or a misconfiguration).
+            // (a client bug) from bad signatures (an attack or a misconfiguration), and a
+            // gateway key that names no one (a revoked key still in use, or guessing) from no
+            // credential at all.
+            Error::Unauthenticated {
+                method: AuthMethod::ApiKey,
+                reason: AuthReason::NotFound,
+                ..
+            } => "authentication_unknown_key",
             Error::Unauthenticated { reason, .. } => match reason {
                 AuthReason::InvalidArgument => "authentication_invalid",
                 AuthReason::Expired => "authentication_expired",
@@ -207,7 +218,7 @@ impl Error {
     pub(crate) fn body(&self) -> serde_json::Value {
         match self {
             Error::NotFound => json!({"message": "resource is not found", "type": "not_found"}),
-            Error::MethodNotAllowed => {
+            Error::MethodNotAllowed { .. } => {
                 json!({"message": "method not allowed on this resource", "type": "method_not_allowed"})
             }
             Error::InvalidArguments(details) => {
@@ -306,6 +317,11 @@ impl IntoResponse for Error {
             Error::Unavailable(_) | Error::Overloaded | Error::UnauthenticatedOverload => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
+            Error::MethodNotAllowed { allow } if !allow.is_empty() => {
+                if let Ok(allow) = HeaderValue::from_str(allow) {
+                    headers.insert(header::ALLOW, allow);
+                }
+            }
             _ => {}
         }
         response.extensions_mut().insert(ErrorKind(self.kind()));
@@ -348,7 +364,13 @@ mod tests {
     fn every_error_maps_to_its_status_and_a_scaleway_type() {
         let cases: Vec<(Error, u16, &str)> = vec![
             (Error::NotFound, 404, "not_found"),
-            (Error::MethodNotAllowed, 405, "method_not_allowed"),
+            (
+                Error::MethodNotAllowed {
+                    allow: "GET, HEAD".into(),
+                },
+                405,
+                "method_not_allowed",
+            ),
             (Error::InvalidArguments(vec![]), 400, "invalid_arguments"),
             (Error::MalformedBody, 400, "invalid_request_error"),
             (Error::PayloadTooLarge, 413, "payload_too_large"),

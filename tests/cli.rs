@@ -360,7 +360,10 @@ fn check_validates_the_redis_settings_without_connecting_or_echoing_the_password
 
     // Well-formed: valid without connecting (nothing listens on port 1).
     let good = [
-        ("GATEWAY_REDIS_URL", "rediss://:hunter2@127.0.0.1:1/0"),
+        (
+            "GATEWAY_REDIS_URL",
+            "rediss://:hunter2-but-long-9f3a1c@127.0.0.1:1/0",
+        ),
         ("GATEWAY_REDIS_PREFIX", "billing-gateway:{staging}"),
         ("GATEWAY_REDIS_TIMEOUT", "250ms"),
         ("GATEWAY_REDIS_FALLBACK_REPLICAS", "4"),

@@ -598,14 +598,7 @@ async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
     let slots = |max_wait: Duration| {
         let backoff = Arc::new(Backoff::default());
         let cluster = link(&redis);
-        let slots = SharedTurns::new(
-            cluster,
-            backoff.clone(),
-            per_second(10),
-            pace,
-            max_wait,
-            Arc::new(Metrics::default()),
-        );
+        let slots = SharedTurns::new(cluster, backoff.clone(), per_second(10), pace, max_wait);
         (slots, backoff)
     };
     let (a, _) = slots(Duration::from_secs(2));

@@ -51,9 +51,12 @@ fn the_fallback_replica_count_covers_a_rollout() {
     let deployment = manifest("deployment.yaml");
     let replicas: u32 = value_of(&deployment, "replicas").parse().expect("replicas");
     let surge: u32 = value_of(&deployment, "maxSurge").parse().expect("maxSurge");
-    let fallback: u32 = env_value(&deployment, "GATEWAY_REDIS_FALLBACK_REPLICAS")
-        .parse()
-        .expect("a count");
+    let fallback: u32 = env_value(
+        &manifest("patches/redis.yaml"),
+        "GATEWAY_REDIS_FALLBACK_REPLICAS",
+    )
+    .parse()
+    .expect("a count");
     assert_eq!(
         fallback,
         replicas + surge,
@@ -64,11 +67,13 @@ fn the_fallback_replica_count_covers_a_rollout() {
 #[test]
 fn the_gateway_and_its_redis_agree_on_the_credential_and_the_keys() {
     let deployment = manifest("deployment.yaml");
+    // The gateway's side of Redis: the patch added to the Deployment with redis.yaml.
+    let patch = manifest("patches/redis.yaml");
     let redis = manifest("redis.yaml");
     // The gateway reads the URL from the key of the Redis Secret it mounts.
-    let path = env_value(&deployment, "GATEWAY_REDIS_URL_FILE");
+    let path = env_value(&patch, "GATEWAY_REDIS_URL_FILE");
     let (dir, file) = path.rsplit_once('/').expect("a file path");
-    let mount = deployment
+    let mount = patch
         .split_once(&format!("mountPath: {dir}\n"))
         .expect("the Redis Secret's mount")
         .0
@@ -76,7 +81,7 @@ fn the_gateway_and_its_redis_agree_on_the_credential_and_the_keys() {
         .expect("a volume name")
         .1
         .trim();
-    let volume = deployment
+    let volume = patch
         .split_once(&format!("- name: {mount}\n          secret:\n"))
         .expect("the volume is a Secret")
         .1;

@@ -5,7 +5,7 @@
 
 use uuid::Uuid;
 
-use super::operations::{Audit, OPERATIONS, Operation, OrgRule, Scope};
+use super::operations::{Audit, Method, OPERATIONS, Operation, OrgRule, Scope};
 use super::query::{parse_uuid, validate_query};
 use crate::error::{ArgError, Error};
 
@@ -154,7 +154,10 @@ impl Call {
 /// // Anything else never becomes a call, so never reaches the upstream.
 /// assert!(parse("GET", "/billing/v2beta1/invoices/..%2Fsecret", None).is_err());
 /// assert!(matches!(parse("GET", "/billing/v2beta1/anything", None), Err(Error::NotFound)));
-/// assert!(matches!(parse("DELETE", "/billing/v2beta1/invoices", None), Err(Error::MethodNotAllowed)));
+/// let refused = parse("DELETE", "/billing/v2beta1/invoices", None);
+/// assert!(matches!(refused, Err(Error::MethodNotAllowed { allow }) if allow == "GET, HEAD"));
+/// // HEAD is the GET it stands for.
+/// assert_eq!(parse("HEAD", "/billing/v2beta1/invoices", None).expect("valid").op.name, "invoices");
 /// for query in ["page=0", "page_size=101", "colour=blue", "project_id=not-a-uuid"] {
 ///     let refused = parse("GET", "/billing/v2beta1/consumptions", Some(query));
 ///     assert!(matches!(refused, Err(Error::InvalidArguments(_))), "{query}");
@@ -177,21 +180,29 @@ pub fn parse(method: &str, path: &str, raw_query: Option<&str>) -> Result<Call, 
     Ok(Call { op, id, query })
 }
 
+/// `HEAD` is served wherever `GET` is, as the `GET` it stands for: the upstream is sent that
+/// `GET` (the Billing API promises nothing about `HEAD`, and a cached answer serves both), and
+/// the server drops the body of the answer.
 fn route(method: &str, path: &str) -> Result<(&'static Operation, Option<Uuid>), Error> {
-    let mut path_matched = false;
+    let asked = if method == "HEAD" { "GET" } else { method };
+    let mut allowed: Vec<&'static str> = Vec::new();
     for op in OPERATIONS {
         let Some(id) = match_template(op.path, path)? else {
             continue;
         };
-        if op.method.as_str() == method {
+        if op.method.as_str() == asked {
             return Ok((op, id));
         }
-        path_matched = true;
+        allowed.push(op.method.as_str());
+        if op.method == Method::Get {
+            allowed.push("HEAD");
+        }
     }
-    Err(if path_matched {
-        Error::MethodNotAllowed
-    } else {
-        Error::NotFound
+    if allowed.is_empty() {
+        return Err(Error::NotFound);
+    }
+    Err(Error::MethodNotAllowed {
+        allow: allowed.join(", "),
     })
 }
 

@@ -5,6 +5,7 @@
 //! [`Kind`] here, whichever path asked for it.
 
 use std::borrow::Cow;
+use std::num::IntErrorKind;
 
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
@@ -36,6 +37,17 @@ pub(super) fn validate_query(
         };
         // The Go SDK sends unset strings as `name=`: that means "not given".
         if value.is_empty() {
+            continue;
+        }
+        // `form_urlencoded` decodes bytes that are not UTF-8 as U+FFFD rather than failing: such
+        // a value is refused, never forwarded altered. (A U+FFFD sent on purpose is refused too:
+        // no Billing value holds one.)
+        if value.contains(char::REPLACEMENT_CHARACTER) {
+            errors.push(ArgError::new(
+                param.name,
+                "format",
+                "value must be UTF-8 text once percent-decoded",
+            ));
             continue;
         }
         if !param.list && query.iter().any(|(n, _)| *n == param.name) {
@@ -95,9 +107,14 @@ fn normalise(kind: Kind, value: &str) -> Result<String, String> {
             .find(|a| **a == value)
             .map(|a| (*a).to_owned())
             .ok_or_else(|| format!("value must be one of: {}", allowed.join(", "))),
+        // Scaleway's pages are int32: past its largest, say so rather than "at least 1".
         Kind::Page => match value.parse::<i32>() {
             Ok(n) if n >= 1 => Ok(n.to_string()),
-            _ => Err("value must be an integer of at least 1".into()),
+            Err(e) if *e.kind() == IntErrorKind::PosOverflow => Err(format!(
+                "value is too large: a page number is at most {}",
+                i32::MAX
+            )),
+            _ => Err(format!("value must be an integer from 1 to {}", i32::MAX)),
         },
         Kind::PageSize(max) => match value.parse::<u32>() {
             Ok(n) if (1..=max).contains(&n) => Ok(n.to_string()),
@@ -256,6 +273,50 @@ mod tests {
                 ("evil".into(), "unknown"),
             ]
         );
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_refused_naming_its_parameter() {
+        let refused = call(
+            "GET",
+            "/billing/v2beta1/consumptions",
+            "category_name=%FF%FE%C0%AF&page=1",
+        );
+        let Err(Error::InvalidArguments(d)) = refused else {
+            panic!("expected invalid_arguments, got {refused:?}");
+        };
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(
+            (d[0].argument_name.as_str(), d[0].reason),
+            ("category_name", "format")
+        );
+        assert!(d[0].help_message.contains("UTF-8"), "{d:?}");
+        // Valid UTF-8, percent-encoded, still passes.
+        assert!(
+            call(
+                "GET",
+                "/billing/v2beta1/consumptions",
+                "category_name=%C3%A9"
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_page_past_int32_says_it_is_too_large_and_names_the_bound() {
+        let help = |query: &str| match call("GET", "/billing/v2beta1/invoices", query) {
+            Err(Error::InvalidArguments(d)) => d[0].help_message.clone(),
+            other => panic!("expected invalid_arguments, got {other:?}"),
+        };
+        assert_eq!(
+            help("page=2147483648"),
+            "value is too large: a page number is at most 2147483647"
+        );
+        assert_eq!(
+            help("page=0"),
+            "value must be an integer from 1 to 2147483647"
+        );
+        assert!(call("GET", "/billing/v2beta1/invoices", "page=2147483647").is_ok());
     }
 
     #[test]

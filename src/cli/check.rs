@@ -9,11 +9,22 @@ use billing_gateway::policy::{PolicySet, cases};
 use billing_gateway::server::tls::Tls;
 use std::path::Path;
 
-/// Exit 0 when `serve` would start and every case holds; otherwise every problem, one per line
-/// (each naming its variable or `file:line`), in one run.
-pub(super) fn run(config: Option<&Path>) -> anyhow::Result<()> {
+/// What `serve` and `check` both find before anything runs: the configuration, the policy, the
+/// TLS files and a way for callers to authenticate. One validation, so `check` refuses exactly
+/// what `serve` would, with the same lines.
+pub(super) struct Validated {
+    /// Every setting that could be read (defaults for the rest).
+    pub(super) config: Config,
+    /// The policy folder, when it loads.
+    pub(super) policy: Option<PolicySet>,
+    /// Every problem, one line each, naming its variable or `file:line`.
+    pub(super) problems: Vec<String>,
+}
+
+/// See [`Validated`].
+pub(super) fn validate(file: Option<&Path>) -> Validated {
     // Read with `serve`'s needs: a check that passes what `serve` refuses vouches for nothing.
-    let (config, problems) = Config::gather(config, &env, Needs::Serve);
+    let (config, problems) = Config::gather(file, &env, Needs::Serve);
     let mut problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
     let policy = PolicySet::load_dir(&config.policy_dir)
         .map_err(|e| problems.push(e.to_string()))
@@ -28,20 +39,43 @@ pub(super) fn run(config: Option<&Path>) -> anyhow::Result<()> {
     {
         problems.push(e.to_string());
     }
+    Validated {
+        config,
+        policy,
+        problems,
+    }
+}
+
+/// Writes every problem to stderr, one per line; the error that ends the command counts them.
+pub(super) fn refuse(problems: &[String]) -> anyhow::Error {
+    for problem in problems {
+        eprintln!("{problem}");
+    }
+    anyhow::anyhow!("{} found", count(problems.len()))
+}
+
+/// Exit 0 when `serve` would start and every case holds; otherwise every problem, one per line
+/// (each naming its variable or `file:line`), in one run.
+pub(super) fn run(file: Option<&Path>) -> anyhow::Result<()> {
+    let Validated {
+        config,
+        policy,
+        mut problems,
+    } = validate(file);
     let tests = config.policy_dir.join("tests");
     let cases = cases::load_dir(&tests)
         .map_err(|e| problems.push(e.to_string()))
         .ok();
-    for problem in &problems {
-        eprintln!("{problem}");
-    }
     // Not a problem (`serve` starts), but what the operator should hear before it does.
     if let Some(warning) = billing_gateway::auth::audience_warning(&config.auth) {
         eprintln!("warning: {warning}");
     }
     let (Some(policy), Some(files)) = (policy, cases) else {
-        bail!("{} found", count(problems.len()));
+        return Err(refuse(&problems));
     };
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
     let report = cases::run(&policy, &files, config.upstream.organization_id);
     for failure in &report.failures {
         eprintln!("{failure}");

@@ -93,16 +93,36 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
         "http"
     };
 
-    // The policy folder (re-read like `serve`'s) or, when there is no `policies/` here, the
-    // built-in default; plus, on every load, one key for the official SDKs.
+    // The policy folder (re-read like `serve`'s). With no `policies/` here, the built-in default
+    // is written there first, so that the folder `key new` checks against and tells to edit is
+    // the one in force, now and after a restart; where it cannot be written, the built-in
+    // default is used as it is. Plus, on every load, one key for the official SDKs.
     let gateway_key = uuid::Uuid::new_v4();
     let sdk_key = vec![(
         PathBuf::from("(demo: the SDK key)"),
         sdk_key_policy(&gateway_key),
     )];
     let dir = config.policy_dir.clone();
-    let (policy, policy_line) = if dir == Path::new(DEFAULT_POLICY_DIR) && !dir.exists() {
-        tracing::info!("no {DEFAULT_POLICY_DIR}/ folder here: using the built-in default policy");
+    let unwritable = dir == Path::new(DEFAULT_POLICY_DIR)
+        && !dir.exists()
+        && match write_default_policy(&dir) {
+            Ok(file) => {
+                tracing::info!(
+                    "no {DEFAULT_POLICY_DIR}/ folder here: wrote the built-in default policy to {}",
+                    file.display()
+                );
+                false
+            }
+            Err(e) => {
+                tracing::info!(
+                    error = %e,
+                    "no {DEFAULT_POLICY_DIR}/ folder here and none can be written: using the \
+                     built-in default policy"
+                );
+                true
+            }
+        };
+    let (policy, policy_line) = if unwritable {
         let sources = [
             vec![(
                 PathBuf::from("(built-in) policies/default.toml"),
@@ -112,7 +132,8 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
         ]
         .concat();
         let policy = LivePolicy::fixed(PolicySet::from_sources(&sources)?);
-        let line = "the built-in default (no policies/ folder here)".to_owned();
+        let line =
+            "the built-in default (no policies/ folder here, and none could be written)".to_owned();
         (policy, line)
     } else {
         let policy = LivePolicy::load_dir_with(&dir, sdk_key).context("policy")?;
@@ -123,6 +144,23 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
         (policy, line)
     };
 
+    // The banner shows only calls that work with the policy in force: a folder that does not
+    // bind the `roles` claim (policies/examples) refuses the printed tokens everything.
+    let (reads, manages, downloads) = {
+        let policy = policy.load();
+        let may = |role: &str, target: &str| may(&policy, role, target);
+        (
+            may(
+                "billing-read-only",
+                "/billing/v2beta1/consumptions?page_size=3",
+            ),
+            may("billing-manager", "/billing/v2beta1/invoices?page_size=2"),
+            may(
+                "billing-manager",
+                &format!("/billing/v2beta1/invoices/{invoice}/download?dl=1"),
+            ),
+        )
+    };
     let app = App::with_live_policy(config, policy).await?;
     tokio::spawn(billing_sim::serve(sim_listener, sim));
     let base = format!("{scheme}://{}", app.addr()?);
@@ -141,18 +179,37 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
         claims,
         ttl,
     )?;
+    let mut curls = String::new();
+    if reads {
+        curls += &format!(
+            "curl -s -H \"Authorization: Bearer $READ_ONLY\" '{base}/billing/v2beta1/consumptions?page_size=3'\n\
+             curl -s -H \"Authorization: Bearer $READ_ONLY\" '{base}/billing/v2beta1/invoices'   # 403: read-only\n"
+        );
+    }
+    if manages {
+        curls += &format!(
+            "curl -s -H \"X-Auth-Token: $MANAGER\" '{base}/billing/v2beta1/invoices?page_size=2'\n"
+        );
+    }
+    if downloads {
+        curls += &format!(
+            "curl -s -H \"X-Auth-Token: $MANAGER\" -o invoice.pdf '{base}/billing/v2beta1/invoices/{invoice}/download?dl=1'\n"
+        );
+    }
+    if !(reads && manages && downloads) {
+        curls += "# The policy in force does not grant READ_ONLY and MANAGER (tokens with a `roles` claim)\n\
+                  # what the default does: mint tokens it binds with `billing-gateway token` (policies/README.md).\n";
+    }
     println!(
         "billing-gateway demo: {base} -> simulated Billing API at {sim_url}\n\n\
          READ_ONLY={read_only}\n\
          MANAGER={manager}\n\
          GATEWAY_KEY={gateway_key}\n\n\
-         curl -s -H \"Authorization: Bearer $READ_ONLY\" '{base}/billing/v2beta1/consumptions?page_size=3'\n\
-         curl -s -H \"Authorization: Bearer $READ_ONLY\" '{base}/billing/v2beta1/invoices'   # 403: read-only\n\
-         curl -s -H \"X-Auth-Token: $MANAGER\" '{base}/billing/v2beta1/invoices?page_size=2'\n\
-         curl -s -H \"X-Auth-Token: $MANAGER\" -o invoice.pdf '{base}/billing/v2beta1/invoices/{invoice}/download?dl=1'\n\
+         {curls}\
          curl -s -H \"X-Auth-Token: $GATEWAY_KEY\" '{base}/gateway/v1/whoami'\n\n\
          # The official SDKs and the scw CLI, unmodified, with the gateway key as their secret key\n\
-         # (Python Client.from_env(), JS loadProfileFromEnvironmentValues(); the access key is never sent):\n\
+         # (Python Client.from_env(); JS loadProfileFromEnvironmentValues() from @scaleway/configuration-loader;\n\
+         # the access key is never sent):\n\
          export SCW_ACCESS_KEY=SCWXXXXXXXXXXXXXXXXX SCW_SECRET_KEY={gateway_key} SCW_DEFAULT_ORGANIZATION_ID={organization} SCW_API_URL={base}\n\
          python3 -c 'from scaleway import Client; from scaleway.billing.v2beta1 import BillingV2Beta1API as B; print(B(Client.from_env()).list_invoices().total_count)'   # pip install scaleway\n\n\
          Policy: {policy_line}\n\
@@ -161,6 +218,26 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
     app.run_until(shutdown_signal()).await?;
     telemetry.shutdown().await;
     Ok(())
+}
+
+/// Writes the built-in default policy into the new folder `dir`; the file written.
+fn write_default_policy(dir: &Path) -> std::io::Result<PathBuf> {
+    std::fs::create_dir(dir)?;
+    let file = dir.join("default.toml");
+    std::fs::write(&file, DEFAULT_POLICY)?;
+    Ok(file)
+}
+
+/// Whether `policy` lets a token whose `roles` claim holds `role` make the `GET` `target` names.
+fn may(policy: &PolicySet, role: &str, target: &str) -> bool {
+    let (path, query) = target
+        .split_once('?')
+        .map_or((target, None), |(path, query)| (path, Some(query)));
+    let claims = serde_json::Map::from_iter([("roles".to_owned(), serde_json::json!([role]))]);
+    let principal = policy.principal_for_claims("demo".to_owned(), &claims);
+    billing_gateway::billing::parse("GET", path, query)
+        .and_then(|mut call| billing_gateway::policy::decide(&principal, &mut call))
+        .is_ok()
 }
 
 /// The demo's gateway key (`demo-sdk`), with a role of its own holding every permission, so it

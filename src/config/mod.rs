@@ -19,6 +19,7 @@ mod problem;
 mod settings;
 mod sources;
 pub mod units;
+mod weak;
 
 pub use locate::{line_at, syntax_error_at};
 pub use problem::{ConfigErrors, Problem};
@@ -47,6 +48,9 @@ pub const DEFAULT_API_URL: &str = "https://api.scaleway.com";
 pub struct Config {
     /// Where the gateway listens; port 0 picks a free one.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served instead, when set (contract §9): its labels name principal
+    /// classes and gateway keys, so it stays off the callers' listener (which answers it 404).
+    pub metrics_listen: Option<SocketAddr>,
     /// Folder of `*.toml` policy files.
     pub policy_dir: PathBuf,
     /// Log line format; `None` picks pretty on a terminal, JSON elsewhere.
@@ -254,6 +258,7 @@ impl Config {
     pub fn new(upstream_url: &str, organization_id: Uuid, secret_key: SecretString) -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
             policy_dir: PathBuf::from("policies"),
             log_format: None,
             upstream: UpstreamConfig {

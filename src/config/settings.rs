@@ -14,6 +14,7 @@ use super::units::{
     parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate, parse_redis_url,
     parse_size,
 };
+use super::weak;
 use super::{Config, LogFormat, TlsFiles};
 
 /// Where a setting may be written besides its environment variable.
@@ -83,7 +84,9 @@ impl Setting {
 pub(super) static SETTINGS: &[Setting] = &[
     secret("SCW_SECRET_KEY", "upstream.secret_key", |c, v| {
         // Never echoed: a real key with a typo is still nearly a real key.
-        Uuid::try_parse(&v).map_err(|_| "not a Scaleway secret key (a UUID)".to_owned())?;
+        let key =
+            Uuid::try_parse(&v).map_err(|_| "not a Scaleway secret key (a UUID)".to_owned())?;
+        weak::secret_key(&key)?;
         c.upstream.secret_key = SecretString::from(v);
         Ok(())
     })
@@ -106,6 +109,11 @@ pub(super) static SETTINGS: &[Setting] = &[
             .map(|addr| c.listen = addr)
             .map_err(|_| format!("`{v}` is not an address such as 127.0.0.1:8080"))
     }),
+    file("GATEWAY_METRICS_LISTEN", "metrics.listen", |c, v| {
+        v.parse::<SocketAddr>()
+            .map(|addr| c.metrics_listen = Some(addr))
+            .map_err(|_| format!("`{v}` is not an address such as 0.0.0.0:9090"))
+    }),
     file("GATEWAY_POLICY_DIR", "policy.dir", |c, v| {
         c.policy_dir = PathBuf::from(v);
         Ok(())
@@ -114,6 +122,7 @@ pub(super) static SETTINGS: &[Setting] = &[
         if v.len() < 32 {
             return Err("must be at least 32 bytes (256 bits) long".into());
         }
+        weak::hs256_secret(&v)?;
         c.auth.hs256_secret = Some(SecretString::from(v));
         Ok(())
     }),
@@ -211,7 +220,7 @@ pub(super) static SETTINGS: &[Setting] = &[
     }),
     // A Redis URL may carry a password: a secret, like the keys; never echoed.
     secret("GATEWAY_REDIS_URL", "redis.url", |c, v| {
-        parse_redis_url(&v)?;
+        weak::redis_password(&parse_redis_url(&v)?)?;
         c.redis.url = Some(SecretString::from(v));
         Ok(())
     }),

@@ -194,6 +194,11 @@ async fn read_body(body: Body) -> Result<(), Error> {
     if http_body::Body::is_end_stream(&body) {
         return Ok(());
     }
+    // A declared length over the limit is refused before any read, so a client that asked
+    // `Expect: 100-continue` is answered 413 without being invited to send the body.
+    if http_body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+        return Err(Error::PayloadTooLarge);
+    }
     axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
         let caused_by = |is: fn(&(dyn std::error::Error + 'static)) -> bool| {
             std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source()).any(is)

@@ -39,14 +39,23 @@ pub(super) async fn serve(
     // gateway's JSON 414 and 431 (`HeadLimits` in `layer.rs`): a head within twice the gateway's limits
     // reaches the router and gets its JSON answer.
     let head_cap = ((limits.max_header_bytes + limits.max_uri_bytes) * 2).max(8192);
+    let head_fields = (limits.max_header_bytes / 4).max(limits.max_headers * 2);
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(head_cap)
-        .max_headers(limits.max_headers.saturating_mul(2).max(100));
+        // As many header lines as `max_header_bytes` holds at their shortest (`a:\r\n`, 4
+        // bytes): thousands of fields get the gateway's JSON 431, not hyper's bare one. Not as
+        // many as the whole buffer holds: hyper allocates this many slots (64 bytes each) at
+        // every parse, and past 512 KiB the allocation costs microseconds per request (8,192
+        // slots: 36 ns, as for 200; 20,480: 1.6-3.7 us, measured with mimalloc).
+        .max_headers(head_fields);
+    // HTTP/2 counts 32 bytes more per field (RFC 9113 §6.5.2): room for as many fields as
+    // HTTP/1.1 takes, so h2's bare 431 is no nearer than hyper's.
+    let head_list = head_cap + 32 * head_fields;
     http.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(head_cap).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(head_list).unwrap_or(u32::MAX))
         // One connection cannot hold more than this many requests open, however it stalls them.
         .max_concurrent_streams(limits.max_streams_per_connection)
         // Request bodies are at most a few KiB: a client cannot make the gateway buffer

@@ -17,7 +17,7 @@ pub mod tls;
 
 use accept::serve;
 use connections::Connections;
-use router::router;
+use router::{metrics_router, router};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -79,8 +79,8 @@ pub enum StartError {
 /// Request heads: the gateway answers JSON `414` past `max_uri_bytes` and JSON `431` past
 /// `max_header_bytes` or `max_headers`. hyper's own, bare answers only come past hard caps set
 /// well above those: a whole head over twice `max_header_bytes + max_uri_bytes` (`431`), more
-/// than twice `max_headers` headers over HTTP/1.1 (`431`), or a request target of 64 KiB or more
-/// over HTTP/1.1 (`414`, hyper's fixed limit).
+/// than `max_header_bytes / 4` header fields (`431`: 8,192 by default), or a request target of
+/// 64 KiB or more over HTTP/1.1 (`414`, hyper's fixed limit).
 ///
 /// Places in flight: an authenticated request holds one from the moment its caller is known and
 /// allowed until its answer is given, or, for an upstream body relayed as it comes, until the
@@ -155,6 +155,8 @@ impl Default for ServerLimits {
 /// A bound, ready-to-run gateway.
 pub struct App {
     listener: TcpListener,
+    /// `/metrics`'s own listener, when `GATEWAY_METRICS_LISTEN` is set.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     policy_poll: Duration,
     limits: ServerLimits,
@@ -222,6 +224,14 @@ impl App {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let state = Arc::new(Services {
             auth: Authenticator::start_reporting(&config.auth, metrics.jwks_fetch())
                 .await
@@ -248,6 +258,7 @@ impl App {
         });
         Ok(App {
             listener,
+            metrics_listener,
             state,
             policy_poll: reload::DEFAULT_POLL,
             limits: ServerLimits {
@@ -308,6 +319,14 @@ impl App {
         self.listener.local_addr()
     }
 
+    /// Where `/metrics` is served when it has a listener of its own (the real port when 0 was
+    /// asked); `None`: on the main listener.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, turns `/readyz` 503 and lets
     /// in-flight requests (downloads included) finish within the grace period.
     pub async fn run_until(
@@ -316,6 +335,7 @@ impl App {
     ) -> std::io::Result<()> {
         let App {
             listener,
+            metrics_listener,
             state,
             policy_poll,
             limits,
@@ -324,12 +344,31 @@ impl App {
             log,
             hangup,
         } = self;
-        let router = router(state.clone(), &limits, &cors_origins, log.clone());
+        let router = router(
+            state.clone(),
+            &limits,
+            &cors_origins,
+            log.clone(),
+            metrics_listener.is_none(),
+        );
         let connections = Arc::new(Connections::new(
             limits.max_connections,
             limits.idle_timeout,
             state.metrics.connections(),
         ));
+        // The metrics listener is for Prometheus inside the pod network: plain axum, outside the
+        // client connection bound.
+        let scrapes = async {
+            match metrics_listener {
+                Some(listener) => {
+                    if let Err(e) = axum::serve(listener, metrics_router(state.clone())).await {
+                        tracing::error!(error = %e, "the metrics listener stopped");
+                    }
+                    std::future::pending().await
+                }
+                None => std::future::pending().await,
+            }
+        };
         let certificate = async {
             match &tls {
                 Some(tls) => tls.watch(policy_poll).await,
@@ -349,6 +388,7 @@ impl App {
             never = certificate => match never {},
             never = cluster => match never {},
             never = state.cache.follow_purges() => match never {},
+            never = scrapes => match never {},
         }
 
         state.draining.store(true, Ordering::SeqCst);

@@ -52,6 +52,9 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     state
         .metrics
         .set_waiting_principals(state.upstream.waiting_principals());
+    state
+        .metrics
+        .set_budget_degraded_rate(state.upstream.degraded_rate());
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -17,6 +17,7 @@ use tower_http::timeout::RequestBodyDeadlineLayer;
 
 use super::ServerLimits;
 use super::layer::{HeadLimits, RequestLayer};
+use super::probes::metrics;
 use super::routes::{ROUTES, Serve};
 use crate::admission::{Admission, Bounds};
 use crate::error::Error;
@@ -30,6 +31,7 @@ pub(super) fn router(
     limits: &ServerLimits,
     cors_origins: &[String],
     log: AccessLog,
+    metrics_here: bool,
 ) -> Router {
     // Authenticated requests take a place once their caller is known; probes and scrapes never
     // do, so a busy gateway is not mistaken for a dead one (`/readyz` says when it is full).
@@ -62,7 +64,11 @@ pub(super) fn router(
         // a trickle of one byte a second included (an idle timeout never fires on that).
         .layer(RequestBodyDeadlineLayer::new(limits.body_deadline));
     let mut router = Router::new();
-    for route in ROUTES {
+    // With a listener of its own, `/metrics` is unknown here: a 404 like any unknown path.
+    for route in ROUTES
+        .iter()
+        .filter(|r| metrics_here || r.path != "/metrics")
+    {
         let method = MethodFilter::try_from(route.method.clone())
             .expect("a route's method is one axum can filter on");
         router = router.route(
@@ -76,11 +82,24 @@ pub(super) fn router(
     router
         // Every Billing path, and every unknown one (answered 404 by the operation table).
         .fallback(proxy::billing)
-        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
+        // axum sets `Allow` on this answer itself, from the route's methods.
+        .method_not_allowed_fallback(|| async {
+            Error::MethodNotAllowed {
+                allow: String::new(),
+            }
+            .into_response()
+        })
         // Handed to its route rather than fetched by it: the document reads the route table.
         .layer(Extension(Arc::new(super::openapi::document())))
         .with_state(state)
         .layer(layers)
+}
+
+/// The metrics listener's routes (`GATEWAY_METRICS_LISTEN`): `/metrics` alone, for the scraper.
+pub(super) fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", on(MethodFilter::GET, metrics))
+        .with_state(state)
 }
 
 /// The route of an authenticated gateway endpoint: served in the same order as a Billing call.

@@ -12,7 +12,6 @@ use super::shared::{DEAD_TIME, SharedTurns};
 use crate::cluster::Cluster;
 use crate::config::Rate;
 use crate::error::{Error, Throttle, retry_after_secs};
-use crate::telemetry::Metrics;
 
 /// The longest a call waits for its turn in the upstream budget before it is answered 429.
 pub const UPSTREAM_MAX_WAIT: Duration = Duration::from_secs(2);
@@ -68,9 +67,8 @@ impl UpstreamBudget {
         max_wait: Duration,
         cluster: Arc<Cluster>,
         backoff: Arc<Backoff>,
-        metrics: Arc<Metrics>,
     ) -> UpstreamBudget {
-        let turns = SharedTurns::new(cluster, backoff, rate, period(rate), max_wait, metrics);
+        let turns = SharedTurns::new(cluster, backoff, rate, period(rate), max_wait);
         UpstreamBudget::with_turns(rate, max_wait, Turns::Shared(Box::new(turns)))
     }
 

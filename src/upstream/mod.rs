@@ -87,13 +87,9 @@ impl Upstream {
         key.set_sensitive(true);
         let backoff = Arc::new(Backoff::default());
         let budget = match cluster {
-            Some(cluster) => UpstreamBudget::shared(
-                cfg.rate,
-                UPSTREAM_MAX_WAIT,
-                cluster,
-                backoff.clone(),
-                metrics.clone(),
-            ),
+            Some(cluster) => {
+                UpstreamBudget::shared(cfg.rate, UPSTREAM_MAX_WAIT, cluster, backoff.clone())
+            }
             None => UpstreamBudget::new(cfg.rate, UPSTREAM_MAX_WAIT),
         };
         Ok(Upstream {
@@ -110,6 +106,14 @@ impl Upstream {
     /// Time left before the upstream is called again after a 429 (zero when not backing off).
     pub fn backoff_remaining(&self) -> Duration {
         self.backoff.remaining()
+    }
+
+    /// The calls per second this replica allows itself while it cannot share through Redis (0
+    /// while it shares, or runs alone by configuration).
+    pub fn degraded_rate(&self) -> f64 {
+        self.budget
+            .shared_turns()
+            .map_or(0.0, SharedTurns::degraded_rate)
     }
 
     /// How many principals have calls waiting for a turn in the budget.

@@ -18,7 +18,6 @@ use tokio::time::Instant;
 use super::pace::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace, period};
 use crate::cluster::{Cluster, Mode, Op, share};
 use crate::config::Rate;
-use crate::telemetry::Metrics;
 
 static RESERVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/budget_reserve.lua")));
@@ -57,7 +56,6 @@ pub struct SharedTurns {
     closed: Mutex<Option<Instant>>,
     /// The one turn this replica has reserved and not yet spent.
     held: Mutex<Option<Instant>>,
-    metrics: Arc<Metrics>,
 }
 
 impl SharedTurns {
@@ -68,7 +66,6 @@ impl SharedTurns {
         rate: Rate,
         period: Duration,
         max_wait: Duration,
-        metrics: Arc<Metrics>,
     ) -> SharedTurns {
         let paused = cluster.key("budget:paused_until");
         let mut resume = RESUME.prepare_invoke();
@@ -86,7 +83,6 @@ impl SharedTurns {
             alone: Mutex::new(None),
             closed: Mutex::new(None),
             held: Mutex::new(None),
-            metrics,
         }
     }
 
@@ -103,9 +99,7 @@ impl SharedTurns {
         }
         match self.cluster.mode() {
             Mode::Connected => {
-                if self.alone_pace(false).is_some() {
-                    self.metrics.set_budget_degraded_rate(0.0);
-                }
+                self.alone_pace(false);
                 // A reservation whose dispatcher went away is the next one's; one past due
                 // would crowd the turn after it, so it goes unused.
                 let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -170,6 +164,17 @@ impl SharedTurns {
         left
     }
 
+    /// What `upstream_budget_degraded_rate` shows: the calls per second this replica allows
+    /// itself while not sharing (its share of the budget), 0 while it shares. Read at scrape
+    /// time, so a degraded replica says so before its first upstream call.
+    pub fn degraded_rate(&self) -> f64 {
+        if self.cluster.mode() == Mode::Connected {
+            return 0.0;
+        }
+        let share = share(self.rate, self.cluster.replicas());
+        f64::from(share.count) / share.per.as_secs_f64()
+    }
+
     /// The pace alone while degraded (made when `degraded` and none is), or, connected, none:
     /// returns the one dropped.
     fn alone_pace(&self, degraded: bool) -> Option<Arc<Pace>> {
@@ -181,10 +186,7 @@ impl SharedTurns {
             return None;
         }
         let pace = alone.get_or_insert_with(|| {
-            let share = share(self.rate, self.cluster.replicas());
-            self.metrics
-                .set_budget_degraded_rate(f64::from(share.count) / share.per.as_secs_f64());
-            Arc::new(Pace::new(period(share)))
+            Arc::new(Pace::new(period(share(self.rate, self.cluster.replicas()))))
         });
         Some(pace.clone())
     }

@@ -9,6 +9,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::{Metrics, RequestLabels, add, add_in};
+use crate::billing::{Method, OPERATIONS};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
@@ -48,7 +49,7 @@ pub(super) struct UpstreamMetrics {
 
 impl UpstreamMetrics {
     pub(super) fn register(r: &mut Registry) -> UpstreamMetrics {
-        UpstreamMetrics {
+        let upstream = UpstreamMetrics {
             calls: add(
                 r,
                 "upstream_calls",
@@ -131,7 +132,15 @@ impl UpstreamMetrics {
                  otherwise)",
                 Rate::default(),
             ),
+        };
+        // Only reads are retried; their retries start at 0, so the dashboard's panel has data
+        // before the first one.
+        for op in OPERATIONS.iter().filter(|op| op.method == Method::Get) {
+            let _ = upstream
+                .retries
+                .get_or_create(&OperationLabels { operation: op.name });
         }
+        upstream
     }
 }
 
