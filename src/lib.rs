@@ -56,6 +56,7 @@ pub mod billing;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod costs;
 pub mod limits;
 pub mod policy;
 pub mod server;
