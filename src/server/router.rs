@@ -71,6 +71,14 @@ pub(super) fn router(
             authenticated(MethodFilter::GET, proxy::WHOAMI),
         )
         .route(
+            "/gateway/v1/costs",
+            authenticated(MethodFilter::GET, proxy::COSTS),
+        )
+        .route(
+            "/gateway/v1/costs/metrics",
+            authenticated(MethodFilter::GET, proxy::COST_METRICS),
+        )
+        .route(
             "/gateway/v1/cache",
             authenticated(MethodFilter::DELETE, proxy::PURGE),
         )
