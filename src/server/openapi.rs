@@ -1,8 +1,9 @@
-//! The OpenAPI 3.1 description of everything the gateway serves, generated from the operation
-//! table so it cannot drift from what is enforced.
+//! The OpenAPI 3.1 description of everything the gateway serves, generated from the Billing
+//! operation table and the gateway's own route table so it cannot drift from what is served.
 
 use serde_json::{Map, Value, json};
 
+use super::routes::{ROUTES, Serve};
 use crate::billing::{Kind, Method, OPERATIONS, Operation, Param};
 
 /// The whole document.
@@ -16,35 +17,11 @@ pub fn document() -> Value {
         let entry = paths.entry(op.path).or_insert_with(|| json!({}));
         entry[method] = billing_operation(op);
     }
-    let gateway = [
-        (
-            "/healthz",
-            "get",
-            "liveness: 200 while the process serves",
-            false,
-        ),
-        (
-            "/readyz",
-            "get",
-            "readiness: 200 once configuration, policy and signing keys are loaded",
-            false,
-        ),
-        ("/metrics", "get", "Prometheus metrics", false),
-        ("/gateway/v1/openapi.json", "get", "this document", false),
-        (
-            "/gateway/v1/whoami",
-            "get",
-            "the caller's subject, grants and permissions",
-            true,
-        ),
-        (
-            "/gateway/v1/cache",
-            "delete",
-            "drop every cached answer (permission cache:purge)",
-            true,
-        ),
-    ];
-    for (path, method, summary, authenticated) in gateway {
+    for route in ROUTES {
+        let method = route.method.as_str().to_ascii_lowercase();
+        let authenticated = matches!(route.serve, Serve::Authenticated(_));
+        let summary = route.summary;
+        let path = route.path;
         let mut operation = json!({
             "summary": summary,
             "tags": ["gateway"],
@@ -59,7 +36,7 @@ pub fn document() -> Value {
         } else {
             operation["security"] = json!([]);
         }
-        paths.entry(path).or_insert_with(|| json!({}))[method] = operation;
+        paths.entry(path).or_insert_with(|| json!({}))[method.as_str()] = operation;
     }
     json!({
         "openapi": "3.1.0",
