@@ -57,6 +57,7 @@ pub mod billing;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod costs;
 pub mod limits;
 pub mod policy;
 pub mod server;

@@ -377,3 +377,54 @@ fn client() -> reqwest::Client {
     billing_gateway::install_crypto_provider();
     reqwest::Client::new()
 }
+
+/// The banner's `costs` lines answer from the simulated organization: every project it bills,
+/// the budget the demo sets, and the same figures as Prometheus text for the gateway key.
+#[tokio::test]
+async fn demo_prints_costs_lines_that_answer_with_its_budget() {
+    let demo = Demo::start(&[]);
+    let production = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+    assert!(
+        demo.banner.iter().any(|l| l.contains("/gateway/v1/costs'")),
+        "{:#?}",
+        demo.banner
+    );
+    assert!(
+        demo.banner
+            .iter()
+            .any(|l| l.starts_with("Budget:") && l.contains(production))
+    );
+
+    let r = demo.get("/gateway/v1/costs", &demo.var("READ_ONLY")).await;
+    assert_eq!(r.status(), 200);
+    let costs: Value = r.json().await.expect("json");
+    let projects = costs["projects"].as_array().expect("projects");
+    assert_eq!(projects.len(), 3, "{costs}");
+    let nanos = |m: &Value| {
+        i128::from(m["units"].as_i64().expect("units")) * 1_000_000_000
+            + i128::from(m["nanos"].as_i64().expect("nanos"))
+    };
+    let sum: i128 = projects.iter().map(|p| nanos(&p["total"])).sum();
+    assert_eq!(sum, nanos(&costs["total"]));
+    let budgeted = projects
+        .iter()
+        .find(|p| p["project_id"] == production)
+        .expect("production");
+    assert_eq!(budgeted["budget"]["monthly"]["units"], 250);
+
+    let text = client()
+        .get(format!("{}/gateway/v1/costs/metrics", demo.base))
+        .bearer_auth(demo.var("GATEWAY_KEY"))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains(&format!(
+            "billing_gateway_budget{{project_id=\"{production}\",currency_code=\"EUR\"}} 250\n"
+        )),
+        "{text}"
+    );
+}

@@ -1,5 +1,5 @@
-//! Finding the one credential a request carries (contract §4): a JWT in `Authorization:
-//! Bearer` or `X-Auth-Token`, or a gateway key (a UUID) in `X-Auth-Token`. Only the headers are
+//! Finding the one credential a request carries (contract §4): a JWT or a gateway key (a UUID),
+//! in `Authorization: Bearer` or `X-Auth-Token`. Only the headers are
 //! read here, nothing is verified: what the credential is decides who checks it (the
 //! [`Authenticator`](super::Authenticator) for a JWT, the policy for a key). Kept apart so the
 //! rules of where a credential may be sent can be read in one place.
@@ -15,7 +15,8 @@ use crate::error::{AuthMethod, AuthReason, Error};
 pub enum Credential<'a> {
     /// A JWT, from `Authorization: Bearer` or `X-Auth-Token`.
     Jwt(&'a str),
-    /// A gateway key (a UUID in `X-Auth-Token`), as unmodified SDKs send their secret key.
+    /// A gateway key (a UUID), as unmodified SDKs send their secret key (`X-Auth-Token`) and
+    /// a Prometheus scrape config its credentials (`Authorization: Bearer`).
     Key(Uuid),
 }
 
@@ -49,16 +50,11 @@ pub(super) fn find(headers: &HeaderMap) -> Result<Credential<'_>, Error> {
         (Some(_), Some(_)) => Err(invalid(
             "send exactly one credential: Authorization or X-Auth-Token",
         )),
-        // A gateway key is never a bearer token: say where it goes rather than call it a
-        // malformed JWT (and do not accept it: one header, one meaning).
-        (Some(token), None) if as_key(token).is_some() => Err(denied(
-            AuthMethod::ApiKey,
-            AuthReason::InvalidArgument,
-            "a gateway key goes in the X-Auth-Token header, not in Authorization: Bearer \
-             (which takes a JWT)",
-        )),
-        (Some(token), None) => Ok(Credential::Jwt(token)),
-        (None, Some(token)) => Ok(as_key(token).map_or(Credential::Jwt(token), Credential::Key)),
+        // A gateway key in either header: Prometheus's `authorization` sends it as a bearer
+        // token (contract §12), the SDKs as `X-Auth-Token`.
+        (Some(token), None) | (None, Some(token)) => {
+            Ok(as_key(token).map_or(Credential::Jwt(token), Credential::Key))
+        }
         (None, None) => Err(denied(
             AuthMethod::Jwt,
             AuthReason::NotFound,
@@ -98,18 +94,14 @@ mod tests {
         );
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert!(Authenticator::credential(&h).is_err());
-        // A gateway key as a bearer token is refused with where it goes, not as a bad JWT.
+        // A gateway key as a bearer token is a key, as in X-Auth-Token.
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer aaaaaaaa-0000-4000-8000-000000000001"),
         );
         assert!(matches!(
             Authenticator::credential(&h),
-            Err(Error::Unauthenticated {
-                method: AuthMethod::ApiKey,
-                reason: AuthReason::InvalidArgument,
-                message,
-            }) if message.contains("X-Auth-Token")
+            Ok(Credential::Key(k)) if k.to_string() == "aaaaaaaa-0000-4000-8000-000000000001"
         ));
     }
 }

@@ -98,10 +98,18 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
     // the one in force, now and after a restart; where it cannot be written, the built-in
     // default is used as it is. Plus, on every load, one key for the official SDKs.
     let gateway_key = uuid::Uuid::new_v4();
-    let sdk_key = vec![(
-        PathBuf::from("(demo: the SDK key)"),
-        sdk_key_policy(&gateway_key),
-    )];
+    let sdk_key = vec![
+        (
+            PathBuf::from("(demo: the SDK key)"),
+            sdk_key_policy(&gateway_key),
+        ),
+        (
+            PathBuf::from("(demo: a budget)"),
+            format!(
+                "[[budgets]]\nproject = \"{DEMO_BUDGET_PROJECT}\"\nmonthly = \"{DEMO_BUDGET_AMOUNT}\"\n"
+            ),
+        ),
+    ];
     let dir = config.policy_dir.clone();
     let unwritable = dir == Path::new(DEFAULT_POLICY_DIR)
         && !dir.exists()
@@ -206,13 +214,16 @@ pub(super) async fn run(file: Option<&Path>, listen: Option<SocketAddr>) -> anyh
          MANAGER={manager}\n\
          GATEWAY_KEY={gateway_key}\n\n\
          {curls}\
-         curl -s -H \"X-Auth-Token: $GATEWAY_KEY\" '{base}/gateway/v1/whoami'\n\n\
+         curl -s -H \"X-Auth-Token: $GATEWAY_KEY\" '{base}/gateway/v1/whoami'\n\
+         curl -s -H \"X-Auth-Token: $GATEWAY_KEY\" '{base}/gateway/v1/costs'   # by project and category, forecast, budget\n\
+         curl -s -H \"Authorization: Bearer $GATEWAY_KEY\" '{base}/gateway/v1/costs/metrics'   # the same, for Prometheus\n\n\
          # The official SDKs and the scw CLI, unmodified, with the gateway key as their secret key\n\
          # (Python Client.from_env(); JS loadProfileFromEnvironmentValues() from @scaleway/configuration-loader;\n\
          # the access key is never sent):\n\
          export SCW_ACCESS_KEY=SCWXXXXXXXXXXXXXXXXX SCW_SECRET_KEY={gateway_key} SCW_DEFAULT_ORGANIZATION_ID={organization} SCW_API_URL={base}\n\
          python3 -c 'from scaleway import Client; from scaleway.billing.v2beta1 import BillingV2Beta1API as B; print(B(Client.from_env()).list_invoices().total_count)'   # pip install scaleway\n\n\
          Policy: {policy_line}\n\
+         Budget: project production ({DEMO_BUDGET_PROJECT}) at {DEMO_BUDGET_AMOUNT} a month (in memory, like the SDK key)\n\
          Ctrl-C stops it."
     );
     app.run_until(shutdown_signal()).await?;
@@ -239,6 +250,11 @@ fn may(policy: &PolicySet, role: &str, target: &str) -> bool {
         .and_then(|mut call| billing_gateway::policy::decide(&principal, &mut call))
         .is_ok()
 }
+
+/// The simulated organization's `production` project, and the budget the demo gives it so
+/// `costs` shows budgets and ratios.
+const DEMO_BUDGET_PROJECT: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+const DEMO_BUDGET_AMOUNT: &str = "250.00 EUR";
 
 /// The demo's gateway key (`demo-sdk`), with a role of its own holding every permission, so it
 /// does not depend on what the policy folder defines.

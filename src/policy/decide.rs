@@ -108,6 +108,37 @@ pub fn require(principal: &Principal, permission: Permission) -> Result<(), Erro
     })
 }
 
+/// The projects a gateway answer about the caller's own projects (costs) may show: `None` every
+/// project (an organization-wide grant holds `permission`), `Some` the union of the projects of
+/// the scoped grants that hold it; 403 when no grant holds it. Never from the request: a scope
+/// is the policy's.
+pub fn projects(principal: &Principal, permission: Permission) -> Result<Option<Vec<Uuid>>, Error> {
+    let holding: Vec<_> = principal
+        .grants
+        .iter()
+        .filter(|g| g.permissions.contains(permission))
+        .collect();
+    if holding.is_empty() {
+        return Err(Error::PermissionDenied {
+            message: format!("permission `{permission}` is required"),
+            action: "read",
+            resource: "consumption",
+        });
+    }
+    if holding.iter().any(|g| g.projects.is_none()) {
+        return Ok(None);
+    }
+    let mut scope: Vec<Uuid> = holding
+        .iter()
+        .filter_map(|g| g.projects.as_deref())
+        .flatten()
+        .copied()
+        .collect();
+    scope.sort_unstable();
+    scope.dedup();
+    Ok(Some(scope))
+}
+
 type Fill = Option<(&'static str, Vec<String>)>;
 
 /// `Some(fill)` when a grant scoped to `scope` covers the call (with what to fill in), as the

@@ -20,6 +20,7 @@ use super::keys::{self, Key, KeyDef};
 use super::principal::{Class, DEFAULT_SHARE, Grant, MAX_SHARE, Principal, most_generous};
 use crate::billing::{Permission, Permissions};
 use crate::config::{Rate, parse_rate};
+use crate::costs::Money;
 
 /// A policy file problem, located for the operator: `file:line: what is wrong`.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,8 @@ pub struct PolicySet {
     pub(super) roles: BTreeMap<String, Role>,
     pub(super) bindings: Vec<Binding>,
     pub(super) keys: Vec<Key>,
+    /// Monthly budgets by project (contract §12), and where each was set.
+    pub(super) budgets: BTreeMap<Uuid, (Money, PathBuf, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +146,9 @@ impl PolicySet {
                     },
                 );
             }
+            for b in doc.budgets {
+                add_budget(&mut set.budgets, b, file, text, &at)?;
+            }
             parsed.push((at, doc.bindings, doc.keys));
         }
         // Roles first, from every file: a binding or key may name a role defined in another file.
@@ -209,6 +215,14 @@ impl PolicySet {
         !self.keys.is_empty()
     }
 
+    /// Every project's monthly budget.
+    pub fn budgets(&self) -> BTreeMap<Uuid, Money> {
+        self.budgets
+            .iter()
+            .map(|(id, (money, _, _))| (*id, money.clone()))
+            .collect()
+    }
+
     /// Role names, for `check`'s summary.
     pub fn role_names(&self) -> impl Iterator<Item = &str> {
         self.roles.keys().map(String::as_str)
@@ -216,13 +230,51 @@ impl PolicySet {
 
     /// `roles: N, bindings: N, keys: N`, for `check` and reload log lines.
     pub fn summary(&self) -> String {
-        format!(
+        let mut summary = format!(
             "roles: {}, bindings: {}, keys: {}",
             self.roles.len(),
             self.bindings.len(),
             self.keys.len()
-        )
+        );
+        if !self.budgets.is_empty() {
+            summary.push_str(&format!(", budgets: {}", self.budgets.len()));
+        }
+        summary
     }
+}
+
+/// Checks one `[[budgets]]` entry of `file` and adds it: a project budgeted twice, in this file
+/// or another, is an error naming where the first budget is.
+fn add_budget(
+    budgets: &mut BTreeMap<Uuid, (Money, PathBuf, usize)>,
+    b: BudgetDef,
+    file: &Path,
+    text: &str,
+    at: &impl Fn(std::ops::Range<usize>, String) -> PolicyError,
+) -> Result<(), PolicyError> {
+    let project = Uuid::try_parse(b.project.get_ref())
+        .ok()
+        .filter(|_| b.project.get_ref().len() == 36)
+        .ok_or_else(|| {
+            at(
+                b.project.span(),
+                format!("project `{}` is not a UUID", b.project.get_ref()),
+            )
+        })?;
+    let monthly = Money::parse_amount(b.monthly.get_ref())
+        .map_err(|e| at(b.monthly.span(), format!("monthly: {e}")))?;
+    let line = crate::config::line_at(text, b.project.span().start);
+    if let Some((_, first, first_line)) = budgets.get(&project) {
+        return Err(at(
+            b.project.span(),
+            format!(
+                "project `{project}` already has a budget ({}:{first_line})",
+                first.display()
+            ),
+        ));
+    }
+    budgets.insert(project, (monthly, file.to_owned(), line));
+    Ok(())
 }
 
 /// The grant of a binding or key naming these roles and projects.
@@ -321,6 +373,15 @@ struct PolicyFile {
     bindings: Vec<BindingDef>,
     #[serde(default)]
     keys: Vec<Spanned<KeyDef>>,
+    #[serde(default)]
+    budgets: Vec<BudgetDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetDef {
+    project: Spanned<String>,
+    monthly: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -373,6 +434,40 @@ mod tests {
                 "share: `0` is not a share: use a whole number from 1 to 100"
             )
         );
+    }
+
+    #[test]
+    fn budgets_are_read_and_checked_at_their_line() {
+        const P: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+        let budget = |project: &str, monthly: &str| {
+            format!("\n[[budgets]]\nproject = \"{project}\"\nmonthly = \"{monthly}\"\n")
+        };
+        let ok = set(&[DEFAULT, &budget(P, "500.00 EUR")]).expect("valid");
+        let budgets = ok.budgets();
+        let m = &budgets[&P.parse().expect("uuid")];
+        assert_eq!(
+            (m.units, m.nanos, m.currency_code.as_str()),
+            (500, 0, "EUR")
+        );
+        for (text, line, says) in [
+            (budget("not-a-project", "5 EUR"), 3, "is not a UUID"),
+            (budget(P, "5,00 EUR"), 4, "monthly: `5,00` is not an amount"),
+            (budget(P, "5.00 EURO"), 4, "three capital letters"),
+            (budget(P, "5.00 eu"), 4, "three capital letters"),
+            (
+                format!("{}{}", budget(P, "5 EUR"), budget(P, "6 EUR")),
+                7,
+                "already has a budget (p1.toml:3)",
+            ),
+        ] {
+            let e = set(&[DEFAULT, &text]).expect_err(&text);
+            assert_eq!(
+                (e.file.as_path(), e.line),
+                (Path::new("p1.toml"), line),
+                "{e}"
+            );
+            assert!(e.message.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ mod load;
 mod principal;
 pub mod reload;
 
-pub use decide::{decide, require};
+pub use decide::{decide, projects, require};
 pub use keys::{KeyEntry, is_key_name, key_sha256};
 pub use load::{PolicyError, PolicySet};
 pub use principal::{DEFAULT_SHARE, Grant, MAX_SHARE, Principal};

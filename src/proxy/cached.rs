@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::forward::{exact_json, forward};
 use crate::admission::Place;
 use crate::billing::Call;
-use crate::cache::{Cache, Entry, Fetch, Outcome, Refreshed, Shareable};
+use crate::cache::{Cache, Entry, Fetch, Outcome, Refresh, Refreshed, Shareable};
 use crate::error::{Error, JSON};
 use crate::policy::Principal;
 use crate::state::AppState;
@@ -132,35 +132,7 @@ pub(super) async fn cached(
     let (result, response) = match lookup.await {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
         Outcome::Refreshing(entry, refresh) => {
-            let (state, call, request_id, principal) = (
-                state.clone(),
-                call.clone(),
-                request_id.to_owned(),
-                principal.clone(),
-            );
-            // Through the budget and its fair queue as this caller's call, but not in its
-            // place in flight: the caller has its answer already.
-            let task = async move {
-                let mut upstream_ms = None;
-                let fetch = fetch(&state, &call, &request_id, &principal, &mut upstream_ms);
-                let result = match refresh.run(fetch).await {
-                    Refreshed::Stored => "stored",
-                    Refreshed::Shared => "shared",
-                    Refreshed::Kept(fetched) => {
-                        if let Fetch::Failed(failure) | Fetch::Pass(failure) = &fetched {
-                            let error = failure.describe();
-                            tracing::warn!(
-                                operation = call.op.name,
-                                error,
-                                "background refresh failed, the entry is kept"
-                            );
-                        }
-                        "kept"
-                    }
-                };
-                state.metrics.cache_refresh(result);
-            };
-            tokio::spawn(task.in_current_span());
+            refresh_in_background(state, call, request_id, principal, refresh);
             (
                 "hit",
                 from_entry(&entry, "billing-gateway; hit; detail=refreshing"),
@@ -252,6 +224,85 @@ pub(super) async fn cached(
     info.cache = Some(result);
     state.metrics.cache_result(result);
     Ok(response)
+}
+
+/// The 200 body of a cacheable `call`, for an answer the gateway computes from it (costs):
+/// through the same cache, coalesced fill, budget and stale cover as [`cached`], with its
+/// `Cache-Status` result; any other answer is an error.
+pub(super) async fn cached_body(
+    state: &AppState,
+    call: &Call,
+    request_id: &str,
+    principal: &Principal,
+    info: &mut RequestInfo,
+) -> Result<(Bytes, &'static str), Error> {
+    let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
+    let key = Cache::key(call);
+    let lookup = state.cache.get_or_fetch(&key, ttl, || {
+        fetch(state, call, request_id, principal, &mut info.upstream_ms)
+    });
+    let (result, body) = match lookup.await {
+        Outcome::Hit(entry) => ("hit", Ok(entry.body.clone())),
+        Outcome::Refreshing(entry, refresh) => {
+            refresh_in_background(state, call, request_id, principal, refresh);
+            ("hit", Ok(entry.body.clone()))
+        }
+        Outcome::SharedHit(entry) => ("hit_shared", Ok(entry.body.clone())),
+        Outcome::Stored(entry) => ("stored", Ok(entry.body.clone())),
+        Outcome::TakenOver(entry) => ("lock_takeover", Ok(entry.body.clone())),
+        Outcome::Coalesced(entry) => ("coalesced", Ok(entry.body.clone())),
+        Outcome::CoalescedRemote(entry) => ("coalesced_remote", Ok(entry.body.clone())),
+        Outcome::Stale(entry) => ("stale", Ok(entry.body.clone())),
+        Outcome::TooLarge(body) => ("miss", Ok(body)),
+        Outcome::Passed(uncached) => (
+            "miss",
+            Err(match &*uncached {
+                Uncached::Failed(e) => e.clone(),
+                other => Error::BadGateway(format!("{}: {}", call.op.name, other.describe())),
+            }),
+        ),
+    };
+    info.cache = Some(result);
+    state.metrics.cache_result(result);
+    Ok((body?, result))
+}
+
+/// Refreshes an entry near the end of its freshness: through the budget and its fair queue as
+/// this caller's call, but not in its place in flight (the caller has its answer already).
+fn refresh_in_background(
+    state: &AppState,
+    call: &Call,
+    request_id: &str,
+    principal: &Principal,
+    refresh: Refresh,
+) {
+    let (state, call, request_id, principal) = (
+        state.clone(),
+        call.clone(),
+        request_id.to_owned(),
+        principal.clone(),
+    );
+    let task = async move {
+        let mut upstream_ms = None;
+        let fetch = fetch(&state, &call, &request_id, &principal, &mut upstream_ms);
+        let result = match refresh.run(fetch).await {
+            Refreshed::Stored => "stored",
+            Refreshed::Shared => "shared",
+            Refreshed::Kept(fetched) => {
+                if let Fetch::Failed(failure) | Fetch::Pass(failure) = &fetched {
+                    let error = failure.describe();
+                    tracing::warn!(
+                        operation = call.op.name,
+                        error,
+                        "background refresh failed, the entry is kept"
+                    );
+                }
+                "kept"
+            }
+        };
+        state.metrics.cache_refresh(result);
+    };
+    tokio::spawn(task.in_current_span());
 }
 
 /// Fetches `call` for `principal` and judges the answer for the cache: a 200 is stored, a

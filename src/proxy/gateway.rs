@@ -1,4 +1,4 @@
-//! The gateway's own authenticated API: `whoami` and the cache purge, each an [`Endpoint`]
+//! The gateway's own authenticated API: `whoami` and the cache purge (costs are `costs.rs`'s), each an [`Endpoint`]
 //! served in the same order as a Billing call (see [`super`]).
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -6,23 +6,27 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use serde_json::json;
 
-use super::Endpoint;
+use super::{Endpoint, no_query};
 use crate::billing::Permission;
 use crate::cluster::Unavailable;
 use crate::error::{Error, json_response};
-use crate::policy::Principal;
+use crate::policy::{self, Principal};
 use crate::state::AppState;
 
 /// `DELETE /gateway/v1/cache`.
 pub const PURGE: Endpoint = Endpoint {
     permission: Some(Permission::CachePurge),
-    answer: |state, principal| purge(state, principal).boxed(),
+    scoped: false,
+    query: no_query,
+    answer: |ask| purge(ask.state, ask.principal).boxed(),
 };
 
 /// `GET /gateway/v1/whoami`.
 pub const WHOAMI: Endpoint = Endpoint {
     permission: None,
-    answer: |state, principal| whoami(state, principal).boxed(),
+    scoped: false,
+    query: no_query,
+    answer: |ask| whoami(ask.state, ask.principal).boxed(),
 };
 
 /// `DELETE /gateway/v1/cache`: empties the cache (`cache:purge`, organization-wide): with Redis,
@@ -70,6 +74,18 @@ async fn whoami(state: &AppState, principal: &Principal) -> Result<Response, Err
         })
         .collect();
     let permissions: Vec<_> = principal.permissions().iter().map(|p| p.name()).collect();
+    // The budgets of the projects whose costs the caller may see.
+    let budgets: Vec<_> = match policy::projects(principal, Permission::ConsumptionRead) {
+        Ok(scope) => state
+            .policy
+            .load()
+            .budgets()
+            .into_iter()
+            .filter(|(id, _)| scope.as_ref().is_none_or(|s| s.contains(id)))
+            .map(|(id, monthly)| json!({"project_id": id, "monthly": monthly}))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -81,6 +97,7 @@ async fn whoami(state: &AppState, principal: &Principal) -> Result<Response, Err
             // upstream calls under.
             "share": principal.share(),
             "class": principal.class(),
+            "budgets": budgets,
         }),
     ))
 }

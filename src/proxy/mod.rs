@@ -22,10 +22,12 @@
 //! upstream unless every step before it succeeded.
 
 mod cached;
+mod costs;
 mod forward;
 mod gateway;
 
 use cached::cached;
+pub use costs::{COST_METRICS, COSTS};
 use forward::forward;
 pub use gateway::{PURGE, WHOAMI};
 
@@ -55,16 +57,50 @@ const MAX_BODY: usize = 4 * 1024;
 /// every step before has passed. A new endpoint is one of these and one route.
 #[derive(Clone, Copy)]
 pub struct Endpoint {
-    /// The permission it needs, organization-wide; `None`: any authenticated caller.
+    /// The permission it needs; `None`: any authenticated caller.
     pub permission: Option<Permission>,
+    /// Whether a project-scoped grant of the permission will do (the answer then shows only
+    /// its projects); otherwise the permission must be held organization-wide.
+    pub scoped: bool,
+    /// Checks the query string (step 1, before any credential is looked at).
+    pub query: fn(Option<&str>) -> Result<(), Error>,
     /// The answer, given the caller.
-    pub answer: for<'a> fn(&'a AppState, &'a Principal) -> BoxFuture<'a, Result<Response, Error>>,
+    pub answer: for<'a> fn(Ask<'a>) -> BoxFuture<'a, Result<Response, Error>>,
+}
+
+/// What an [`Endpoint`]'s answer is given.
+pub struct Ask<'a> {
+    /// The app.
+    pub state: &'a AppState,
+    /// The caller, authenticated and allowed.
+    pub principal: &'a Principal,
+    /// The query string, already checked by [`Endpoint::query`].
+    pub query: Option<&'a str>,
+    /// This request's id, sent upstream with any call made for it.
+    pub request_id: &'a str,
+    /// Its log line's notes (cache result, upstream time).
+    pub info: &'a mut RequestInfo,
+}
+
+/// The query check of an endpoint that takes no parameter: any is refused, as for a Billing
+/// call.
+pub fn no_query(query: Option<&str>) -> Result<(), Error> {
+    let unknown: Vec<_> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .map(|(name, _)| {
+            crate::error::ArgError::new(name, "unknown", "this endpoint takes no parameter")
+        })
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::InvalidArguments(unknown))
+    }
 }
 
 /// What an authenticated request asks for.
 enum Asked {
     Billing(Call),
-    Gateway(Endpoint),
+    Gateway(Endpoint, Option<String>),
 }
 
 /// Serves every `/billing/...` request (and answers 404 for any other unknown path, before
@@ -89,7 +125,9 @@ pub async fn gateway(
     context: RequestContext,
     request: Request,
 ) -> Response {
-    let asked = Ok(Asked::Gateway(endpoint));
+    let query = request.uri().query();
+    let asked =
+        (endpoint.query)(query).map(|()| Asked::Gateway(endpoint, query.map(str::to_owned)));
     serve(&state, &admission, &context, asked, request).await
 }
 
@@ -143,11 +181,13 @@ async fn steps(
             policy::decide(&principal, call)?;
             call.apply_organization(state.organization_id)?;
         }
-        Asked::Gateway(endpoint) => {
-            if let Some(permission) = endpoint.permission {
-                policy::require(&principal, permission)?;
+        Asked::Gateway(endpoint, _) => match endpoint.permission {
+            Some(permission) if endpoint.scoped => {
+                policy::projects(&principal, permission)?;
             }
-        }
+            Some(permission) => policy::require(&principal, permission)?,
+            None => {}
+        },
     }
     // 4. The caller's own rate.
     check_rate(state, &principal).await?;
@@ -159,9 +199,19 @@ async fn steps(
     // caller is known and allowed: hyper answers `Expect: 100-continue` when the body is first
     // read, and a refused caller must not be invited to send it.
     read_body(body).await?;
+    let request_id = context.request_id();
     let call = match asked {
         // 8. An endpoint's answer.
-        Asked::Gateway(endpoint) => return (endpoint.answer)(state, &principal).await,
+        Asked::Gateway(endpoint, query) => {
+            let ask = Ask {
+                state,
+                principal: &principal,
+                query: query.as_deref(),
+                request_id,
+                info,
+            };
+            return (endpoint.answer)(ask).await;
+        }
         Asked::Billing(call) => call,
     };
     // 7. The audit line.
@@ -179,7 +229,6 @@ async fn steps(
         );
     }
     // 8. A Billing call's answer.
-    let request_id = context.request_id();
     if call.op.cacheable {
         // Cached answers are whole in memory: the place goes back when this returns, not when a
         // slow reader has taken the body (an answer too long to store streams, and keeps it

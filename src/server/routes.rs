@@ -6,7 +6,7 @@ use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
 use super::probes::{healthz, metrics, openapi, readyz};
-use crate::proxy::{Endpoint, PURGE, WHOAMI};
+use crate::proxy::{COST_METRICS, COSTS, Endpoint, PURGE, WHOAMI};
 use crate::state::AppState;
 
 /// One of the gateway's own routes.
@@ -55,8 +55,20 @@ pub(super) const ROUTES: &[Route] = &[
     Route {
         path: "/gateway/v1/whoami",
         method: Method::GET,
-        summary: "the caller's subject, grants and permissions",
+        summary: "the caller's subject, grants, permissions and its projects' budgets",
         serve: Serve::Authenticated(WHOAMI),
+    },
+    Route {
+        path: "/gateway/v1/costs",
+        method: Method::GET,
+        summary: "the caller's costs by project and category for a billing period (`billing_period=YYYY-MM`, default the current one), with forecast and budgets (permission consumption:read, scoped by the caller's projects)",
+        serve: Serve::Authenticated(COSTS),
+    },
+    Route {
+        path: "/gateway/v1/costs/metrics",
+        method: Method::GET,
+        summary: "the current period's costs as Prometheus text, for a team's own Prometheus (permission consumption:read, scoped)",
+        serve: Serve::Authenticated(COST_METRICS),
     },
     Route {
         path: "/gateway/v1/cache",
