@@ -585,3 +585,162 @@ async fn throttled_unreachable_slow_and_full_answers_match_their_documented_sche
 fn consumptions_body() -> ResponseTemplate {
     ok_json(json!({"consumptions": [], "total_count": 0, "updated_at": null}))
 }
+
+/// Values just outside what a parameter's documented schema allows, each with why.
+fn outside(schema: &Value) -> Vec<(String, &'static str)> {
+    let mut bad = Vec::new();
+    if let Some(max) = schema["maximum"].as_i64() {
+        bad.push(((max + 1).to_string(), "above maximum"));
+    }
+    if let Some(min) = schema["minimum"].as_i64() {
+        bad.push(((min - 1).to_string(), "below minimum"));
+    }
+    if let Some(max) = schema["maxLength"].as_u64() {
+        bad.push(("a".repeat(max as usize + 1), "longer than maxLength"));
+    }
+    if schema["enum"].is_array() {
+        bad.push(("not-one-of-them".into(), "outside the enum"));
+    }
+    match schema["format"].as_str() {
+        Some("uuid") => bad.push(("not-a-uuid".into(), "not a uuid")),
+        Some("date-time") => bad.push(("yesterday".into(), "not a date-time")),
+        _ => {}
+    }
+    if schema["pattern"].is_string() {
+        let value = if schema["maxLength"].is_number() {
+            "a;b"
+        } else {
+            "2026-13"
+        };
+        bad.push((value.into(), "against the pattern"));
+    }
+    if schema["type"] == "boolean" {
+        bad.push(("maybe".into(), "not a boolean"));
+    }
+    bad
+}
+
+#[tokio::test]
+async fn every_documented_parameter_constraint_is_the_one_enforced() {
+    let app = TestApp::spawn().await;
+    Mock::given(any())
+        .respond_with(ok_json(json!({})))
+        .mount(&app.upstream)
+        .await;
+    let doc = served_document(&app).await;
+    let token = app.manager();
+    let send = async |method: &str, path: &str, query: &str| {
+        app.client
+            .request(
+                method.parse().expect("method"),
+                format!("{}{path}?{query}", app.base),
+            )
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("request")
+    };
+    let mut refused = 0;
+    for (template, methods) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in methods.as_object().expect("methods") {
+            if op["tags"][0] != "billing" {
+                continue;
+            }
+            let method = method.to_uppercase();
+            let path = template.replace("{invoice_id}", INVOICE);
+            let params = op["parameters"].as_array().expect("parameters");
+            // What every call needs: the required parameters at their examples.
+            let required: Vec<String> = params
+                .iter()
+                .filter(|p| p["in"] == "query" && p["required"] == true)
+                .map(|p| {
+                    format!(
+                        "{}={}",
+                        p["name"].as_str().expect("name"),
+                        example(&p["schema"])
+                    )
+                })
+                .collect();
+            for p in params.iter().filter(|p| p["in"] == "query") {
+                let name = p["name"].as_str().expect("name");
+                let schema = if p["schema"]["type"] == "array" {
+                    &p["schema"]["items"]
+                } else {
+                    &p["schema"]
+                };
+                let others: Vec<&String> = required
+                    .iter()
+                    .filter(|q| !q.starts_with(&format!("{name}=")))
+                    .collect();
+                let with = |value: &str| {
+                    let mut query: Vec<String> = others.iter().map(|q| (*q).clone()).collect();
+                    let value: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+                    query.push(format!("{name}={value}"));
+                    query.join("&")
+                };
+                for (value, why) in outside(schema) {
+                    let response = send(&method, &path, &with(&value)).await;
+                    let body = assert_error(response, 400, "invalid_arguments").await;
+                    assert_eq!(
+                        body["details"][0]["argument_name"], name,
+                        "{method} {path} {name} {why}"
+                    );
+                    refused += 1;
+                }
+                // The bounds themselves are inside.
+                for bound in ["maximum", "minimum", "maxLength"] {
+                    let Some(n) = schema[bound].as_u64() else {
+                        continue;
+                    };
+                    let value = if bound == "maxLength" {
+                        "a".repeat(n as usize)
+                    } else {
+                        n.to_string()
+                    };
+                    let response = send(&method, &path, &with(&value)).await;
+                    assert_eq!(
+                        response.status(),
+                        200,
+                        "{method} {path} {name}: its {bound}"
+                    );
+                }
+                // Empty is no value: refused when required (minLength 1), dropped otherwise.
+                let response = send(&method, &path, &with("")).await;
+                match (p["required"].as_bool(), schema["minLength"].as_u64()) {
+                    (Some(true), Some(1)) => {
+                        let body = assert_error(response, 400, "invalid_arguments").await;
+                        assert_eq!(body["details"][0]["reason"], "required", "{name}");
+                    }
+                    _ => {
+                        assert_eq!(p["allowEmptyValue"], true, "{method} {path} {name}");
+                        assert_eq!(response.status(), 200, "{method} {path} {name} empty");
+                    }
+                }
+                // A list's maxItems values fit in a request target; one more does not.
+                if let Some(max) = p["schema"]["maxItems"].as_u64() {
+                    let value = if schema["format"] == "uuid" {
+                        INVOICE
+                    } else {
+                        "a"
+                    };
+                    let items = |n: u64| vec![format!("{name}={value}"); n as usize].join("&");
+                    let at = send(&method, &path, &items(max)).await;
+                    assert_ne!(at.status(), 414, "{name}: {max} items");
+                    let over = send(&method, &path, &items(max + 1)).await;
+                    assert_eq!(over.status(), 414, "{name}: {} items", max + 1);
+                }
+            }
+        }
+    }
+    assert!(refused > 40, "only {refused} refusals tried");
+    // Nothing refused, and no empty value, ever reached the upstream.
+    for request in app.upstream_requests().await {
+        for (name, value) in request.url.query_pairs() {
+            assert!(!value.is_empty(), "{name}= went upstream");
+            assert!(
+                !value.contains(';') && value != "not-one-of-them",
+                "{name}={value}"
+            );
+        }
+    }
+}
