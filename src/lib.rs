@@ -38,15 +38,16 @@
 //!    builds the request from the `Call`, injects the secret key last, follows no redirect,
 //!    retries idempotent calls on connection errors, 502 and 503, and maps timeouts, refusals
 //!    and 429s to [`Error`]. The answer is relayed as it comes: status, content type (JSON
-//!    relabelled exactly `application/json`), body streamed; an error answer is read whole
-//!    (bounded) and scrubbed of the secret key.
+//!    relabelled exactly `application/json`), body streamed; an error answer comes out of the
+//!    upstream client as an [`upstream::Answer`] already read whole (bounded) and scrubbed of
+//!    the secret key.
 //!
 //! Any stage's refusal is an [`Error`], rendered Scaleway-shaped; a 5xx is logged once, with
 //! its cause, when the pipeline ends.
 //!
 //! Configuration is [`config`]; the assembled service is [`server::App`] (its accept loop bounds
 //! header size, header time and requests in flight, and serves [`server::tls`] when configured), whose
-//! policy [`policy::reload`] keeps in step with the policy folder; [`billing::openapi`] describes the served
+//! policy [`policy::reload`] keeps in step with the policy folder; [`server::openapi`] describes the served
 //! surface from the operation table. The in-process Billing API that `demo`, tests and
 //! benchmarks use as an upstream is the workspace crate `billing-sim` (`crates/billing-sim`).
 

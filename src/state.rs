@@ -1,4 +1,4 @@
-//! The state every handler shares: one [`Shared`] per app, built by [`crate::server::App`] and
+//! The state every handler shares: one [`Services`] per app, built by [`crate::server::App`] and
 //! handed to the proxy's handlers and the probes as one `Arc`. It lives apart from both so the
 //! server (which wires handlers) and the proxy (which uses the state) never import each other.
 
@@ -15,7 +15,7 @@ use crate::upstream::Upstream;
 use uuid::Uuid;
 
 /// Everything a request handler needs, shared by all of them.
-pub struct Shared {
+pub struct Services {
     /// The one organization this gateway serves (`SCW_DEFAULT_ORGANIZATION_ID`).
     ///
     /// Not the whole [`crate::config::Config`]: that holds the secret key, whose one long-lived
@@ -41,4 +41,4 @@ pub struct Shared {
 }
 
 /// The handlers' state: one `Arc`, cloned per request.
-pub type AppState = Arc<Shared>;
+pub type AppState = Arc<Services>;

@@ -906,3 +906,47 @@ async fn callers_that_disconnect_leave_the_queue_and_take_no_turn() {
         recorder.arrivals().len() as f64
     );
 }
+
+#[tokio::test]
+async fn calls_refused_by_the_policy_do_not_spend_the_callers_rate() {
+    // Two an hour (a burst of four): nothing refills during the test.
+    let app = TestApp::spawn_with(|c| {
+        c.limits.principal_rate = Rate {
+            count: 2,
+            per: Duration::from_secs(3600),
+        }
+    })
+    .await;
+    Mock::given(any())
+        .respond_with(ok_json(json!({"charges": []})))
+        .mount(&app.upstream)
+        .await;
+    let reader = reader_as("curious");
+    // Invoices are not a reader's: each is refused by the policy, never by the rate, though
+    // there are more of them than the burst.
+    for _ in 0..10 {
+        assert_error(
+            app.get("/billing/v2beta1/invoices", &reader).await,
+            403,
+            "permissions_denied",
+        )
+        .await;
+    }
+    assert_eq!(
+        app.get("/billing/v2beta1/charges", &reader).await.status(),
+        200
+    );
+    // Only the allowed call went upstream.
+    let upstream = app.upstream_requests().await;
+    assert_eq!(upstream.len(), 1, "{upstream:?}");
+    assert_eq!(upstream[0].url.path(), "/billing/v2beta1/charges");
+    let m = app.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"billing_gateway_rejections_total{reason="principal_rate"}"#
+        ),
+        0.0,
+        "{m}"
+    );
+}

@@ -97,6 +97,7 @@ impl Memo {
     }
 
     /// Forgets every token.
+    #[cfg(test)]
     pub(super) fn forget_all(&self) {
         self.cache.invalidate_all();
     }

@@ -152,9 +152,9 @@ impl Authenticator {
         self.keys.as_ref().is_none_or(|keys| keys.has_keys())
     }
 
-    /// Forgets every verified token, so each is checked in full again on its next use: after
-    /// withdrawing a signing key, and for measuring the uncached path.
-    pub fn forget_verified(&self) {
+    /// Forgets every verified token, so each is checked in full again on its next use.
+    #[cfg(test)]
+    pub(crate) fn forget_verified(&self) {
         self.verified.forget_all();
     }
 

@@ -4,7 +4,6 @@
 //! document generated from the table.
 
 mod call;
-pub mod openapi;
 mod operations;
 mod query;
 

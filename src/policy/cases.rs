@@ -69,7 +69,7 @@ enum Expect {
 
 /// A case whose outcome is not the expected one.
 #[derive(Debug)]
-pub struct Failure {
+pub struct CaseFailure {
     /// The case file.
     pub file: PathBuf,
     /// The case's line in it.
@@ -82,7 +82,7 @@ pub struct Failure {
     pub reason: String,
 }
 
-impl fmt::Display for Failure {
+impl fmt::Display for CaseFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -104,7 +104,7 @@ pub struct Report {
     /// How many cases ran.
     pub total: usize,
     /// The ones that did not behave as expected.
-    pub failures: Vec<Failure>,
+    pub failures: Vec<CaseFailure>,
 }
 
 /// Reads every `*.toml` in `dir` (the policy folder's `tests/`); no folder means no cases.
@@ -180,7 +180,7 @@ pub fn run(policy: &PolicySet, files: &[CaseFile], org: Uuid) -> Report {
         for (i, case) in file.cases.iter().enumerate() {
             report.total += 1;
             if let Err(reason) = run_case(policy, case, org) {
-                report.failures.push(Failure {
+                report.failures.push(CaseFailure {
                     file: file.file.clone(),
                     line: case.line,
                     index: i + 1,

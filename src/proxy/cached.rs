@@ -13,7 +13,6 @@ use bytes::Bytes;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use super::body::{Over, Read, error_body, read_at_most};
 use super::forward::{exact_json, forward};
 use crate::admission::Place;
 use crate::billing::Call;
@@ -22,6 +21,7 @@ use crate::error::{Error, JSON};
 use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
+use crate::upstream::{Content, Unread};
 
 /// An upstream answer the cache does not store, shared by every request that waited for it.
 enum Uncached {
@@ -37,7 +37,7 @@ enum Uncached {
     TooLong {
         status: StatusCode,
         content_type: Option<HeaderValue>,
-        body: Mutex<Option<Over>>,
+        body: Mutex<Option<Unread>>,
     },
     Failed(Error),
 }
@@ -268,19 +268,17 @@ async fn fetch(
         Ok(upstream) => upstream,
         Err(e) => return Fetch::Failed(Uncached::Failed(e)),
     };
-    let status = upstream.status();
-    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-    // Never more than the cache would store: a longer answer is relayed, not held.
-    let read = if status.is_success() {
-        read_at_most(upstream, state.cache.store_limit()).await
-    } else {
-        error_body(upstream, state.upstream.secret_key())
-            .await
-            .map(Read::Whole)
+    let status = upstream.status;
+    let content_type = upstream.headers.get(header::CONTENT_TYPE).cloned();
+    // Never more than the cache would store: a longer answer is relayed, not held. An error
+    // answer comes read whole and scrubbed of the key.
+    let read = match upstream.body {
+        Content::Unread(body) => body.read_at_most(state.cache.store_limit()).await,
+        whole => Ok(whole),
     };
     let body = match read {
-        Ok(Read::Whole(body)) => body,
-        Ok(Read::Over(body)) => {
+        Ok(Content::Whole(body)) => body,
+        Ok(Content::Unread(body)) => {
             return Fetch::Pass(Uncached::TooLong {
                 status,
                 content_type,

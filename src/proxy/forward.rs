@@ -1,18 +1,18 @@
 //! Calls that are never cached (invoices, downloads, coupons, charges): sent upstream and
-//! relayed as they come, body streamed; error answers are read (bounded) and scrubbed of the
-//! secret key first.
+//! relayed as they come, body streamed; an error answer comes from the upstream client read
+//! whole and scrubbed of the secret key.
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 
-use super::body::error_body;
 use crate::admission::Place;
 use crate::billing::Call;
 use crate::error::{Error, JSON};
 use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
+use crate::upstream::{Answer, Content};
 
 pub(super) async fn forward(
     state: &AppState,
@@ -23,31 +23,25 @@ pub(super) async fn forward(
     place: Place,
 ) -> Result<Response, Error> {
     let upstream = super::send(state, call, request_id, principal, &mut info.upstream_ms).await?;
-    relay(state, call, upstream, place).await
+    relay(call, upstream, place)
 }
 
 /// The upstream's answer as the caller gets it: its status, the few headers the caller needs, and
-/// its body streamed as it comes — or, for an error answer, read whole (bounded) and scrubbed of
+/// its body streamed as it comes — or, for an error answer, the whole body already scrubbed of
 /// the secret key.
-async fn relay(
-    state: &AppState,
-    call: &Call,
-    upstream: reqwest::Response,
-    place: Place,
-) -> Result<Response, Error> {
-    let status = upstream.status();
+fn relay(call: &Call, upstream: Answer, place: Place) -> Result<Response, Error> {
+    let status = upstream.status;
     let mut response = Response::builder().status(status);
     let headers = response
         .headers_mut()
         .ok_or_else(|| Error::Internal("response builder failed".into()))?;
-    relay_headers(call, status, upstream.headers(), headers);
+    relay_headers(call, status, &upstream.headers, headers);
     // A success streams: the place (and the upstream connection) is held while the client takes
     // the body, and given back if it stops taking it. An error answer is small, read whole and
-    // scrubbed of the key.
-    let body = if status.is_success() {
-        place.relay(upstream.bytes_stream())
-    } else {
-        Body::from(error_body(upstream, state.upstream.secret_key()).await?)
+    // scrubbed of the key upstream.
+    let body = match upstream.body {
+        Content::Unread(body) => place.relay(body.into_stream()),
+        Content::Whole(body) => Body::from(body),
     };
     response
         .body(body)

@@ -21,7 +21,6 @@
 //! that renders as a Scaleway-shaped answer; a 5xx is logged here, once. Nothing reaches the
 //! upstream unless every step before it succeeded.
 
-mod body;
 mod cached;
 mod forward;
 mod gateway;
@@ -47,7 +46,7 @@ use crate::error::{AuthMethod, AuthReason, Error, Failure};
 use crate::policy::{self, Principal};
 use crate::state::AppState;
 use crate::telemetry::{RequestContext, RequestInfo};
-use crate::upstream::Caller;
+use crate::upstream::{Answer, Caller};
 
 /// Billing calls take their arguments in the query string; the Python SDK sends `{}` as a body.
 const MAX_BODY: usize = 4 * 1024;
@@ -224,15 +223,15 @@ async fn check_rate(state: &AppState, principal: &Principal) -> Result<(), Error
         })
 }
 
-/// Sends `call` upstream for `principal`, noting the time to the answer's headers for the
-/// request's log line.
+/// Sends `call` upstream for `principal`, noting the time to the answer (its headers, or its
+/// whole body for an error answer) for the request's log line.
 async fn send(
     state: &AppState,
     call: &Call,
     request_id: &str,
     principal: &Principal,
     upstream_ms: &mut Option<f64>,
-) -> Result<reqwest::Response, Error> {
+) -> Result<Answer, Error> {
     let started = std::time::Instant::now();
     let result = state
         .upstream

@@ -32,7 +32,7 @@ use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::error::{Error, ErrorKind};
-use crate::telemetry::access::{AccessLog, Entry};
+use crate::telemetry::access::{AccessEntry, AccessLog};
 use crate::telemetry::{
     Metrics, REQUEST_ID, RequestContext, loggable_path, new_request_id, sane_request_id, trace,
 };
@@ -72,9 +72,9 @@ impl HeadLimits {
 
 /// See the [module](self).
 #[derive(Clone)]
-pub(super) struct RequestLayer(Arc<Shared>);
+pub(super) struct RequestLayer(Arc<LayerState>);
 
-struct Shared {
+struct LayerState {
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
     head: HeadLimits,
@@ -88,7 +88,7 @@ impl RequestLayer {
         head: HeadLimits,
         log: AccessLog,
     ) -> RequestLayer {
-        RequestLayer(Arc::new(Shared {
+        RequestLayer(Arc::new(LayerState {
             metrics,
             admission,
             head,
@@ -112,7 +112,7 @@ impl<S> Layer<S> for RequestLayer {
 #[derive(Clone)]
 pub(super) struct RequestService<S> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Arc<LayerState>,
 }
 
 impl<S> Service<Request> for RequestService<S>
@@ -138,7 +138,7 @@ where
     }
 }
 
-impl Shared {
+impl LayerState {
     async fn serve<S>(&self, mut req: Request, mut inner: S) -> Response
     where
         S: Service<Request, Error = Infallible>,
@@ -176,15 +176,10 @@ impl Shared {
         let info = context.take();
         let path = uri.path();
         let status = response.status().as_u16();
-        let operation = info.operation.unwrap_or(match path {
-            p if p == "/healthz"
-                || p == "/readyz"
-                || p == "/metrics"
-                || p.starts_with("/gateway/") =>
-            {
-                "gateway"
-            }
-            _ => "unknown",
+        let operation = info.operation.unwrap_or(if super::routes::is_own(path) {
+            "gateway"
+        } else {
+            "unknown"
         });
         let rejection = response.extensions().get::<ErrorKind>().map(|k| k.0);
         self.metrics.request_done(operation, status, rejection);
@@ -192,7 +187,7 @@ impl Shared {
             trace::record_outcome(&span, operation, status);
         }
         let mut trace_hex = [0u8; 32];
-        self.log.log(&Entry {
+        self.log.log(&AccessEntry {
             request_id: context.request_id(),
             trace_id: trace_id.hex(&mut trace_hex),
             method: method.as_str(),

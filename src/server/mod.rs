@@ -8,8 +8,10 @@
 
 mod accept;
 mod layer;
+pub mod openapi;
 mod probes;
 mod router;
+mod routes;
 pub mod tls;
 
 use accept::serve;
@@ -32,7 +34,7 @@ use crate::config::LogFormat;
 use crate::limits::PrincipalLimits;
 use crate::policy::reload::{self, LivePolicy};
 use crate::server::tls::Tls;
-use crate::state::{AppState, Shared};
+use crate::state::{AppState, Services};
 use crate::telemetry::{self, AccessLog, Metrics};
 use crate::upstream::Upstream;
 
@@ -61,13 +63,13 @@ pub enum StartError {
     AccessLog(std::io::Error),
     /// The upstream client could not be built.
     #[error("{0}")]
-    Upstream(crate::Error),
+    Upstream(crate::error::Error),
     /// The TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
     /// The authenticator could not start.
     #[error("{0}")]
-    Auth(crate::Error),
+    Auth(crate::error::Error),
 }
 
 /// The bounds the server puts on clients, so a hostile or broken one cannot exhaust it.
@@ -207,7 +209,7 @@ impl App {
                     addr: config.listen,
                     source,
                 })?;
-        let state = Arc::new(Shared {
+        let state = Arc::new(Services {
             auth: Authenticator::start_reporting(&config.auth, metrics.jwks_fetch())
                 .await
                 .map_err(StartError::Auth)?,

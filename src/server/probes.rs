@@ -18,8 +18,9 @@ pub(super) async fn healthz() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
-pub(super) async fn openapi() -> Response {
-    json_response(StatusCode::OK, &crate::billing::openapi::document())
+/// The OpenAPI document, built once when the router is (see [`super::openapi`]).
+pub(super) async fn openapi(Extension(document): Extension<Arc<serde_json::Value>>) -> Response {
+    json_response(StatusCode::OK, &document)
 }
 
 /// Ready: configuration, policy and signing keys loaded, not shutting down, and a place in

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::IntoResponse;
-use axum::routing::{MethodFilter, MethodRouter, get, on};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Extension, Router};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -17,7 +17,7 @@ use tower_http::timeout::RequestBodyDeadlineLayer;
 
 use super::ServerLimits;
 use super::layer::{HeadLimits, RequestLayer};
-use super::probes::{healthz, metrics, openapi, readyz};
+use super::routes::{ROUTES, Serve};
 use crate::admission::{Admission, Bounds};
 use crate::error::Error;
 use crate::proxy;
@@ -61,22 +61,24 @@ pub(super) fn router(
         // A body must arrive whole within the deadline: slow-loris on the body is cut off too,
         // a trickle of one byte a second included (an idle timeout never fires on that).
         .layer(RequestBodyDeadlineLayer::new(limits.body_deadline));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/gateway/v1/openapi.json", get(openapi))
-        .route(
-            "/gateway/v1/whoami",
-            authenticated(MethodFilter::GET, proxy::WHOAMI),
-        )
-        .route(
-            "/gateway/v1/cache",
-            authenticated(MethodFilter::DELETE, proxy::PURGE),
-        )
+    let mut router = Router::new();
+    for route in ROUTES {
+        let method = MethodFilter::try_from(route.method.clone())
+            .expect("a route's method is one axum can filter on");
+        router = router.route(
+            route.path,
+            match route.serve {
+                Serve::Open(serve) => serve(method),
+                Serve::Authenticated(endpoint) => authenticated(method, endpoint),
+            },
+        );
+    }
+    router
         // Every Billing path, and every unknown one (answered 404 by the operation table).
         .fallback(proxy::billing)
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed.into_response() })
+        // Handed to its route rather than fetched by it: the document reads the route table.
+        .layer(Extension(Arc::new(super::openapi::document())))
         .with_state(state)
         .layer(layers)
 }

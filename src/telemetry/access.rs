@@ -41,7 +41,7 @@ const GATHER: Duration = Duration::from_millis(10);
 
 /// What one access log line says.
 #[derive(Debug)]
-pub struct Entry<'a> {
+pub struct AccessEntry<'a> {
     /// The request id, as echoed.
     pub request_id: &'a str,
     /// The trace id, 32 hex digits.
@@ -103,7 +103,7 @@ impl AccessLog {
     }
 
     /// Queues the line for `entry`, when the log filter lets access lines through.
-    pub fn log(&self, entry: &Entry<'_>) {
+    pub fn log(&self, entry: &AccessEntry<'_>) {
         if !self.enabled {
             return;
         }
@@ -181,7 +181,7 @@ fn write_lines(queue: &Receiver<Message>, writer: impl Write) {
 }
 
 /// The line for `entry` at `now`, newline included.
-pub fn render(format: LogFormat, entry: &Entry<'_>, now: time::OffsetDateTime) -> String {
+pub fn render(format: LogFormat, entry: &AccessEntry<'_>, now: time::OffsetDateTime) -> String {
     let mut line = String::with_capacity(384 + entry.path.len() + entry.subject.len());
     match format {
         LogFormat::Json => json(&mut line, entry, now),
@@ -193,7 +193,7 @@ pub fn render(format: LogFormat, entry: &Entry<'_>, now: time::OffsetDateTime) -
 
 /// `{"timestamp":…,"level":"INFO","message":"request",<fields>,"target":…}`: the fields and
 /// their order of the JSON formatter this replaces.
-fn json(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
+fn json(line: &mut String, e: &AccessEntry<'_>, now: time::OffsetDateTime) {
     line.push_str("{\"timestamp\":\"");
     timestamp(line, now);
     line.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
@@ -205,7 +205,7 @@ fn json(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
 
 /// `<timestamp>  INFO billing_gateway::access: request name=value …`: values a caller chose
 /// (subject, path) quoted and escaped, so a line is always one line.
-fn pretty(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
+fn pretty(line: &mut String, e: &AccessEntry<'_>, now: time::OffsetDateTime) {
     timestamp(line, now);
     line.push_str("  INFO ");
     line.push_str(ACCESS_TARGET);
@@ -217,7 +217,7 @@ fn pretty(line: &mut String, e: &Entry<'_>, now: time::OffsetDateTime) {
 /// `text` (numbers are written alike in both formats): one list of fields, two renderings.
 fn fields(
     line: &mut String,
-    e: &Entry<'_>,
+    e: &AccessEntry<'_>,
     key: fn(&mut String, &str),
     text: fn(&mut String, &str),
 ) {
@@ -367,8 +367,8 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
-    fn entry<'a>(subject: &'a str, path: &'a str) -> Entry<'a> {
-        Entry {
+    fn entry<'a>(subject: &'a str, path: &'a str) -> AccessEntry<'a> {
+        AccessEntry {
             request_id: "req-1",
             trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
             method: "GET",

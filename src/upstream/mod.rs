@@ -10,11 +10,13 @@
 //! body, raw query) is copied. The key lives in a header value marked sensitive, so it prints as
 //! `Sensitive` in any `Debug` output.
 
+mod answer;
 mod budget;
 mod fair;
 mod pace;
 mod shared;
 
+pub use answer::{Answer, Content, Unread};
 pub use budget::{Caller, Turns, UPSTREAM_MAX_WAIT, UpstreamBudget};
 pub use fair::{BacklogFull, FairQueue, Ticket};
 pub use pace::{Backoff, Pace};
@@ -105,12 +107,6 @@ impl Upstream {
         })
     }
 
-    /// The secret key's bytes, for scrubbing them out of relayed upstream answers; the key is
-    /// held here and nowhere else.
-    pub(crate) fn secret_key(&self) -> &[u8] {
-        self.key.as_bytes()
-    }
-
     /// Time left before the upstream is called again after a 429 (zero when not backing off).
     pub fn backoff_remaining(&self) -> Duration {
         self.backoff.remaining()
@@ -121,15 +117,27 @@ impl Upstream {
         self.budget.waiting_principals()
     }
 
-    /// Sends `call` for `caller` and returns the upstream's answer with its body not yet read.
+    /// Sends `call` for `caller` and returns the upstream's answer.
     ///
     /// Every attempt waits its turn in the upstream budget, taking turns with other principals'
     /// calls (a retry keeps its place at the front of its principal's backlog); none is made while backing off after
     /// an upstream 429 (both answer 429 with `Retry-After`, which a cache may answer with a stale
     /// entry instead). A GET is retried on a connection error, a 502 or a 503, within the
     /// request's timeout. Redirects and 429s are turned into errors here, so no caller can
-    /// follow or relay them.
+    /// follow or relay them. An error answer comes back read whole (bounded) and scrubbed of the
+    /// secret key ([`Answer`]), which never leaves this module otherwise.
     pub async fn send(
+        &self,
+        call: &Call,
+        request_id: &str,
+        caller: Caller<'_>,
+    ) -> Result<Answer, Error> {
+        let response = self.exchange(call, request_id, caller).await?;
+        Answer::new(response, self.key.as_bytes()).await
+    }
+
+    /// The attempts of [`Upstream::send`], up to the judged answer with its body unread.
+    async fn exchange(
         &self,
         call: &Call,
         request_id: &str,

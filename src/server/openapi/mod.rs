@@ -1,14 +1,15 @@
-//! The OpenAPI 3.1 description of everything the gateway serves, generated from the operation
-//! table so it cannot drift from what is enforced: paths, methods, parameters and their
-//! constraints come from [`OPERATIONS`]; the shapes of the answers, errors included, from
-//! `schemas.rs`.
+//! The OpenAPI 3.1 description of everything the gateway serves, generated from the Billing
+//! operation table and the gateway's own route table so it cannot drift from what is served:
+//! paths, methods, parameters and their constraints come from [`OPERATIONS`] and the routes;
+//! the shapes of the answers, errors included, from `schemas.rs`.
 
 mod schemas;
 
 use serde_json::{Map, Value, json};
 
+use super::ServerLimits;
+use super::routes::{ROUTES, Route, Serve};
 use crate::billing::{Kind, Method, OPERATIONS, Operation, Param};
-use crate::server::ServerLimits;
 
 /// The errors any authenticated request can meet before it is served: its credential, its
 /// grants, its head and body, its rate, the gateway's capacity.
@@ -25,65 +26,21 @@ pub fn document() -> Value {
         let entry = paths.entry(op.path).or_insert_with(|| json!({}));
         entry[method] = billing_operation(op);
     }
-    let json_of = |schema: &str| json!({"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}});
-    let status = json!({"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}}});
-    let gateway = [
-        (
-            "/healthz",
-            "get",
-            "liveness: 200 while the process serves",
-            json!({"200": {"description": "serving", "content": status}}),
-            &[][..],
-        ),
-        (
-            "/readyz",
-            "get",
-            "readiness: 200 once configuration, policy and signing keys are loaded",
-            json!({"200": {"description": "ready", "content": status}}),
-            &[503][..],
-        ),
-        (
-            "/metrics",
-            "get",
-            "Prometheus metrics",
-            json!({"200": {"description": "OpenMetrics text", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}}),
-            &[][..],
-        ),
-        (
-            "/gateway/v1/openapi.json",
-            "get",
-            "this document",
-            json!({"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}),
-            &[][..],
-        ),
-        (
-            "/gateway/v1/whoami",
-            "get",
-            "the caller's subject, grants and permissions",
-            json!({"200": {"description": "the caller as the gateway sees it", "content": json_of("WhoAmI")}}),
-            &ANY_REQUEST[..],
-        ),
-        (
-            "/gateway/v1/cache",
-            "delete",
-            "drop every cached answer (permission cache:purge)",
-            json!({"204": {"description": "emptied (every replica's, with Redis)"}}),
-            &ANY_REQUEST[..],
-        ),
-    ];
-    for (path, method, summary, responses, errors) in gateway {
+    for route in ROUTES {
+        let method = route.method.as_str().to_ascii_lowercase();
+        let (responses, errors) = route_answer(route);
+        let authenticated = matches!(route.serve, Serve::Authenticated(_));
         let mut operation = json!({
-            "summary": summary,
+            "summary": route.summary,
             "tags": ["gateway"],
             "responses": responses,
+            "security": if authenticated { security() } else { json!([]) },
         });
-        operation["security"] = if errors.contains(&401) {
-            security()
-        } else {
-            json!([])
-        };
+        if authenticated {
+            add_errors(&mut operation, &ANY_REQUEST);
+        }
         add_errors(&mut operation, errors);
-        paths.entry(path).or_insert_with(|| json!({}))[method] = operation;
+        paths.entry(route.path).or_insert_with(|| json!({}))[method.as_str()] = operation;
     }
     let mut responses = Map::new();
     for (status, name, _, description) in schemas::ERRORS {
@@ -122,6 +79,42 @@ pub fn document() -> Value {
             "responses": responses,
         },
     })
+}
+
+/// A gateway route's answers by status, and the errors it meets beyond any authenticated
+/// request's. Routes are known by path: a test holds every route to having its answer here.
+fn route_answer(route: &Route) -> (Value, &'static [u16]) {
+    let json_of = |schema: &str| json!({"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}});
+    let status = json!({"application/json": {"schema": {"type": "object", "required": ["status"],
+                        "properties": {"status": {"type": "string"}}}}});
+    let text = |content_type: &str| json!({content_type: {"schema": {"type": "string"}}});
+    match route.path {
+        "/healthz" => (
+            json!({"200": {"description": "serving", "content": status}}),
+            &[],
+        ),
+        "/readyz" => (
+            json!({"200": {"description": "ready", "content": status}}),
+            &[503],
+        ),
+        "/metrics" => (
+            json!({"200": {"description": "the gateway's metrics", "content": text("application/openmetrics-text")}}),
+            &[],
+        ),
+        "/gateway/v1/openapi.json" => (
+            json!({"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}),
+            &[],
+        ),
+        "/gateway/v1/whoami" => (
+            json!({"200": {"description": "the caller as the gateway sees it", "content": json_of("WhoAmI")}}),
+            &[],
+        ),
+        "/gateway/v1/cache" => (
+            json!({"204": {"description": "emptied (every replica's, with Redis)"}}),
+            &[],
+        ),
+        _ => (json!({"200": {"description": "OK"}}), &[]),
+    }
 }
 
 fn security() -> Value {
@@ -287,6 +280,15 @@ mod tests {
         let doc = document();
         for (_, schema) in schemas::ANSWERS {
             assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+        }
+    }
+
+    /// Every route of the table has its answers described.
+    #[test]
+    fn every_route_has_its_answer() {
+        for route in ROUTES {
+            let (responses, _) = route_answer(route);
+            assert_ne!(responses["200"]["description"], "OK", "{}", route.path);
         }
     }
 
