@@ -9,6 +9,16 @@ cd "$(dirname "$0")"
 for rules in alerts costs; do
   promtool check rules "$rules.yaml"
   promtool test rules "$rules.test.yaml"
+  # promtool passes a test file that never mentions an alert: each needs a case where it fires
+  # and one where it stays quiet.
+  python3 - "$rules.yaml" "$rules.test.yaml" <<'PY'
+import re, sys
+rules, tests = (open(path).read() for path in sys.argv[1:])
+for name in re.findall(r"- alert: (\w+)", rules):
+    case = "alertname: %s\n        exp_alerts:" % name
+    assert case + "\n          - " in tests, "%s: no case where %s fires" % (sys.argv[2], name)
+    assert case + " []" in tests, "%s: no case where %s stays quiet" % (sys.argv[2], name)
+PY
 done
 
 fresh=$(mktemp -d)
