@@ -36,6 +36,11 @@ pub fn document() -> Value {
             "responses": responses,
             "security": if authenticated { security() } else { json!([]) },
         });
+        if route.path == "/gateway/v1/costs" {
+            operation["parameters"] = json!([{"name": "billing_period", "in": "query", "required": false,
+                "description": "YYYY-MM; default: the current period",
+                "schema": {"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$"}}]);
+        }
         if authenticated {
             add_errors(&mut operation, &ANY_REQUEST);
         }
@@ -112,6 +117,14 @@ fn route_answer(route: &Route) -> (Value, &'static [u16]) {
         "/gateway/v1/cache" => (
             json!({"204": {"description": "emptied (every replica's, with Redis)"}}),
             &[],
+        ),
+        "/gateway/v1/costs" => (
+            json!({"200": {"description": "the caller's costs by project and category, scoped by its grants", "content": json_of("Costs")}}),
+            &[400, 502, 504],
+        ),
+        "/gateway/v1/costs/metrics" => (
+            json!({"200": {"description": "the caller's costs for the current period, for Prometheus", "content": text("text/plain")}}),
+            &[502, 504],
         ),
         _ => (json!({"200": {"description": "OK"}}), &[]),
     }
