@@ -204,17 +204,26 @@ async fn the_key_new_walkthrough_works_from_an_empty_folder_and_survives_a_resta
     assert_eq!(get(&url, "X-Auth-Token", &key).await.status(), 200);
 }
 
-/// Every `curl` line of the banner answers what it says, with the shipped policy and under
-/// `policies/examples` (which binds no `roles` claim: no line for the printed tokens then, and
-/// no `invoice.pdf` saved from a 403); the JS hint names the package its function comes from.
+/// Every `curl` line of the banner answers what it says, with the shipped policy and under a
+/// folder holding only `policies/examples/team-scoped.toml` (which binds `groups`, not the
+/// `roles` claim: no line for the printed tokens then, and no `invoice.pdf` saved from a 403);
+/// the JS hint names the package its function comes from.
 #[tokio::test]
 async fn every_banner_curl_line_answers_as_it_says_whatever_the_policy() {
-    let examples = Path::new(ROOT).join("policies/examples");
+    let groups_only = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        groups_only.path().join("team-scoped.toml"),
+        read("policies/examples/team-scoped.toml"),
+    )
+    .expect("copy");
     for (env, lines) in [
-        (vec![], 5),
+        (vec![], 7),
         (
-            vec![("GATEWAY_POLICY_DIR", examples.to_str().expect("utf-8"))],
-            1,
+            vec![(
+                "GATEWAY_POLICY_DIR",
+                groups_only.path().to_str().expect("utf-8"),
+            )],
+            3,
         ),
     ] {
         let demo = Demo::start(Path::new(ROOT), &env);

@@ -337,6 +337,20 @@ async fn every_billing_answer_of_the_simulator_through_the_gateway_matches_its_s
         charges.contains(&format!("organization_id={ORG}")),
         "{charges}"
     );
+
+    // The gateway's own costs answer, summed from the simulator's consumption, as documented.
+    let costs = app.get("/gateway/v1/costs", &token).await;
+    assert_eq!(costs.status(), 200);
+    let body: Value = costs.json().await.expect("costs json");
+    assert!(
+        !body["projects"].as_array().expect("projects").is_empty(),
+        "{body}"
+    );
+    assert_valid(
+        &documented(&doc, "get", "/gateway/v1/costs", 200),
+        &body,
+        "costs",
+    );
 }
 
 /// One error the gateway answers itself, provoked on a raw connection (what `reqwest` cannot
