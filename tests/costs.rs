@@ -4,7 +4,10 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use billing_gateway::policy::key_sha256;
@@ -634,5 +637,112 @@ fn check_fails_at_the_line_of_a_bad_budget() {
                 "{text}\n{stderr}"
             );
         }
+    }
+}
+
+/// The upstream of [`the_pages_after_the_first_are_asked_four_at_a_time`]: serves `lines` by
+/// pages of 100, holding every page but the first until four are in flight at once (or a hang
+/// guard passes), and notes what it was asked.
+/// One upstream request: its `X-Auth-Token` and query.
+type Asked = (Option<String>, HashMap<String, String>);
+
+#[derive(Clone)]
+struct GatedPages {
+    lines: Arc<Vec<Value>>,
+    in_flight: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::watch::Sender<bool>>,
+    asked: Arc<Mutex<Vec<Asked>>>,
+}
+
+async fn gated_page(
+    axum::extract::State(up): axum::extract::State<GatedPages>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> axum::Json<Value> {
+    let token = headers
+        .get("x-auth-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    up.asked.lock().expect("lock").push((token, query.clone()));
+    let number: usize = query["page"].parse().expect("page");
+    if number > 1 {
+        let now = up.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        up.most.fetch_max(now, Ordering::SeqCst);
+        if now >= 4 {
+            up.gate.send_replace(true);
+        }
+        let mut open = up.gate.subscribe();
+        // A hang guard, not a timing: one page at a time never opens the gate.
+        let _ = tokio::time::timeout(SLOW, open.wait_for(|open| *open)).await;
+        up.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+    let page: Vec<&Value> = up.lines.iter().skip((number - 1) * 100).take(100).collect();
+    axum::Json(json!({
+        "consumptions": page, "total_count": up.lines.len(), "updated_at": UPDATED,
+    }))
+}
+
+/// A cold costs request asks the first page, then the others together, four at a time (so a
+/// scrape waits about one turn of the budget, not one per page): the upstream sees four pages
+/// in flight at once and never more, each page once, with the key and the organization.
+#[tokio::test]
+async fn the_pages_after_the_first_are_asked_four_at_a_time() {
+    let lines: Vec<Value> = (0..650)
+        .map(|i| line([P1, P2, P3][i % 3], "Compute", (i % 5) as i64, 10_000_000))
+        .collect();
+    let upstream = GatedPages {
+        lines: Arc::new(lines.clone()),
+        in_flight: Default::default(),
+        most: Default::default(),
+        gate: Arc::new(tokio::sync::watch::channel(false).0),
+        asked: Default::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let router = axum::Router::new()
+        .route(
+            "/billing/v2beta1/consumptions",
+            axum::routing::get(gated_page),
+        )
+        .with_state(upstream.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let app = TestApp::builder()
+        .policy(&[("default.toml", DEFAULT_POLICY), ("keys.toml", &keys())])
+        .upstream_url(url)
+        .spawn()
+        .await;
+
+    let costs = json_of(
+        get_with_key(
+            &app,
+            &format!("/gateway/v1/costs?billing_period={CLOSED}"),
+            BOTH_KEY,
+        )
+        .await,
+    )
+    .await;
+
+    let mine: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["project_id"] == P1 || l["project_id"] == P2)
+        .collect();
+    assert_eq!(money_nanos(&costs["total"]), nanos_of(&mine), "{costs}");
+    assert_eq!(upstream.most.load(Ordering::SeqCst), 4);
+    let asked = upstream.asked.lock().expect("lock").clone();
+    let mut pages: Vec<usize> = asked
+        .iter()
+        .map(|(_, q)| q["page"].parse().expect("page"))
+        .collect();
+    assert_eq!(pages[0], 1, "the first page first");
+    pages.sort_unstable();
+    assert_eq!(pages, (1..=7).collect::<Vec<_>>());
+    for (token, query) in &asked {
+        assert_eq!(token.as_deref(), Some(SECRET_KEY));
+        assert_eq!(query["organization_id"], ORG);
+        assert_eq!(query["billing_period"], CLOSED);
+        assert_eq!(query["page_size"], "100");
     }
 }

@@ -6,7 +6,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use time::OffsetDateTime;
 
 use super::cached::cached_body;
@@ -14,7 +14,9 @@ use super::{Ask, Endpoint};
 use crate::billing::{Permission, parse};
 use crate::costs::{self, Costs, PAGE_SIZE, Page, Period, View};
 use crate::error::{ArgError, Error, json_response};
-use crate::policy;
+use crate::policy::{self, Principal};
+use crate::state::AppState;
+use crate::telemetry::RequestInfo;
 
 /// `GET /gateway/v1/costs[?billing_period=YYYY-MM]`.
 pub const COSTS: Endpoint = Endpoint {
@@ -53,6 +55,9 @@ pub const COST_METRICS: Endpoint = Endpoint {
 /// Pages the gateway sums for one period at most: past this the organization's list is not
 /// summed (502) rather than costing hundreds of upstream calls per freshness window.
 const MAX_PAGES: u64 = 200;
+
+/// Pages of one costs request asked of the cache and the budget at once.
+const PAGES_AT_ONCE: usize = 4;
 
 /// The asked period (default: the current one), or a Scaleway-shaped 400; any other parameter
 /// is refused.
@@ -101,38 +106,51 @@ async fn costs_of(ask: Ask<'_>) -> Result<Costs, Error> {
     let period = period(query)?.unwrap_or_else(|| Period::of(now));
     // The scope is the policy's, never the query's.
     let scope = policy::projects(principal, Permission::ConsumptionRead)?;
-    let mut pages: Vec<Page> = Vec::new();
-    let mut number = 1u64;
+    // The first page tells how many there are; the others are asked together (a few at a time,
+    // so the caller's own backlog stays short), so that a cold scrape waits about one turn of
+    // the budget, not one per page.
+    let fetch = |number| page(state, principal, request_id, period, number);
+    let mut fetched = vec![fetch(1).await?];
     loop {
-        // Built exactly as a caller's `consumptions` call would be, so it shares its cache entry.
-        let mut call = parse(
-            "GET",
-            "/billing/v2beta1/consumptions",
-            Some(&format!(
-                "billing_period={period}&page={number}&page_size={PAGE_SIZE}"
-            )),
-        )?;
-        call.apply_organization(state.organization_id)?;
-        let (body, _) = cached_body(state, &call, request_id, principal, info).await?;
-        let page: Page = serde_json::from_slice(&body).map_err(|e| {
-            Error::BadGateway(format!(
-                "consumptions page {number} is not a consumption list: {e}"
-            ))
-        })?;
-        let (lines, total) = (page.consumptions.len() as u64, page.total_count);
-        pages.push(page);
+        let total = fetched
+            .iter()
+            .map(|(p, _)| p.total_count)
+            .max()
+            .unwrap_or(0);
+        let needed = total.div_ceil(u64::from(PAGE_SIZE)).max(1);
+        let have = fetched.len() as u64;
         // A page past the end is empty: the list shrank, or total_count was short.
-        if lines == 0 || number * u64::from(PAGE_SIZE) >= total {
+        if have >= needed
+            || fetched
+                .last()
+                .is_some_and(|(p, _)| p.consumptions.is_empty())
+        {
             break;
         }
-        if number >= MAX_PAGES {
+        if needed > MAX_PAGES {
             return Err(Error::BadGateway(format!(
                 "the consumption list has {total} lines, more than costs sums ({} at most)",
                 MAX_PAGES * u64::from(PAGE_SIZE)
             )));
         }
-        number += 1;
+        let more: Vec<_> = futures_util::stream::iter(have + 1..=needed)
+            .map(fetch)
+            .buffered(PAGES_AT_ONCE)
+            .try_collect()
+            .await?;
+        fetched.extend(more);
     }
+    // The log line's notes: the longest upstream wait, and "hit" only if every page was one.
+    info.upstream_ms = fetched
+        .iter()
+        .filter_map(|(_, i)| i.upstream_ms)
+        .reduce(f64::max);
+    info.cache = fetched
+        .iter()
+        .filter_map(|(_, i)| i.cache)
+        .find(|result| *result != "hit")
+        .or(Some("hit"));
+    let pages: Vec<Page> = fetched.into_iter().map(|(page, _)| page).collect();
     let budgets = state.policy.load().budgets();
     let view = View {
         scope: scope.as_deref(),
@@ -140,4 +158,31 @@ async fn costs_of(ask: Ask<'_>) -> Result<Costs, Error> {
         now,
     };
     costs::summarize(period, &pages, &view).map_err(|e| Error::BadGateway(e.to_string()))
+}
+
+/// Page `number` of the period's organization-wide consumption, with its log notes.
+async fn page(
+    state: &AppState,
+    principal: &Principal,
+    request_id: &str,
+    period: Period,
+    number: u64,
+) -> Result<(Page, RequestInfo), Error> {
+    // Built exactly as a caller's `consumptions` call would be, so it shares its cache entry.
+    let mut call = parse(
+        "GET",
+        "/billing/v2beta1/consumptions",
+        Some(&format!(
+            "billing_period={period}&page={number}&page_size={PAGE_SIZE}"
+        )),
+    )?;
+    call.apply_organization(state.organization_id)?;
+    let mut info = RequestInfo::default();
+    let (body, _) = cached_body(state, &call, request_id, principal, &mut info).await?;
+    let page = serde_json::from_slice(&body).map_err(|e| {
+        Error::BadGateway(format!(
+            "consumptions page {number} is not a consumption list: {e}"
+        ))
+    })?;
+    Ok((page, info))
 }
