@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redis::{PushInfo, PushKind};
 
-use super::Cluster;
+use super::{Cluster, TICK};
 
 /// What the pub/sub connection brings, to every [`Cluster::events`] receiver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,21 +20,28 @@ pub enum Event {
 }
 
 impl Cluster {
-    /// Subscribes when not yet subscribed, or pings the subscribed connection so that a lost
-    /// one is remade (and resubscribed by the client); whether the subscription is in place.
-    pub(super) async fn keep_subscribed(&self, channel: &str, subscribed: bool) -> bool {
-        let mut sub = self.sub.clone();
-        let bound = Duration::from_secs(1);
-        if subscribed {
-            let ping = redis::cmd("PING");
-            let pong = tokio::time::timeout(bound, ping.query_async::<redis::Value>(&mut sub));
-            let _ = pong.await;
-            true
-        } else {
-            matches!(
-                tokio::time::timeout(bound, sub.subscribe(channel)).await,
-                Ok(Ok(()))
-            )
+    /// Every [`TICK`]: subscribes when not yet subscribed, or pings the subscribed connection
+    /// so that a lost one is remade (and resubscribed by the client).
+    pub(super) async fn keep_subscription(&self) -> std::convert::Infallible {
+        let channel = self.key("events");
+        let mut subscribed = false;
+        loop {
+            // The link is made by the heartbeat; none yet, nothing to subscribe on.
+            if let Some(link) = self.link.get() {
+                let mut sub = link.sub.clone();
+                let bound = Duration::from_secs(1);
+                if subscribed {
+                    let ping = redis::cmd("PING");
+                    let pong = ping.query_async::<redis::Value>(&mut sub);
+                    let _ = tokio::time::timeout(bound, pong).await;
+                } else {
+                    subscribed = matches!(
+                        tokio::time::timeout(bound, sub.subscribe(&channel)).await,
+                        Ok(Ok(()))
+                    );
+                }
+            }
+            tokio::time::sleep(TICK).await;
         }
     }
 }
