@@ -297,6 +297,11 @@ impl Cluster {
         limit: Duration,
     ) -> Outcome<T> {
         let started = Instant::now();
+        if limit.is_zero() {
+            // The request's Redis time is spent: not even sent.
+            self.metrics.observe_redis(op.as_str(), "skipped", 0.0);
+            return Outcome::Cut;
+        }
         let asked = async {
             let mut conn: Conn = self.link().await?.cmd.clone();
             script.invoke_async::<T>(&mut conn).await
@@ -308,7 +313,9 @@ impl Cluster {
                 tracing::debug!(op = op.as_str(), error = %e, "a Redis command failed");
                 Outcome::Failed(Cause::of(&e))
             }
-            Err(_) if limit < self.timeout => Outcome::Cut,
+            // Cut short by the request's own Redis time, or while the link was still being
+            // made (the heartbeat makes it, however long that takes): nothing known of Redis.
+            Err(_) if limit < self.timeout || self.link.get().is_none() => Outcome::Cut,
             Err(_) => {
                 tracing::debug!(
                     op = op.as_str(),
