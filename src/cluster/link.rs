@@ -281,3 +281,61 @@ fn is_tls(error: &RedisError) -> bool {
     .iter()
     .any(|word| text.contains(word))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    fn config(url: &str, ca_file: Option<&str>) -> RedisConfig {
+        RedisConfig {
+            url: Some(SecretString::from(url.to_owned())),
+            prefix: None,
+            timeout: Duration::from_millis(100),
+            fallback_replicas: 3,
+            ca_file: ca_file.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_ca_file_that_cannot_be_used_stops_the_start_naming_the_setting_never_the_url() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").expect("write");
+        let empty = empty.to_str().expect("a path");
+        for (url, ca) in [
+            (
+                "rediss://:s3cret-password@redis:6379",
+                "/nonexistent/ca.pem",
+            ),
+            ("rediss://:s3cret-password@redis:6379", empty),
+            // Certificates for a connection that is not TLS would be ignored: refused.
+            ("redis://:s3cret-password@redis:6379", empty),
+        ] {
+            let Err(e) = Target::new(&config(url, Some(ca))) else {
+                panic!("{url} with {ca} accepted");
+            };
+            assert!(e.starts_with("GATEWAY_REDIS_CA_FILE"), "{e}");
+            assert!(!e.contains("s3cret") && !e.contains("redis:6379"), "{e}");
+        }
+    }
+
+    #[test]
+    fn several_urls_are_the_nodes_of_one_cluster_and_must_agree_on_tls() {
+        let nodes = Target::new(&config(
+            "redis://a:7000, redis://b:7001,redis://c:7002",
+            None,
+        ));
+        assert_eq!(nodes.map(|t| t.nodes.len()).ok(), Some(3));
+        let Err(e) = Target::new(&config(
+            "redis://:s3cret-password@a:7000,rediss://b:7001",
+            None,
+        )) else {
+            panic!("mixed schemes accepted");
+        };
+        assert!(
+            e.starts_with("GATEWAY_REDIS_URL") && !e.contains("s3cret"),
+            "{e}"
+        );
+    }
+}
