@@ -113,8 +113,8 @@ impl Op {
     }
 }
 
-/// Redis could not be asked (degraded, an error, or no answer within the timeout): the caller
-/// decides on its own.
+/// Redis could not be asked (degraded, an error, or no answer within what was left of the
+/// request's Redis time): the caller decides on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable;
 
@@ -425,5 +425,43 @@ impl Cluster {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    fn link() -> Arc<Cluster> {
+        let config = RedisConfig {
+            url: Some(SecretString::from("redis://127.0.0.1:1".to_owned())),
+            prefix: None,
+            timeout: Duration::from_millis(100),
+            fallback_replicas: 3,
+            ca_file: None,
+        };
+        Cluster::new(&config, uuid::Uuid::nil(), Arc::new(Metrics::default())).expect("a link")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commands_failing_together_count_once_and_three_failures_in_a_row_switch() {
+        let cluster = link();
+        // One stall fails many commands in flight together: one failure.
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        for _ in 0..10 {
+            cluster.failed(sent, Cause::TimedOut);
+        }
+        assert_eq!(cluster.mode(), Mode::Connected);
+        // Failures one after another, each of a command sent after the last was seen.
+        for _ in 0..2 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let sent = Instant::now();
+            tokio::time::advance(Duration::from_millis(100)).await;
+            assert_eq!(cluster.mode(), Mode::Connected);
+            cluster.failed(sent, Cause::Refused);
+        }
+        assert!(matches!(cluster.mode(), Mode::Degraded { .. }));
     }
 }
