@@ -39,8 +39,8 @@ impl Cluster {
                     _ => {}
                 }
             }
-            // The link is made by the heartbeat; none yet, nothing to subscribe on.
-            if let Some(link) = self.link.get() {
+            // Subscribed as soon as the link is made (by the heartbeat, or here).
+            if let Ok(link) = self.link().await {
                 let mut sub = link.sub.clone();
                 let bound = Duration::from_secs(1);
                 if subscribed {
