@@ -270,3 +270,70 @@ async fn replicas_share_through_a_tls_redis_whose_ca_file_they_trust() {
     first.stop().await;
     second.stop().await;
 }
+
+/// The request pipeline runs in one Redis time: through a Redis answering 70 ms late (timeout
+/// 100 ms), a request whose caller's rate is asked of Redis first has 30 ms left for the rest,
+/// so its next command is given up on after them, and the others are not sent: at most one
+/// command per request runs out of time, however many it would make.
+#[tokio::test]
+async fn a_miss_through_a_slow_redis_gives_up_on_its_commands_once_its_time_is_spent() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let app = TestApp::builder().redis(relay.url()).spawn().await;
+    Mock::given(any())
+        .respond_with(consumptions("slow"))
+        .mount(&app.upstream)
+        .await;
+    eventually(
+        || async { commands(&app.metrics().await, "heartbeat", "ok") >= 1.0 },
+        PATIENCE,
+    )
+    .await;
+    // Every script known to Redis before it turns slow.
+    let warm = app
+        .get(
+            "/billing/v2beta1/consumptions?billing_period=2026-01",
+            &reader_as("warm"),
+        )
+        .await;
+    assert_eq!(warm.status(), 200);
+
+    relay.set(Duration::from_millis(70), 0, Duration::ZERO);
+    let asked = 5;
+    for n in 0..asked {
+        // A new caller each time: its rate is asked of Redis first.
+        let path = format!(
+            "/billing/v2beta1/consumptions?billing_period=2026-0{}",
+            n + 2
+        );
+        let r = app.get(&path, &reader_as(&format!("caller-{n}"))).await;
+        assert!([200, 429].contains(&r.status().as_u16()), "{}", r.status());
+    }
+    let m = app.metrics().await;
+    let of = |ops: &[&str], results: &[&str]| -> f64 {
+        let mut sum = 0.0;
+        for op in ops {
+            for result in results {
+                sum += commands(&m, op, result);
+            }
+        }
+        sum
+    };
+    // Each new caller's rate asked once (answered, or late past the whole timeout).
+    assert_eq!(
+        of(&["principal"], &["ok", "timeout"]),
+        f64::from(asked) + 1.0,
+        "{m}"
+    );
+    // The commands a request makes itself: at most one per request ran out of time...
+    let out_of_time = of(&["principal", "fill"], &["timeout", "deadline"]);
+    assert!(out_of_time <= f64::from(asked), "{m}");
+    // ...and at least one was given up on rather than waited for whole.
+    assert!(
+        of(&["fill", "budget"], &["deadline", "skipped"]) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
+    assert!(app.upstream_requests().await.len() <= asked as usize + 1);
+    app.stop().await;
+}
