@@ -157,11 +157,11 @@ impl Target {
 
     /// Connects: asks the nodes in turn whether they are a Cluster's, and makes the link of
     /// that kind; the error of the last node when none answers.
-    pub(super) async fn connect(&self, push: impl AsyncPushSender + Clone) -> RedisResult<Link> {
+    pub(super) async fn connect(&self, push: impl AsyncPushSender) -> RedisResult<Link> {
         let mut last = None;
         for node in 0..self.nodes.len() {
             match self.mode(node).await {
-                Ok(cluster) if cluster => {
+                Ok(true) => {
                     let cmd = self.cluster(None::<fn(_) -> Result<(), ()>>).build()?;
                     let sub = self.cluster(Some(push)).build()?;
                     return Ok(Link {
@@ -169,7 +169,7 @@ impl Target {
                         sub: Conn::Cluster(sub.get_async_connection().await?),
                     });
                 }
-                Ok(_) => {
+                Ok(false) => {
                     let client = self.single(node)?;
                     let reconnect = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(CONNECT))
