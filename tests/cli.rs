@@ -348,6 +348,7 @@ fn check_validates_the_redis_settings_without_connecting_or_echoing_the_password
         ("GATEWAY_REDIS_PREFIX", "two words"),
         ("GATEWAY_REDIS_TIMEOUT", "0s"),
         ("GATEWAY_REDIS_FALLBACK_REPLICAS", "none"),
+        ("GATEWAY_REDIS_CA_FILE", "/nonexistent/redis-ca.pem"),
     ];
     let out = run(&["check"], &[&SERVABLE[..], &bad].concat());
     let err = stderr(&out);
@@ -355,15 +356,21 @@ fn check_validates_the_redis_settings_without_connecting_or_echoing_the_password
     for (name, _) in bad {
         assert!(err.contains(name), "{name} not named: {err}");
     }
-    assert!(err.contains("4 problems found"), "{err}");
+    assert!(err.contains("5 problems found"), "{err}");
     assert!(!err.contains("hunter2"), "the password is echoed: {err}");
 
-    // Well-formed: valid without connecting (nothing listens on port 1).
+    // Well-formed: valid without connecting (nothing listens on ports 1 and 2): two nodes of a
+    // Cluster, a CA to trust.
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = dir.path().join("redis-ca.pem");
+    let cert = rcgen::generate_simple_self_signed(vec!["redis.example".to_owned()]).expect("cert");
+    std::fs::write(&ca, cert.cert.pem()).expect("write the CA");
     let good = [
         (
             "GATEWAY_REDIS_URL",
-            "rediss://:hunter2-but-long-9f3a1c@127.0.0.1:1/0",
+            "rediss://:hunter2-but-long-9f3a1c@127.0.0.1:1/0,rediss://:hunter2-but-long-9f3a1c@127.0.0.1:2",
         ),
+        ("GATEWAY_REDIS_CA_FILE", ca.to_str().expect("a path")),
         ("GATEWAY_REDIS_PREFIX", "billing-gateway:{staging}"),
         ("GATEWAY_REDIS_TIMEOUT", "250ms"),
         ("GATEWAY_REDIS_FALLBACK_REPLICAS", "4"),

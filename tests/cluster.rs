@@ -117,6 +117,7 @@ fn link(redis: &Redis) -> Arc<Cluster> {
         prefix: Some("test:{events}".to_owned()),
         timeout: Duration::from_millis(500),
         fallback_replicas: 3,
+        ca_file: None,
     };
     Cluster::new(
         &config,

@@ -65,3 +65,80 @@ async fn mode_changes_are_logged_once_and_the_password_never() {
     }
     app.stop().await;
 }
+
+/// The one warning logged on going degraded: the line that says so, once `app` is degraded.
+async fn degraded_warning(app: &TestApp, captured: &Captured, before: usize) -> String {
+    eventually(
+        || async {
+            app.metrics()
+                .await
+                .contains("billing_gateway_redis_mode{mode=\"degraded\"} 1")
+        },
+        PATIENCE,
+    )
+    .await;
+    let log = captured.text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("this replica keeps its own limits"))
+        .collect();
+    assert_eq!(warnings.len(), before + 1, "{log}");
+    warnings[before].to_owned()
+}
+
+/// Refused, denied by the ACL, or an untrusted TLS certificate: the one warning says which.
+#[tokio::test(flavor = "current_thread")]
+async fn the_warning_on_going_degraded_says_why_refused_acl_or_tls() {
+    let (captured, _logs) = capture_logs("warn");
+
+    // Nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let app = TestApp::builder()
+        .redis(format!("redis://127.0.0.1:{closed}"))
+        .spawn()
+        .await;
+    let warning = degraded_warning(&app, &captured, 0).await;
+    assert!(warning.contains("connection refused"), "{warning}");
+    app.stop().await;
+
+    // A user the ACL confines to other keys: its scripts are refused (NOPERM).
+    let redis = Redis::start();
+    assert_eq!(
+        redis
+            .command(&[
+                "ACL",
+                "SETUSER",
+                "gateway",
+                "on",
+                &format!(">{PASSWORD}"),
+                "~elsewhere:*",
+                "&*",
+                "+@all",
+            ])
+            .as_deref(),
+        Some("+OK")
+    );
+    let port = redis.url().rsplit(':').next().expect("a port").to_owned();
+    let app = TestApp::builder()
+        .redis(format!("redis://gateway:{PASSWORD}@127.0.0.1:{port}"))
+        .spawn()
+        .await;
+    let warning = degraded_warning(&app, &captured, 1).await;
+    assert!(warning.contains("ACL refused"), "{warning}");
+    assert!(warning.contains("NOPERM"), "{warning}");
+    app.stop().await;
+
+    // A Redis with a private CA, not trusted (no GATEWAY_REDIS_CA_FILE).
+    let tls = common::redis_tls::TlsRedis::start();
+    let app = TestApp::builder().redis(tls.url()).spawn().await;
+    let warning = degraded_warning(&app, &captured, 2).await;
+    assert!(warning.contains("TLS handshake failed"), "{warning}");
+    app.stop().await;
+
+    let log = captured.text();
+    assert!(!log.contains(PASSWORD), "the Redis password leaked: {log}");
+    assert!(!log.contains("127.0.0.1:"), "a Redis URL leaked: {log}");
+}

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use redis::{PushInfo, PushKind};
+use tokio::sync::broadcast;
 
-use super::Cluster;
+use super::{Cluster, TICK};
 
 /// What the pub/sub connection brings, to every [`Cluster::events`] receiver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,21 +21,43 @@ pub enum Event {
 }
 
 impl Cluster {
-    /// Subscribes when not yet subscribed, or pings the subscribed connection so that a lost
-    /// one is remade (and resubscribed by the client); whether the subscription is in place.
-    pub(super) async fn keep_subscribed(&self, channel: &str, subscribed: bool) -> bool {
-        let mut sub = self.sub.clone();
-        let bound = Duration::from_secs(1);
-        if subscribed {
-            let ping = redis::cmd("PING");
-            let pong = tokio::time::timeout(bound, ping.query_async::<redis::Value>(&mut sub));
-            let _ = pong.await;
-            true
-        } else {
-            matches!(
-                tokio::time::timeout(bound, sub.subscribe(channel)).await,
-                Ok(Ok(()))
-            )
+    /// Every [`TICK`]: subscribes when not subscribed (yet, or since the connection dropped),
+    /// or asks the subscribed connection something so that a lost one is noticed and remade.
+    /// After a drop the client subscribes again by itself, except a Cluster client whose node a
+    /// failover took away: when no subscription came back by the next tick, this one makes it.
+    pub(super) async fn keep_subscription(&self) -> std::convert::Infallible {
+        let channel = self.key("events");
+        let mut events = self.events();
+        let mut subscribed = false;
+        loop {
+            loop {
+                match events.try_recv() {
+                    Ok(Event::Disconnected) => subscribed = false,
+                    // Subscribed again by the client itself (a single server's connection).
+                    Ok(Event::Subscribed) => subscribed = true,
+                    Err(broadcast::error::TryRecvError::Empty) => break,
+                    _ => {}
+                }
+            }
+            // Subscribed as soon as the link is made (by the heartbeat, or here).
+            if let Ok(link) = self.link().await {
+                let mut sub = link.sub.clone();
+                let bound = Duration::from_secs(1);
+                if subscribed {
+                    // A command for the channel's slot, not a PING (which a Cluster client
+                    // sends to any node): it goes where the subscription is, so a lost
+                    // connection is noticed there.
+                    let ping = redis::cmd("EXISTS").arg(&channel).to_owned();
+                    let pong = ping.query_async::<redis::Value>(&mut sub);
+                    let _ = tokio::time::timeout(bound, pong).await;
+                } else {
+                    subscribed = matches!(
+                        tokio::time::timeout(bound, sub.subscribe(&channel)).await,
+                        Ok(Ok(()))
+                    );
+                }
+            }
+            tokio::time::sleep(TICK).await;
         }
     }
 }

@@ -23,11 +23,11 @@ mod weak;
 
 pub use locate::{line_at, syntax_error_at};
 pub use problem::{ConfigErrors, Problem};
-pub(crate) use units::parse_redis_url;
 pub use units::{
     HttpUrl, Rate, parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate,
     parse_size,
 };
+pub(crate) use units::{parse_redis_urls, pem_certificates};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,7 +76,8 @@ pub struct Config {
 /// Sharing through Redis (contract §11). Without a URL everything stays in this process.
 #[derive(Debug)]
 pub struct RedisConfig {
-    /// `GATEWAY_REDIS_URL`: `redis://` or `rediss://`; a secret (it may hold a password).
+    /// `GATEWAY_REDIS_URL`: `redis://` or `rediss://`, of a single server or of any node of a
+    /// Redis Cluster (or several, comma-separated); a secret (it may hold a password).
     pub url: Option<SecretString>,
     /// `GATEWAY_REDIS_PREFIX`: the namespace of every key and channel; `None`:
     /// `billing-gateway:{<organization id>}` (one hash tag, so Redis Cluster keeps it in one slot).
@@ -86,6 +87,9 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// `GATEWAY_REDIS_FALLBACK_REPLICAS`: the replica count assumed when Redis cannot be reached.
     pub fallback_replicas: u32,
+    /// `GATEWAY_REDIS_CA_FILE`: PEM certificates trusted for `rediss://` instead of the system's
+    /// roots (a managed Redis's own CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -307,6 +311,7 @@ impl Config {
                 prefix: None,
                 timeout: Duration::from_millis(100),
                 fallback_replicas: 3,
+                ca_file: None,
             },
         }
     }

@@ -11,7 +11,7 @@ use secrecy::SecretString;
 use uuid::Uuid;
 
 use super::units::{
-    parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate, parse_redis_url,
+    parse_base_url, parse_duration, parse_http_url, parse_origin, parse_rate, parse_redis_urls,
     parse_size,
 };
 use super::weak;
@@ -220,7 +220,9 @@ pub(super) static SETTINGS: &[Setting] = &[
     }),
     // A Redis URL may carry a password: a secret, like the keys; never echoed.
     secret("GATEWAY_REDIS_URL", "redis.url", |c, v| {
-        weak::redis_password(&parse_redis_url(&v)?)?;
+        for url in parse_redis_urls(&v)? {
+            weak::redis_password(&url)?;
+        }
         c.redis.url = Some(SecretString::from(v));
         Ok(())
     }),
@@ -255,6 +257,12 @@ pub(super) static SETTINGS: &[Setting] = &[
             _ => Err(format!("`{v}` is not a replica count (1 to 1000)")),
         },
     ),
+    file("GATEWAY_REDIS_CA_FILE", "redis.ca_file", |c, v| {
+        let path = PathBuf::from(v);
+        super::pem_certificates(&path)?;
+        c.redis.ca_file = Some(path);
+        Ok(())
+    }),
     // OpenTelemetry's own names, so a collector's usual settings work unchanged.
     file(
         "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -305,6 +305,40 @@ pub(crate) fn parse_redis_url(v: &str) -> Result<url::Url, String> {
     Ok(url)
 }
 
+/// Checks `GATEWAY_REDIS_URL`: one URL, or several comma-separated (nodes of one Redis
+/// Cluster), all `redis://` or all `rediss://`; messages never repeat a URL.
+pub(crate) fn parse_redis_urls(v: &str) -> Result<Vec<url::Url>, String> {
+    let urls = v
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(parse_redis_url)
+        .collect::<Result<Vec<_>, _>>()?;
+    match urls.first() {
+        None => Err("no URL".to_owned()),
+        Some(first) if urls.iter().any(|u| u.scheme() != first.scheme()) => {
+            Err("the URLs mix redis:// and rediss://".to_owned())
+        }
+        Some(_) => Ok(urls),
+    }
+}
+
+/// A PEM file of certificates to trust (`GATEWAY_REDIS_CA_FILE`): its bytes, once it is known
+/// to hold at least one certificate and nothing unreadable.
+pub(crate) fn pem_certificates(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let at = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {at}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{at}: not PEM certificates ({e})"))?;
+    if certs.is_empty() {
+        return Err(format!("{at}: no PEM certificate in it"));
+    }
+    Ok(pem)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -141,7 +141,8 @@ async fn serve(
 ) -> Response {
     let (parts, body) = request.into_parts();
     let mut info = context.fill();
-    let response = steps(
+    // All of the request's Redis work shares one GATEWAY_REDIS_TIMEOUT (contract §11).
+    let response = crate::cluster::deadline::request(steps(
         state,
         admission,
         context,
@@ -149,7 +150,7 @@ async fn serve(
         &parts.headers,
         body,
         &mut info,
-    )
+    ))
     .await
     .unwrap_or_else(IntoResponse::into_response);
     if let Some(Failure(e)) = response.extensions().get::<Failure>() {

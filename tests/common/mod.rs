@@ -16,6 +16,9 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod redis;
+pub mod redis_cluster;
+pub mod redis_tls;
+pub mod relay;
 pub mod served;
 
 use std::future::Future;

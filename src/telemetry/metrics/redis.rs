@@ -64,7 +64,10 @@ impl RedisMetrics {
             commands: add(
                 r,
                 "redis_commands",
-                "Redis commands (scripts) run, by purpose and result (ok, error, timeout)",
+                "Redis commands (scripts) run, by purpose and result: ok, error, timeout (no \
+                 answer within GATEWAY_REDIS_TIMEOUT), deadline (the request's share of it \
+                 ran out first: at most one command per request waits that long), skipped (not \
+                 sent: the request's share was spent)",
                 Family::default(),
             ),
             duration: add_in(

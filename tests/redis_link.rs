@@ -1,0 +1,339 @@
+//! The link to Redis as operators run it (contract §11): a slow Redis that still answers, one
+//! that comes back, one behind TLS with a private CA. Real `redis-server`s on free ports, a
+//! relay that delays replies, real apps over sockets against a wiremock upstream.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::Script;
+use billing_gateway::cluster::{self, Cluster, Mode, Op};
+use billing_gateway::config::RedisConfig;
+use billing_gateway::telemetry::Metrics;
+use common::redis::Redis;
+use common::redis_tls::TlsRedis;
+use common::relay::Relay;
+use common::*;
+use secrecy::SecretString;
+use serde_json::Value;
+use wiremock::matchers::any;
+use wiremock::{Mock, MockServer};
+
+const TIMEOUT: Duration = Duration::from_millis(100);
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port")
+}
+
+fn commands(metrics: &str, op: &str, result: &str) -> f64 {
+    value(
+        metrics,
+        "billing_gateway_redis_commands_total",
+        &format!("op=\"{op}\",result=\"{result}\""),
+    )
+    .unwrap_or(0.0)
+}
+
+fn changes(metrics: &str, to: &str) -> f64 {
+    value(
+        metrics,
+        "billing_gateway_redis_mode_changes_total",
+        &format!("to=\"{to}\""),
+    )
+    .unwrap_or(0.0)
+}
+
+/// `GATEWAY_REDIS_TIMEOUT` counts all of a request's commands together: through a Redis that
+/// answers every command 50 ms late (timeout 100 ms), a request's first command is answered,
+/// its second waits only what is left and gives up, and the others are not even sent; outside
+/// a request every command has the whole timeout. One late command is no failure: the mode
+/// stays.
+#[tokio::test]
+async fn a_request_waits_on_a_slow_redis_one_timeout_in_all_whatever_its_commands() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let metrics = Arc::new(Metrics::default());
+    let config = RedisConfig {
+        url: Some(SecretString::from(relay.url())),
+        prefix: None,
+        timeout: TIMEOUT,
+        fallback_replicas: 3,
+        ca_file: None,
+    };
+    let link = Cluster::new(&config, ORG.parse().expect("uuid"), metrics.clone()).expect("link");
+    let running = tokio::spawn(link.clone().run());
+    let incr = Script::new("return redis.call('INCR', KEYS[1])");
+    let key = link.key("counted");
+    let mut script = incr.prepare_invoke();
+    script.key(&key);
+    // Connected, and the script known to Redis, before Redis turns slow.
+    eventually(
+        || async { link.invoke::<i64>(Op::Fill, &script).await.is_ok() },
+        PATIENCE,
+    )
+    .await;
+    let sent_before: i64 = redis
+        .command(&["GET", &key])
+        .and_then(|v| v.parse().ok())
+        .expect("a count");
+
+    relay.set(Duration::from_millis(50), 0, Duration::ZERO);
+    for _ in 0..2 {
+        assert!(link.invoke::<i64>(Op::Fill, &script).await.is_ok());
+    }
+    let answered = cluster::deadline::request(async {
+        let mut answered = Vec::new();
+        for _ in 0..4 {
+            answered.push(link.invoke::<i64>(Op::Fill, &script).await.is_ok());
+        }
+        answered
+    })
+    .await;
+    assert_eq!(answered, [true, false, false, false]);
+
+    let m = metrics.render();
+    assert_eq!(commands(&m, "fill", "deadline"), 1.0, "{m}");
+    assert_eq!(commands(&m, "fill", "skipped"), 2.0, "{m}");
+    assert_eq!(commands(&m, "fill", "timeout"), 0.0, "{m}");
+    assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
+    assert_eq!(link.mode(), Mode::Connected);
+    // What reached Redis: the two outside, and the request's first two (the one given up on
+    // still ran); the skipped ones never left.
+    let sent_after = || {
+        redis
+            .command(&["GET", &key])
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    eventually(|| async { sent_after() == Some(sent_before + 4) }, PATIENCE).await;
+    running.abort();
+}
+
+/// One late reply does not switch the mode: through a Redis answering every command 90 ms late
+/// and every third 150 ms late (past the 100 ms timeout), the replica keeps sharing and serves
+/// every request; late replies in a row do switch it.
+#[tokio::test]
+async fn late_replies_now_and_then_never_switch_the_mode_late_replies_in_a_row_do() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let app = TestApp::builder().redis(relay.url()).spawn().await;
+    Mock::given(any())
+        .respond_with(consumptions("kept"))
+        .mount(&app.upstream)
+        .await;
+    eventually(
+        || async { commands(&app.metrics().await, "heartbeat", "ok") >= 1.0 },
+        PATIENCE,
+    )
+    .await;
+    let token = app.reader();
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    assert_eq!(app.get(path, &token).await.status(), 200);
+
+    relay.set(Duration::from_millis(90), 3, Duration::from_millis(60));
+    let late_before = commands(&app.metrics().await, "heartbeat", "timeout");
+    // Cached reads and heartbeats through the slow Redis, until several replies came late.
+    let mut served = 0;
+    loop {
+        let r = app.get(path, &token).await;
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        served += 1;
+        let m = app.metrics().await;
+        let late: f64 = ["heartbeat", "principal"]
+            .iter()
+            .map(|op| commands(&m, op, "timeout"))
+            .sum();
+        if late - late_before >= 3.0 {
+            break;
+        }
+        assert!(served < 1000, "no late reply: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = app.metrics().await;
+    assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
+    assert_eq!(
+        app.upstream_requests().await.len(),
+        1,
+        "the reads were cached"
+    );
+
+    // Every reply late: failures in a row, and the replica goes on its own.
+    relay.set(Duration::from_millis(150), 0, Duration::ZERO);
+    eventually(
+        || async { changes(&app.metrics().await, "degraded") == 1.0 },
+        PATIENCE,
+    )
+    .await;
+    app.stop().await;
+}
+
+/// Sharing resumes within 5 s of Redis answering again. Counted, not timed: from just before
+/// Redis is started again until the replica is connected, every round of the background task
+/// made one probe (answered or not within the timeout, and one or two more for the resumption
+/// scripts), one [`cluster::PROBE`] apart, so rounds × (PROBE + timeout) bounds the time.
+#[tokio::test]
+async fn sharing_resumes_within_five_seconds_of_redis_answering_again() {
+    let mut redis = Redis::start();
+    let app = TestApp::builder().redis(redis.url()).spawn().await;
+    eventually(
+        || async { commands(&app.metrics().await, "heartbeat", "ok") >= 1.0 },
+        PATIENCE,
+    )
+    .await;
+    redis.kill();
+    eventually(
+        || async { changes(&app.metrics().await, "degraded") == 1.0 },
+        PATIENCE,
+    )
+    .await;
+    let probes = |m: &str| -> f64 {
+        ["ok", "error", "timeout"]
+            .iter()
+            .map(|r| commands(m, "probe", r))
+            .sum()
+    };
+    let before = probes(&app.metrics().await);
+    redis.restart();
+    eventually(
+        || async { changes(&app.metrics().await, "connected") == 1.0 },
+        PATIENCE,
+    )
+    .await;
+    let rounds = probes(&app.metrics().await) - before;
+    let bound = rounds * (cluster::PROBE + TIMEOUT).as_secs_f64();
+    assert!(
+        bound <= 5.0,
+        "{rounds} probes: resumed up to {bound:.2} s after Redis"
+    );
+    app.stop().await;
+}
+
+/// `rediss://` to a Redis whose certificate a private CA signed: with the CA in
+/// `GATEWAY_REDIS_CA_FILE`, two replicas share through it (one upstream call for a question
+/// both are asked).
+#[tokio::test]
+async fn replicas_share_through_a_tls_redis_whose_ca_file_they_trust() {
+    let redis = TlsRedis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("over tls"))
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    let ca = redis.ca_file();
+    let trusting = |c: &mut billing_gateway::Config| {
+        c.redis.ca_file = Some(ca.clone());
+        c.redis.fallback_replicas = 1;
+    };
+    let first = TestApp::builder()
+        .redis(redis.url())
+        .upstream(upstream)
+        .config(trusting)
+        .spawn()
+        .await;
+    let second = TestApp::builder()
+        .redis(redis.url())
+        .upstream_url(first.upstream.uri())
+        .config(trusting)
+        .spawn()
+        .await;
+    for app in [&first, &second] {
+        eventually(
+            || async {
+                value(&app.metrics().await, "billing_gateway_cluster_replicas", "") == Some(2.0)
+                    && commands(&app.metrics().await, "heartbeat", "ok") >= 1.0
+            },
+            PATIENCE,
+        )
+        .await;
+    }
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    let asked = first.get(path, &first.reader()).await;
+    assert_eq!(asked.status(), 200);
+    let r = second.get(path, &second.reader()).await;
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; hit; detail=shared"
+    );
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["consumptions"][0]["product_name"],
+        "over tls"
+    );
+    assert_eq!(first.upstream_requests().await.len(), 1);
+    for app in [&first, &second] {
+        let m = app.metrics().await;
+        assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
+    }
+    first.stop().await;
+    second.stop().await;
+}
+
+/// The request pipeline runs in one Redis time: through a Redis answering 70 ms late (timeout
+/// 100 ms), a request whose caller's rate is asked of Redis first has 30 ms left for the rest,
+/// so its next command is given up on after them, and the others are not sent: at most one
+/// command per request runs out of time, however many it would make.
+#[tokio::test]
+async fn a_miss_through_a_slow_redis_gives_up_on_its_commands_once_its_time_is_spent() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let app = TestApp::builder().redis(relay.url()).spawn().await;
+    Mock::given(any())
+        .respond_with(consumptions("slow"))
+        .mount(&app.upstream)
+        .await;
+    eventually(
+        || async { commands(&app.metrics().await, "heartbeat", "ok") >= 1.0 },
+        PATIENCE,
+    )
+    .await;
+    // Every script known to Redis before it turns slow.
+    let warm = app
+        .get(
+            "/billing/v2beta1/consumptions?billing_period=2026-01",
+            &reader_as("warm"),
+        )
+        .await;
+    assert_eq!(warm.status(), 200);
+
+    relay.set(Duration::from_millis(70), 0, Duration::ZERO);
+    let asked = 5;
+    for n in 0..asked {
+        // A new caller each time: its rate is asked of Redis first.
+        let path = format!(
+            "/billing/v2beta1/consumptions?billing_period=2026-0{}",
+            n + 2
+        );
+        let r = app.get(&path, &reader_as(&format!("caller-{n}"))).await;
+        assert!([200, 429].contains(&r.status().as_u16()), "{}", r.status());
+    }
+    let m = app.metrics().await;
+    let of = |ops: &[&str], results: &[&str]| -> f64 {
+        let mut sum = 0.0;
+        for op in ops {
+            for result in results {
+                sum += commands(&m, op, result);
+            }
+        }
+        sum
+    };
+    // Each new caller's rate asked once (answered, or late past the whole timeout).
+    assert_eq!(
+        of(&["principal"], &["ok", "timeout"]),
+        f64::from(asked) + 1.0,
+        "{m}"
+    );
+    // The commands a request makes itself: at most one per request ran out of time...
+    let out_of_time = of(&["principal", "fill"], &["timeout", "deadline"]);
+    assert!(out_of_time <= f64::from(asked), "{m}");
+    // ...and at least one was given up on rather than waited for whole.
+    assert!(
+        of(&["fill", "budget"], &["deadline", "skipped"]) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
+    assert!(app.upstream_requests().await.len() <= asked as usize + 1);
+    app.stop().await;
+}
