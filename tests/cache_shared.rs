@@ -517,3 +517,116 @@ async fn the_shared_copy_covers_a_failing_upstream_on_every_replica() {
     );
     assert_eq!(apps[0].upstream_requests().await.len(), 2);
 }
+
+/// The key the gateway stores the answer to the canonical request `canonical` under, in the
+/// shared tier of organization `ORG` (default prefix), generation `generation`.
+fn shared_key(kind: &str, generation: u64, canonical: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(canonical.as_bytes());
+    let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("billing-gateway:{{{ORG}}}:{kind}:{generation}:{hash}")
+}
+
+#[tokio::test]
+async fn entries_planted_in_redis_without_the_gateways_mac_are_never_served() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("upstream"))
+        .expect(2)
+        .mount(&upstream)
+        .await;
+    let apps = replicas(1, &redis, upstream).await;
+    let app = &apps[0];
+    // A page with a script, planted as a fresh entry (with and without a MAC field)...
+    let entry = shared_key(
+        "c",
+        0,
+        &format!("consumptions?billing_period=2026-07&organization_id={ORG}"),
+    );
+    let far = "9999999999999";
+    let script = "<html><script>alert(1)</script></html>";
+    redis
+        .command(&[
+            "HSET", &entry, "a", "0", "f", far, "s", far, "x", "0", "b", script, "m", "forged",
+        ])
+        .expect("planted");
+    // ...and a redirect, planted as the answer of a failed fill that a waiter relays (a lease
+    // is planted too, so the reader waits for that fill).
+    let taxes = format!("taxes?billing_period=2026-07&organization_id={ORG}");
+    let redirect = "302\ntext/html\n\n<script>alert(2)</script>";
+    redis
+        .command(&["SET", &shared_key("o", 0, &taxes), redirect])
+        .expect("planted");
+    redis
+        .command(&["SET", &shared_key("l", 0, &taxes), "x", "PX", "600"])
+        .expect("planted");
+
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    assert_eq!(
+        product(app, path).await,
+        (
+            "billing-gateway; fwd=miss; stored".to_owned(),
+            "upstream".to_owned()
+        )
+    );
+    let r = app
+        .get("/billing/v2beta1/taxes?billing_period=2026-07", &reader(1))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["consumptions"][0]["product_name"], "upstream");
+    // Both went to the upstream (the mock expects exactly two calls), and the fill replaced
+    // the planted entry with the gateway's own: served from memory now.
+    assert_eq!(product(app, path).await.0, "billing-gateway; hit");
+    let untrusted = value(
+        &app.metrics().await,
+        "billing_gateway_cache_untrusted_entries_total",
+    );
+    // The entry once, the redirect at each look while the planted lease held.
+    assert!(untrusted >= 2.0, "{untrusted}");
+}
+
+#[tokio::test]
+async fn gateways_of_two_organizations_under_one_prefix_never_serve_each_others_answers() {
+    let redis = Redis::start();
+    let project = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+    let mut apps = Vec::new();
+    for (organization, marker) in [(ORG, "first"), (OTHER_ORG, "second")] {
+        let upstream = MockServer::start().await;
+        Mock::given(any())
+            .respond_with(consumptions(marker))
+            .expect(1)
+            .mount(&upstream)
+            .await;
+        let app = TestApp::builder()
+            .redis(redis.url())
+            .upstream(upstream)
+            .config(move |c| {
+                c.upstream.organization_id = organization.parse().expect("uuid");
+                c.redis.prefix = Some("one-prefix".to_owned());
+            })
+            .spawn()
+            .await;
+        apps.push(app);
+    }
+    // One project's consumption is the same upstream request for both organizations: only
+    // the namespace and the MAC keep their answers apart.
+    let path = format!("/billing/v2beta1/consumptions?project_id={project}");
+    for (app, marker) in apps.iter().zip(["first", "second"]) {
+        assert_eq!(
+            product(app, &path).await,
+            (
+                "billing-gateway; fwd=miss; stored".to_owned(),
+                marker.to_owned()
+            )
+        );
+        assert_eq!(app.upstream_requests().await.len(), 1);
+    }
+    // Each organization's entry is under its own name, whatever the prefix.
+    for organization in [ORG, OTHER_ORG] {
+        let entries = format!("one-prefix:{{{organization}}}:c:*");
+        assert_eq!(redis.command(&["KEYS", &entries]).as_deref(), Some("*1"));
+    }
+}

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use secrecy::SecretString;
 
 use crate::billing::Call;
 use crate::cluster::Cluster;
@@ -154,9 +155,18 @@ impl Cache {
     }
 
     /// The same, with the tier the replicas share through `cluster`; a request waits at most
-    /// `wait_limit` (the upstream timeout) for another replica's fill.
-    pub fn shared(mut self, cluster: Arc<Cluster>, wait_limit: Duration) -> Cache {
-        self.shared = Some(Arc::new(SharedTier::new(cluster)));
+    /// `wait_limit` (the upstream timeout) for another replica's fill. What it writes there is
+    /// signed with a key derived from `secret_key` and `organization`, and only what is signed
+    /// so is served (contract §11).
+    pub fn shared(
+        mut self,
+        cluster: Arc<Cluster>,
+        wait_limit: Duration,
+        secret_key: &SecretString,
+        organization: uuid::Uuid,
+    ) -> Cache {
+        let tier = SharedTier::new(cluster, secret_key, organization, self.metrics.clone());
+        self.shared = Some(Arc::new(tier));
         self.wait_limit = wait_limit;
         self
     }

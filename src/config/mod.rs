@@ -89,11 +89,16 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The namespace of every key and channel of the organization `organization_id`.
+    /// The namespace of every key and channel of the organization `organization_id`. The
+    /// organization is in it whatever the prefix (appended as `:{<id>}` when the prefix does not
+    /// name it), so two organizations given the same prefix never share a key.
     pub fn namespace(&self, organization_id: Uuid) -> String {
-        self.prefix
-            .clone()
-            .unwrap_or_else(|| format!("billing-gateway:{{{organization_id}}}"))
+        let organization = organization_id.to_string();
+        match &self.prefix {
+            Some(prefix) if prefix.contains(&organization) => prefix.clone(),
+            Some(prefix) => format!("{prefix}:{{{organization}}}"),
+            None => format!("billing-gateway:{{{organization}}}"),
+        }
     }
 }
 
