@@ -630,3 +630,172 @@ async fn gateways_of_two_organizations_under_one_prefix_never_serve_each_others_
         assert_eq!(redis.command(&["KEYS", &entries]).as_deref(), Some("*1"));
     }
 }
+
+/// Purges through `app`, which must answer 204.
+async fn purge(app: &TestApp) {
+    let r = app
+        .client
+        .delete(format!("{}/gateway/v1/cache", app.base))
+        .bearer_auth(app.manager())
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(r.status(), 204);
+}
+
+/// A series of `app`'s metrics now.
+async fn metric(app: &TestApp, series: &str) -> f64 {
+    value(&app.metrics().await, series)
+}
+
+const GENERATION_FLUSHES: &str = r#"billing_gateway_cache_l1_flushes_total{reason="generation"}"#;
+const DEGRADED: &str = r#"billing_gateway_redis_mode{mode="degraded"}"#;
+const GENERATION_READS: &str =
+    r#"billing_gateway_redis_commands_total{op="generation",result="ok"}"#;
+
+/// How many times each replica has read the shared generation.
+async fn generation_reads(apps: &[TestApp]) -> Vec<f64> {
+    let mut reads = Vec::new();
+    for app in apps {
+        reads.push(metric(app, GENERATION_READS).await);
+    }
+    reads
+}
+
+/// Whether every replica read the generation again since `before` (after Redis was killed, so
+/// from the new server), sharing again.
+async fn read_generation_since(apps: &[TestApp], before: &[f64]) -> bool {
+    let now = generation_reads(apps).await;
+    now.iter().zip(before).all(|(now, before)| now > before)
+}
+
+#[tokio::test]
+async fn a_redis_restart_after_a_purge_flushes_nothing_and_cached_reads_stay_200() {
+    let mut redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("kept"))
+        .mount(&upstream)
+        .await;
+    let apps = replicas(2, &redis, upstream).await;
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    purge(&apps[0]).await;
+    for app in &apps {
+        eventually(
+            || async { metric(app, "billing_gateway_cache_generation").await == 1.0 },
+            PATIENCE,
+        )
+        .await;
+        product(app, path).await;
+        assert_eq!(product(app, path).await.0, "billing-gateway; hit");
+    }
+    assert_eq!(apps[0].upstream_requests().await.len(), 1);
+    let mut flushes = Vec::new();
+    for app in &apps {
+        flushes.push(metric(app, GENERATION_FLUSHES).await);
+    }
+    // Every read from now on, on both replicas, is answered from memory.
+    let reads = || async {
+        for app in &apps {
+            let r = app.get(path, &reader(0)).await;
+            assert_eq!(
+                (r.status().as_u16(), header(&r, "cache-status")),
+                (200, "billing-gateway; hit".to_owned())
+            );
+        }
+    };
+    redis.kill();
+    // Both replicas go on their own (their budget starts no upstream call for a while)...
+    let started = Instant::now();
+    loop {
+        reads().await;
+        let mut degraded = true;
+        for app in &apps {
+            degraded &= metric(app, DEGRADED).await == 1.0;
+        }
+        if degraded {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "the replicas never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.restart();
+    // ...and share again, until both read the generation from the new (empty) server.
+    let after_restart = generation_reads(&apps).await;
+    let started = Instant::now();
+    while !read_generation_since(&apps, &after_restart).await {
+        reads().await;
+        assert!(
+            started.elapsed() < 3 * PATIENCE,
+            "the replicas never shared again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reads().await;
+    for (app, before) in apps.iter().zip(flushes) {
+        assert_eq!(metric(app, GENERATION_FLUSHES).await, before);
+        assert_eq!(metric(app, "billing_gateway_cache_generation").await, 1.0);
+    }
+    // The generation is back in Redis, and nothing more went upstream.
+    let generation = format!("billing-gateway:{{{ORG}}}:gen");
+    assert_eq!(redis.command(&["GET", &generation]).as_deref(), Some("1"));
+    assert_eq!(apps[0].upstream_requests().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_restore_from_a_snapshot_taken_before_a_purge_never_serves_the_purged_answer() {
+    let mut redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("purged"))
+        .up_to_n_times(1)
+        .mount(&upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(consumptions("new"))
+        .mount(&upstream)
+        .await;
+    let apps = replicas(2, &redis, upstream).await;
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    assert_eq!(product(&apps[0], path).await.1, "purged");
+    let snapshot = redis.snapshot();
+    purge(&apps[0]).await;
+    for app in &apps {
+        eventually(
+            || async { metric(app, "billing_gateway_cache_generation").await == 1.0 },
+            PATIENCE,
+        )
+        .await;
+    }
+    // Redis comes back from the backup taken before the purge: the purged answer is in it.
+    redis.restore(&snapshot);
+    let entries = format!("billing-gateway:{{{ORG}}}:c:0:*");
+    assert_eq!(redis.command(&["KEYS", &entries]).as_deref(), Some("*1"));
+    let after_restore = generation_reads(&apps).await;
+    let started = Instant::now();
+    while !read_generation_since(&apps, &after_restore).await {
+        assert!(
+            started.elapsed() < 3 * PATIENCE,
+            "the replicas never shared again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each replica asks until answered (the budget holds calls back a moment after Redis
+    // returns): never the purged answer.
+    for app in &apps {
+        let started = Instant::now();
+        loop {
+            let r = app.get(path, &reader(0)).await;
+            if r.status() == 200 {
+                let body: Value = r.json().await.expect("json");
+                assert_eq!(body["consumptions"][0]["product_name"], "new");
+                break;
+            }
+            assert_eq!(r.status(), 429);
+            assert!(started.elapsed() < PATIENCE, "never answered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // One call before the purge, one after it for both replicas.
+    assert_eq!(apps[0].upstream_requests().await.len(), 2);
+}
