@@ -799,3 +799,166 @@ async fn a_restore_from_a_snapshot_taken_before_a_purge_never_serves_the_purged_
     // One call before the purge, one after it for both replicas.
     assert_eq!(apps[0].upstream_requests().await.len(), 2);
 }
+
+/// Readers A and C flood `flooded` with cold questions (A's backlog too long for the budget's
+/// wait); A then asks `path` there, and B asks it on `asked` while A's fetch waits in A's
+/// backlog. Their answers, A's then B's.
+async fn refused_filler_and_waiter(
+    redis: &Redis,
+    flooded: &TestApp,
+    asked: &TestApp,
+    path: &'static str,
+    canonical: &str,
+) -> (reqwest::Response, reqwest::Response) {
+    let mut flood = Vec::new();
+    for (reader, pages) in [("a", 1..16), ("c", 101..116)] {
+        for page in pages {
+            let request = flooded
+                .client
+                .get(format!(
+                    "{}/billing/v2beta1/taxes?page={page}",
+                    flooded.base
+                ))
+                .bearer_auth(reader_as(reader))
+                .send();
+            flood.push(tokio::spawn(request));
+        }
+    }
+    eventually(
+        || async {
+            metric(
+                flooded,
+                "billing_gateway_upstream_budget_waiting_principals",
+            )
+            .await
+                == 2.0
+        },
+        PATIENCE,
+    )
+    .await;
+    let first = tokio::spawn(
+        flooded
+            .client
+            .get(format!("{}{path}", flooded.base))
+            .bearer_auth(reader_as("a"))
+            .send(),
+    );
+    // A holds the fill lease of the question (its fetch waits for a turn)...
+    let lease = shared_key("l", 0, canonical);
+    eventually(
+        || async { redis.command(&["EXISTS", &lease]).as_deref() == Some(":1") },
+        PATIENCE,
+    )
+    .await;
+    // ...when B asks it.
+    let second = asked.get(path, &reader_as("b")).await;
+    let first = first.await.expect("join").expect("A answered");
+    for request in flood {
+        let _ = request.await;
+    }
+    (first, second)
+}
+
+/// An upstream answering `wanted` for one period's consumption and anything else for the rest,
+/// with a budget of ten calls a second.
+async fn flooded_replicas(redis: &Redis) -> Vec<TestApp> {
+    let upstream = MockServer::start().await;
+    Mock::given(wiremock::matchers::query_param("billing_period", "2026-05"))
+        .respond_with(consumptions("wanted"))
+        .mount(&upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(consumptions("flood"))
+        .mount(&upstream)
+        .await;
+    replicas_with(2, redis, upstream, |c| c.upstream.rate = per_second(10)).await
+}
+
+const ASKED: &str = "/billing/v2beta1/consumptions?billing_period=2026-05";
+
+fn asked_canonical() -> String {
+    format!("consumptions?billing_period=2026-05&organization_id={ORG}")
+}
+
+/// B's answer: the upstream's, fetched once, for B.
+async fn assert_answered_for_itself(second: reqwest::Response, cache_status: &str, app: &TestApp) {
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "cache-status"), cache_status);
+    let body: Value = second.json().await.expect("json");
+    assert_eq!(body["consumptions"][0]["product_name"], "wanted");
+    let asked = app
+        .upstream_requests()
+        .await
+        .iter()
+        .filter(|r| r.url.query() == Some(&format!("billing_period=2026-05&organization_id={ORG}")))
+        .count();
+    assert_eq!(asked, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_readers_refusal_is_not_served_to_a_reader_waiting_on_the_same_replica() {
+    let redis = Redis::start();
+    let apps = flooded_replicas(&redis).await;
+    let (first, second) =
+        refused_filler_and_waiter(&redis, &apps[0], &apps[0], ASKED, &asked_canonical()).await;
+    assert_eq!(first.status(), 429);
+    assert_answered_for_itself(second, "billing-gateway; fwd=miss; stored", &apps[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_readers_refusal_is_not_relayed_to_a_reader_waiting_on_another_replica() {
+    let redis = Redis::start();
+    let apps = flooded_replicas(&redis).await;
+    let (first, second) =
+        refused_filler_and_waiter(&redis, &apps[0], &apps[1], ASKED, &asked_canonical()).await;
+    assert_eq!(first.status(), 429);
+    assert_answered_for_itself(
+        second,
+        "billing-gateway; fwd=miss; stored; detail=takeover",
+        &apps[0],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_429_relayed_to_another_replica_is_counted_there_with_its_reason() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "1")
+                .set_delay(Duration::from_millis(500)),
+        )
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    let apps = replicas(2, &redis, upstream).await;
+    let path = "/billing/v2beta1/taxes?billing_period=2026-07";
+    let reason = r#"billing_gateway_rejections_total{reason="upstream_rate_limited"}"#;
+    let first = tokio::spawn(
+        apps[0]
+            .client
+            .get(format!("{}{path}", apps[0].base))
+            .bearer_auth(reader(0))
+            .send(),
+    );
+    let lease = shared_key(
+        "l",
+        0,
+        &format!("taxes?billing_period=2026-07&organization_id={ORG}"),
+    );
+    eventually(
+        || async { redis.command(&["EXISTS", &lease]).as_deref() == Some(":1") },
+        PATIENCE,
+    )
+    .await;
+    let second = apps[1].get(path, &reader(1)).await;
+    assert_eq!(first.await.expect("join").expect("answered").status(), 429);
+    assert_eq!(second.status(), 429);
+    assert_eq!(header(&second, "cache-status"), "billing-gateway; fwd=miss");
+    // One upstream call (the mock expects one); each replica counts the 429 it answered.
+    for app in &apps {
+        assert_eq!(metric(app, reason).await, 1.0);
+    }
+}
