@@ -962,3 +962,53 @@ async fn an_upstream_429_relayed_to_another_replica_is_counted_there_with_its_re
         assert_eq!(metric(app, reason).await, 1.0);
     }
 }
+
+#[tokio::test]
+async fn across_a_redis_restart_after_a_purge_an_expired_answer_is_served_stale_not_refused() {
+    const TTL: Duration = Duration::from_millis(300);
+    let mut redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("kept"))
+        .mount(&upstream)
+        .await;
+    let apps = replicas_with(1, &redis, upstream, |c| c.cache.ttl = TTL).await;
+    let app = &apps[0];
+    // The current month: fresh for the short TTL.
+    let path = "/billing/v2beta1/consumptions";
+    purge(app).await;
+    product(app, path).await;
+    // Every read is a 200 from memory: the answer while fresh, then stale while the budget
+    // starts no upstream call (it may also have its turn, and store the answer again).
+    let read = || async {
+        let (status, product) = product(app, path).await;
+        assert_eq!(product, "kept");
+        assert!(
+            [
+                "billing-gateway; hit",
+                "billing-gateway; hit; detail=refreshing",
+                "billing-gateway; fwd=stale",
+                "billing-gateway; fwd=miss; stored"
+            ]
+            .contains(&status.as_str()),
+            "{status}"
+        );
+        status == "billing-gateway; fwd=stale"
+    };
+    redis.kill();
+    let started = Instant::now();
+    while metric(app, DEGRADED).await != 1.0 {
+        read().await;
+        assert!(started.elapsed() < PATIENCE, "never degraded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.restart();
+    let after_restart = generation_reads(&apps).await;
+    let (started, mut stale) = (Instant::now(), 0);
+    while !read_generation_since(&apps, &after_restart).await || stale == 0 {
+        stale += usize::from(read().await);
+        assert!(started.elapsed() < 3 * PATIENCE, "never served stale");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(app, GENERATION_FLUSHES).await, 0.0);
+}
