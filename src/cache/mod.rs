@@ -4,8 +4,9 @@
 //! Entries are keyed by the exact upstream request (operation and canonical query, organization
 //! filled in), never by caller: authorization happens before any lookup. Two moka caches share
 //! each entry: `fresh` holds it until its freshness ends and coalesces concurrent misses
-//! (`try_get_with` runs one fetch per key; waiters share its result, errors included); `stale`
-//! keeps it `stale_if_error` longer, for when the upstream fails.
+//! (`try_get_with` runs one fetch per key; waiters share its result, the upstream's errors
+//! included, but never a refusal of the fetching caller's own: a waiter then fetches on its own
+//! turn); `stale` keeps it `stale_if_error` longer, for when the upstream fails.
 //!
 //! A fresh entry asked for in the last tenth of its freshness is refreshed in the background
 //! (when `background_refresh` is on, the default): the request that finds it there is answered
@@ -349,6 +350,7 @@ impl Cache {
             Fetch::Pass(m) => Err(NotStored::Passed(Arc::new(m))),
         }
     }
+
     /// An entry of `key` still within its stale-if-error time: this replica's, or `old` from
     /// the shared tier.
     async fn stale_copy(
