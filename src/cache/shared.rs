@@ -527,3 +527,77 @@ fn bulk(value: Value) -> Option<Bytes> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORG: &str = "11111111-2222-3333-4444-555555555555";
+
+    fn signer(secret: &str, organization: &str) -> Signer {
+        Signer::new(
+            &SecretString::from(secret),
+            organization.parse().expect("uuid"),
+        )
+    }
+
+    /// Any served field, the key it is under, another organization or another secret key: the
+    /// MAC no longer holds.
+    #[test]
+    fn an_entry_verifies_only_as_written_by_this_organizations_gateways() {
+        let ours = signer("secret", ORG);
+        let times = || Times {
+            stored: 1,
+            fresh: 2,
+            stale: 3,
+            x: 0,
+        };
+        let mac = ours
+            .entry("ns:c:1:ab", &times(), b"{}")
+            .finalize()
+            .into_bytes();
+        assert!(
+            ours.entry("ns:c:1:ab", &times(), b"{}")
+                .verify_slice(&mac)
+                .is_ok()
+        );
+        let longer = Times {
+            fresh: 9,
+            ..times()
+        };
+        let stale = Times { x: 1, ..times() };
+        for (signer, key, t, body) in [
+            (&ours, "ns:c:1:ab", times(), &b"<script>"[..]),
+            (&ours, "ns:c:0:ab", times(), b"{}"),
+            (&ours, "ns:c:1:ab", longer, b"{}"),
+            (&ours, "ns:c:1:ab", stale, b"{}"),
+            (
+                &signer("secret", "22222222-3333-4444-5555-666666666666"),
+                "ns:c:1:ab",
+                times(),
+                b"{}",
+            ),
+            (&signer("other", ORG), "ns:c:1:ab", times(), b"{}"),
+        ] {
+            assert!(signer.entry(key, &t, body).verify_slice(&mac).is_err());
+        }
+    }
+
+    #[test]
+    fn a_sealed_answer_opens_only_unchanged_and_under_its_key() {
+        let ours = signer("secret", ORG);
+        let sealed = Bytes::from(ours.seal("ns:o:1:ab", b"429\n\n\n\n{}"));
+        assert_eq!(
+            ours.open("ns:o:1:ab", &sealed).as_deref(),
+            Some(&b"429\n\n\n\n{}"[..])
+        );
+        assert!(ours.open("ns:o:2:ab", &sealed).is_none());
+        let mut changed = sealed.to_vec();
+        *changed.last_mut().expect("a byte") ^= 1;
+        assert!(ours.open("ns:o:1:ab", &Bytes::from(changed)).is_none());
+        assert!(
+            ours.open("ns:o:1:ab", &Bytes::from_static(b"302\n"))
+                .is_none()
+        );
+    }
+}
