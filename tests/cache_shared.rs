@@ -517,3 +517,498 @@ async fn the_shared_copy_covers_a_failing_upstream_on_every_replica() {
     );
     assert_eq!(apps[0].upstream_requests().await.len(), 2);
 }
+
+/// The key the gateway stores the answer to the canonical request `canonical` under, in the
+/// shared tier of organization `ORG` (default prefix), generation `generation`.
+fn shared_key(kind: &str, generation: u64, canonical: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(canonical.as_bytes());
+    let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("billing-gateway:{{{ORG}}}:{kind}:{generation}:{hash}")
+}
+
+#[tokio::test]
+async fn entries_planted_in_redis_without_the_gateways_mac_are_never_served() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("upstream"))
+        .expect(2)
+        .mount(&upstream)
+        .await;
+    let apps = replicas(1, &redis, upstream).await;
+    let app = &apps[0];
+    // A page with a script, planted as a fresh entry (with and without a MAC field)...
+    let entry = shared_key(
+        "c",
+        0,
+        &format!("consumptions?billing_period=2026-07&organization_id={ORG}"),
+    );
+    let far = "9999999999999";
+    let script = "<html><script>alert(1)</script></html>";
+    redis
+        .command(&[
+            "HSET", &entry, "a", "0", "f", far, "s", far, "x", "0", "b", script, "m", "forged",
+        ])
+        .expect("planted");
+    // ...and a redirect, planted as the answer of a failed fill that a waiter relays (a lease
+    // is planted too, so the reader waits for that fill).
+    let taxes = format!("taxes?billing_period=2026-07&organization_id={ORG}");
+    let redirect = "302\ntext/html\n\n<script>alert(2)</script>";
+    redis
+        .command(&["SET", &shared_key("o", 0, &taxes), redirect])
+        .expect("planted");
+    redis
+        .command(&["SET", &shared_key("l", 0, &taxes), "x", "PX", "600"])
+        .expect("planted");
+
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    assert_eq!(
+        product(app, path).await,
+        (
+            "billing-gateway; fwd=miss; stored".to_owned(),
+            "upstream".to_owned()
+        )
+    );
+    let r = app
+        .get("/billing/v2beta1/taxes?billing_period=2026-07", &reader(1))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["consumptions"][0]["product_name"], "upstream");
+    // Both went to the upstream (the mock expects exactly two calls), and the fill replaced
+    // the planted entry with the gateway's own: served from memory now.
+    assert_eq!(product(app, path).await.0, "billing-gateway; hit");
+    let untrusted = value(
+        &app.metrics().await,
+        "billing_gateway_cache_untrusted_entries_total",
+    );
+    // The entry once, the redirect at each look while the planted lease held.
+    assert!(untrusted >= 2.0, "{untrusted}");
+}
+
+#[tokio::test]
+async fn gateways_of_two_organizations_under_one_prefix_never_serve_each_others_answers() {
+    let redis = Redis::start();
+    let project = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+    let mut apps = Vec::new();
+    for (organization, marker) in [(ORG, "first"), (OTHER_ORG, "second")] {
+        let upstream = MockServer::start().await;
+        Mock::given(any())
+            .respond_with(consumptions(marker))
+            .expect(1)
+            .mount(&upstream)
+            .await;
+        let app = TestApp::builder()
+            .redis(redis.url())
+            .upstream(upstream)
+            .config(move |c| {
+                c.upstream.organization_id = organization.parse().expect("uuid");
+                c.redis.prefix = Some("one-prefix".to_owned());
+            })
+            .spawn()
+            .await;
+        apps.push(app);
+    }
+    // One project's consumption is the same upstream request for both organizations: only
+    // the namespace and the MAC keep their answers apart.
+    let path = format!("/billing/v2beta1/consumptions?project_id={project}");
+    for (app, marker) in apps.iter().zip(["first", "second"]) {
+        assert_eq!(
+            product(app, &path).await,
+            (
+                "billing-gateway; fwd=miss; stored".to_owned(),
+                marker.to_owned()
+            )
+        );
+        assert_eq!(app.upstream_requests().await.len(), 1);
+    }
+    // Each organization's entry is under its own name, whatever the prefix.
+    for organization in [ORG, OTHER_ORG] {
+        let entries = format!("one-prefix:{{{organization}}}:c:*");
+        assert_eq!(redis.command(&["KEYS", &entries]).as_deref(), Some("*1"));
+    }
+}
+
+/// Purges through `app`, which must answer 204.
+async fn purge(app: &TestApp) {
+    let r = app
+        .client
+        .delete(format!("{}/gateway/v1/cache", app.base))
+        .bearer_auth(app.manager())
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(r.status(), 204);
+}
+
+/// A series of `app`'s metrics now.
+async fn metric(app: &TestApp, series: &str) -> f64 {
+    value(&app.metrics().await, series)
+}
+
+const GENERATION_FLUSHES: &str = r#"billing_gateway_cache_l1_flushes_total{reason="generation"}"#;
+const DEGRADED: &str = r#"billing_gateway_redis_mode{mode="degraded"}"#;
+const GENERATION_READS: &str =
+    r#"billing_gateway_redis_commands_total{op="generation",result="ok"}"#;
+
+/// How many times each replica has read the shared generation.
+async fn generation_reads(apps: &[TestApp]) -> Vec<f64> {
+    let mut reads = Vec::new();
+    for app in apps {
+        reads.push(metric(app, GENERATION_READS).await);
+    }
+    reads
+}
+
+/// Whether every replica read the generation again since `before` (after Redis was killed, so
+/// from the new server), sharing again.
+async fn read_generation_since(apps: &[TestApp], before: &[f64]) -> bool {
+    let now = generation_reads(apps).await;
+    now.iter().zip(before).all(|(now, before)| now > before)
+}
+
+#[tokio::test]
+async fn a_redis_restart_after_a_purge_flushes_nothing_and_cached_reads_stay_200() {
+    let mut redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("kept"))
+        .mount(&upstream)
+        .await;
+    let apps = replicas(2, &redis, upstream).await;
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    purge(&apps[0]).await;
+    for app in &apps {
+        eventually(
+            || async { metric(app, "billing_gateway_cache_generation").await == 1.0 },
+            PATIENCE,
+        )
+        .await;
+        product(app, path).await;
+        assert_eq!(product(app, path).await.0, "billing-gateway; hit");
+    }
+    assert_eq!(apps[0].upstream_requests().await.len(), 1);
+    let mut flushes = Vec::new();
+    for app in &apps {
+        flushes.push(metric(app, GENERATION_FLUSHES).await);
+    }
+    // Every read from now on, on both replicas, is answered from memory.
+    let reads = || async {
+        for app in &apps {
+            let r = app.get(path, &reader(0)).await;
+            assert_eq!(
+                (r.status().as_u16(), header(&r, "cache-status")),
+                (200, "billing-gateway; hit".to_owned())
+            );
+        }
+    };
+    redis.kill();
+    // Both replicas go on their own (their budget starts no upstream call for a while)...
+    let started = Instant::now();
+    loop {
+        reads().await;
+        let mut degraded = true;
+        for app in &apps {
+            degraded &= metric(app, DEGRADED).await == 1.0;
+        }
+        if degraded {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "the replicas never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.restart();
+    // ...and share again, until both read the generation from the new (empty) server.
+    let after_restart = generation_reads(&apps).await;
+    let started = Instant::now();
+    while !read_generation_since(&apps, &after_restart).await {
+        reads().await;
+        assert!(
+            started.elapsed() < 3 * PATIENCE,
+            "the replicas never shared again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reads().await;
+    for (app, before) in apps.iter().zip(flushes) {
+        assert_eq!(metric(app, GENERATION_FLUSHES).await, before);
+        assert_eq!(metric(app, "billing_gateway_cache_generation").await, 1.0);
+    }
+    // The generation is back in Redis, and nothing more went upstream.
+    let generation = format!("billing-gateway:{{{ORG}}}:gen");
+    assert_eq!(redis.command(&["GET", &generation]).as_deref(), Some("1"));
+    assert_eq!(apps[0].upstream_requests().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_restore_from_a_snapshot_taken_before_a_purge_never_serves_the_purged_answer() {
+    let mut redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("purged"))
+        .up_to_n_times(1)
+        .mount(&upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(consumptions("new"))
+        .mount(&upstream)
+        .await;
+    let apps = replicas(2, &redis, upstream).await;
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
+    assert_eq!(product(&apps[0], path).await.1, "purged");
+    let snapshot = redis.snapshot();
+    purge(&apps[0]).await;
+    for app in &apps {
+        eventually(
+            || async { metric(app, "billing_gateway_cache_generation").await == 1.0 },
+            PATIENCE,
+        )
+        .await;
+    }
+    // Redis comes back from the backup taken before the purge: the purged answer is in it.
+    redis.restore(&snapshot);
+    let entries = format!("billing-gateway:{{{ORG}}}:c:0:*");
+    assert_eq!(redis.command(&["KEYS", &entries]).as_deref(), Some("*1"));
+    let after_restore = generation_reads(&apps).await;
+    let started = Instant::now();
+    while !read_generation_since(&apps, &after_restore).await {
+        assert!(
+            started.elapsed() < 3 * PATIENCE,
+            "the replicas never shared again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each replica asks until answered (the budget holds calls back a moment after Redis
+    // returns): never the purged answer.
+    for app in &apps {
+        let started = Instant::now();
+        loop {
+            let r = app.get(path, &reader(0)).await;
+            if r.status() == 200 {
+                let body: Value = r.json().await.expect("json");
+                assert_eq!(body["consumptions"][0]["product_name"], "new");
+                break;
+            }
+            assert_eq!(r.status(), 429);
+            assert!(started.elapsed() < PATIENCE, "never answered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // One call before the purge, one after it for both replicas.
+    assert_eq!(apps[0].upstream_requests().await.len(), 2);
+}
+
+/// Readers A and C flood `flooded` with cold questions (A's backlog too long for the budget's
+/// wait); A then asks `path` there, and B asks it on `asked` while A's fetch waits in A's
+/// backlog. Their answers, A's then B's.
+async fn refused_filler_and_waiter(
+    redis: &Redis,
+    flooded: &TestApp,
+    asked: &TestApp,
+    path: &'static str,
+    canonical: &str,
+) -> (reqwest::Response, reqwest::Response) {
+    let mut flood = Vec::new();
+    for (reader, pages) in [("a", 1..16), ("c", 101..116)] {
+        for page in pages {
+            let request = flooded
+                .client
+                .get(format!(
+                    "{}/billing/v2beta1/taxes?page={page}",
+                    flooded.base
+                ))
+                .bearer_auth(reader_as(reader))
+                .send();
+            flood.push(tokio::spawn(request));
+        }
+    }
+    eventually(
+        || async {
+            metric(
+                flooded,
+                "billing_gateway_upstream_budget_waiting_principals",
+            )
+            .await
+                == 2.0
+        },
+        PATIENCE,
+    )
+    .await;
+    let first = tokio::spawn(
+        flooded
+            .client
+            .get(format!("{}{path}", flooded.base))
+            .bearer_auth(reader_as("a"))
+            .send(),
+    );
+    // A holds the fill lease of the question (its fetch waits for a turn)...
+    let lease = shared_key("l", 0, canonical);
+    eventually(
+        || async { redis.command(&["EXISTS", &lease]).as_deref() == Some(":1") },
+        PATIENCE,
+    )
+    .await;
+    // ...when B asks it.
+    let second = asked.get(path, &reader_as("b")).await;
+    let first = first.await.expect("join").expect("A answered");
+    for request in flood {
+        let _ = request.await;
+    }
+    (first, second)
+}
+
+/// An upstream answering `wanted` for one period's consumption and anything else for the rest,
+/// with a budget of ten calls a second.
+async fn flooded_replicas(redis: &Redis) -> Vec<TestApp> {
+    let upstream = MockServer::start().await;
+    Mock::given(wiremock::matchers::query_param("billing_period", "2026-05"))
+        .respond_with(consumptions("wanted"))
+        .mount(&upstream)
+        .await;
+    Mock::given(any())
+        .respond_with(consumptions("flood"))
+        .mount(&upstream)
+        .await;
+    replicas_with(2, redis, upstream, |c| c.upstream.rate = per_second(10)).await
+}
+
+const ASKED: &str = "/billing/v2beta1/consumptions?billing_period=2026-05";
+
+fn asked_canonical() -> String {
+    format!("consumptions?billing_period=2026-05&organization_id={ORG}")
+}
+
+/// B's answer: the upstream's, fetched once, for B.
+async fn assert_answered_for_itself(second: reqwest::Response, cache_status: &str, app: &TestApp) {
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "cache-status"), cache_status);
+    let body: Value = second.json().await.expect("json");
+    assert_eq!(body["consumptions"][0]["product_name"], "wanted");
+    let asked = app
+        .upstream_requests()
+        .await
+        .iter()
+        .filter(|r| r.url.query() == Some(&format!("billing_period=2026-05&organization_id={ORG}")))
+        .count();
+    assert_eq!(asked, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_readers_refusal_is_not_served_to_a_reader_waiting_on_the_same_replica() {
+    let redis = Redis::start();
+    let apps = flooded_replicas(&redis).await;
+    let (first, second) =
+        refused_filler_and_waiter(&redis, &apps[0], &apps[0], ASKED, &asked_canonical()).await;
+    assert_eq!(first.status(), 429);
+    assert_answered_for_itself(second, "billing-gateway; fwd=miss; stored", &apps[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_readers_refusal_is_not_relayed_to_a_reader_waiting_on_another_replica() {
+    let redis = Redis::start();
+    let apps = flooded_replicas(&redis).await;
+    let (first, second) =
+        refused_filler_and_waiter(&redis, &apps[0], &apps[1], ASKED, &asked_canonical()).await;
+    assert_eq!(first.status(), 429);
+    assert_answered_for_itself(
+        second,
+        "billing-gateway; fwd=miss; stored; detail=takeover",
+        &apps[0],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_429_relayed_to_another_replica_is_counted_there_with_its_reason() {
+    let redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "1")
+                .set_delay(Duration::from_millis(500)),
+        )
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    let apps = replicas(2, &redis, upstream).await;
+    let path = "/billing/v2beta1/taxes?billing_period=2026-07";
+    let reason = r#"billing_gateway_rejections_total{reason="upstream_rate_limited"}"#;
+    let first = tokio::spawn(
+        apps[0]
+            .client
+            .get(format!("{}{path}", apps[0].base))
+            .bearer_auth(reader(0))
+            .send(),
+    );
+    let lease = shared_key(
+        "l",
+        0,
+        &format!("taxes?billing_period=2026-07&organization_id={ORG}"),
+    );
+    eventually(
+        || async { redis.command(&["EXISTS", &lease]).as_deref() == Some(":1") },
+        PATIENCE,
+    )
+    .await;
+    let second = apps[1].get(path, &reader(1)).await;
+    assert_eq!(first.await.expect("join").expect("answered").status(), 429);
+    assert_eq!(second.status(), 429);
+    assert_eq!(header(&second, "cache-status"), "billing-gateway; fwd=miss");
+    // One upstream call (the mock expects one); each replica counts the 429 it answered.
+    for app in &apps {
+        assert_eq!(metric(app, reason).await, 1.0);
+    }
+}
+
+#[tokio::test]
+async fn across_a_redis_restart_after_a_purge_an_expired_answer_is_served_stale_not_refused() {
+    const TTL: Duration = Duration::from_millis(300);
+    let mut redis = Redis::start();
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions("kept"))
+        .mount(&upstream)
+        .await;
+    let apps = replicas_with(1, &redis, upstream, |c| c.cache.ttl = TTL).await;
+    let app = &apps[0];
+    // The current month: fresh for the short TTL.
+    let path = "/billing/v2beta1/consumptions";
+    purge(app).await;
+    product(app, path).await;
+    // Every read is a 200 from memory: the answer while fresh, then stale while the budget
+    // starts no upstream call (it may also have its turn, and store the answer again).
+    let read = || async {
+        let (status, product) = product(app, path).await;
+        assert_eq!(product, "kept");
+        assert!(
+            [
+                "billing-gateway; hit",
+                "billing-gateway; hit; detail=refreshing",
+                "billing-gateway; fwd=stale",
+                "billing-gateway; fwd=miss; stored"
+            ]
+            .contains(&status.as_str()),
+            "{status}"
+        );
+        status == "billing-gateway; fwd=stale"
+    };
+    redis.kill();
+    let started = Instant::now();
+    while metric(app, DEGRADED).await != 1.0 {
+        read().await;
+        assert!(started.elapsed() < PATIENCE, "never degraded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.restart();
+    let after_restart = generation_reads(&apps).await;
+    let (started, mut stale) = (Instant::now(), 0);
+    while !read_generation_since(&apps, &after_restart).await || stale == 0 {
+        stale += usize::from(read().await);
+        assert!(started.elapsed() < 3 * PATIENCE, "never served stale");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(app, GENERATION_FLUSHES).await, 0.0);
+}

@@ -142,7 +142,8 @@ async fn events_reach_every_receiver_and_a_killed_subscription_is_made_again() {
     let running = tokio::spawn(cluster.clone().run());
     assert_eq!(next(&mut events).await, Event::Subscribed);
     let channel = cluster.key("events");
-    assert_eq!(channel, "test:{events}:events");
+    // The organization follows the prefix, which does not name it (contract §11).
+    assert_eq!(channel, format!("test:{{events}}:{{{ORG}}}:events"));
     assert_eq!(
         redis.command(&["PUBLISH", &channel, "purge 7"]).as_deref(),
         Some(":1")
@@ -606,7 +607,7 @@ async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
     let (b, b_backoff) = slots(Duration::from_secs(2));
     let tat = || -> u64 {
         redis
-            .command(&["GET", "test:{events}:budget:tat"])
+            .command(&["GET", &format!("test:{{events}}:{{{ORG}}}:budget:tat")])
             .and_then(|t| t.parse().ok())
             .expect("a tat")
     };
@@ -640,14 +641,20 @@ async fn the_budget_scripts_pace_refuse_and_back_off_in_redis_time() {
     b.next_turn().await.expect("handed on to be refused");
     assert!(b_backoff.remaining() > Duration::from_millis(1900));
     let until: u64 = redis
-        .command(&["GET", "test:{events}:budget:backoff_until"])
+        .command(&[
+            "GET",
+            &format!("test:{{events}}:{{{ORG}}}:budget:backoff_until"),
+        ])
         .and_then(|t| t.parse().ok())
         .expect("until");
     assert!(tat() >= until, "slots resume after the backoff, paced");
     a.reset_backoff().await;
     assert_eq!(
         redis
-            .command(&["EXISTS", "test:{events}:budget:backoff_next"])
+            .command(&[
+                "EXISTS",
+                &format!("test:{{events}}:{{{ORG}}}:budget:backoff_next")
+            ])
             .as_deref(),
         Some(":0")
     );

@@ -71,12 +71,7 @@ impl Cache {
                         _ => None,
                     };
                     let commit = match (&filled, &answer) {
-                        (Ok(entry), _) if entry.stale => Commit::Stale(STALE_HOLD.min(ttl)),
-                        (Ok(entry), _) => Commit::Store {
-                            body: &entry.body,
-                            ttl,
-                            stale_if_error: self.stale_if_error,
-                        },
+                        (Ok(entry), _) => Commit::Entry(entry),
                         (Err(_), Some(answer)) => Commit::Failed(answer, STALE_HOLD),
                         (Err(_), None) => Commit::Nothing,
                     };

@@ -4,8 +4,9 @@
 //! Entries are keyed by the exact upstream request (operation and canonical query, organization
 //! filled in), never by caller: authorization happens before any lookup. Two moka caches share
 //! each entry: `fresh` holds it until its freshness ends and coalesces concurrent misses
-//! (`try_get_with` runs one fetch per key; waiters share its result, errors included); `stale`
-//! keeps it `stale_if_error` longer, for when the upstream fails.
+//! (`try_get_with` runs one fetch per key; waiters share its result, the upstream's errors
+//! included, but never a refusal of the fetching caller's own: a waiter then fetches on its own
+//! turn); `stale` keeps it `stale_if_error` longer, for when the upstream fails.
 //!
 //! A fresh entry asked for in the last tenth of its freshness is refreshed in the background
 //! (when `background_refresh` is on, the default): the request that finds it there is answered
@@ -41,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use secrecy::SecretString;
 
 use crate::billing::Call;
 use crate::cluster::Cluster;
@@ -67,6 +69,10 @@ pub enum Fetch<M> {
     Failed(M),
     /// Any other answer: serve it, store nothing.
     Pass(M),
+    /// The fetching caller was refused before the upstream was asked (its own backlog, the
+    /// budget's turns): its own answer (or a stale entry), never another caller's. Whoever waited
+    /// for this fetch asks on its own turn.
+    Refused(M),
 }
 
 /// An answer the cache does not store but relays to every request that waited for it: with
@@ -117,6 +123,8 @@ enum Via {
 enum NotStored<M> {
     TooLarge(Bytes),
     Passed(Arc<M>),
+    /// The filler's own refusal, or the stale entry that covers it: for the filler alone.
+    Refused(Result<Arc<Entry>, Arc<M>>),
 }
 
 /// The answer cache of one gateway.
@@ -154,9 +162,18 @@ impl Cache {
     }
 
     /// The same, with the tier the replicas share through `cluster`; a request waits at most
-    /// `wait_limit` (the upstream timeout) for another replica's fill.
-    pub fn shared(mut self, cluster: Arc<Cluster>, wait_limit: Duration) -> Cache {
-        self.shared = Some(Arc::new(SharedTier::new(cluster)));
+    /// `wait_limit` (the upstream timeout) for another replica's fill. What it writes there is
+    /// signed with a key derived from `secret_key` and `organization`, and only what is signed
+    /// so is served (contract §11).
+    pub fn shared(
+        mut self,
+        cluster: Arc<Cluster>,
+        wait_limit: Duration,
+        secret_key: &SecretString,
+        organization: uuid::Uuid,
+    ) -> Cache {
+        let tier = SharedTier::new(cluster, secret_key, organization, self.metrics.clone());
+        self.shared = Some(Arc::new(tier));
         self.wait_limit = wait_limit;
         self
     }
@@ -249,19 +266,31 @@ impl Cache {
         // Owned only on a miss: a hit looks the key up as it was built.
         let key: Arc<str> = Arc::from(key);
         let via = OnceLock::new();
-        let init = async {
-            match &self.shared {
-                Some(shared) => {
-                    self.fill_shared(shared, &tiers, &key, ttl, fetch, &via)
-                        .await
+        // Taken by this request's own fetch; still here when it waited for another's.
+        let mut fetch = Some(fetch);
+        let got = loop {
+            let init = async {
+                let Some(fetch) = fetch.take() else {
+                    unreachable!("a request runs its own fetch once: after it, it never waits");
+                };
+                match &self.shared {
+                    Some(shared) => {
+                        self.fill_shared(shared, &tiers, &key, ttl, fetch, &via)
+                            .await
+                    }
+                    None => {
+                        let _ = via.set(Via::Stored);
+                        self.fill(&tiers, &key, ttl, fetch().await, None).await
+                    }
                 }
-                None => {
-                    let _ = via.set(Via::Stored);
-                    self.fill(&tiers, &key, ttl, fetch().await, None).await
-                }
+            };
+            match tiers.fresh.try_get_with(key.clone(), init).await {
+                // Another caller's refusal is not this one's answer: it asks on its own turn.
+                Err(shared) if matches!(*shared, NotStored::Refused(_)) && fetch.is_some() => {}
+                got => break got,
             }
         };
-        match tiers.fresh.try_get_with(key.clone(), init).await {
+        match got {
             Ok(entry) if entry.stale => Outcome::Stale(entry),
             Ok(entry) => match via.get() {
                 None => Outcome::Coalesced(entry),
@@ -282,7 +311,8 @@ impl Cache {
             },
             Err(shared) => match &*shared {
                 NotStored::TooLarge(body) => Outcome::TooLarge(body.clone()),
-                NotStored::Passed(m) => Outcome::Passed(m.clone()),
+                NotStored::Passed(m) | NotStored::Refused(Err(m)) => Outcome::Passed(m.clone()),
+                NotStored::Refused(Ok(stale)) => Outcome::Stale(stale.clone()),
             },
         }
     }
@@ -307,17 +337,32 @@ impl Cache {
                 tiers.stale.insert(key.clone(), entry.clone()).await;
                 Ok(entry)
             }
-            Fetch::Failed(m) => {
-                let now = Instant::now();
-                let old = tiers.stale.get(key).await.or(old);
-                match old {
-                    Some(old) if old.stale_until > now => Ok(old.held(STALE_HOLD.min(ttl))),
-                    _ => Err(NotStored::Passed(Arc::new(m))),
-                }
-            }
+            Fetch::Failed(m) => match self.stale_copy(tiers, key, old).await {
+                Some(old) => Ok(old.held(STALE_HOLD.min(ttl))),
+                None => Err(NotStored::Passed(Arc::new(m))),
+            },
+            // Served stale to this caller only, and held for nobody: the next caller may well
+            // have its turn.
+            Fetch::Refused(m) => match self.stale_copy(tiers, key, old).await {
+                Some(old) => Err(NotStored::Refused(Ok(old.held(Duration::ZERO)))),
+                None => Err(NotStored::Refused(Err(Arc::new(m)))),
+            },
             Fetch::Pass(m) => Err(NotStored::Passed(Arc::new(m))),
         }
     }
+
+    /// An entry of `key` still within its stale-if-error time: this replica's, or `old` from
+    /// the shared tier.
+    async fn stale_copy(
+        &self,
+        tiers: &Tiers,
+        key: &Arc<str>,
+        old: Option<Arc<Entry>>,
+    ) -> Option<Arc<Entry>> {
+        let old = tiers.stale.get(key).await.or(old)?;
+        (old.stale_until > Instant::now()).then_some(old)
+    }
+
     /// The largest body stored: a tenth of the bound. A longer answer is served, not stored.
     pub fn store_limit(&self) -> u64 {
         self.max_entry

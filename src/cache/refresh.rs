@@ -84,13 +84,7 @@ impl Refresh {
         };
         let entry = Entry::new(&body, self.ttl, self.stale_if_error);
         if let Some(lease) = lease {
-            lease
-                .commit(Commit::Store {
-                    body: &body,
-                    ttl: self.ttl,
-                    stale_if_error: self.stale_if_error,
-                })
-                .await;
+            lease.commit(Commit::Entry(&entry)).await;
         }
         self.insert(entry).await;
         Refreshed::Stored

@@ -8,13 +8,23 @@
 //! the one exception: evicting it would make purged entries reachable again). Entries come back
 //! as [`Entry`]s whose times are converted from Redis's clock to this process's, so `Age` is
 //! right whatever the replicas' clocks say.
+//!
+//! Redis is shared infrastructure, not trusted with answers: every entry and relayed answer
+//! written there carries a MAC (HMAC-SHA256) over everything served from it and the key it is
+//! stored under, keyed with a key derived from the upstream secret key and the organization.
+//! One read without a valid MAC (planted, or another organization's) is a miss, and the fill
+//! that follows overwrites it. The generation never goes backwards: a replica that knows a
+//! higher one than Redis (restarted, failed over, restored from an older snapshot) sets it
+//! back, so a restart is not taken for a purge and does not undo one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
 use redis::{Script, Value};
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
@@ -22,6 +32,7 @@ use tokio::task::JoinHandle;
 
 use super::Entry;
 use crate::cluster::{Cluster, Event, Op, Unavailable};
+use crate::telemetry::Metrics;
 
 /// How long a fill lease lasts unless renewed: a holder that dies holds its key up this long.
 pub const LEASE: Duration = Duration::from_secs(5);
@@ -49,7 +60,77 @@ pub struct SharedTier {
     cluster: Arc<Cluster>,
     /// The generation this replica's memory belongs to.
     generation: AtomicU64,
+    signer: Arc<Signer>,
+    metrics: Arc<Metrics>,
 }
+
+/// Signs what this replica writes to Redis and checks what it reads there.
+struct Signer(Hmac<Sha256>);
+
+/// An entry's times in Redis ms, and whether it is a stale answer re-served.
+struct Times {
+    stored: i64,
+    fresh: i64,
+    stale: i64,
+    x: i64,
+}
+
+impl Signer {
+    /// Keyed with HMAC(secret key, "billing-gateway cache v1" || organization): only the
+    /// organization's own gateways can write what its gateways serve, and the secret key itself
+    /// never leaves the process.
+    fn new(secret_key: &SecretString, organization: uuid::Uuid) -> Signer {
+        let keyed = |key: &[u8]| {
+            <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length")
+        };
+        let mut derive = keyed(secret_key.expose_secret().as_bytes());
+        derive.update(b"billing-gateway cache v1");
+        derive.update(organization.as_bytes());
+        Signer(keyed(&derive.finalize().into_bytes()))
+    }
+
+    /// The MAC of `parts`, each length-prefixed so no two lists of parts sign alike.
+    fn mac(&self, parts: &[&[u8]]) -> Hmac<Sha256> {
+        let mut mac = self.0.clone();
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// An entry stored under `key`: its times, its body, where it is.
+    fn entry(&self, key: &str, t: &Times, body: &[u8]) -> Hmac<Sha256> {
+        let [stored, fresh, stale, x] = [t.stored, t.fresh, t.stale, t.x].map(|n| n.to_string());
+        self.mac(&[
+            b"entry",
+            key.as_bytes(),
+            stored.as_bytes(),
+            fresh.as_bytes(),
+            stale.as_bytes(),
+            x.as_bytes(),
+            body,
+        ])
+    }
+
+    /// A failed fill's answer as stored under `key`: its MAC, then the answer.
+    fn seal(&self, key: &str, answer: &[u8]) -> Vec<u8> {
+        let mac = self.mac(&[b"outcome", key.as_bytes(), answer]);
+        [&mac.finalize().into_bytes()[..], answer].concat()
+    }
+
+    /// The answer `sealed` under `key`, when its MAC is valid.
+    fn open(&self, key: &str, sealed: &Bytes) -> Option<Bytes> {
+        let (mac, answer) = sealed.split_at_checked(MAC_LEN)?;
+        let valid = self
+            .mac(&[b"outcome", key.as_bytes(), answer])
+            .verify_slice(mac);
+        valid.is_ok().then(|| sealed.slice(MAC_LEN..))
+    }
+}
+
+/// The length of an HMAC-SHA256.
+const MAC_LEN: usize = 32;
 
 /// What a lookup in the shared tier found.
 pub enum Lookup {
@@ -76,10 +157,19 @@ pub struct Key {
 }
 
 impl SharedTier {
-    pub fn new(cluster: Arc<Cluster>) -> SharedTier {
+    /// The tier shared through `cluster`, signed with a key derived from `secret_key` and
+    /// `organization`.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        secret_key: &SecretString,
+        organization: uuid::Uuid,
+        metrics: Arc<Metrics>,
+    ) -> SharedTier {
         SharedTier {
             cluster,
             generation: AtomicU64::new(0),
+            signer: Arc::new(Signer::new(secret_key, organization)),
+            metrics,
         }
     }
 
@@ -88,9 +178,10 @@ impl SharedTier {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// Makes `generation` this replica's; whether it changed (the memory must then go).
+    /// Makes `generation` this replica's when it is higher; whether it was (a purge: the
+    /// memory must go). A lower one is Redis's past (a restart, a restore), never news.
     pub fn adopt(&self, generation: u64) -> bool {
-        self.generation.swap(generation, Ordering::Relaxed) != generation
+        self.generation.fetch_max(generation, Ordering::Relaxed) < generation
     }
 
     /// Every message and connection event of the pub/sub connection from now on.
@@ -115,13 +206,35 @@ impl SharedTier {
     /// Looks `key` up, taking the fill lease when nobody holds it. An entry with less than
     /// `min_fresh` freshness left counts as missing (a refresh looks for a newer one);
     /// `waited` says this replica already waited for a fill, so a failed fill's answer is
-    /// for it.
+    /// for it. What Redis holds without a valid MAC is never served: it is looked up again as
+    /// missing.
     pub async fn lookup(
         &self,
         key: &Key,
         min_fresh: Duration,
         waited: bool,
     ) -> Result<Lookup, Unavailable> {
+        match self.look(key, min_fresh, waited, false).await? {
+            Some(found) => Ok(found),
+            None => {
+                self.untrusted();
+                // Ignored this time, so never `None`.
+                self.look(key, min_fresh, waited, true)
+                    .await?
+                    .ok_or(Unavailable)
+            }
+        }
+    }
+
+    /// One lookup; `None` when it found an entry or answer without a valid MAC. With
+    /// `distrust`, what is stored under `key` is ignored.
+    async fn look(
+        &self,
+        key: &Key,
+        min_fresh: Duration,
+        waited: bool,
+        distrust: bool,
+    ) -> Result<Option<Lookup>, Unavailable> {
         let token = format!("{}:{}", self.cluster.replica_id(), uuid::Uuid::new_v4());
         let mut script = FILL_OR_LOCK.prepare_invoke();
         script
@@ -133,7 +246,8 @@ impl SharedTier {
             .arg(&token)
             .arg(LEASE.as_millis() as u64)
             .arg(min_fresh.as_millis() as u64)
-            .arg(u8::from(waited));
+            .arg(u8::from(waited))
+            .arg(u8::from(distrust));
         let reply: Vec<Value> = self.cluster.invoke(Op::Fill, &script).await?;
         let mut reply = reply.into_iter();
         let what = reply.next().as_ref().and_then(int);
@@ -142,27 +256,80 @@ impl SharedTier {
             tracing::warn!("the shared cache answered a lookup in an unexpected form");
             Unavailable
         };
-        Ok(match what {
+        Ok(Some(match what {
             Some(-9) => {
                 let generation = second.as_ref().and_then(int).unwrap_or(-1);
                 Lookup::Purged(u64::try_from(generation).map_err(|_| malformed())?)
             }
             Some(1) => {
                 let now = second.as_ref().and_then(int).ok_or_else(malformed)?;
-                Lookup::Fresh(entry(now, reply).ok_or_else(malformed)?)
+                match self.entry(&key.entry, now, reply) {
+                    Some(entry) => Lookup::Fresh(entry),
+                    None => return Ok(None),
+                }
             }
-            Some(3) => Lookup::Failed(second.and_then(bulk).ok_or_else(malformed)?),
+            Some(3) => {
+                let sealed = second.and_then(bulk).ok_or_else(malformed)?;
+                match self.signer.open(&key.outcome, &sealed) {
+                    Some(answer) => Lookup::Failed(answer),
+                    None => return Ok(None),
+                }
+            }
             Some(2) => {
                 let now = second.as_ref().and_then(int).ok_or_else(malformed)?;
-                let lease = Lease::hold(self.cluster.clone(), key, token);
-                Lookup::Fill(lease, entry(now, reply))
+                let old = match reply.len() {
+                    0 => None,
+                    _ => self.entry(&key.entry, now, reply).or_else(|| {
+                        self.untrusted();
+                        None
+                    }),
+                };
+                let lease = Lease::hold(self, key, token, now);
+                Lookup::Fill(lease, old)
             }
             Some(0) => {
                 let left = second.as_ref().and_then(int).unwrap_or(0);
                 Lookup::Wait(Duration::from_millis(left.max(0) as u64))
             }
             _ => return Err(malformed()),
-        })
+        }))
+    }
+
+    /// Counts (and notes at debug) an entry or answer in Redis without a valid MAC.
+    fn untrusted(&self) {
+        self.metrics.count_cache_untrusted();
+        tracing::debug!("the shared cache holds an entry without a valid MAC: a miss, not served");
+    }
+
+    /// An entry as the scripts return it under `key` (`stored, fresh, stale, x, body, mac`,
+    /// Redis ms), in this process's clock (`now` is Redis's); `None` unless its MAC is valid.
+    fn entry(
+        &self,
+        key: &str,
+        now: i64,
+        mut fields: impl Iterator<Item = Value>,
+    ) -> Option<Arc<Entry>> {
+        let mut time = || fields.next().as_ref().and_then(int);
+        let t = Times {
+            stored: time()?,
+            fresh: time()?,
+            stale: time()?,
+            x: time()?,
+        };
+        let body = fields.next().and_then(bulk)?;
+        let mac = fields.next().and_then(bulk)?;
+        self.signer.entry(key, &t, &body).verify_slice(&mac).ok()?;
+        let here = Instant::now();
+        let ago = |t: i64| Duration::from_millis((now - t).max(0) as u64);
+        let ahead = |t: i64| Duration::from_millis((t - now).max(0) as u64);
+        Some(Arc::new(Entry {
+            body,
+            stored_at: here.checked_sub(ago(t.stored)).unwrap_or(here),
+            fresh_until: here + ahead(t.fresh),
+            stale_until: here + ahead(t.stale),
+            stale: t.x == 1,
+            refreshing: AtomicBool::new(false),
+        }))
     }
 
     /// Waits until a fill of `key` ends (its message), `within` passes, or messages were lost.
@@ -186,14 +353,15 @@ impl SharedTier {
         let mut script = PURGE.prepare_invoke();
         script
             .key(self.cluster.key("gen"))
-            .arg(self.cluster.key("events"));
+            .arg(self.cluster.key("events"))
+            .arg(self.generation());
         self.cluster.invoke(Op::Purge, &script).await
     }
 
-    /// The generation in Redis now.
+    /// The generation in Redis now, set back to this replica's when Redis has a lower one.
     pub async fn current_generation(&self) -> Result<u64, Unavailable> {
         let mut script = GENERATION.prepare_invoke();
-        script.key(self.cluster.key("gen"));
+        script.key(self.cluster.key("gen")).arg(self.generation());
         let generation: Value = self.cluster.invoke(Op::Generation, &script).await?;
         int(&generation)
             .and_then(|g| u64::try_from(g).ok())
@@ -203,17 +371,13 @@ impl SharedTier {
 
 /// What a fill came to, for the other replicas.
 pub enum Commit<'a> {
-    /// A new entry: this body, fresh for `ttl`, kept `stale_if_error` longer.
-    Store {
-        body: &'a [u8],
-        ttl: Duration,
-        stale_if_error: Duration,
-    },
-    /// The upstream failed: the old entry is re-served as stale for this long.
-    Stale(Duration),
+    /// An entry as this replica serves it: a new answer, or the old one re-served as stale
+    /// while the upstream fails.
+    Entry(&'a Entry),
     /// A failed fill's answer, relayed to the replicas that waited, for this long.
     Failed(&'a [u8], Duration),
-    /// Nothing to share (an answer too long to store): whoever waits fetches its own.
+    /// Nothing to share (an answer too long to store, a refusal of the filler's own): whoever
+    /// waits fetches on its own.
     Nothing,
 }
 
@@ -222,17 +386,22 @@ pub enum Commit<'a> {
 /// to lapse.
 pub struct Lease {
     cluster: Arc<Cluster>,
+    signer: Arc<Signer>,
     entry: String,
     lease: String,
     outcome: String,
     filled: String,
     token: String,
+    /// Redis's time when the lease was taken, and this process's then: an entry's times are
+    /// written in Redis's clock.
+    taken: (i64, Instant),
     renewal: JoinHandle<()>,
     committed: bool,
 }
 
 impl Lease {
-    fn hold(cluster: Arc<Cluster>, key: &Key, token: String) -> Lease {
+    fn hold(tier: &SharedTier, key: &Key, token: String, redis_now: i64) -> Lease {
+        let cluster = tier.cluster.clone();
         let renewal = {
             let (cluster, lease, token) = (cluster.clone(), key.lease.clone(), token.clone());
             tokio::spawn(async move {
@@ -250,41 +419,72 @@ impl Lease {
         };
         Lease {
             cluster,
+            signer: tier.signer.clone(),
             entry: key.entry.clone(),
             lease: key.lease.clone(),
             outcome: key.outcome.clone(),
             filled: key.filled.clone(),
             token,
+            taken: (redis_now, Instant::now()),
             renewal,
             committed: false,
+        }
+    }
+
+    /// `t` in Redis's clock, ms.
+    fn redis_ms(&self, t: Instant) -> i64 {
+        let (redis_now, here) = self.taken;
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2);
+        match t.checked_duration_since(here) {
+            Some(after) => redis_now + ms(after),
+            None => redis_now - ms(here - t),
         }
     }
 
     /// Shares what the fill came to, gives the lease up and wakes the replicas waiting.
     pub async fn commit(mut self, commit: Commit<'_>) {
         self.renewal.abort();
-        let (mode, fresh, stale, payload): (&str, Duration, Duration, &[u8]) = match commit {
-            Commit::Store {
-                body,
-                ttl,
-                stale_if_error,
-            } => ("store", ttl, stale_if_error, body),
-            Commit::Stale(hold) => ("stale", hold, Duration::ZERO, b""),
-            Commit::Failed(answer, hold) => ("outcome", hold, Duration::ZERO, answer),
-            Commit::Nothing => ("release", Duration::ZERO, Duration::ZERO, b""),
-        };
         let mut script = FILL_COMMIT.prepare_invoke();
         script
             .key(&self.entry)
             .key(&self.lease)
             .key(&self.outcome)
-            .arg(&self.token)
-            .arg(mode)
-            .arg(fresh.as_millis() as u64)
-            .arg(stale.as_millis() as u64)
-            .arg(payload)
-            .arg(self.cluster.key("events"))
-            .arg(&self.filled);
+            .arg(&self.token);
+        match commit {
+            Commit::Entry(entry) => {
+                let t = Times {
+                    stored: self.redis_ms(entry.stored_at),
+                    fresh: self.redis_ms(entry.fresh_until),
+                    stale: self.redis_ms(entry.stale_until),
+                    x: i64::from(entry.stale),
+                };
+                let mac = self.signer.entry(&self.entry, &t, &entry.body);
+                script
+                    .arg("store")
+                    .arg(self.cluster.key("events"))
+                    .arg(&self.filled)
+                    .arg(t.stored)
+                    .arg(t.fresh)
+                    .arg(t.stale)
+                    .arg(t.x)
+                    .arg(&entry.body[..])
+                    .arg(&mac.finalize().into_bytes()[..]);
+            }
+            Commit::Failed(answer, hold) => {
+                script
+                    .arg("outcome")
+                    .arg(self.cluster.key("events"))
+                    .arg(&self.filled)
+                    .arg(hold.as_millis() as u64)
+                    .arg(self.signer.seal(&self.outcome, answer));
+            }
+            Commit::Nothing => {
+                script
+                    .arg("release")
+                    .arg(self.cluster.key("events"))
+                    .arg(&self.filled);
+            }
+        }
         // Committed even when Redis does not take it: the lease then lapses by itself.
         self.committed = true;
         let _ = self.cluster.invoke::<i64>(Op::Commit, &script).await;
@@ -312,25 +512,6 @@ impl Drop for Lease {
     }
 }
 
-/// An entry as the scripts return it (`now, stored, fresh, stale, x, body`, Redis ms), in this
-/// process's clock.
-fn entry(now: i64, mut fields: impl Iterator<Item = Value>) -> Option<Arc<Entry>> {
-    let mut time = || fields.next().as_ref().and_then(int);
-    let (stored, fresh, stale, x) = (time()?, time()?, time()?, time()?);
-    let body = fields.next().and_then(bulk)?;
-    let here = Instant::now();
-    let ago = |t: i64| Duration::from_millis((now - t).max(0) as u64);
-    let ahead = |t: i64| Duration::from_millis((t - now).max(0) as u64);
-    Some(Arc::new(Entry {
-        body,
-        stored_at: here.checked_sub(ago(stored)).unwrap_or(here),
-        fresh_until: here + ahead(fresh),
-        stale_until: here + ahead(stale),
-        stale: x == 1,
-        refreshing: AtomicBool::new(false),
-    }))
-}
-
 fn int(value: &Value) -> Option<i64> {
     match value {
         Value::Int(i) => Some(*i),
@@ -344,5 +525,79 @@ fn bulk(value: Value) -> Option<Bytes> {
     match value {
         Value::BulkString(b) => Some(Bytes::from(b)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORG: &str = "11111111-2222-3333-4444-555555555555";
+
+    fn signer(secret: &str, organization: &str) -> Signer {
+        Signer::new(
+            &SecretString::from(secret),
+            organization.parse().expect("uuid"),
+        )
+    }
+
+    /// Any served field, the key it is under, another organization or another secret key: the
+    /// MAC no longer holds.
+    #[test]
+    fn an_entry_verifies_only_as_written_by_this_organizations_gateways() {
+        let ours = signer("secret", ORG);
+        let times = || Times {
+            stored: 1,
+            fresh: 2,
+            stale: 3,
+            x: 0,
+        };
+        let mac = ours
+            .entry("ns:c:1:ab", &times(), b"{}")
+            .finalize()
+            .into_bytes();
+        assert!(
+            ours.entry("ns:c:1:ab", &times(), b"{}")
+                .verify_slice(&mac)
+                .is_ok()
+        );
+        let longer = Times {
+            fresh: 9,
+            ..times()
+        };
+        let stale = Times { x: 1, ..times() };
+        for (signer, key, t, body) in [
+            (&ours, "ns:c:1:ab", times(), &b"<script>"[..]),
+            (&ours, "ns:c:0:ab", times(), b"{}"),
+            (&ours, "ns:c:1:ab", longer, b"{}"),
+            (&ours, "ns:c:1:ab", stale, b"{}"),
+            (
+                &signer("secret", "22222222-3333-4444-5555-666666666666"),
+                "ns:c:1:ab",
+                times(),
+                b"{}",
+            ),
+            (&signer("other", ORG), "ns:c:1:ab", times(), b"{}"),
+        ] {
+            assert!(signer.entry(key, &t, body).verify_slice(&mac).is_err());
+        }
+    }
+
+    #[test]
+    fn a_sealed_answer_opens_only_unchanged_and_under_its_key() {
+        let ours = signer("secret", ORG);
+        let sealed = Bytes::from(ours.seal("ns:o:1:ab", b"429\n\n\n\n{}"));
+        assert_eq!(
+            ours.open("ns:o:1:ab", &sealed).as_deref(),
+            Some(&b"429\n\n\n\n{}"[..])
+        );
+        assert!(ours.open("ns:o:2:ab", &sealed).is_none());
+        let mut changed = sealed.to_vec();
+        *changed.last_mut().expect("a byte") ^= 1;
+        assert!(ours.open("ns:o:1:ab", &Bytes::from(changed)).is_none());
+        assert!(
+            ours.open("ns:o:1:ab", &Bytes::from_static(b"302\n"))
+                .is_none()
+        );
     }
 }

@@ -93,11 +93,18 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The namespace of every key and channel of the organization `organization_id`.
+    /// The namespace of every key and channel of the organization `organization_id`. The
+    /// organization is in it as a hash tag whatever the prefix (`:{<id>}` appended unless the
+    /// prefix holds it), so two organizations given the same prefix never share a key, and a
+    /// Redis Cluster keeps every key in one slot (a prefix without braces would scatter them
+    /// and make every script fail with `CROSSSLOT`).
     pub fn namespace(&self, organization_id: Uuid) -> String {
-        self.prefix
-            .clone()
-            .unwrap_or_else(|| format!("billing-gateway:{{{organization_id}}}"))
+        let tag = format!("{{{organization_id}}}");
+        match &self.prefix {
+            Some(prefix) if prefix.contains(&tag) => prefix.clone(),
+            Some(prefix) => format!("{prefix}:{tag}"),
+            None => format!("billing-gateway:{tag}"),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use super::forward::{exact_json, forward};
 use crate::admission::Place;
 use crate::billing::Call;
 use crate::cache::{Cache, Entry, Fetch, Outcome, Refresh, Refreshed, Shareable};
-use crate::error::{Error, JSON};
+use crate::error::{Error, ErrorKind, JSON, Throttle};
 use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
@@ -30,6 +30,9 @@ enum Uncached {
         content_type: Option<HeaderValue>,
         /// Only on an error answer the gateway made itself, relayed from another replica.
         retry_after: Option<HeaderValue>,
+        /// The reason of a 429 the gateway made itself (another replica's), for the log line
+        /// and metrics of every request it is relayed to.
+        rejection: Option<&'static str>,
         body: Bytes,
     },
     /// An answer longer than the cache stores: relayed as it streams, to one request only (it
@@ -53,20 +56,22 @@ impl Uncached {
     }
 }
 
-/// Shared with the other replicas as `status`, `content-type` and `retry-after` lines, then the
-/// body; an error of this gateway's own becomes the answer it renders to.
+/// Shared with the other replicas as `status`, `content-type`, `retry-after` and rejection
+/// reason lines, then the body; an error of this gateway's own becomes the answer it renders to.
 impl Shareable for Uncached {
     fn to_shared(&self) -> Option<Vec<u8>> {
-        let (status, content_type, retry_after, body) = match self {
+        let (status, content_type, retry_after, rejection, body) = match self {
             Uncached::Answer {
                 status,
                 content_type,
                 retry_after,
+                rejection,
                 body,
             } => (
                 *status,
                 content_type.clone(),
                 retry_after.clone(),
+                *rejection,
                 body.to_vec(),
             ),
             Uncached::Failed(e) => {
@@ -76,6 +81,7 @@ impl Shareable for Uncached {
                     e.status(),
                     Some(JSON),
                     retry_after,
+                    Some(e.kind()),
                     e.body().to_string().into_bytes(),
                 )
             }
@@ -85,7 +91,8 @@ impl Shareable for Uncached {
         let value =
             |v: &Option<HeaderValue>| v.as_ref().map_or(&b""[..], |v| v.as_bytes()).to_vec();
         let mut shared = format!("{}\n", status.as_u16()).into_bytes();
-        for line in [value(&content_type), value(&retry_after)] {
+        let rejection = rejection.unwrap_or_default().as_bytes().to_vec();
+        for line in [value(&content_type), value(&retry_after), rejection] {
             shared.extend(line);
             shared.push(b'\n');
         }
@@ -94,7 +101,7 @@ impl Shareable for Uncached {
     }
 
     fn from_shared(bytes: &[u8]) -> Option<Uncached> {
-        let mut parts = bytes.splitn(4, |b| *b == b'\n');
+        let mut parts = bytes.splitn(5, |b| *b == b'\n');
         let status = StatusCode::from_bytes(parts.next()?).ok()?;
         let header = |v: &[u8]| {
             (!v.is_empty())
@@ -103,13 +110,37 @@ impl Shareable for Uncached {
         };
         let content_type = header(parts.next()?);
         let retry_after = header(parts.next()?);
+        let rejection = throttle(parts.next()?);
         Some(Uncached::Answer {
             status,
             content_type,
             retry_after,
+            rejection,
             body: Bytes::copy_from_slice(parts.next()?),
         })
     }
+}
+
+/// The reason of a 429 named `kind` by the replica that refused (only a known reason: it is a
+/// metric label).
+fn throttle(kind: &[u8]) -> Option<&'static str> {
+    use Throttle::*;
+    [
+        Principal,
+        UpstreamBudget,
+        UpstreamBackoff,
+        Upstream,
+        PrincipalInFlight,
+    ]
+    .map(|reason| {
+        Error::TooManyRequests {
+            retry_after: 0,
+            reason,
+        }
+        .kind()
+    })
+    .into_iter()
+    .find(|known| known.as_bytes() == kind)
 }
 
 /// Cacheable operations: authorization has already happened, so the entry is shared only with
@@ -170,6 +201,7 @@ pub(super) async fn cached(
                 status,
                 content_type,
                 retry_after,
+                rejection,
                 body,
             } => {
                 let mut response = answer(*status, content_type.clone(), body.clone());
@@ -177,6 +209,10 @@ pub(super) async fn cached(
                     response
                         .headers_mut()
                         .insert(header::RETRY_AFTER, retry_after.clone());
+                }
+                // Logged and counted with its reason, as on the replica that refused.
+                if let Some(rejection) = rejection {
+                    response.extensions_mut().insert(ErrorKind(rejection));
                 }
                 ("miss", response)
             }
@@ -289,7 +325,9 @@ fn refresh_in_background(
             Refreshed::Stored => "stored",
             Refreshed::Shared => "shared",
             Refreshed::Kept(fetched) => {
-                if let Fetch::Failed(failure) | Fetch::Pass(failure) = &fetched {
+                if let Fetch::Failed(failure) | Fetch::Pass(failure) | Fetch::Refused(failure) =
+                    &fetched
+                {
                     let error = failure.describe();
                     tracing::warn!(
                         operation = call.op.name,
@@ -317,6 +355,11 @@ async fn fetch(
     let result = super::send(state, call, request_id, principal, upstream_ms).await;
     let upstream = match result {
         Ok(upstream) => upstream,
+        // Refused before the upstream was asked (this principal's backlog, the budget's turns):
+        // this caller's own answer, not one for the callers waiting on this fetch.
+        Err(e @ Error::TooManyRequests { reason, .. }) if reason != Throttle::Upstream => {
+            return Fetch::Refused(Uncached::Failed(e));
+        }
         Err(e) => return Fetch::Failed(Uncached::Failed(e)),
     };
     let status = upstream.status;
@@ -344,12 +387,14 @@ async fn fetch(
             status,
             content_type,
             retry_after: None,
+            rejection: None,
             body,
         }),
         _ => Fetch::Pass(Uncached::Answer {
             status,
             content_type,
             retry_after: None,
+            rejection: None,
             body,
         }),
     }
@@ -420,12 +465,13 @@ mod tests {
                     status,
                     content_type,
                     retry_after,
+                    rejection,
                     body,
-                } => (status, content_type, retry_after, body),
+                } => (status, content_type, retry_after, rejection, body),
                 _ => panic!("relayed as an answer"),
             }
         };
-        let (status, content_type, retry_after, body) =
+        let (status, content_type, retry_after, rejection, body) =
             relayed(Uncached::Failed(Error::TooManyRequests {
                 retry_after: 3,
                 reason: Throttle::Upstream,
@@ -433,19 +479,22 @@ mod tests {
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(content_type, Some(JSON));
         assert_eq!(retry_after, Some(HeaderValue::from(3u64)));
+        // So the replica it is relayed to logs why, too.
+        assert_eq!(rejection, Some("upstream_rate_limited"));
         let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(body["type"], "too_many_requests");
 
         let upstream = Bytes::from_static(b"{\"message\":\"line\\none\"}\n");
-        let (status, content_type, retry_after, body) = relayed(Uncached::Answer {
+        let (status, content_type, retry_after, rejection, body) = relayed(Uncached::Answer {
             status: StatusCode::NOT_FOUND,
             content_type: None,
             retry_after: None,
+            rejection: None,
             body: upstream.clone(),
         });
         assert_eq!(
-            (status, content_type, retry_after, body),
-            (StatusCode::NOT_FOUND, None, None, upstream)
+            (status, content_type, retry_after, rejection, body),
+            (StatusCode::NOT_FOUND, None, None, None, upstream)
         );
         let long = Uncached::TooLong {
             status: StatusCode::OK,
@@ -453,6 +502,6 @@ mod tests {
             body: Mutex::new(None),
         };
         assert!(long.to_shared().is_none(), "it streams to one request only");
-        assert!(Uncached::from_shared(b"not a status\n\n\n").is_none());
+        assert!(Uncached::from_shared(b"not a status\n\n\n\n").is_none());
     }
 }

@@ -239,7 +239,12 @@ impl App {
             cache: {
                 let cache = Cache::new(&config.cache, metrics.clone());
                 match &cluster {
-                    Some(cluster) => cache.shared(cluster.clone(), config.upstream.timeout),
+                    Some(cluster) => cache.shared(
+                        cluster.clone(),
+                        config.upstream.timeout,
+                        &config.upstream.secret_key,
+                        config.upstream.organization_id,
+                    ),
                     None => cache,
                 }
             },

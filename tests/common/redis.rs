@@ -146,3 +146,26 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// Snapshots, for what replicas do when Redis comes back from an older one.
+impl Redis {
+    /// The data as it is now (`SAVE`), for [`Redis::restore`]. The dump is taken away, so a
+    /// plain [`Redis::restart`] still starts empty.
+    pub fn snapshot(&self) -> Vec<u8> {
+        assert_eq!(self.command(&["SAVE"]).as_deref(), Some("+OK"), "SAVE");
+        let dump = self.dir.path().join("dump.rdb");
+        let snapshot = std::fs::read(&dump).expect("the dump SAVE wrote");
+        std::fs::remove_file(&dump).expect("dump removed");
+        snapshot
+    }
+
+    /// Kills the server and starts it again on the same port with the data of `snapshot`
+    /// (its dump is loaded at startup), as an operator restoring a backup would.
+    pub fn restore(&mut self, snapshot: &[u8]) {
+        self.kill();
+        let dump = self.dir.path().join("dump.rdb");
+        std::fs::write(&dump, snapshot).expect("dump written");
+        self.restart();
+        std::fs::remove_file(&dump).expect("dump removed");
+    }
+}

@@ -21,6 +21,7 @@ pub(super) struct CacheMetrics {
     fill_wait: Histogram,
     generation: Gauge,
     flushes: Family<ReasonLabels, Counter>,
+    untrusted: Counter,
     entries: Gauge,
     bytes: Gauge,
 }
@@ -65,8 +66,17 @@ impl CacheMetrics {
                 "cache_l1_flushes",
                 "Times this replica emptied its own memory of answers: local (a purge here), \
                  message (another replica's purge, announced), generation (a purge found by \
-                 reading the shared generation: a lost announcement, or a Redis restart)",
+                 reading the shared generation: a lost announcement). A Redis restart, failover or \
+                 restore is no purge and flushes nothing",
                 Family::default(),
+            ),
+            untrusted: add(
+                r,
+                "cache_untrusted_entries",
+                "Entries (or relayed answers) read from the shared cache without a valid MAC: \
+                 planted, or written by a gateway of another organization; each is a miss, never \
+                 served",
+                Counter::default(),
             ),
             entries: add(
                 r,
@@ -142,6 +152,11 @@ impl Metrics {
             .flushes
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Counts one entry (or relayed answer) read from Redis without a valid MAC: not served.
+    pub fn count_cache_untrusted(&self) {
+        self.cache.untrusted.inc();
     }
 
     /// Records what the cache holds (read when metrics are scraped).
