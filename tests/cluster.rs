@@ -587,6 +587,130 @@ async fn fair_share_holds_across_two_replicas_beside_a_flooding_principal() {
     }
 }
 
+/// Records the `page_token` of each upstream request, and answers after a small delay (a real
+/// upstream takes time, so calls overlap their turns).
+#[derive(Clone, Default)]
+struct Queries(Arc<Mutex<Vec<String>>>);
+
+impl Queries {
+    fn with(&self, marker: &str) -> Vec<String> {
+        let seen = self.0.lock().expect("lock");
+        seen.iter()
+            .filter(|q| q.contains(marker))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Respond for Queries {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let token = request
+            .url
+            .query_pairs()
+            .find(|(name, _)| name == "page_token")
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default();
+        self.0.lock().expect("lock").push(token);
+        ResponseTemplate::new(200)
+            .set_body_raw(r#"{"charges":[]}"#, "application/json")
+            .set_delay(Duration::from_millis(20))
+    }
+}
+
+/// Issue 21, item 4: a `share = 100` key flooding all three replicas with cache misses, beside
+/// a bystander reading now and then through each of them. Each replica gets a third of the
+/// budget's turns, so a round counted in the whole budget's turns (ten at 10/s) lasted three
+/// times as long there and outlasted the bystander's 2 s wait; counted in the replica's own,
+/// every bystander read takes its turn and goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_of_100_flooding_three_replicas_leaves_a_bystander_its_turns() {
+    let _one = LOAD.lock().await;
+    let redis = Redis::start();
+    const KEY: &str = "3e0a5b4f-2d77-4c9e-9f60-8b9c0d1e2f3a";
+    let keys = format!(
+        "[[keys]]\nname = \"flood\"\nsha256 = \"{}\"\nroles = [\"billing-read-only\"]\nshare = 100\n",
+        billing_gateway::policy::key_sha256(&KEY.parse().expect("uuid"))
+    );
+    let policy = [
+        ("default.toml", DEFAULT_POLICY),
+        ("keys.toml", keys.as_str()),
+    ];
+    let edit = |c: &mut billing_gateway::Config| {
+        c.upstream.rate = per_second(10);
+        c.redis.timeout = Duration::from_millis(500);
+    };
+    let mut apps = vec![
+        TestApp::builder()
+            .policy(&policy)
+            .redis(redis.url())
+            .config(edit)
+            .spawn()
+            .await,
+    ];
+    let upstream = apps[0].upstream.uri();
+    for _ in 1..3 {
+        apps.push(
+            TestApp::builder()
+                .policy(&policy)
+                .redis(redis.url())
+                .upstream_url(upstream.clone())
+                .config(edit)
+                .spawn()
+                .await,
+        );
+    }
+    let queries = Queries::default();
+    Mock::given(any())
+        .respond_with(queries.clone())
+        .mount(&apps[0].upstream)
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // 50 misses a second into each replica, against 10 a second for all three together.
+    let floods = drive_each(&apps, KEY.to_owned(), Duration::from_millis(20), &stop);
+    // The flooder's backlogs fill (past them its calls are refused).
+    eventually(
+        || async {
+            let mut refused = 0.0;
+            for app in &apps {
+                refused += value(
+                    &app.metrics().await,
+                    "billing_gateway_refusals_by_class_total",
+                    r#"reason="upstream_budget",class="flood""#,
+                )
+                .unwrap_or(0.0);
+            }
+            refused >= 3.0
+        },
+        PATIENCE,
+    )
+    .await;
+    let bystander = reader_as("bystander");
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        let response = apps[n % 3]
+            .get(
+                &format!("/billing/v2beta1/charges?page_token=bystander-{n}"),
+                &bystander,
+            )
+            .await;
+        statuses.push(response.status().as_u16());
+    }
+    stop.store(true, Ordering::SeqCst);
+    for flood in floods {
+        let seen = flood.await.expect("flood");
+        assert!(seen.other.is_empty(), "{seen:?}");
+        assert!(seen.ok >= 1 && seen.refused >= 1, "{seen:?}");
+    }
+    assert_eq!(statuses, [200; 6]);
+    let mut sent = queries.with("bystander");
+    sent.sort();
+    let expected: Vec<String> = (0..6).map(|n| format!("bystander-{n}")).collect();
+    assert_eq!(sent, expected, "each bystander read went upstream once");
+    for app in apps {
+        app.stop().await;
+    }
+}
+
 /// Issue 12, test 8 (the budget's scripts): slots exactly one pace apart in Redis time whoever
 /// reserves them, none beyond the longest wait, and a 429 noted by one replica held by another
 /// (doubling from 1 s without Retry-After).
