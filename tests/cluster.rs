@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use billing_gateway::cluster::{Cluster, Event, Mode};
+use billing_gateway::cluster::{Cluster, Event, Mode, Unavailable};
 use billing_gateway::config::RedisConfig;
 use billing_gateway::telemetry::Metrics;
 use common::redis::Redis;
@@ -112,18 +112,18 @@ async fn the_replica_count_never_falls_below_the_fallback() {
 }
 
 fn link(redis: &Redis) -> Arc<Cluster> {
+    link_counted(redis, Arc::new(Metrics::default()))
+}
+
+/// [`link`], its Redis commands counted in `metrics`.
+fn link_counted(redis: &Redis, metrics: Arc<Metrics>) -> Arc<Cluster> {
     let config = RedisConfig {
         url: Some(SecretString::from(redis.url())),
         prefix: Some("test:{events}".to_owned()),
         timeout: Duration::from_millis(500),
         fallback_replicas: 3,
     };
-    Cluster::new(
-        &config,
-        ORG.parse().expect("uuid"),
-        Arc::new(Metrics::default()),
-    )
-    .expect("a link")
+    Cluster::new(&config, ORG.parse().expect("uuid"), metrics).expect("a link")
 }
 
 async fn next(events: &mut broadcast::Receiver<Event>) -> Event {
@@ -956,10 +956,50 @@ async fn the_principal_script_leases_as_governors_check_n_decides() {
     assert_eq!(rates.lease("bob", rate, 4).await, Ok(Ok(4)));
 }
 
-/// Issue 12, leasing: a principal's hits on one replica, all at once, cost one Redis call per
-/// lease of k (one call in flight at a time, the other hits waiting for its lease), not one each.
+/// Issue 21, item 11: a lease half spent is topped up in the background, so while what is held
+/// has room, a request never waits on Redis: with Redis frozen, every request the top-up brought
+/// is allowed at once, and only the one past them waits (and Redis unavailable, it decides
+/// alone).
 #[tokio::test]
-async fn leasing_cuts_a_principals_redis_calls_to_one_per_k_hits() {
+async fn a_half_spent_lease_is_topped_up_ahead_so_requests_do_not_wait_on_redis() {
+    use billing_gateway::limits::{SharedRates, lease_size};
+    let redis = Redis::start();
+    let metrics = Arc::new(Metrics::default());
+    let rates = SharedRates::new(link_counted(&redis, metrics.clone()));
+    // Burst 200 and N the fallback, 3: leases of 16, a pace of 10 ms (nothing lapses).
+    let rate = per_second(100);
+    let k = lease_size(rate, 3);
+    assert_eq!(k, 16);
+    let leases = || {
+        value(
+            &metrics.render(),
+            "billing_gateway_redis_commands_total",
+            "op=\"principal\",result=\"ok\"",
+        )
+        .unwrap_or(0.0)
+    };
+    // The first request waits for a lease of 16; by the 8th, half is spent: a top-up of the
+    // spent 8 goes out while the other 8 are spent.
+    for _ in 0..k / 2 {
+        assert_eq!(rates.check("alice", rate).await, Ok(Ok(())));
+    }
+    eventually(|| async { leases() == 2.0 }, PATIENCE).await;
+    // Held now: the 8 left and the 8 of the top-up. Redis stalls: all 16 are allowed without
+    // it (the top-up they start in turn gets no answer).
+    redis.pause();
+    for n in 0..k {
+        assert_eq!(rates.check("alice", rate).await, Ok(Ok(())), "request {n}");
+    }
+    // The next finds nothing held, waits for that top-up, which never comes.
+    assert_eq!(rates.check("alice", rate).await, Err(Unavailable));
+    redis.resume();
+}
+
+/// Issue 12, leasing: a principal's hits on one replica, all at once, cost one Redis call per
+/// half lease (a lease of k, then top-ups of the k/2 spent; one call in flight at a time), not
+/// one each.
+#[tokio::test]
+async fn leasing_cuts_a_principals_redis_calls_to_one_per_half_lease_of_hits() {
     use billing_gateway::limits::lease_size;
     let redis = Redis::start();
     let rate = per_second(100);
@@ -981,7 +1021,7 @@ async fn leasing_cuts_a_principals_redis_calls_to_one_per_k_hits() {
     assert_eq!(allowed, hits, "within the burst");
     let made = calls(apps[0].metrics().await) - before;
     assert!(
-        (1..=hits.div_ceil(k) + 1).contains(&made),
+        (1..=hits.div_ceil(k / 2) + 1).contains(&made),
         "{made} principal calls for {hits} hits"
     );
     // whoami is the gateway's own answer: nothing went upstream.
