@@ -42,14 +42,16 @@ const REMEMBERED: u64 = 10_000;
 /// pauses longer loses what it left, so unspent leases never add to a later burst.
 const LEASE_LIFE: Duration = Duration::from_secs(1);
 
-/// The most a replica leases at once. One principal's hits on a replica wait for each other
-/// while a lease is fetched, so they are held to `k` per Redis round trip: at 8, one caller on
-/// 32 connections got half its throughput without Redis (bench/RESULTS.md); at 64 the round
-/// trip no longer bounds it, and the slack stays a quarter of the burst.
-const LEASE_MAX: u32 = 64;
+/// The most a replica leases at once. A busy caller's hits spend the half held while the
+/// spent half is fetched again, so k/2 hits must outlast a Redis round trip: at 8, one caller on
+/// 32 connections got half its throughput without Redis (bench/RESULTS.md); at 64 (one call per
+/// 32 hits) the top-ups cost 0.74× of the throughput without Redis, at 128 0.86× (issue 21).
+/// Only rates over 768/s (N = 3) reach it; below, k stays a quarter of the replica's share of
+/// the burst.
+const LEASE_MAX: u32 = 128;
 
 /// k, how many requests a replica leases at once for `rate` among `replicas`: a quarter of each
-/// replica's share of the burst, from 1 (a lease of one is the plain check) to 64, so the slack
+/// replica's share of the burst, from 1 (a lease of one is the plain check) to 128, so the slack
 /// above stays small beside the burst.
 pub fn lease_size(rate: Rate, replicas: u32) -> u32 {
     let burst = rate.count.saturating_mul(2);
@@ -171,8 +173,11 @@ impl SharedRates {
                 let left = held.left(now);
                 if left > 0 {
                     held.left -= 1;
-                    // Half spent: the spent half is fetched again while the rest is spent.
-                    if held.left <= k / 2 && !held.fetching && held.refused(now).is_none() {
+                    // Half spent: the spent half is fetched again while the rest is spent. Not
+                    // with nothing left (k = 1): a request paid for ahead that never comes would
+                    // refuse one early, where a lease of one is meant as the plain check.
+                    let half_spent = (1..=k / 2).contains(&held.left);
+                    if half_spent && !held.fetching && held.refused(now).is_none() {
                         let top_up = k.saturating_sub(held.left).max(1);
                         self.fetch(&mut held, &holding, &key, rate, top_up);
                     }
