@@ -11,6 +11,8 @@
 #   8. row 3 with the gateway sharing through a Redis of its own (GATEWAY_REDIS_URL);
 # then the gateway's idle RSS and its peak RSS while it relays a 100 MiB download.
 # Prints one table. Every load run is bounded in time; every server stops at the end.
+# ROWS=redis measures rows 3 and 8 only (Redis against its local baseline, same rounds) and
+# prints their ratios: no nginx, no fixed load, no download.
 set -euo pipefail
 
 DURATION=${DURATION:-5s}         # each measured row, in each round
@@ -22,6 +24,7 @@ H2_STREAMS=${H2_STREAMS:-8}           # ...and streams in flight on each (4 x 8 
 LATENCY_CONNECTIONS=${LATENCY_CONNECTIONS:-4}   # row 7: connections, the offered rate split
 LATENCY_STREAMS=${LATENCY_STREAMS:-256}         # evenly; streams allowed in flight on each
 PORT_BASE=${PORT_BASE:-18100}
+ROWS=${ROWS:-all}                # all, or redis (rows 3 and 8 only)
 DOWNLOAD_RATE=${DOWNLOAD_RATE:-50M}   # the downloading client's pace (curl --limit-rate)
 
 cd "$(dirname "$0")/.."
@@ -43,7 +46,7 @@ install_missing() { # command package
 }
 install_missing wrk wrk
 install_missing h2load nghttp2-client
-install_missing nginx nginx
+[ "$ROWS" = redis ] || install_missing nginx nginx
 install_missing redis-server redis-server
 install_missing redis-cli redis-tools
 install_missing curl curl
@@ -123,11 +126,13 @@ wait_for bare "$BARE/jwks"
 RS256=$(sed -n 's/^RS256=//p' "$work/bare.out")
 
 # nginx with proxy_cache, holding the key itself.
-mkdir -p "$work/nginx-cache"
-sed -e "s|@WORK@|$work|g" -e "s|@UPSTREAM@|127.0.0.1:$SIM_PORT|" -e "s|@LISTEN@|127.0.0.1:$NGINX_PORT|" \
-    -e "s|@LISTEN_H2@|127.0.0.1:$NGINX_H2_PORT|" -e "s|@SECRET_KEY@|$KEY|" bench/nginx.conf >"$work/nginx.conf"
-start nginx "${SERVER[@]}" nginx -e "$work/nginx-error.log" -c "$work/nginx.conf"
-wait_for nginx "$NGINX$QUERY"
+if [ "$ROWS" != redis ]; then
+    mkdir -p "$work/nginx-cache"
+    sed -e "s|@WORK@|$work|g" -e "s|@UPSTREAM@|127.0.0.1:$SIM_PORT|" -e "s|@LISTEN@|127.0.0.1:$NGINX_PORT|" \
+        -e "s|@LISTEN_H2@|127.0.0.1:$NGINX_H2_PORT|" -e "s|@SECRET_KEY@|$KEY|" bench/nginx.conf >"$work/nginx.conf"
+    start nginx "${SERVER[@]}" nginx -e "$work/nginx-error.log" -c "$work/nginx.conf"
+    wait_for nginx "$NGINX$QUERY"
+fi
 
 gateway_env=(
     SCW_SECRET_KEY="$KEY" SCW_DEFAULT_ORGANIZATION_ID="$ORG"
@@ -238,8 +243,10 @@ settle_latency() { # row
 }
 
 same_body bare "$BARE$QUERY"
-same_body nginx "$NGINX$QUERY"
-curl -sf -D - -o /dev/null "$NGINX$QUERY" | grep -qi '^cache-status: HIT' || { echo "nginx: not a cache hit" >&2; exit 1; }
+if [ "$ROWS" != redis ]; then
+    same_body nginx "$NGINX$QUERY"
+    curl -sf -D - -o /dev/null "$NGINX$QUERY" | grep -qi '^cache-status: HIT' || { echo "nginx: not a cache hit" >&2; exit 1; }
+fi
 is_hit() { curl -sf -D - -o /dev/null "$@" | grep -qi '^cache-status: billing-gateway; hit' || { echo "gateway: not a cache hit" >&2; exit 1; }; }
 same_body gw-hs256 "$GW$QUERY" -H "Authorization: Bearer $HS256"
 is_hit "$GW$QUERY" -H "Authorization: Bearer $HS256"
@@ -247,7 +254,7 @@ same_body gw-rs256 "$GW$QUERY" -H "Authorization: Bearer $RS256"
 is_hit "$GW$QUERY" -H "Authorization: Bearer $RS256"
 same_body gw-redis "$GWR$QUERY" -H "Authorization: Bearer $HS256"
 is_hit "$GWR$QUERY" -H "Authorization: Bearer $HS256"
-same_body nginx-h2 "$NGINX_H2$QUERY" --http2-prior-knowledge
+[ "$ROWS" = redis ] || same_body nginx-h2 "$NGINX_H2$QUERY" --http2-prior-knowledge
 same_body gw-h2 "$GW$QUERY" --http2-prior-knowledge -H "Authorization: Bearer $HS256"
 MODE=$(sharing_mode)
 [ "$MODE" = connected ] ||
@@ -257,6 +264,33 @@ curl -sf -H "Authorization: Bearer $MANAGER" "$GW$BILLING/invoices/$INVOICE" >"$
 cmp -s "$work/invoice.json" "$work/check.json" || { echo "gateway miss: a different body" >&2; exit 1; }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+if [ "$ROWS" = redis ]; then
+    # Interleaved as in the full suite: each round measures the baseline, then the Redis row.
+    for round in $(seq "$ROUNDS"); do
+        echo "round $round of $ROUNDS: $DURATION per row after $WARMUP of warm-up, wrk -t1 -c$CONNECTIONS" >&2
+        measure hs256 "$CONNECTIONS" "$GW$QUERY" -H "Authorization: Bearer $HS256"
+        measure redis "$CONNECTIONS" "$GWR$QUERY" -H "Authorization: Bearer $HS256"
+    done
+    for row in hs256 redis; do settle "$row"; done
+    REDIS_PER_REQUEST=$(awk '{ c += $1; r += $2 } END { printf "%.2f", r ? c / r : 0 }' "$work/redis.commands")
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+    ms() { awk -v us="$1" 'BEGIN { printf "%.2f", us / 1000 }'; }
+    echo
+    echo "$(date -u +%F), $(nproc) cores; $ROUNDS rounds of $DURATION per row, $CONNECTIONS connections;" \
+        "load average $LOAD_BEFORE before, $(cut -d' ' -f1-3 /proc/loadavg) after"
+    echo
+    echo "| row | req/s, best round (all rounds) | p50 ms | p99 ms | errors |"
+    echo "|---|---:|---:|---:|---:|"
+    for row in hs256 redis; do
+        printf '| %s | %.0f (%s) | %s | %s | %s |\n' "$row" "${RPS[$row]}" "${SPREAD[$row]}" \
+            "$(ms "${P50[$row]}")" "$(ms "${P99[$row]}")" "${ERRORS[$row]}"
+    done
+    echo
+    echo "Redis against row 3: throughput $(ratio "${RPS[redis]}" "${RPS[hs256]}")×, p50" \
+        "$(ratio "${P50[redis]}" "${P50[hs256]}")×, p99 $(ratio "${P99[redis]}" "${P99[hs256]}")×;" \
+        "mode $(sharing_mode), $REDIS_PER_REQUEST Redis commands per request"
+    exit 0
+fi
 for round in $(seq "$ROUNDS"); do
     echo "round $round of $ROUNDS: $DURATION per row after $WARMUP of warm-up, wrk -t1 -c$CONNECTIONS," \
         "h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS" >&2
@@ -342,7 +376,7 @@ row "7a. nginx proxy_cache, $OFFERED req/s offered (HTTP/2, open loop)" nginx-fi
 row "7b. gateway, cache hit, HS256, $OFFERED req/s offered (HTTP/2, open loop)" hs256-fixed \
     "$(sustained hs256-fixed); max $(ms "${MAX[hs256-fixed]}") ms; p99 $(ratio "${P99[hs256-fixed]}" "${P99[nginx-fixed]}")× nginx"
 row "8. gateway, cache hit, HS256, sharing through Redis" redis \
-    "$(ratio "${RPS[redis]}" "${RPS[hs256]}")× row 3; mode ${MODE_AFTER:-unknown}, $REDIS_PER_REQUEST Redis commands per request"
+    "$(ratio "${RPS[redis]}" "${RPS[hs256]}")× row 3, p99 $(ratio "${P99[redis]}" "${P99[hs256]}")× row 3; mode ${MODE_AFTER:-unknown}, $REDIS_PER_REQUEST Redis commands per request"
 echo
 echo "| memory | KiB |"
 echo "|---|---:|"
@@ -360,3 +394,5 @@ p99_ratio=$(ratio "${P99[hs256-fixed]}" "${P99[nginx-fixed]}")
 echo "  p99 at the fixed load <= 1.5x nginx's: $p99_ratio  $(check "$p99_ratio" 1.5 '<=')"
 echo "  Redis on >= 0.8x Redis off:    $(ratio "${RPS[redis]}" "${RPS[hs256]}")  $(check "$(ratio "${RPS[redis]}" "${RPS[hs256]}")" 0.8 '>=')" \
     "(mode ${MODE_AFTER:-unknown})"
+redis_p99=$(ratio "${P99[redis]}" "${P99[hs256]}")
+echo "  Redis on p99 <= 1.5x Redis off: $redis_p99  $(check "$redis_p99" 1.5 '<=')"

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use billing_gateway::cluster::{Cluster, Event, Mode};
+use billing_gateway::cluster::{Cluster, Event, Mode, Unavailable};
 use billing_gateway::config::RedisConfig;
 use billing_gateway::telemetry::Metrics;
 use common::redis::Redis;
@@ -112,6 +112,11 @@ async fn the_replica_count_never_falls_below_the_fallback() {
 }
 
 fn link(redis: &Redis) -> Arc<Cluster> {
+    link_counted(redis, Arc::new(Metrics::default()))
+}
+
+/// [`link`], its Redis commands counted in `metrics`.
+fn link_counted(redis: &Redis, metrics: Arc<Metrics>) -> Arc<Cluster> {
     let config = RedisConfig {
         url: Some(SecretString::from(redis.url())),
         prefix: Some("test:{events}".to_owned()),
@@ -119,12 +124,7 @@ fn link(redis: &Redis) -> Arc<Cluster> {
         fallback_replicas: 3,
         ca_file: None,
     };
-    Cluster::new(
-        &config,
-        ORG.parse().expect("uuid"),
-        Arc::new(Metrics::default()),
-    )
-    .expect("a link")
+    Cluster::new(&config, ORG.parse().expect("uuid"), metrics).expect("a link")
 }
 
 async fn next(events: &mut broadcast::Receiver<Event>) -> Event {
@@ -589,6 +589,130 @@ async fn fair_share_holds_across_two_replicas_beside_a_flooding_principal() {
     }
 }
 
+/// Records the `page_token` of each upstream request, and answers after a small delay (a real
+/// upstream takes time, so calls overlap their turns).
+#[derive(Clone, Default)]
+struct Queries(Arc<Mutex<Vec<String>>>);
+
+impl Queries {
+    fn with(&self, marker: &str) -> Vec<String> {
+        let seen = self.0.lock().expect("lock");
+        seen.iter()
+            .filter(|q| q.contains(marker))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Respond for Queries {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let token = request
+            .url
+            .query_pairs()
+            .find(|(name, _)| name == "page_token")
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default();
+        self.0.lock().expect("lock").push(token);
+        ResponseTemplate::new(200)
+            .set_body_raw(r#"{"charges":[]}"#, "application/json")
+            .set_delay(Duration::from_millis(20))
+    }
+}
+
+/// Issue 21, item 4: a `share = 100` key flooding all three replicas with cache misses, beside
+/// a bystander reading now and then through each of them. Each replica gets a third of the
+/// budget's turns, so a round counted in the whole budget's turns (ten at 10/s) lasted three
+/// times as long there and outlasted the bystander's 2 s wait; counted in the replica's own,
+/// every bystander read takes its turn and goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_of_100_flooding_three_replicas_leaves_a_bystander_its_turns() {
+    let _one = LOAD.lock().await;
+    let redis = Redis::start();
+    const KEY: &str = "3e0a5b4f-2d77-4c9e-9f60-8b9c0d1e2f3a";
+    let keys = format!(
+        "[[keys]]\nname = \"flood\"\nsha256 = \"{}\"\nroles = [\"billing-read-only\"]\nshare = 100\n",
+        billing_gateway::policy::key_sha256(&KEY.parse().expect("uuid"))
+    );
+    let policy = [
+        ("default.toml", DEFAULT_POLICY),
+        ("keys.toml", keys.as_str()),
+    ];
+    let edit = |c: &mut billing_gateway::Config| {
+        c.upstream.rate = per_second(10);
+        c.redis.timeout = Duration::from_millis(500);
+    };
+    let mut apps = vec![
+        TestApp::builder()
+            .policy(&policy)
+            .redis(redis.url())
+            .config(edit)
+            .spawn()
+            .await,
+    ];
+    let upstream = apps[0].upstream.uri();
+    for _ in 1..3 {
+        apps.push(
+            TestApp::builder()
+                .policy(&policy)
+                .redis(redis.url())
+                .upstream_url(upstream.clone())
+                .config(edit)
+                .spawn()
+                .await,
+        );
+    }
+    let queries = Queries::default();
+    Mock::given(any())
+        .respond_with(queries.clone())
+        .mount(&apps[0].upstream)
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // 50 misses a second into each replica, against 10 a second for all three together.
+    let floods = drive_each(&apps, KEY.to_owned(), Duration::from_millis(20), &stop);
+    // The flooder's backlogs fill (past them its calls are refused).
+    eventually(
+        || async {
+            let mut refused = 0.0;
+            for app in &apps {
+                refused += value(
+                    &app.metrics().await,
+                    "billing_gateway_refusals_by_class_total",
+                    r#"reason="upstream_budget",class="flood""#,
+                )
+                .unwrap_or(0.0);
+            }
+            refused >= 3.0
+        },
+        PATIENCE,
+    )
+    .await;
+    let bystander = reader_as("bystander");
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        let response = apps[n % 3]
+            .get(
+                &format!("/billing/v2beta1/charges?page_token=bystander-{n}"),
+                &bystander,
+            )
+            .await;
+        statuses.push(response.status().as_u16());
+    }
+    stop.store(true, Ordering::SeqCst);
+    for flood in floods {
+        let seen = flood.await.expect("flood");
+        assert!(seen.other.is_empty(), "{seen:?}");
+        assert!(seen.ok >= 1 && seen.refused >= 1, "{seen:?}");
+    }
+    assert_eq!(statuses, [200; 6]);
+    let mut sent = queries.with("bystander");
+    sent.sort();
+    let expected: Vec<String> = (0..6).map(|n| format!("bystander-{n}")).collect();
+    assert_eq!(sent, expected, "each bystander read went upstream once");
+    for app in apps {
+        app.stop().await;
+    }
+}
+
 /// Issue 12, test 8 (the budget's scripts): slots exactly one pace apart in Redis time whoever
 /// reserves them, none beyond the longest wait, and a 429 noted by one replica held by another
 /// (doubling from 1 s without Retry-After).
@@ -840,10 +964,50 @@ async fn the_principal_script_leases_as_governors_check_n_decides() {
     assert_eq!(rates.lease("bob", rate, 4).await, Ok(Ok(4)));
 }
 
-/// Issue 12, leasing: a principal's hits on one replica, all at once, cost one Redis call per
-/// lease of k (one call in flight at a time, the other hits waiting for its lease), not one each.
+/// Issue 21, item 11: a lease half spent is topped up in the background, so while what is held
+/// has room, a request never waits on Redis: with Redis frozen, every request the top-up brought
+/// is allowed at once, and only the one past them waits (and Redis unavailable, it decides
+/// alone).
 #[tokio::test]
-async fn leasing_cuts_a_principals_redis_calls_to_one_per_k_hits() {
+async fn a_half_spent_lease_is_topped_up_ahead_so_requests_do_not_wait_on_redis() {
+    use billing_gateway::limits::{SharedRates, lease_size};
+    let redis = Redis::start();
+    let metrics = Arc::new(Metrics::default());
+    let rates = SharedRates::new(link_counted(&redis, metrics.clone()));
+    // Burst 200 and N the fallback, 3: leases of 16, a pace of 10 ms (nothing lapses).
+    let rate = per_second(100);
+    let k = lease_size(rate, 3);
+    assert_eq!(k, 16);
+    let leases = || {
+        value(
+            &metrics.render(),
+            "billing_gateway_redis_commands_total",
+            "op=\"principal\",result=\"ok\"",
+        )
+        .unwrap_or(0.0)
+    };
+    // The first request waits for a lease of 16; by the 8th, half is spent: a top-up of the
+    // spent 8 goes out while the other 8 are spent.
+    for _ in 0..k / 2 {
+        assert_eq!(rates.check("alice", rate).await, Ok(Ok(())));
+    }
+    eventually(|| async { leases() == 2.0 }, PATIENCE).await;
+    // Held now: the 8 left and the 8 of the top-up. Redis stalls: all 16 are allowed without
+    // it (the top-up they start in turn gets no answer).
+    redis.pause();
+    for n in 0..k {
+        assert_eq!(rates.check("alice", rate).await, Ok(Ok(())), "request {n}");
+    }
+    // The next finds nothing held, waits for that top-up, which never comes.
+    assert_eq!(rates.check("alice", rate).await, Err(Unavailable));
+    redis.resume();
+}
+
+/// Issue 12, leasing: a principal's hits on one replica, all at once, cost one Redis call per
+/// half lease (a lease of k, then top-ups of the k/2 spent; one call in flight at a time), not
+/// one each.
+#[tokio::test]
+async fn leasing_cuts_a_principals_redis_calls_to_one_per_half_lease_of_hits() {
     use billing_gateway::limits::lease_size;
     let redis = Redis::start();
     let rate = per_second(100);
@@ -865,7 +1029,7 @@ async fn leasing_cuts_a_principals_redis_calls_to_one_per_k_hits() {
     assert_eq!(allowed, hits, "within the burst");
     let made = calls(apps[0].metrics().await) - before;
     assert!(
-        (1..=hits.div_ceil(k) + 1).contains(&made),
+        (1..=hits.div_ceil(k / 2) + 1).contains(&made),
         "{made} principal calls for {hits} hits"
     );
     // whoami is the gateway's own answer: nothing went upstream.

@@ -72,8 +72,9 @@ impl PrincipalLimits {
     }
 
     /// Counts one request against `subject`, at `rate` when its policy sets one; past it, a 429
-    /// saying when to come back. Shared, it asks Redis once per lease of a few requests (none
-    /// while the caller is refused); Redis out of reach, it counts alone at the rate divided by N.
+    /// saying when to come back. Shared, it asks Redis for a few requests at a time, ahead of need
+    /// (none while the caller is refused); Redis out of reach, it counts alone at the rate divided
+    /// by N.
     pub async fn check_principal(&self, subject: &str, rate: Option<Rate>) -> Result<(), Error> {
         let counted = match &self.rates {
             Rates::Local(local) => local.check(subject, rate),

@@ -1,26 +1,31 @@
 //! Each principal's own rate held across replicas (contract §11): one GCRA per principal and
 //! rate in Redis, counting every request, cache hits included. One Redis round trip per hit
 //! cost more than the hit path may (issue 12: Redis on/off 0.76–0.79 of the throughput), so a
-//! replica leases up to [`lease_size`] requests at once and spends them locally. A refusal is
-//! remembered here until it ends, so a throttled caller costs no Redis call either (Envoy
-//! ratelimit's local cache of over-limit keys).
+//! replica leases up to [`lease_size`] requests at once and spends them locally; and because a
+//! hit that found its lease spent still waited for the next (issue 21: p99 3.6× without Redis),
+//! a lease half spent is topped up in the background, with what was spent: a busy caller's hits
+//! find requests in hand and never wait on Redis. Only a caller that outruns a top-up (or comes
+//! back after a pause) waits for one. A refusal is remembered here until it ends, so a throttled
+//! caller costs no Redis call either (Envoy ratelimit's local cache of over-limit keys).
 //!
 //! The slack leasing brings, with N replicas and leases of k: every request spent was paid for
-//! in Redis first, so no more pass than the GCRA grants, save that a lease taken before a
-//! window may be spent in it: at most N·k more in any window, and none older than a second
-//! (`LEASE_LIFE`). The other way, a caller can be refused up to (N−1)·k requests early (held
-//! unspent on the other replicas), and a lease that dies unspent loses at most k.
+//! in Redis first, and a replica never holds more than k unspent (a top-up brings back only
+//! what was spent), so no more pass than the GCRA grants, save that requests held before a
+//! window may be spent in it: at most N·k more in any window. What is held lapses a second
+//! (`LEASE_LIFE`) after the last lease or top-up came. The other way, a caller can be refused up
+//! to (N−1)·k requests early (held unspent on the other replicas), and a lease that lapses
+//! unspent loses at most k.
 //!
 //! While Redis cannot be asked, the replica counts alone ([`LocalRates`]) at its
 //! [`share`](crate::cluster::share) of every rate.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use redis::Script;
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
+use tokio::sync::Notify;
 
 use super::LocalRates;
 use crate::cluster::{Cluster, Op, Unavailable, share};
@@ -33,42 +38,79 @@ static GCRA: LazyLock<Script> =
 /// Redis call again, which decides as before).
 const REMEMBERED: u64 = 10_000;
 
-/// How long a lease may be spent: a caller that pauses longer loses what it left, so unspent
-/// leases never add to a later burst.
+/// How long what is held may be spent after the last lease or top-up came: a caller that
+/// pauses longer loses what it left, so unspent leases never add to a later burst.
 const LEASE_LIFE: Duration = Duration::from_secs(1);
 
-/// The most a replica leases at once. One principal's hits on a replica wait for each other
-/// while a lease is fetched, so they are held to `k` per Redis round trip: at 8, one caller on
-/// 32 connections got half its throughput without Redis (bench/RESULTS.md); at 64 the round
-/// trip no longer bounds it, and the slack stays a quarter of the burst.
-const LEASE_MAX: u32 = 64;
+/// The most a replica leases at once. A busy caller's hits spend the half held while the
+/// spent half is fetched again, so k/2 hits must outlast a Redis round trip: at 8, one caller on
+/// 32 connections got half its throughput without Redis (bench/RESULTS.md); at 64 (one call per
+/// 32 hits) the top-ups cost 0.74× of the throughput without Redis, at 128 0.86× (issue 21).
+/// Only rates over 768/s (N = 3) reach it; below, k stays a quarter of the replica's share of
+/// the burst.
+const LEASE_MAX: u32 = 128;
 
 /// k, how many requests a replica leases at once for `rate` among `replicas`: a quarter of each
-/// replica's share of the burst, from 1 (a lease of one is the plain check) to 64, so the slack
+/// replica's share of the burst, from 1 (a lease of one is the plain check) to 128, so the slack
 /// above stays small beside the burst.
 pub fn lease_size(rate: Rate, replicas: u32) -> u32 {
     let burst = rate.count.saturating_mul(2);
     (burst / replicas.max(1).saturating_mul(4)).clamp(1, LEASE_MAX)
 }
 
-/// What this replica holds for one principal and rate.
-#[derive(Debug, Clone, Copy)]
-enum Held {
-    /// `left` requests paid for in Redis, to spend before `until`.
-    Lease { left: u32, until: Instant },
-    /// Refused by Redis until then.
-    Refused { until: Instant },
+/// What this replica holds for one principal and rate, and the calls waiting for a lease.
+#[derive(Default)]
+struct Holding {
+    held: Mutex<Held>,
+    /// Woken when a fetch lands.
+    landed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Requests paid for in Redis, to spend before `until`.
+    left: u32,
+    until: Option<Instant>,
+    /// Redis refused more until then: spend what is left, then refuse without asking.
+    refused: Option<Instant>,
+    /// A lease or top-up is being fetched (one at a time, in its own task).
+    fetching: bool,
+    /// Fetches that found Redis unavailable: a call that waited on one decides alone.
+    failed: u64,
+}
+
+impl Held {
+    /// What is left to spend `now` (none once the lease lapsed).
+    fn left(&mut self, now: Instant) -> u32 {
+        if self.until.is_none_or(|until| now >= until) {
+            self.left = 0;
+        }
+        self.left
+    }
+
+    fn refused(&self, now: Instant) -> Option<Duration> {
+        self.refused
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|wait| !wait.is_zero())
+    }
+}
+
+impl Holding {
+    fn held(&self) -> MutexGuard<'_, Held> {
+        // Plain values, each change made whole under the lock: a panic cannot leave them torn.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Principals' rates kept in Redis for every replica.
 pub struct SharedRates {
     cluster: Arc<Cluster>,
-    /// Key → what is held for it; its lock makes one Redis call at a time per principal, the
-    /// other hits waiting for it and then spending from its lease.
-    held: moka::sync::Cache<String, Arc<Mutex<Option<Held>>>>,
+    /// Key → what is held for it. A fetch runs in a task of its own, so a call that leaves does
+    /// not cancel what the others wait for, and a top-up keeps no call waiting.
+    held: moka::sync::Cache<String, Arc<Holding>>,
     /// Every rate at this replica's share, for the N it was made with: what counts while Redis
     /// cannot be asked.
-    alone: std::sync::Mutex<Option<(u32, Arc<LocalRates>)>>,
+    alone: Mutex<Option<(u32, Arc<LocalRates>)>>,
 }
 
 impl SharedRates {
@@ -81,7 +123,7 @@ impl SharedRates {
                 // Longer than any refusal of a sane rate; what is held past its end is ignored.
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
-            alone: std::sync::Mutex::new(None),
+            alone: Mutex::new(None),
         }
     }
 
@@ -115,39 +157,70 @@ impl SharedRates {
 
     /// Counts one request of `subject` at `rate` (burst: twice its count, as the local limits):
     /// `Ok(Ok(()))` allowed, `Ok(Err(wait))` refused for `wait`, or [`Unavailable`] when Redis
-    /// cannot be asked (the caller limits alone).
+    /// cannot be asked (the caller limits alone). Waits for Redis only when nothing is held.
     pub async fn check(
         &self,
         subject: &str,
         rate: Rate,
     ) -> Result<Result<(), Duration>, Unavailable> {
         let key = key(subject, rate);
-        let entry = self.held.get_with_by_ref(&key, Default::default);
-        let mut held = entry.lock().await;
-        // After the wait for the lock: what the call before this one brought is what counts.
-        let now = Instant::now();
-        match &mut *held {
-            Some(Held::Lease { left, until }) if *left > 0 && now < *until => {
-                *left -= 1;
-                return Ok(Ok(()));
-            }
-            Some(Held::Refused { until }) if now < *until => return Ok(Err(*until - now)),
-            _ => {}
-        }
+        let holding = self.held.get_with_by_ref(&key, Default::default);
         let k = lease_size(rate, self.cluster.replicas());
-        match self.lease(subject, rate, k).await? {
-            Ok(granted) => {
-                *held = Some(Held::Lease {
-                    left: granted - 1,
-                    until: now + LEASE_LIFE,
-                });
-                Ok(Ok(()))
-            }
-            Err(wait) => {
-                *held = Some(Held::Refused { until: now + wait });
-                Ok(Err(wait))
+        loop {
+            let (landed, failed) = {
+                let mut held = holding.held();
+                let now = Instant::now();
+                let left = held.left(now);
+                if left > 0 {
+                    held.left -= 1;
+                    // Half spent: the spent half is fetched again while the rest is spent. Not
+                    // with nothing left (k = 1): a request paid for ahead that never comes would
+                    // refuse one early, where a lease of one is meant as the plain check.
+                    let half_spent = (1..=k / 2).contains(&held.left);
+                    if half_spent && !held.fetching && held.refused(now).is_none() {
+                        let top_up = k.saturating_sub(held.left).max(1);
+                        self.fetch(&mut held, &holding, &key, rate, top_up);
+                    }
+                    return Ok(Ok(()));
+                }
+                if let Some(wait) = held.refused(now) {
+                    return Ok(Err(wait));
+                }
+                if !held.fetching {
+                    self.fetch(&mut held, &holding, &key, rate, k);
+                }
+                // Made under the lock, so the landing cannot slip in before it listens.
+                (holding.landed.notified(), held.failed)
+            };
+            landed.await;
+            if holding.held().failed != failed {
+                return Err(Unavailable);
             }
         }
+    }
+
+    /// Fetches up to `n` requests for `holding` in a task of its own, adding them to what is
+    /// held (or noting the refusal, or that Redis could not be asked), then wakes the waiters.
+    fn fetch(&self, held: &mut Held, holding: &Arc<Holding>, key: &str, rate: Rate, n: u32) {
+        held.fetching = true;
+        let (cluster, holding, key) = (self.cluster.clone(), holding.clone(), key.to_owned());
+        tokio::spawn(async move {
+            let fetched = lease(&cluster, &key, rate, n).await;
+            let mut held = holding.held();
+            let now = Instant::now();
+            held.fetching = false;
+            match fetched {
+                Ok(Ok(granted)) => {
+                    held.left = held.left(now) + granted;
+                    held.until = Some(now + LEASE_LIFE);
+                    held.refused = None;
+                }
+                Ok(Err(wait)) => held.refused = Some(now + wait),
+                Err(Unavailable) => held.failed += 1,
+            }
+            drop(held);
+            holding.landed.notify_waiters();
+        });
     }
 
     /// Takes up to `k` requests of `subject` at `rate` from Redis: how many were granted (at
@@ -158,19 +231,25 @@ impl SharedRates {
         rate: Rate,
         k: u32,
     ) -> Result<Result<u32, Duration>, Unavailable> {
-        let mut gcra = GCRA.prepare_invoke();
-        gcra.key(self.cluster.key(&key(subject, rate)))
-            .arg(u64::try_from(rate.pace().as_micros()).unwrap_or(u64::MAX))
-            .arg(rate.count.saturating_mul(2).max(1))
-            .arg(k.max(1));
-        match self
-            .cluster
-            .invoke::<(u32, u64)>(Op::Principal, &gcra)
-            .await?
-        {
-            (0, wait) => Ok(Err(Duration::from_micros(wait))),
-            (granted, _) => Ok(Ok(granted)),
-        }
+        lease(&self.cluster, &key(subject, rate), rate, k).await
+    }
+}
+
+/// [`SharedRates::lease`], for the principal's `key`.
+async fn lease(
+    cluster: &Cluster,
+    key: &str,
+    rate: Rate,
+    k: u32,
+) -> Result<Result<u32, Duration>, Unavailable> {
+    let mut gcra = GCRA.prepare_invoke();
+    gcra.key(cluster.key(key))
+        .arg(u64::try_from(rate.pace().as_micros()).unwrap_or(u64::MAX))
+        .arg(rate.count.saturating_mul(2).max(1))
+        .arg(k.max(1));
+    match cluster.invoke::<(u32, u64)>(Op::Principal, &gcra).await? {
+        (0, wait) => Ok(Err(Duration::from_micros(wait))),
+        (granted, _) => Ok(Ok(granted)),
     }
 }
 

@@ -106,11 +106,16 @@ impl UpstreamBudget {
             retry_after: retry_after_secs(self.max_wait),
             reason: Throttle::UpstreamBudget,
         };
-        // One principal's round never outlasts half the wait: a weight larger than the budget can
-        // serve in that time would starve everyone else into 429s, which is what shares prevent.
+        // One principal's round never outlasts half the wait: a weight larger than this
+        // replica's turns can serve in that time would starve everyone else on it into 429s,
+        // which is what shares prevent. A replica gets 1/N of the budget's turns when all N are
+        // busy (each holds one reservation at a time, or paces itself at 1/N while degraded), so
+        // the round is counted in those turns, not the budget's: the bound then holds however
+        // the callers spread over the replicas.
+        let round = self.backlog / (2 * self.turns.replicas() as usize);
         let share = caller
             .share
-            .min(u32::try_from(self.backlog / 2).unwrap_or(u32::MAX))
+            .min(u32::try_from(round).unwrap_or(u32::MAX))
             .max(1);
         let mut ticket = self
             .queue
@@ -168,6 +173,14 @@ pub enum Turns {
 }
 
 impl Turns {
+    /// N, the replicas whose calls draw on these turns: each busy one gets at least 1/N of them.
+    fn replicas(&self) -> u32 {
+        match self {
+            Turns::Local(_) => 1,
+            Turns::Shared(shared) => shared.replicas(),
+        }
+    }
+
     /// Waits for the next turn and takes it, or says how long until one can be had when none
     /// can within the wait (only shared turns: a dead time, a booked timeline). Cancel-safe: a
     /// caller that goes away before it returns takes no turn.

@@ -164,6 +164,12 @@ impl SharedTurns {
         left
     }
 
+    /// N, the replicas sharing the budget (never fewer than the fallback count): when all are
+    /// busy, each gets 1/N of the turns, connected or not.
+    pub fn replicas(&self) -> u32 {
+        self.cluster.replicas().max(1)
+    }
+
     /// What `upstream_budget_degraded_rate` shows: the calls per second this replica allows
     /// itself while not sharing (its share of the budget), 0 while it shares. Read at scrape
     /// time, so a degraded replica says so before its first upstream call.

@@ -169,3 +169,26 @@ impl Redis {
         std::fs::remove_file(&dump).expect("dump removed");
     }
 }
+
+/// Stalls, for what replicas do while Redis answers nothing.
+impl Redis {
+    /// Freezes the server (SIGSTOP): connections stay open, commands get no answer, as from a
+    /// Redis that stalls. [`Redis::resume`] lets it answer them again.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a server [`Redis::pause`] froze (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+}
