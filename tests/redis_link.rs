@@ -337,3 +337,53 @@ async fn a_miss_through_a_slow_redis_gives_up_on_its_commands_once_its_time_is_s
     assert!(app.upstream_requests().await.len() <= asked as usize + 1);
     app.stop().await;
 }
+
+/// A turn of the upstream budget given up on for a slow Redis (the request's Redis time spent)
+/// costs that call its turn, not everyone's: the next caller's miss asks Redis for its own turn
+/// rather than finding the budget closed for a dead time.
+#[tokio::test]
+async fn a_budget_turn_given_up_on_a_slow_redis_does_not_close_the_budget_for_the_next_caller() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let app = TestApp::builder().redis(relay.url()).spawn().await;
+    Mock::given(any())
+        .respond_with(consumptions("slow"))
+        .mount(&app.upstream)
+        .await;
+    eventually(
+        || async { commands(&app.metrics().await, "heartbeat", "ok") >= 1.0 },
+        PATIENCE,
+    )
+    .await;
+    let warm = app
+        .get(
+            "/billing/v2beta1/consumptions?billing_period=2026-01",
+            &reader_as("warm"),
+        )
+        .await;
+    assert_eq!(warm.status(), 200);
+
+    relay.set(Duration::from_millis(70), 0, Duration::ZERO);
+    let asked = 4;
+    for n in 0..asked {
+        let path = format!(
+            "/billing/v2beta1/consumptions?billing_period=2026-0{}",
+            n + 2
+        );
+        let r = app.get(&path, &reader_as(&format!("caller-{n}"))).await;
+        assert!([200, 429].contains(&r.status().as_u16()), "{}", r.status());
+    }
+    let m = app.metrics().await;
+    let budget: f64 = ["ok", "timeout", "error", "deadline", "skipped"]
+        .iter()
+        .map(|result| commands(&m, "budget", result))
+        .sum();
+    // The warm call's turn, then one asked for by every slow miss.
+    assert_eq!(budget, f64::from(asked) + 1.0, "{m}");
+    assert!(
+        commands(&m, "budget", "deadline") + commands(&m, "budget", "skipped") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
+    app.stop().await;
+}

@@ -128,8 +128,13 @@ impl SharedTurns {
                         Ok(())
                     }
                     Ok((_, left)) => Err(self.close_for(from_micros(left))),
-                    // Degraded from now on: a dead time first.
-                    Err(_) => Err(self.close_for(DEAD_TIME)),
+                    // Degraded from now on: a dead time first, for every call.
+                    Err(_) if self.cluster.mode() != Mode::Connected => {
+                        Err(self.close_for(DEAD_TIME))
+                    }
+                    // Still sharing (one late reply, or this request's Redis time spent): this
+                    // call has no turn, and the next dispatcher asks Redis again.
+                    Err(_) => Err(self.period),
                 }
             }
             Mode::Degraded { since } => {
