@@ -113,20 +113,16 @@ async fn a_request_waits_on_a_slow_redis_one_timeout_in_all_whatever_its_command
     running.abort();
 }
 
-/// One late reply does not switch the mode: through a Redis answering every command 250 ms late
-/// and every third 500 ms late (past the 400 ms timeout), the replica keeps sharing and serves
-/// every request; late replies in a row do switch it.
-#[tokio::test]
-async fn late_replies_now_and_then_never_switch_the_mode_late_replies_in_a_row_do() {
-    let redis = Redis::start();
-    let relay = Relay::start(port_of(&redis.url()));
+/// A gateway sharing through `relay` (`GATEWAY_REDIS_TIMEOUT` 400 ms: margins a loaded machine
+/// keeps) in front of an upstream answering `product`, once its first heartbeat went through.
+async fn sharing_through(relay: &Relay, product: &str) -> TestApp {
     let app = TestApp::builder()
         .redis(relay.url())
         .config(|c| c.redis.timeout = Duration::from_millis(400))
         .spawn()
         .await;
     Mock::given(any())
-        .respond_with(consumptions("kept"))
+        .respond_with(consumptions(product))
         .mount(&app.upstream)
         .await;
     eventually(
@@ -134,6 +130,17 @@ async fn late_replies_now_and_then_never_switch_the_mode_late_replies_in_a_row_d
         PATIENCE,
     )
     .await;
+    app
+}
+
+/// One late reply does not switch the mode: through a Redis answering every command 250 ms late
+/// and every third 500 ms late (past the 400 ms timeout), the replica keeps sharing and serves
+/// every request; late replies in a row do switch it.
+#[tokio::test]
+async fn late_replies_now_and_then_never_switch_the_mode_late_replies_in_a_row_do() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let app = sharing_through(&relay, "kept").await;
     let token = app.reader();
     let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
     assert_eq!(app.get(path, &token).await.status(), 200);
@@ -276,26 +283,13 @@ async fn replicas_share_through_a_tls_redis_whose_ca_file_they_trust() {
     second.stop().await;
 }
 
-/// A gateway sharing through a relay (`GATEWAY_REDIS_TIMEOUT` 400 ms) that, once every script is
-/// known to Redis (one warm call), adds `delay` to every reply; then `asked` misses, each of a new caller (whose rate is asked
+/// A gateway [`sharing_through`] a relay that, once every script is known to Redis (one warm
+/// call), adds `delay` to every reply; then `asked` misses, each of a new caller (whose rate is asked
 /// of Redis first), each answered 200 or 429. What `/metrics` says after them.
 async fn misses_through_a_slow_redis(delay: Duration, asked: u32) -> String {
     let redis = Redis::start();
     let relay = Relay::start(port_of(&redis.url()));
-    let app = TestApp::builder()
-        .redis(relay.url())
-        .config(|c| c.redis.timeout = Duration::from_millis(400))
-        .spawn()
-        .await;
-    Mock::given(any())
-        .respond_with(consumptions("slow"))
-        .mount(&app.upstream)
-        .await;
-    eventually(
-        || async { commands(&app.metrics().await, "heartbeat", "ok") >= 1.0 },
-        PATIENCE,
-    )
-    .await;
+    let app = sharing_through(&relay, "slow").await;
     let warm = app
         .get(
             "/billing/v2beta1/consumptions?billing_period=2026-01",
