@@ -23,6 +23,18 @@ fn value(exposition: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A wiremock upstream answering every request with the consumption of `product`, expecting
+/// `calls` of them.
+async fn answering(product: &str, calls: impl Into<wiremock::Times>) -> MockServer {
+    let upstream = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(consumptions(product))
+        .expect(calls)
+        .mount(&upstream)
+        .await;
+    upstream
+}
+
 /// `n` replicas of one gateway: one Redis, one upstream (the first replica's wiremock), each
 /// connected and seeing the others.
 async fn replicas(n: usize, redis: &Redis, upstream: MockServer) -> Vec<TestApp> {
@@ -145,12 +157,7 @@ async fn three_hundred_cold_requests_over_three_replicas_make_one_upstream_call(
 #[tokio::test]
 async fn an_answer_stored_by_one_replica_is_a_shared_hit_on_another() {
     let redis = Redis::start();
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(consumptions("shared"))
-        .expect(1)
-        .mount(&upstream)
-        .await;
+    let upstream = answering("shared", 1).await;
     let apps = replicas(2, &redis, upstream).await;
     let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
     let (status, _) = product(&apps[0], path).await;
@@ -252,11 +259,7 @@ async fn a_purge_on_one_replica_reaches_the_others_within_a_second_even_without_
 #[tokio::test]
 async fn a_purge_while_redis_is_unreachable_empties_this_replica_and_says_so() {
     let mut redis = Redis::start();
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(consumptions("a"))
-        .mount(&upstream)
-        .await;
+    let upstream = answering("a", ..).await;
     let apps = replicas(1, &redis, upstream).await;
     let app = &apps[0];
     let path = "/billing/v2beta1/taxes";
@@ -530,12 +533,7 @@ fn shared_key(kind: &str, generation: u64, canonical: &str) -> String {
 #[tokio::test]
 async fn entries_planted_in_redis_without_the_gateways_mac_are_never_served() {
     let redis = Redis::start();
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(consumptions("upstream"))
-        .expect(2)
-        .mount(&upstream)
-        .await;
+    let upstream = answering("upstream", 2).await;
     let apps = replicas(1, &redis, upstream).await;
     let app = &apps[0];
     // A page with a script, planted as a fresh entry (with and without a MAC field)...
@@ -594,12 +592,7 @@ async fn gateways_of_two_organizations_under_one_prefix_never_serve_each_others_
     let project = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
     let mut apps = Vec::new();
     for (organization, marker) in [(ORG, "first"), (OTHER_ORG, "second")] {
-        let upstream = MockServer::start().await;
-        Mock::given(any())
-            .respond_with(consumptions(marker))
-            .expect(1)
-            .mount(&upstream)
-            .await;
+        let upstream = answering(marker, 1).await;
         let app = TestApp::builder()
             .redis(redis.url())
             .upstream(upstream)
@@ -672,11 +665,7 @@ async fn read_generation_since(apps: &[TestApp], before: &[f64]) -> bool {
 #[tokio::test]
 async fn a_redis_restart_after_a_purge_flushes_nothing_and_cached_reads_stay_200() {
     let mut redis = Redis::start();
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(consumptions("kept"))
-        .mount(&upstream)
-        .await;
+    let upstream = answering("kept", ..).await;
     let apps = replicas(2, &redis, upstream).await;
     let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
     purge(&apps[0]).await;
@@ -967,11 +956,7 @@ async fn an_upstream_429_relayed_to_another_replica_is_counted_there_with_its_re
 async fn across_a_redis_restart_after_a_purge_an_expired_answer_is_served_stale_not_refused() {
     const TTL: Duration = Duration::from_millis(300);
     let mut redis = Redis::start();
-    let upstream = MockServer::start().await;
-    Mock::given(any())
-        .respond_with(consumptions("kept"))
-        .mount(&upstream)
-        .await;
+    let upstream = answering("kept", ..).await;
     let apps = replicas_with(1, &redis, upstream, |c| c.cache.ttl = TTL).await;
     let app = &apps[0];
     // The current month: fresh for the short TTL.
