@@ -285,8 +285,8 @@ async fn replicas_share_through_a_tls_redis_whose_ca_file_they_trust() {
 
 /// A gateway [`sharing_through`] a relay that, once every script is known to Redis (one warm
 /// call), adds `delay` to every reply; then `asked` misses, each of a new caller (whose rate is asked
-/// of Redis first), each answered 200 or 429. What `/metrics` says after them.
-async fn misses_through_a_slow_redis(delay: Duration, asked: u32) -> String {
+/// of Redis first), each answered 200 or 429. Their statuses, and what `/metrics` says after.
+async fn misses_through_a_slow_redis(delay: Duration, asked: u32) -> (Vec<u16>, String) {
     let redis = Redis::start();
     let relay = Relay::start(port_of(&redis.url()));
     let app = sharing_through(&relay, "slow").await;
@@ -299,18 +299,23 @@ async fn misses_through_a_slow_redis(delay: Duration, asked: u32) -> String {
     assert_eq!(warm.status(), 200);
 
     relay.set(delay, 0, Duration::ZERO);
+    let mut statuses = Vec::new();
     for n in 0..asked {
         let path = format!(
             "/billing/v2beta1/consumptions?billing_period=2026-0{}",
             n + 2
         );
         let r = app.get(&path, &reader_as(&format!("caller-{n}"))).await;
-        assert!([200, 429].contains(&r.status().as_u16()), "{}", r.status());
+        statuses.push(r.status().as_u16());
     }
+    assert!(
+        statuses.iter().all(|s| [200, 429].contains(s)),
+        "{statuses:?}"
+    );
     assert!(app.upstream_requests().await.len() <= asked as usize + 1);
     let metrics = app.metrics().await;
     app.stop().await;
-    metrics
+    (statuses, metrics)
 }
 
 /// The request pipeline runs in one Redis time: through a Redis answering 280 ms late (timeout
@@ -320,7 +325,7 @@ async fn misses_through_a_slow_redis(delay: Duration, asked: u32) -> String {
 #[tokio::test]
 async fn a_miss_through_a_slow_redis_gives_up_on_its_commands_once_its_time_is_spent() {
     let asked = 5;
-    let m = misses_through_a_slow_redis(Duration::from_millis(280), asked).await;
+    let (_, m) = misses_through_a_slow_redis(Duration::from_millis(280), asked).await;
     let of = |ops: &[&str], results: &[&str]| -> f64 {
         let mut sum = 0.0;
         for op in ops {
@@ -347,22 +352,94 @@ async fn a_miss_through_a_slow_redis_gives_up_on_its_commands_once_its_time_is_s
     assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
 }
 
-/// A turn of the upstream budget given up on for a slow Redis (the request's Redis time spent)
-/// costs that call its turn, not everyone's: the next caller's miss asks Redis for its own turn
-/// rather than finding the budget closed for a dead time.
+/// A turn of the upstream budget is reserved for the queue, not only for the call that asks
+/// Redis for it: a slow Redis (every reply 280 ms late, timeout 400 ms) that has spent a miss's
+/// own Redis time on its caller's rate and its cache lookup still reserves its turn, so every
+/// miss is answered, each having asked Redis for its turn, and the replica keeps sharing.
 #[tokio::test]
-async fn a_budget_turn_given_up_on_a_slow_redis_does_not_close_the_budget_for_the_next_caller() {
+async fn a_miss_whose_redis_time_is_spent_still_gets_its_upstream_turn() {
     let asked = 4;
-    let m = misses_through_a_slow_redis(Duration::from_millis(280), asked).await;
-    let budget: f64 = ["ok", "timeout", "error", "deadline", "skipped"]
-        .iter()
-        .map(|result| commands(&m, "budget", result))
-        .sum();
-    // The warm call's turn, then one asked for by every slow miss.
-    assert_eq!(budget, f64::from(asked) + 1.0, "{m}");
-    assert!(
-        commands(&m, "budget", "deadline") + commands(&m, "budget", "skipped") >= 1.0,
-        "{m}"
-    );
+    let (statuses, m) = misses_through_a_slow_redis(Duration::from_millis(280), asked).await;
+    assert_eq!(statuses, vec![200; asked as usize], "{m}");
+    // The warm call's turn, then one per slow miss, each answered.
+    assert_eq!(commands(&m, "budget", "ok"), f64::from(asked) + 1.0, "{m}");
+    assert!(commands(&m, "fill", "deadline") >= 1.0, "{m}");
     assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
+}
+
+/// A fill's store is for every replica: with a Redis slow enough (every reply 200 ms late,
+/// timeout 550 ms) that a miss's caller rate, cache lookup and upstream turn leave its store
+/// too little of the request's Redis time, the store still lands, and the other replica's
+/// caller gets a shared hit: one upstream call for both.
+#[tokio::test]
+async fn a_slow_miss_still_stores_its_answer_for_the_other_replicas() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let slow = |c: &mut billing_gateway::Config| c.redis.timeout = Duration::from_millis(550);
+    let first = TestApp::builder()
+        .redis(relay.url())
+        .config(slow)
+        .spawn()
+        .await;
+    Mock::given(any())
+        .respond_with(consumptions("stored"))
+        .mount(&first.upstream)
+        .await;
+    let second = TestApp::builder()
+        .redis(relay.url())
+        .upstream_url(first.upstream.uri())
+        .config(slow)
+        .spawn()
+        .await;
+    // Every script known to Redis (and both callers' rates leased) before it turns slow.
+    for (app, caller) in [(&first, "one"), (&second, "two")] {
+        let warm = app
+            .get(
+                "/billing/v2beta1/consumptions?billing_period=2026-01",
+                &reader_as(caller),
+            )
+            .await;
+        assert_eq!(warm.status(), 200);
+    }
+    let warmed = first.upstream_requests().await.len();
+
+    relay.set(Duration::from_millis(200), 0, Duration::ZERO);
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-02";
+    let r = first.get(path, &reader_as("one")).await;
+    assert_eq!(r.status(), 200);
+    let r = second.get(path, &reader_as("two")).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        header(&r, "cache-status").contains("hit"),
+        "{}",
+        header(&r, "cache-status")
+    );
+    assert_eq!(first.upstream_requests().await.len(), warmed + 1);
+    first.stop().await;
+    second.stop().await;
+}
+
+/// A Redis address that accepts connections and never answers (a hung proxy, packets dropped
+/// after the handshake): no link can be made, and the replica goes on its own, saying so,
+/// rather than "sharing" with nobody while every command is cut short.
+#[tokio::test]
+async fn a_redis_that_accepts_and_never_answers_makes_the_replica_degraded() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let app = TestApp::builder()
+        .redis(format!("redis://127.0.0.1:{port}"))
+        .spawn()
+        .await;
+    eventually(
+        || async { changes(&app.metrics().await, "degraded") == 1.0 },
+        PATIENCE,
+    )
+    .await;
+    assert!(
+        app.metrics()
+            .await
+            .contains("billing_gateway_redis_mode{mode=\"degraded\"} 1")
+    );
+    app.stop().await;
+    drop(silent);
 }

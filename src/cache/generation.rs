@@ -23,7 +23,8 @@ impl Cache {
         if shared.adopt(generation) {
             self.flush(reason);
         }
-        self.metrics.set_cache_generation(generation);
+        // The replica's own, which never goes back whatever was offered.
+        self.metrics.set_cache_generation(shared.generation());
     }
 
     /// Drops every entry of this replica, and the tiers holding them: a fetch in flight

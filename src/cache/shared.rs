@@ -487,7 +487,8 @@ impl Lease {
         }
         // Committed even when Redis does not take it: the lease then lapses by itself.
         self.committed = true;
-        let _ = self.cluster.invoke::<i64>(Op::Commit, &script).await;
+        let commit = self.cluster.invoke::<i64>(Op::Commit, &script);
+        let _ = crate::cluster::deadline::own_time(commit).await;
     }
 }
 

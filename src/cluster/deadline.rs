@@ -18,6 +18,14 @@ pub async fn request<F: Future>(request: F) -> F::Output {
     SPENT.scope(Cell::new(Duration::ZERO), request).await
 }
 
+/// Runs `work` done for every replica rather than for the current request (a fill's store, a
+/// reservation of the shared budget) with Redis time of its own: what the request spent must
+/// not give it up, or one slow request would lose the store the other replicas wait for, or
+/// refuse the turn the queue behind it needs.
+pub async fn own_time<F: Future>(work: F) -> F::Output {
+    SPENT.scope(Cell::new(Duration::ZERO), work).await
+}
+
 /// What is left of `timeout` for the current request (all of it outside a request).
 pub(super) fn left(timeout: Duration) -> Duration {
     SPENT

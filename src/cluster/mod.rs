@@ -272,6 +272,16 @@ impl Cluster {
         }
     }
 
+    /// Waits for `work` (Redis work running elsewhere, e.g. in a task of its own) no longer than
+    /// the current request's Redis time allows, counting the wait against it; `None` when that
+    /// time ran out first.
+    pub async fn within<F: Future>(&self, work: F) -> Option<F::Output> {
+        let started = Instant::now();
+        let done = tokio::time::timeout(deadline::left(self.timeout), work).await;
+        deadline::spend(started.elapsed());
+        done.ok()
+    }
+
     /// Counts the failure of a command sent at `sent`; the last of [`FAILURES_TO_DEGRADE`] in a
     /// row makes the replica degraded, saying why.
     fn failed(&self, sent: Instant, cause: Cause) {
@@ -380,8 +390,21 @@ impl Cluster {
         let mut probes = 0;
         loop {
             // Connecting may take longer than a command may wait (a TLS handshake far away):
-            // done here, outside any command's timeout; a failure shows in the beat below.
-            let _ = self.link().await;
+            // done here, outside any command's timeout. A failure counts as one: commands cut
+            // short while no link exists never do, so a Redis address that accepts and stays
+            // silent would otherwise leave the replica "sharing" forever.
+            if let Err(e) = self.link().await {
+                probes = 0;
+                let pause = match self.mode() {
+                    Mode::Connected => {
+                        self.failed(Instant::now(), Cause::of(&e));
+                        TICK
+                    }
+                    Mode::Degraded { .. } => PROBE,
+                };
+                tokio::time::sleep(pause).await;
+                continue;
+            }
             // The heartbeat itself is the probe: a success also counts this replica.
             let mut beat = HEARTBEAT.prepare_invoke();
             beat.key(&replicas).arg(&self.replica);

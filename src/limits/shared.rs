@@ -192,8 +192,7 @@ impl SharedRates {
                 // Made under the lock, so the landing cannot slip in before it listens.
                 (holding.landed.notified(), held.failed)
             };
-            landed.await;
-            if holding.held().failed != failed {
+            if self.cluster.within(landed).await.is_none() || holding.held().failed != failed {
                 return Err(Unavailable);
             }
         }

@@ -114,11 +114,9 @@ impl SharedTurns {
                     .key(&self.paused)
                     .arg(micros(self.period))
                     .arg(micros(self.max_wait));
-                match self
-                    .cluster
-                    .invoke::<(i64, i64)>(Op::Budget, &reserve)
-                    .await
-                {
+                // The turn serves whichever call the queue grants it to, not only this one.
+                let reserved = self.cluster.invoke::<(i64, i64)>(Op::Budget, &reserve);
+                match crate::cluster::deadline::own_time(reserved).await {
                     Ok((0, wait)) => {
                         self.spend(Instant::now() + from_micros(wait)).await;
                         Ok(())
@@ -132,8 +130,8 @@ impl SharedTurns {
                     Err(_) if self.cluster.mode() != Mode::Connected => {
                         Err(self.close_for(DEAD_TIME))
                     }
-                    // Still sharing (one late reply, or this request's Redis time spent): this
-                    // call has no turn, and the next dispatcher asks Redis again.
+                    // Still sharing (one late reply): this call has no turn, and the next
+                    // dispatcher asks Redis again.
                     Err(_) => Err(self.period),
                 }
             }
