@@ -35,8 +35,10 @@ const BOUND: usize = 192;
 const PER_KIND: usize = 300;
 
 /// The bystander's bound on one request, for a machine loaded by the flood: the assertion is
-/// that it is served, not how fast.
-const SERVED_WITHIN: Duration = Duration::from_secs(5);
+/// that it is served, not how fast. Generous: a fresh connection waits in the listen backlog
+/// behind hundreds of the flood's, each admitted as an idle one is closed, and on a busy
+/// 2-core CI host that took over 5 s now and then.
+const SERVED_WITHIN: Duration = Duration::from_secs(20);
 
 /// The HTTP/2 connection preface and an empty SETTINGS frame: then nothing.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
