@@ -202,13 +202,6 @@ async fn a_purge_on_one_replica_reaches_the_others_within_a_second_even_without_
     let upstream = MockServer::start().await;
     let apps = replicas(3, &redis, upstream).await;
     let path = "/billing/v2beta1/consumptions";
-    let purge = || {
-        apps[0]
-            .client
-            .delete(format!("{}/gateway/v1/cache", apps[0].base))
-            .bearer_auth(apps[0].manager())
-            .send()
-    };
     for (round, marker) in ["v1", "v2", "v3"].into_iter().enumerate() {
         apps[0].upstream.reset().await;
         Mock::given(any())
@@ -216,8 +209,7 @@ async fn a_purge_on_one_replica_reaches_the_others_within_a_second_even_without_
             .mount(&apps[0].upstream)
             .await;
         if round > 0 {
-            let r = purge().await.expect("purge");
-            assert_eq!(r.status(), 204);
+            purge(&apps[0]).await;
             for app in &apps[1..] {
                 let took = until_serves(app, path, marker).await;
                 assert!(
@@ -266,13 +258,7 @@ async fn a_purge_while_redis_is_unreachable_empties_this_replica_and_says_so() {
     product(app, path).await;
     assert_eq!(product(app, path).await.0, "billing-gateway; hit");
     redis.kill();
-    let r = app
-        .client
-        .delete(format!("{}/gateway/v1/cache", app.base))
-        .bearer_auth(app.manager())
-        .send()
-        .await
-        .expect("purge");
+    let r = purge_answer(app).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     let body: Value = r.json().await.expect("json");
@@ -626,14 +612,17 @@ async fn gateways_of_two_organizations_under_one_prefix_never_serve_each_others_
 
 /// Purges through `app`, which must answer 204.
 async fn purge(app: &TestApp) {
-    let r = app
-        .client
+    assert_eq!(purge_answer(app).await.status(), 204);
+}
+
+/// What `app` answers a purge.
+async fn purge_answer(app: &TestApp) -> reqwest::Response {
+    app.client
         .delete(format!("{}/gateway/v1/cache", app.base))
         .bearer_auth(app.manager())
         .send()
         .await
-        .expect("purge");
-    assert_eq!(r.status(), 204);
+        .expect("purge")
 }
 
 /// A series of `app`'s metrics now.

@@ -240,7 +240,7 @@ async fn redis_gone_makes_the_replica_degraded_and_back_it_shares_again() {
 // ---- The shared upstream budget (contract §10, §11) ----
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use billing_gateway::config::Rate;
 use std::time::Instant;
@@ -278,48 +278,17 @@ struct Seen {
     other: Vec<u16>,
 }
 
-/// Sends distinct (uncached) queries to `app` as `token`, one every `every`, each in its own
-/// task (so a waiting call does not slow the driver), until `stop`.
-fn drive(
-    app: &TestApp,
-    token: String,
-    every: Duration,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Seen> {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let (client, base) = (app.client.clone(), app.base.clone());
-    tokio::spawn(async move {
-        let mut calls = Vec::new();
-        let mut tick = tokio::time::interval(every);
-        while !stop.load(Ordering::SeqCst) {
-            tick.tick().await;
-            let n = NEXT.fetch_add(1, Ordering::SeqCst);
-            let (client, url, token) = (
-                client.clone(),
-                format!("{base}/billing/v2beta1/charges?page_token={n}"),
-                token.clone(),
-            );
-            calls.push(tokio::spawn(async move {
-                let response = client
-                    .get(url)
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                    .expect("request");
-                response.status().as_u16()
-            }));
+/// What the driver of one replica saw: its statuses, tallied.
+fn tally(statuses: Vec<u16>) -> Seen {
+    let mut seen = Seen::default();
+    for status in statuses {
+        match status {
+            200 => seen.ok += 1,
+            429 => seen.refused += 1,
+            other => seen.other.push(other),
         }
-        let mut seen = Seen::default();
-        for call in calls {
-            let status = call.await.expect("call");
-            match status {
-                200 => seen.ok += 1,
-                429 => seen.refused += 1,
-                other => seen.other.push(other),
-            }
-        }
-        seen
-    })
+    }
+    seen
 }
 
 /// Drives each of `apps` as [`drive`] does, all as `token`, until `stop`.
@@ -330,7 +299,10 @@ fn drive_each(
     stop: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<Seen>> {
     apps.iter()
-        .map(|app| drive(app, token.clone(), every, stop.clone()))
+        .map(|app| {
+            let statuses = drive(app, token.clone(), every, stop.clone());
+            tokio::spawn(async move { tally(statuses.await.expect("driver")) })
+        })
         .collect()
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,36 +38,6 @@ async fn connected(app: &TestApp, replicas: f64) -> bool {
     let m = app.metrics().await;
     value(&m, "billing_gateway_redis_mode", "mode=\"connected\"") == Some(1.0)
         && value(&m, "billing_gateway_cluster_replicas", "") == Some(replicas)
-}
-
-/// Distinct (uncached) queries to `app`, one every `every`, each in its own task, until
-/// `stop`: the statuses answered.
-fn drive(
-    app: &TestApp,
-    every: Duration,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<u16>> {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let (client, base, token) = (app.client.clone(), app.base.clone(), app.reader());
-    tokio::spawn(async move {
-        let mut calls = Vec::new();
-        let mut tick = tokio::time::interval(every);
-        while !stop.load(Ordering::SeqCst) {
-            tick.tick().await;
-            let n = NEXT.fetch_add(1, Ordering::SeqCst);
-            let request = client
-                .get(format!("{base}/billing/v2beta1/charges?page_token={n}"))
-                .bearer_auth(token.clone());
-            calls.push(tokio::spawn(async move {
-                request.send().await.expect("request").status().as_u16()
-            }));
-        }
-        let mut statuses = Vec::new();
-        for call in calls {
-            statuses.push(call.await.expect("call"));
-        }
-        statuses
-    })
 }
 
 async fn next(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Event {
@@ -158,7 +128,7 @@ async fn gateways_given_different_nodes_share_a_cluster_and_keep_the_budget_thro
     let stop = Arc::new(AtomicBool::new(false));
     let drivers: Vec<_> = apps
         .iter()
-        .map(|app| drive(app, Duration::from_millis(50), stop.clone()))
+        .map(|app| drive(app, app.reader(), Duration::from_millis(50), stop.clone()))
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.kill(owner);

@@ -624,3 +624,35 @@ pub fn header(r: &reqwest::Response, name: &str) -> String {
         .unwrap_or("")
         .to_owned()
 }
+
+/// Sends distinct (uncached) queries to `app` as `token`, one every `every`, each in its own
+/// task (so a waiting call does not slow the driver), until `stop`: the statuses answered.
+pub fn drive(
+    app: &TestApp,
+    token: String,
+    every: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<u16>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let (client, base) = (app.client.clone(), app.base.clone());
+    tokio::spawn(async move {
+        let mut calls = Vec::new();
+        let mut tick = tokio::time::interval(every);
+        while !stop.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let n = NEXT.fetch_add(1, Ordering::SeqCst);
+            let request = client
+                .get(format!("{base}/billing/v2beta1/charges?page_token={n}"))
+                .bearer_auth(token.clone());
+            calls.push(tokio::spawn(async move {
+                request.send().await.expect("request").status().as_u16()
+            }));
+        }
+        let mut statuses = Vec::new();
+        for call in calls {
+            statuses.push(call.await.expect("call"));
+        }
+        statuses
+    })
+}
