@@ -615,6 +615,18 @@ async fn purge(app: &TestApp) {
     assert_eq!(purge_answer(app).await.status(), 204);
 }
 
+/// Purges through the first of `apps` and waits until every one holds `generation`.
+async fn purge_everywhere(apps: &[TestApp], generation: f64) {
+    purge(&apps[0]).await;
+    for app in apps {
+        eventually(
+            || async { metric(app, "billing_gateway_cache_generation").await == generation },
+            PATIENCE,
+        )
+        .await;
+    }
+}
+
 /// What `app` answers a purge.
 async fn purge_answer(app: &TestApp) -> reqwest::Response {
     app.client
@@ -657,13 +669,8 @@ async fn a_redis_restart_after_a_purge_flushes_nothing_and_cached_reads_stay_200
     let upstream = answering("kept", ..).await;
     let apps = replicas(2, &redis, upstream).await;
     let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
-    purge(&apps[0]).await;
+    purge_everywhere(&apps, 1.0).await;
     for app in &apps {
-        eventually(
-            || async { metric(app, "billing_gateway_cache_generation").await == 1.0 },
-            PATIENCE,
-        )
-        .await;
         product(app, path).await;
         assert_eq!(product(app, path).await.0, "billing-gateway; hit");
     }
@@ -737,14 +744,7 @@ async fn a_restore_from_a_snapshot_taken_before_a_purge_never_serves_the_purged_
     let path = "/billing/v2beta1/consumptions?billing_period=2026-07";
     assert_eq!(product(&apps[0], path).await.1, "purged");
     let snapshot = redis.snapshot();
-    purge(&apps[0]).await;
-    for app in &apps {
-        eventually(
-            || async { metric(app, "billing_gateway_cache_generation").await == 1.0 },
-            PATIENCE,
-        )
-        .await;
-    }
+    purge_everywhere(&apps, 1.0).await;
     // Redis comes back from the backup taken before the purge: the purged answer is in it.
     redis.restore(&snapshot);
     let entries = format!("billing-gateway:{{{ORG}}}:c:0:*");
