@@ -361,8 +361,9 @@ async fn a_miss_whose_redis_time_is_spent_still_gets_its_upstream_turn() {
     let asked = 4;
     let (statuses, m) = misses_through_a_slow_redis(Duration::from_millis(280), asked).await;
     assert_eq!(statuses, vec![200; asked as usize], "{m}");
-    // The warm call's turn, then one per slow miss, each answered.
-    assert_eq!(commands(&m, "budget", "ok"), f64::from(asked) + 1.0, "{m}");
+    // The warm call's turn came with its lookup; each slow miss, its lookup cut short, reserved
+    // its own, and was answered.
+    assert_eq!(commands(&m, "budget", "ok"), f64::from(asked), "{m}");
     assert!(commands(&m, "fill", "deadline") >= 1.0, "{m}");
     assert_eq!(changes(&m, "degraded"), 0.0, "{m}");
 }
@@ -442,4 +443,126 @@ async fn a_redis_that_accepts_and_never_answers_makes_the_replica_degraded() {
     );
     app.stop().await;
     drop(silent);
+}
+
+/// Two replicas sharing through `relay` (timeout 400 ms), each with a warm `caller` (rate
+/// leased, every script known to Redis), before Redis turns slow.
+async fn two_replicas_through(relay: &Relay, caller: &str) -> (TestApp, TestApp) {
+    let first = sharing_through(relay, "fetched").await;
+    let second = TestApp::builder()
+        .redis(relay.url())
+        .upstream_url(first.upstream.uri())
+        .config(|c| c.redis.timeout = Duration::from_millis(400))
+        .spawn()
+        .await;
+    for app in [&first, &second] {
+        let warm = app
+            .get(
+                "/billing/v2beta1/consumptions?billing_period=2026-01",
+                &reader_as(caller),
+            )
+            .await;
+        assert_eq!(warm.status(), 200);
+    }
+    (first, second)
+}
+
+/// Issue 21, item 5 (a miss adds at most one timeout): through a Redis answering every command
+/// 300 ms late (timeout 400 ms), a miss by a caller back after a pause (its lease lapsed) asks
+/// Redis once before its upstream call: its rate comes from the request kept of its last lease,
+/// its upstream turn with its cache lookup. Its store is answered 300 ms after it is sent, but
+/// the request has 100 ms left, so it is answered before the store is; the store still lands,
+/// and the other replica serves it.
+#[tokio::test]
+async fn a_miss_through_a_slow_redis_asks_it_once_and_does_not_wait_for_its_store() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let (first, second) = two_replicas_through(&relay, "dashboard").await;
+    // Past the lease's life (1 s): what the caller holds lapses, but for one request.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = first.metrics().await;
+    let fetched = first.upstream_requests().await.len();
+
+    relay.set(Duration::from_millis(300), 0, Duration::ZERO);
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-02";
+    let r = first.get(path, &reader_as("dashboard")).await;
+    let m = first.metrics().await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+    assert_eq!(first.upstream_requests().await.len(), fetched + 1);
+    let more = |op: &str, result: &str| commands(&m, op, result) - commands(&before, op, result);
+    // One lookup, answered, and no reservation of its own: the turn came with it.
+    assert_eq!(more("fill", "ok"), 1.0, "{m}");
+    assert_eq!(
+        more("fill", "deadline") + more("fill", "skipped"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        more("budget", "ok") + more("budget", "deadline"),
+        0.0,
+        "{m}"
+    );
+    // Answered before its store was.
+    assert_eq!(more("commit", "ok"), 0.0, "{m}");
+    eventually(
+        || async {
+            let m = first.metrics().await;
+            commands(&m, "commit", "ok") - commands(&before, "commit", "ok") == 1.0
+        },
+        PATIENCE,
+    )
+    .await;
+    let r = second.get(path, &reader_as("dashboard")).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        header(&r, "cache-status").contains("hit"),
+        "{}",
+        header(&r, "cache-status")
+    );
+    assert_eq!(first.upstream_requests().await.len(), fetched + 1);
+    first.stop().await;
+    second.stop().await;
+}
+
+/// A lookup cut short by its request's Redis time may still have taken the fill lease in Redis:
+/// it is given up at once, so another replica asking next fills the key itself instead of
+/// waiting for the lease to lapse (5 s) and taking over. Through a Redis answering 300 ms late
+/// (timeout 400 ms), a new caller's rate takes 300 ms of its request's time and its lookup is
+/// cut; the other replica's caller then finds the key free.
+#[tokio::test]
+async fn a_lookup_cut_short_gives_up_its_fill_lease_so_no_replica_waits_for_it() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let (first, second) = two_replicas_through(&relay, "dashboard").await;
+    let before = first.metrics().await;
+
+    relay.set(Duration::from_millis(300), 0, Duration::ZERO);
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-03";
+    let r = first.get(path, &reader_as("newcomer")).await;
+    assert_eq!(r.status(), 200);
+    let m = first.metrics().await;
+    assert_eq!(
+        commands(&m, "fill", "deadline") - commands(&before, "fill", "deadline"),
+        1.0,
+        "{m}"
+    );
+    let r = second.get(path, &reader_as("dashboard")).await;
+    assert_eq!(r.status(), 200);
+    // Filled by the second replica at once: no wait for another's fill, no takeover.
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+    let waits = value(
+        &second.metrics().await,
+        "billing_gateway_cache_fill_wait_seconds_count",
+        "",
+    );
+    assert_eq!(waits, Some(0.0));
+    first.stop().await;
+    second.stop().await;
 }

@@ -48,6 +48,7 @@ use crate::billing::Call;
 use crate::cluster::Cluster;
 use crate::config::CacheConfig;
 use crate::telemetry::Metrics;
+use crate::upstream::SharedTurns;
 pub use generation::GENERATION_POLL;
 pub use refresh::{Refresh, Refreshed};
 use shared::SharedTier;
@@ -162,17 +163,25 @@ impl Cache {
     }
 
     /// The same, with the tier the replicas share through `cluster`; a request waits at most
-    /// `wait_limit` (the upstream timeout) for another replica's fill. What it writes there is
-    /// signed with a key derived from `secret_key` and `organization`, and only what is signed
-    /// so is served (contract §11).
+    /// `wait_limit` (the upstream timeout) for another replica's fill. A lookup that takes a
+    /// fill lease reserves the upstream `turns` the fill needs in the same round trip. What it
+    /// writes there is signed with a key derived from `secret_key` and `organization`, and only
+    /// what is signed so is served (contract §11).
     pub fn shared(
         mut self,
         cluster: Arc<Cluster>,
+        turns: Option<Arc<SharedTurns>>,
         wait_limit: Duration,
         secret_key: &SecretString,
         organization: uuid::Uuid,
     ) -> Cache {
-        let tier = SharedTier::new(cluster, secret_key, organization, self.metrics.clone());
+        let tier = SharedTier::new(
+            cluster,
+            turns,
+            secret_key,
+            organization,
+            self.metrics.clone(),
+        );
         self.shared = Some(Arc::new(tier));
         self.wait_limit = wait_limit;
         self

@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use super::Entry;
 use crate::cluster::{Cluster, Event, Op, Unavailable};
 use crate::telemetry::Metrics;
+use crate::upstream::{SharedTurns, TURN_LUA};
 
 /// How long a fill lease lasts unless renewed: a holder that dies holds its key up this long.
 pub const LEASE: Duration = Duration::from_secs(5);
@@ -44,8 +45,12 @@ const RENEW_EVERY: Duration = Duration::from_millis(1700);
 /// message, a holder that died).
 pub const POLL: Duration = Duration::from_millis(200);
 
-static FILL_OR_LOCK: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("lua/fill_or_lock.lua")));
+static FILL_OR_LOCK: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(&format!(
+        "{TURN_LUA}{}",
+        include_str!("lua/fill_or_lock.lua")
+    ))
+});
 static FILL_COMMIT: std::sync::LazyLock<Script> =
     std::sync::LazyLock::new(|| Script::new(include_str!("lua/fill_commit.lua")));
 static LEASE_SCRIPT: std::sync::LazyLock<Script> =
@@ -58,6 +63,9 @@ static GENERATION: std::sync::LazyLock<Script> =
 /// This replica's view of the shared tier.
 pub struct SharedTier {
     cluster: Arc<Cluster>,
+    /// The upstream budget's turns, when shared: a lookup that takes a fill lease reserves the
+    /// turn its fetch needs.
+    turns: Option<Arc<SharedTurns>>,
     /// The generation this replica's memory belongs to.
     generation: AtomicU64,
     signer: Arc<Signer>,
@@ -157,16 +165,27 @@ pub struct Key {
 }
 
 impl SharedTier {
-    /// The tier shared through `cluster`, signed with a key derived from `secret_key` and
-    /// `organization`.
+    /// The tier shared through `cluster` (reserving upstream `turns` with fill leases), signed
+    /// with a key derived from `secret_key` and `organization`.
     pub fn new(
         cluster: Arc<Cluster>,
+        turns: Option<Arc<SharedTurns>>,
         secret_key: &SecretString,
         organization: uuid::Uuid,
         metrics: Arc<Metrics>,
     ) -> SharedTier {
+        for script in [
+            &FILL_OR_LOCK,
+            &FILL_COMMIT,
+            &LEASE_SCRIPT,
+            &PURGE,
+            &GENERATION,
+        ] {
+            cluster.preload(script);
+        }
         SharedTier {
             cluster,
+            turns,
             generation: AtomicU64::new(0),
             signer: Arc::new(Signer::new(secret_key, organization)),
             metrics,
@@ -248,7 +267,22 @@ impl SharedTier {
             .arg(min_fresh.as_millis() as u64)
             .arg(u8::from(waited))
             .arg(u8::from(distrust));
-        let reply: Vec<Value> = self.cluster.invoke(Op::Fill, &script).await?;
+        let ask = self.turns.as_deref().and_then(SharedTurns::ask);
+        match &ask {
+            Some(ask) => ask.add_to(&mut script),
+            None => {
+                script.arg(0).arg(0);
+            }
+        }
+        let reply: Vec<Value> = match self.cluster.invoke(Op::Fill, &script).await {
+            Ok(reply) => reply,
+            Err(Unavailable) => {
+                // Cut short, the lookup may still have taken the lease in Redis: given up, so
+                // no other replica waits for it to lapse (sent after it, it runs after it).
+                release(self.cluster.clone(), key.lease.clone(), token);
+                return Err(Unavailable);
+            }
+        };
         let mut reply = reply.into_iter();
         let what = reply.next().as_ref().and_then(int);
         let second = reply.next();
@@ -277,6 +311,11 @@ impl SharedTier {
             }
             Some(2) => {
                 let now = second.as_ref().and_then(int).ok_or_else(malformed)?;
+                let mut turn = || reply.next().as_ref().and_then(int).ok_or_else(malformed);
+                let turn = (turn()?, turn()?);
+                if let Some(ask) = ask.filter(|_| turn.0 != 1) {
+                    ask.answered(turn);
+                }
                 let old = match reply.len() {
                     0 => None,
                     _ => self.entry(&key.entry, now, reply).or_else(|| {
@@ -487,8 +526,13 @@ impl Lease {
         }
         // Committed even when Redis does not take it: the lease then lapses by itself.
         self.committed = true;
-        let commit = self.cluster.invoke::<i64>(Op::Commit, &script);
-        let _ = crate::cluster::deadline::own_time(commit).await;
+        // The store is for every replica, and runs to its end in a task of its own (with the
+        // whole timeout); the request waits for it only while its own Redis time lasts.
+        let cluster = self.cluster.clone();
+        let store = tokio::spawn(async move {
+            let _ = cluster.invoke::<i64>(Op::Commit, &script).await;
+        });
+        let _ = self.cluster.within(store).await;
     }
 }
 
@@ -498,18 +542,22 @@ impl Drop for Lease {
         if self.committed {
             return;
         }
-        let (cluster, lease, token) = (
+        release(
             self.cluster.clone(),
             std::mem::take(&mut self.lease),
             std::mem::take(&mut self.token),
         );
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let mut script = LEASE_SCRIPT.prepare_invoke();
-                script.key(&lease).arg(&token).arg(0);
-                let _ = cluster.invoke::<i64>(Op::Renew, &script).await;
-            });
-        }
+    }
+}
+
+/// Gives up the fill lease `lease` if `token` still holds it, in a task of its own.
+fn release(cluster: Arc<Cluster>, lease: String, token: String) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let mut script = LEASE_SCRIPT.prepare_invoke();
+            script.key(&lease).arg(&token).arg(0);
+            let _ = cluster.invoke::<i64>(Op::Renew, &script).await;
+        });
     }
 }
 

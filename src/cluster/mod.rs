@@ -126,6 +126,8 @@ pub struct Cluster {
     fallback: u32,
     /// Scripts that must succeed before this replica shares again after being on its own.
     resume: Mutex<Vec<Arc<ScriptInvocation<'static>>>>,
+    /// Every script requests run, loaded into Redis before they need it ([`Cluster::preload`]).
+    scripts: Mutex<Vec<&'static Script>>,
     target: Target,
     /// Made on first use (a replica starts and serves while Redis is down), then remade by the
     /// client itself when lost.
@@ -188,6 +190,7 @@ impl Cluster {
             timeout: config.timeout,
             fallback: config.fallback_replicas,
             resume: Mutex::new(Vec::new()),
+            scripts: Mutex::new(vec![&*HEARTBEAT]),
             target,
             link: OnceCell::new(),
             events,
@@ -219,6 +222,11 @@ impl Cluster {
         format!("{}:{suffix}", self.ns)
     }
 
+    /// `GATEWAY_REDIS_TIMEOUT`: the longest a request waits on Redis, all its commands together.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// This replica's id (a random UUID per process).
     pub fn replica_id(&self) -> &str {
         &self.replica
@@ -240,6 +248,34 @@ impl Cluster {
     pub fn on_resume(&self, script: ScriptInvocation<'static>) {
         let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
         resume.push(Arc::new(script));
+    }
+
+    /// Adds `script` to those loaded into Redis when the link is made and whenever sharing
+    /// resumes: a script Redis does not know costs its first request three round trips
+    /// (`EVALSHA`, `SCRIPT LOAD`, `EVALSHA` again), past the timeout of a slow Redis.
+    pub fn preload(&self, script: &'static Script) {
+        let mut scripts = self.scripts.lock().unwrap_or_else(|e| e.into_inner());
+        scripts.push(script);
+    }
+
+    /// Loads every script added by [`Cluster::preload`]; whether Redis took them all.
+    async fn load_scripts(&self) -> bool {
+        let scripts = self
+            .scripts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Ok(link) = self.link().await else {
+            return false;
+        };
+        for script in scripts {
+            let mut conn: Conn = link.cmd.clone();
+            let loaded = tokio::time::timeout(self.timeout, script.load_async(&mut conn)).await;
+            if !matches!(loaded, Ok(Ok(_))) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Everything the pub/sub connection brings from now on.
@@ -388,6 +424,7 @@ impl Cluster {
     async fn beat(&self) -> std::convert::Infallible {
         let replicas = self.key("replicas");
         let mut probes = 0;
+        let mut loaded = false;
         loop {
             // Connecting may take longer than a command may wait (a TLS handshake far away):
             // done here, outside any command's timeout. A failure counts as one: commands cut
@@ -410,6 +447,11 @@ impl Cluster {
             beat.key(&replicas).arg(&self.replica);
             let pause = match self.mode() {
                 Mode::Connected => {
+                    // Scripts may be gone (a Redis restarted, failed over): loaded again
+                    // whenever sharing resumes, best effort.
+                    if !loaded {
+                        loaded = self.load_scripts().await;
+                    }
                     if let Ok(seen) = self.invoke::<u32>(Op::Heartbeat, &beat).await {
                         self.seen.store(seen, Ordering::Relaxed);
                         self.metrics.set_cluster_replicas(self.replicas());
@@ -417,6 +459,7 @@ impl Cluster {
                     TICK
                 }
                 Mode::Degraded { .. } => {
+                    loaded = false;
                     probes = match self.timed::<u32>(Op::Probe, &beat, self.timeout).await {
                         Outcome::Answered(_) => probes + 1,
                         _ => 0,

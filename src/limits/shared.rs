@@ -4,17 +4,19 @@
 //! replica leases up to [`lease_size`] requests at once and spends them locally; and because a
 //! hit that found its lease spent still waited for the next (issue 21: p99 3.6× without Redis),
 //! a lease half spent is topped up in the background, with what was spent: a busy caller's hits
-//! find requests in hand and never wait on Redis. Only a caller that outruns a top-up (or comes
-//! back after a pause) waits for one. A refusal is remembered here until it ends, so a throttled
+//! find requests in hand and never wait on Redis. A caller back after a pause spends the one
+//! request kept past the lapse while its next lease is fetched (issue 21: a miss then asks
+//! Redis once, for its lookup). Only a caller that outruns a top-up, or comes back with nothing
+//! kept (its first request, a lease of one), waits for one. A refusal is remembered here until it ends, so a throttled
 //! caller costs no Redis call either (Envoy ratelimit's local cache of over-limit keys).
 //!
 //! The slack leasing brings, with N replicas and leases of k: every request spent was paid for
 //! in Redis first, and a replica never holds more than k unspent (a top-up brings back only
 //! what was spent), so no more pass than the GCRA grants, save that requests held before a
 //! window may be spent in it: at most N·k more in any window. What is held lapses a second
-//! (`LEASE_LIFE`) after the last lease or top-up came. The other way, a caller can be refused up
-//! to (N−1)·k requests early (held unspent on the other replicas), and a lease that lapses
-//! unspent loses at most k.
+//! (`LEASE_LIFE`) after the last lease or top-up came, all but one request, kept until spent.
+//! The other way, a caller can be refused up to (N−1)·k requests early (held unspent on the
+//! other replicas), and a lease that lapses unspent loses at most k − 1.
 //!
 //! While Redis cannot be asked, the replica counts alone ([`LocalRates`]) at its
 //! [`share`](crate::cluster::share) of every rate.
@@ -80,12 +82,18 @@ struct Held {
 }
 
 impl Held {
-    /// What is left to spend `now` (none once the lease lapsed).
+    /// What is left to spend `now`: once the lease lapsed, one request of it at most, kept so
+    /// that a caller back after a pause is not kept waiting on Redis for its rate (it was paid
+    /// for there, so it adds nothing to the slack below).
     fn left(&mut self, now: Instant) -> u32 {
-        if self.until.is_none_or(|until| now >= until) {
-            self.left = 0;
+        if self.lapsed(now) {
+            self.left = self.left.min(1);
         }
         self.left
+    }
+
+    fn lapsed(&self, now: Instant) -> bool {
+        self.until.is_none_or(|until| now >= until)
     }
 
     fn refused(&self, now: Instant) -> Option<Duration> {
@@ -116,6 +124,7 @@ pub struct SharedRates {
 impl SharedRates {
     /// Rates kept through `cluster`.
     pub fn new(cluster: Arc<Cluster>) -> SharedRates {
+        cluster.preload(&GCRA);
         SharedRates {
             cluster,
             held: moka::sync::Cache::builder()
@@ -170,14 +179,16 @@ impl SharedRates {
             let (landed, failed) = {
                 let mut held = holding.held();
                 let now = Instant::now();
+                let lapsed = held.lapsed(now);
                 let left = held.left(now);
                 if left > 0 {
                     held.left -= 1;
                     // Half spent: the spent half is fetched again while the rest is spent. Not
                     // with nothing left (k = 1): a request paid for ahead that never comes would
-                    // refuse one early, where a lease of one is meant as the plain check.
+                    // refuse one early, where a lease of one is meant as the plain check. The
+                    // one kept past a lapse starts a lease, so the requests after it find one.
                     let half_spent = (1..=k / 2).contains(&held.left);
-                    if half_spent && !held.fetching && held.refused(now).is_none() {
+                    if (half_spent || lapsed) && !held.fetching && held.refused(now).is_none() {
                         let top_up = k.saturating_sub(held.left).max(1);
                         self.fetch(&mut held, &holding, &key, rate, top_up);
                     }

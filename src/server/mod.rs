@@ -241,6 +241,7 @@ impl App {
                 match &cluster {
                     Some(cluster) => cache.shared(
                         cluster.clone(),
+                        upstream.shared_turns(),
                         config.upstream.timeout,
                         &config.upstream.secret_key,
                         config.upstream.organization_id,

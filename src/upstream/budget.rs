@@ -69,7 +69,7 @@ impl UpstreamBudget {
         backoff: Arc<Backoff>,
     ) -> UpstreamBudget {
         let turns = SharedTurns::new(cluster, backoff, rate, period(rate), max_wait);
-        UpstreamBudget::with_turns(rate, max_wait, Turns::Shared(Box::new(turns)))
+        UpstreamBudget::with_turns(rate, max_wait, Turns::Shared(Arc::new(turns)))
     }
 
     fn with_turns(rate: Rate, max_wait: Duration, turns: Turns) -> UpstreamBudget {
@@ -84,7 +84,7 @@ impl UpstreamBudget {
     }
 
     /// The turns reserved in Redis, when the budget is shared.
-    pub fn shared_turns(&self) -> Option<&SharedTurns> {
+    pub fn shared_turns(&self) -> Option<&Arc<SharedTurns>> {
         match &self.turns {
             Turns::Shared(shared) => Some(shared),
             Turns::Local(_) => None,
@@ -169,7 +169,7 @@ pub enum Turns {
     /// This process's own pace.
     Local(Pace),
     /// Reserved in Redis (or, Redis out of reach, this replica's share alone).
-    Shared(Box<SharedTurns>),
+    Shared(Arc<SharedTurns>),
 }
 
 impl Turns {

@@ -20,7 +20,7 @@ pub use answer::{Answer, Content, Unread};
 pub use budget::{Caller, Turns, UPSTREAM_MAX_WAIT, UpstreamBudget};
 pub use fair::{BacklogFull, FairQueue, Ticket};
 pub use pace::{Backoff, Pace};
-pub use shared::SharedTurns;
+pub use shared::{Ask, SharedTurns, TURN_LUA};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,7 +113,13 @@ impl Upstream {
     pub fn degraded_rate(&self) -> f64 {
         self.budget
             .shared_turns()
-            .map_or(0.0, SharedTurns::degraded_rate)
+            .map_or(0.0, |turns| turns.degraded_rate())
+    }
+
+    /// The budget's turns when they are shared: a cache lookup may reserve one with its fill
+    /// lease.
+    pub fn shared_turns(&self) -> Option<Arc<SharedTurns>> {
+        self.budget.shared_turns().cloned()
     }
 
     /// How many principals have calls waiting for a turn in the budget.

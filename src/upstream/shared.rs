@@ -3,24 +3,34 @@
 //! Turns are reserved on one timeline in Redis, one pace apart cluster-wide; the fair queue of
 //! each replica still decides whose call takes a turn it gets. A replica holds one reservation
 //! at a time (its queue has one dispatcher), so the timeline never holds more than N turns
-//! ahead and a principal's call waits for its own rotation plus at most N paces. While Redis is
+//! ahead and a principal's call waits for its own rotation plus at most N paces. A replica whose
+//! queue is idle reserves that one turn with the cache lookup that takes a fill lease
+//! ([`SharedTurns::ask`]), so a miss makes one round trip before its upstream call. While Redis is
 //! out of reach, each replica paces itself at its [`share`] of the rate, after a dead time long
 //! enough for the turns granted while shared to pass out of every window; when Redis answers
 //! again, every replica pauses for as long (`lua/resume.lua`, run by the link before it shares
 //! again).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 use tokio::time::Instant;
 
 use super::pace::{BACKOFF_INITIAL, BACKOFF_MAX, Backoff, Pace, period};
 use crate::cluster::{Cluster, Mode, Op, share};
 use crate::config::Rate;
 
-static RESERVE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/budget_reserve.lua")));
+/// The reservation of a turn, which scripts that reserve one begin with.
+pub const TURN_LUA: &str = include_str!("lua/turn.lua");
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{TURN_LUA}{}",
+        include_str!("lua/budget_reserve.lua")
+    ))
+});
 static NOTE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/backoff_note.lua")));
 static RESET: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/backoff_reset.lua")));
@@ -55,7 +65,67 @@ pub struct SharedTurns {
     /// No turn to be had before this.
     closed: Mutex<Option<Instant>>,
     /// The one turn this replica has reserved and not yet spent.
-    held: Mutex<Option<Instant>>,
+    held: Mutex<Option<Turn>>,
+    /// A dispatcher is reserving a turn (a round trip of its own).
+    reserving: AtomicBool,
+    /// A cache lookup is reserving one with its fill lease ([`SharedTurns::ask`]).
+    asking: AtomicBool,
+}
+
+/// A turn reserved: when it may be taken, and the latest it still may (a turn taken later would
+/// crowd the ones after it on the timeline).
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    at: Instant,
+    until: Instant,
+}
+
+/// A turn asked for with a cache lookup that takes a fill lease: the miss then makes one round
+/// trip before its upstream call, not two (issue 21). At most one is asked at a time.
+pub struct Ask<'a> {
+    turns: &'a SharedTurns,
+}
+
+impl Ask<'_> {
+    /// Adds the budget's keys (after the lookup's own) and arguments (pace and longest wait,
+    /// µs) to `script`.
+    pub fn add_to(&self, script: &mut ScriptInvocation<'_>) {
+        let turns = self.turns;
+        script
+            .key(&turns.tat)
+            .key(&turns.until)
+            .key(&turns.paused)
+            .arg(micros(turns.period))
+            .arg(micros(turns.max_wait));
+    }
+
+    /// What Redis answered (as `turn.lua` returns it): a turn, held for the next dispatcher
+    /// (the fill's own call, or whichever the queue grants it to), or why there is none.
+    pub fn answered(self, reply: (i64, i64)) {
+        let turns = self.turns;
+        if let Ok(Some(at)) = turns.take(reply) {
+            // As late as a reply to the dispatcher's own reservation may come.
+            let until = at.max(Instant::now()) + turns.cluster.timeout();
+            let mut held = turns.held.lock().unwrap_or_else(|e| e.into_inner());
+            // Held already (a dispatcher reserved meanwhile): this one goes unused.
+            held.get_or_insert(Turn { at, until });
+        }
+    }
+}
+
+impl Drop for Ask<'_> {
+    fn drop(&mut self) {
+        self.turns.asking.store(false, Ordering::Release);
+    }
+}
+
+/// Lowers the flag it raised when dropped.
+struct Raised<'a>(&'a AtomicBool);
+
+impl Drop for Raised<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl SharedTurns {
@@ -68,6 +138,9 @@ impl SharedTurns {
         max_wait: Duration,
     ) -> SharedTurns {
         let paused = cluster.key("budget:paused_until");
+        for script in [&*RESERVE, &*NOTE, &*RESET] {
+            cluster.preload(script);
+        }
         let mut resume = RESUME.prepare_invoke();
         resume.key(&paused).arg(micros(DEAD_TIME));
         cluster.on_resume(resume);
@@ -83,6 +156,47 @@ impl SharedTurns {
             alone: Mutex::new(None),
             closed: Mutex::new(None),
             held: Mutex::new(None),
+            reserving: AtomicBool::new(false),
+            asking: AtomicBool::new(false),
+        }
+    }
+
+    /// A turn to reserve with a cache lookup that may take a fill lease, when the budget here
+    /// is idle (sharing, no turn held or being reserved, none asked, not closed or backing off):
+    /// a busy queue's dispatcher reserves its own, paced anyway.
+    pub fn ask(&self) -> Option<Ask<'_>> {
+        let busy = self.reserving.load(Ordering::Acquire)
+            || self
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            || self.closed_for().is_some()
+            || !self.backoff.remaining().is_zero()
+            || self.cluster.mode() != Mode::Connected;
+        if busy || self.asking.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(Ask { turns: self })
+    }
+
+    /// How long no turn is to be had, when none is.
+    fn closed_for(&self) -> Option<Duration> {
+        let closed = *self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        closed.and_then(|until| until.checked_duration_since(Instant::now()))
+    }
+
+    /// A reservation's answer (`turn.lua`): the turn's time, none (it came with a backoff, now
+    /// noted here: the call it goes to is refused without a Redis call), or how long until one
+    /// can be had.
+    fn take(&self, (what, us): (i64, i64)) -> Result<Option<Instant>, Duration> {
+        match what {
+            0 => Ok(Some(Instant::now() + from_micros(us))),
+            -2 => {
+                self.backoff.hold(from_micros(us));
+                Ok(None)
+            }
+            _ => Err(self.close_for(from_micros(us))),
         }
     }
 
@@ -93,20 +207,21 @@ impl SharedTurns {
     /// it goes to without a Redis call. Cancel-safe: a reservation whose waiter goes away goes
     /// unused (an under-spend).
     pub async fn next_turn(&self) -> Result<(), Duration> {
-        let closed = *self.closed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(left) = closed.and_then(|until| until.checked_duration_since(Instant::now())) {
+        if let Some(left) = self.closed_for() {
             return Err(left);
         }
         match self.cluster.mode() {
             Mode::Connected => {
                 self.alone_pace(false);
-                // A reservation whose dispatcher went away is the next one's; one past due
-                // would crowd the turn after it, so it goes unused.
+                // A reservation whose dispatcher went away (or a lookup made) is the next
+                // one's; one past due would crowd the turn after it, so it goes unused.
                 let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some(at) = held.filter(|at| Instant::now() <= *at) {
-                    self.spend(at).await;
+                if let Some(turn) = held.filter(|turn| Instant::now() <= turn.until) {
+                    self.spend(turn).await;
                     return Ok(());
                 }
+                self.reserving.store(true, Ordering::Release);
+                let _reserving = Raised(&self.reserving);
                 let mut reserve = RESERVE.prepare_invoke();
                 reserve
                     .key(&self.tat)
@@ -117,15 +232,12 @@ impl SharedTurns {
                 // The turn serves whichever call the queue grants it to, not only this one.
                 let reserved = self.cluster.invoke::<(i64, i64)>(Op::Budget, &reserve);
                 match crate::cluster::deadline::own_time(reserved).await {
-                    Ok((0, wait)) => {
-                        self.spend(Instant::now() + from_micros(wait)).await;
+                    Ok(reply) => {
+                        if let Some(at) = self.take(reply)? {
+                            self.spend(Turn { at, until: at }).await;
+                        }
                         Ok(())
                     }
-                    Ok((-2, left)) => {
-                        self.backoff.hold(from_micros(left));
-                        Ok(())
-                    }
-                    Ok((_, left)) => Err(self.close_for(from_micros(left))),
                     // Degraded from now on: a dead time first, for every call.
                     Err(_) if self.cluster.mode() != Mode::Connected => {
                         Err(self.close_for(DEAD_TIME))
@@ -152,11 +264,10 @@ impl SharedTurns {
         }
     }
 
-    /// Waits for the turn reserved at `at` and takes it; cancelled, the turn stays held for the
-    /// next dispatcher.
-    async fn spend(&self, at: Instant) {
-        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
-        tokio::time::sleep_until(at).await;
+    /// Waits for `turn` and takes it; cancelled, the turn stays held for the next dispatcher.
+    async fn spend(&self, turn: Turn) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(turn);
+        tokio::time::sleep_until(turn.at).await;
         self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
