@@ -1011,3 +1011,58 @@ async fn leasing_cuts_a_principals_redis_calls_to_one_per_half_lease_of_hits() {
         app.stop().await;
     }
 }
+
+/// A caller's rate decided with its cache lookup (the lease asked for goes out with it) still
+/// refuses before anything is served or fetched. At 1 a minute (burst 2, leased one request at
+/// a time), the third request at once is refused `429` though its answer is cached here; on
+/// another replica, which holds nothing of the caller, a miss is refused too, asks nothing
+/// upstream, and gives up the fill lease its lookup took: the next caller fills the key at once.
+#[tokio::test]
+async fn a_rate_decided_with_the_lookup_refuses_before_serving_or_fetching() {
+    let redis = Redis::start();
+    let rate = Rate {
+        count: 1,
+        per: Duration::from_secs(60),
+    };
+    let apps = replicas(2, &redis, |c| c.limits.principal_rate = rate).await;
+    Mock::given(any())
+        .respond_with(consumptions("limited"))
+        .mount(&apps[0].upstream)
+        .await;
+    let token = reader_as("limited");
+    let cached = "/billing/v2beta1/consumptions?billing_period=2026-01";
+    let first = apps[0].get(cached, &token).await;
+    assert_eq!(first.status(), 200);
+    let again = apps[0].get(cached, &token).await;
+    assert_eq!(header(&again, "cache-status"), "billing-gateway; hit");
+    let refused = apps[0].get(cached, &token).await;
+    assert_error(refused, 429, "too_many_requests").await;
+    assert_eq!(apps[0].upstream_requests().await.len(), 1);
+
+    let missed = "/billing/v2beta1/consumptions?billing_period=2026-02";
+    let refused = apps[1].get(missed, &token).await;
+    assert_error(refused, 429, "too_many_requests").await;
+    assert_eq!(
+        apps[0].upstream_requests().await.len(),
+        1,
+        "nothing fetched"
+    );
+    // Both refused for the caller's own rate.
+    for app in &apps {
+        let refusals = value(
+            &app.metrics().await,
+            "billing_gateway_refusals_by_class_total",
+            "reason=\"principal_rate\"",
+        );
+        assert_eq!(refusals, Some(1.0));
+    }
+    let other = apps[0].get(missed, &reader_as("other")).await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(
+        header(&other, "cache-status"),
+        "billing-gateway; fwd=miss; stored"
+    );
+    for app in apps {
+        app.stop().await;
+    }
+}

@@ -8,7 +8,7 @@
 
 mod shared;
 
-pub use shared::{SharedRates, lease_size};
+pub use shared::{Begun, Landing, SharedRates, lease_size};
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -76,15 +76,82 @@ impl PrincipalLimits {
     /// (none while the caller is refused); Redis out of reach, it counts alone at the rate divided
     /// by N.
     pub async fn check_principal(&self, subject: &str, rate: Option<Rate>) -> Result<(), Error> {
-        let counted = match &self.rates {
-            Rates::Local(local) => local.check(subject, rate),
-            Rates::Shared(shared) => shared.count(subject, self.rate, rate).await,
-        };
-        counted.map_err(|wait| Error::TooManyRequests {
-            retry_after: retry_after_secs(wait),
-            reason: Throttle::Principal,
-        })
+        self.begin_principal(subject, rate).await.decided().await
     }
+
+    /// Begins [`check_principal`](Self::check_principal): decided at once, or, when this request
+    /// has just asked Redis for its principal's lease, landing. The caller may send other Redis
+    /// work before awaiting [`RateCheck::decided`] (a miss's cache lookup then shares the round
+    /// trip), and serves nothing before. A lease another request asked for is waited for here.
+    pub async fn begin_principal<'a>(
+        &'a self,
+        subject: &'a str,
+        rate: Option<Rate>,
+    ) -> RateCheck<'a> {
+        let shared = match &self.rates {
+            Rates::Local(local) => return RateCheck::Decided(refusal(local.check(subject, rate))),
+            Rates::Shared(shared) => shared,
+        };
+        let counted = match shared.begin(subject, rate.unwrap_or(self.rate)) {
+            Begun::Decided(decided) => Ok(decided),
+            Begun::Landing(landing) if landing.asked() => {
+                return RateCheck::Landing(Box::new(Pending {
+                    shared,
+                    default: self.rate,
+                    subject,
+                    rate,
+                    landing,
+                }));
+            }
+            Begun::Landing(landing) => landing.verdict().await,
+        };
+        let counted = counted.unwrap_or_else(|_| shared.alone(subject, self.rate, rate));
+        RateCheck::Decided(refusal(counted))
+    }
+}
+
+/// A request counted against its principal's rate, or being counted.
+pub enum RateCheck<'a> {
+    /// Allowed, or refused.
+    Decided(Result<(), Error>),
+    /// Waiting for the lease this request asked Redis for.
+    Landing(Box<Pending<'a>>),
+}
+
+/// A count waiting for its lease, and what it falls back on.
+pub struct Pending<'a> {
+    shared: &'a SharedRates,
+    default: Rate,
+    subject: &'a str,
+    rate: Option<Rate>,
+    landing: Landing<'a>,
+}
+
+impl RateCheck<'_> {
+    /// Allowed, or the 429 saying when to come back. Redis out of reach, counted alone.
+    pub async fn decided(self) -> Result<(), Error> {
+        match self {
+            RateCheck::Decided(decided) => decided,
+            RateCheck::Landing(pending) => {
+                let Pending {
+                    shared,
+                    default,
+                    subject,
+                    rate,
+                    landing,
+                } = *pending;
+                let counted = landing.verdict().await;
+                refusal(counted.unwrap_or_else(|_| shared.alone(subject, default, rate)))
+            }
+        }
+    }
+}
+
+fn refusal(counted: Result<(), Duration>) -> Result<(), Error> {
+    counted.map_err(|wait| Error::TooManyRequests {
+        retry_after: retry_after_secs(wait),
+        reason: Throttle::Principal,
+    })
 }
 
 /// Principals' rates counted in this process: one governor table for the default rate, one per

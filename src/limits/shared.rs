@@ -28,6 +28,7 @@ use base64::Engine;
 use redis::Script;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 use super::LocalRates;
 use crate::cluster::{Cluster, Op, Unavailable, share};
@@ -137,31 +138,21 @@ impl SharedRates {
     }
 
     /// Counts one request of `subject` at `rate`, or at `default` when its policy sets none, as
-    /// [`LocalRates::check`] does: allowed, or refused for how long. Redis out of reach, it
-    /// counts alone, at this replica's share of either rate.
-    pub async fn count(
-        &self,
-        subject: &str,
-        default: Rate,
-        rate: Option<Rate>,
-    ) -> Result<(), Duration> {
-        match self.check(subject, rate.unwrap_or(default)).await {
-            Ok(decided) => decided,
-            Err(Unavailable) => {
-                let n = self.cluster.replicas();
-                let alone = {
-                    let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
-                    match &*alone {
-                        Some((made_for, local)) if *made_for == n => local.clone(),
-                        _ => {
-                            let local = Arc::new(LocalRates::new(share(default, n)));
-                            alone.insert((n, local)).1.clone()
-                        }
-                    }
-                };
-                alone.check(subject, rate.map(|r| share(r, n)))
+    /// [`LocalRates::check`] does, while Redis cannot be asked: this replica alone, at its share
+    /// of either rate.
+    pub fn alone(&self, subject: &str, default: Rate, rate: Option<Rate>) -> Result<(), Duration> {
+        let n = self.cluster.replicas();
+        let alone = {
+            let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
+            match &*alone {
+                Some((made_for, local)) if *made_for == n => local.clone(),
+                _ => {
+                    let local = Arc::new(LocalRates::new(share(default, n)));
+                    alone.insert((n, local)).1.clone()
+                }
             }
-        }
+        };
+        alone.check(subject, rate.map(|r| share(r, n)))
     }
 
     /// Counts one request of `subject` at `rate` (burst: twice its count, as the local limits):
@@ -172,41 +163,35 @@ impl SharedRates {
         subject: &str,
         rate: Rate,
     ) -> Result<Result<(), Duration>, Unavailable> {
-        let key = key(subject, rate);
-        let holding = self.held.get_with_by_ref(&key, Default::default);
-        let k = lease_size(rate, self.cluster.replicas());
-        loop {
-            let (landed, failed) = {
-                let mut held = holding.held();
-                let now = Instant::now();
-                let lapsed = held.lapsed(now);
-                let left = held.left(now);
-                if left > 0 {
-                    held.left -= 1;
-                    // Half spent: the spent half is fetched again while the rest is spent. Not
-                    // with nothing left (k = 1): a request paid for ahead that never comes would
-                    // refuse one early, where a lease of one is meant as the plain check. The
-                    // one kept past a lapse starts a lease, so the requests after it find one.
-                    let half_spent = (1..=k / 2).contains(&held.left);
-                    if (half_spent || lapsed) && !held.fetching && held.refused(now).is_none() {
-                        let top_up = k.saturating_sub(held.left).max(1);
-                        self.fetch(&mut held, &holding, &key, rate, top_up);
-                    }
-                    return Ok(Ok(()));
-                }
-                if let Some(wait) = held.refused(now) {
-                    return Ok(Err(wait));
-                }
-                if !held.fetching {
-                    self.fetch(&mut held, &holding, &key, rate, k);
-                }
-                // Made under the lock, so the landing cannot slip in before it listens.
-                (holding.landed.notified(), held.failed)
-            };
-            if self.cluster.within(landed).await.is_none() || holding.held().failed != failed {
-                return Err(Unavailable);
-            }
+        match self.begin(subject, rate) {
+            Begun::Decided(decided) => Ok(decided),
+            Begun::Landing(landing) => landing.verdict().await,
         }
+    }
+
+    /// Begins counting one request of `subject` at `rate`: decided at once from what is held,
+    /// or waiting for a lease from Redis, this request's to await (it may send other Redis
+    /// work meanwhile, which then shares the round trip).
+    pub fn begin(&self, subject: &str, rate: Rate) -> Begun<'_> {
+        let key = key(subject, rate);
+        let landing = Landing {
+            holding: self.held.get_with_by_ref(&key, Default::default),
+            k: lease_size(rate, self.cluster.replicas()),
+            rates: self,
+            key,
+            rate,
+            failed: None,
+            fetched: false,
+        };
+        let (failed, fetched) = match landing.now() {
+            Ok(decided) => return Begun::Decided(decided),
+            Err((_, failed, fetched)) => (failed, fetched),
+        };
+        Begun::Landing(Landing {
+            failed: Some(failed),
+            fetched,
+            ..landing
+        })
     }
 
     /// Fetches up to `n` requests for `holding` in a task of its own, adding them to what is
@@ -242,6 +227,86 @@ impl SharedRates {
         k: u32,
     ) -> Result<Result<u32, Duration>, Unavailable> {
         lease(&self.cluster, &key(subject, rate), rate, k).await
+    }
+}
+
+/// How a count began.
+pub enum Begun<'a> {
+    /// From what this replica holds.
+    Decided(Result<(), Duration>),
+    /// Nothing held: a lease is on its way from Redis.
+    Landing(Landing<'a>),
+}
+
+/// A count waiting for a lease from Redis.
+pub struct Landing<'a> {
+    rates: &'a SharedRates,
+    key: String,
+    holding: Arc<Holding>,
+    rate: Rate,
+    k: u32,
+    /// The failed fetches when the count began: one more, and Redis cannot be asked.
+    failed: Option<u64>,
+    /// Whether this count asked for the lease (others wait for one already asked).
+    fetched: bool,
+}
+
+impl Landing<'_> {
+    /// Whether this request asked Redis for the lease itself (rather than waiting for one
+    /// another request asked for).
+    pub fn asked(&self) -> bool {
+        self.fetched
+    }
+
+    /// The count decided from what is held now; or, nothing held, the landing to wait for (a
+    /// fetch started when none is in flight), the failed fetches so far, and whether this call
+    /// started the fetch.
+    fn now(&self) -> Result<Result<(), Duration>, (Notified<'_>, u64, bool)> {
+        let (rates, holding, k) = (self.rates, &self.holding, self.k);
+        let mut held = holding.held();
+        let now = Instant::now();
+        let lapsed = held.lapsed(now);
+        let left = held.left(now);
+        if left > 0 {
+            held.left -= 1;
+            // Half spent: the spent half is fetched again while the rest is spent. Not
+            // with nothing left (k = 1): a request paid for ahead that never comes would
+            // refuse one early, where a lease of one is meant as the plain check. The
+            // one kept past a lapse starts a lease, so the requests after it find one.
+            let half_spent = (1..=k / 2).contains(&held.left);
+            if (half_spent || lapsed) && !held.fetching && held.refused(now).is_none() {
+                let top_up = k.saturating_sub(held.left).max(1);
+                rates.fetch(&mut held, holding, &self.key, self.rate, top_up);
+            }
+            return Ok(Ok(()));
+        }
+        if let Some(wait) = held.refused(now) {
+            return Ok(Err(wait));
+        }
+        // A fetch that failed since this count began is its answer: none started again.
+        let fetched = !held.fetching && self.failed.is_none_or(|f| f == held.failed);
+        if fetched {
+            rates.fetch(&mut held, holding, &self.key, self.rate, k);
+        }
+        // Made under the lock, so the landing cannot slip in before it listens.
+        Err((holding.landed.notified(), held.failed, fetched))
+    }
+
+    /// Waits for the lease (no longer than the request's Redis time) and decides: allowed,
+    /// refused for how long, or [`Unavailable`].
+    pub async fn verdict(self) -> Result<Result<(), Duration>, Unavailable> {
+        loop {
+            let (landed, failed) = match self.now() {
+                Ok(decided) => return Ok(decided),
+                Err((landed, failed, _)) => (landed, failed),
+            };
+            if self.failed.is_some_and(|before| before != failed)
+                || self.rates.cluster.within(landed).await.is_none()
+                || self.holding.held().failed != failed
+            {
+                return Err(Unavailable);
+            }
+        }
     }
 }
 

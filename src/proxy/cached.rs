@@ -18,6 +18,7 @@ use crate::admission::Place;
 use crate::billing::Call;
 use crate::cache::{Cache, Entry, Fetch, Outcome, Refresh, Refreshed, Shareable};
 use crate::error::{Error, ErrorKind, JSON, Throttle};
+use crate::limits::RateCheck;
 use crate::policy::Principal;
 use crate::state::AppState;
 use crate::telemetry::RequestInfo;
@@ -150,17 +151,32 @@ pub(super) async fn cached(
     call: &Call,
     request_id: &str,
     principal: &Principal,
+    rate: Option<RateCheck<'_>>,
     info: &mut RequestInfo,
     place: Place,
 ) -> Result<Response, Error> {
     let ttl = state.cache.ttl_for(call, OffsetDateTime::now_utc());
     let key = Cache::key(call);
+    let rate = Verdict {
+        state,
+        principal,
+        pending: Mutex::new(rate),
+        decided: tokio::sync::OnceCell::new(),
+    };
     // Only a miss that fetches spends a turn; coalesced waiters and hits never get here. The
-    // fetch is built on a miss only: a hit never carries its long future.
-    let lookup = state.cache.get_or_fetch(&key, ttl, || {
-        fetch(state, call, request_id, principal, &mut info.upstream_ms)
+    // fetch is built on a miss only: a hit never carries its long future. A caller whose rate
+    // is still being decided is refused before the upstream is asked, its own refusal.
+    let upstream_ms = &mut info.upstream_ms;
+    let lookup = state.cache.get_or_fetch(&key, ttl, || async {
+        if let Err(refused) = rate.decided().await {
+            return Fetch::Refused(Uncached::Failed(refused));
+        }
+        fetch(state, call, request_id, principal, upstream_ms).await
     });
-    let (result, response) = match lookup.await {
+    let outcome = lookup.await;
+    // Nothing served, nor refreshed, before the caller's rate is decided.
+    rate.decided().await?;
+    let (result, response) = match outcome {
         Outcome::Hit(entry) => ("hit", from_entry(&entry, "billing-gateway; hit")),
         Outcome::Refreshing(entry, refresh) => {
             refresh_in_background(state, call, request_id, principal, refresh);
@@ -260,6 +276,34 @@ pub(super) async fn cached(
     info.cache = Some(result);
     state.metrics.cache_result(result);
     Ok(response)
+}
+
+/// A caller's rate still being decided when its cached call began (see `check_rate`): decided
+/// once, by the first of its fetch and its answer to need it.
+struct Verdict<'a> {
+    state: &'a AppState,
+    principal: &'a Principal,
+    pending: Mutex<Option<RateCheck<'a>>>,
+    decided: tokio::sync::OnceCell<Result<(), Error>>,
+}
+
+impl Verdict<'_> {
+    async fn decided(&self) -> Result<(), Error> {
+        let decide = async {
+            let pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            match pending {
+                Some(check) => {
+                    super::rate_decided(self.state, self.principal, check.decided().await)
+                }
+                None => Ok(()),
+            }
+        };
+        self.decided.get_or_init(|| decide).await.clone()
+    }
 }
 
 /// The 200 body of a cacheable `call`, for an answer the gateway computes from it (costs):

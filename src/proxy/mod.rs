@@ -45,6 +45,7 @@ use crate::admission::Admission;
 use crate::auth::{Authenticator, Credential};
 use crate::billing::{Audit, Call, Permission};
 use crate::error::{AuthMethod, AuthReason, Error, Failure};
+use crate::limits::RateCheck;
 use crate::policy::{self, Principal};
 use crate::state::AppState;
 use crate::telemetry::{RequestContext, RequestInfo};
@@ -190,8 +191,11 @@ async fn steps(
             None => {}
         },
     }
-    // 4. The caller's own rate.
-    check_rate(state, &principal).await?;
+    // 4. The caller's own rate. A cacheable call whose principal's lease this request has just
+    // asked Redis for goes on meanwhile: its cache lookup shares the round trip, and nothing is
+    // served, nor fetched, before the rate is decided (see `cached`).
+    let cacheable = matches!(&asked, Asked::Billing(call) if call.op.cacheable);
+    let rate = check_rate(state, &principal, cacheable).await?;
     // 5. A place in flight, until this function returns or a relayed body has been taken
     // (see `forward`).
     let place = admission.admit(&principal.subject)?;
@@ -234,7 +238,7 @@ async fn steps(
         // Cached answers are whole in memory: the place goes back when this returns, not when a
         // slow reader has taken the body (an answer too long to store streams, and keeps it
         // like any relayed body).
-        return cached(state, &call, request_id, &principal, info, place).await;
+        return cached(state, &call, request_id, &principal, rate, info, place).await;
     }
     forward(state, &call, request_id, &principal, info, place).await
 }
@@ -265,17 +269,34 @@ async fn read_body(body: Body) -> Result<(), Error> {
     Ok(())
 }
 
-/// Counts a request against its principal's own rate; a refusal is counted by class too.
-async fn check_rate(state: &AppState, principal: &Principal) -> Result<(), Error> {
-    state
+/// Counts a request against its principal's own rate. With `defer`, a count waiting for the
+/// lease this request asked Redis for is returned undecided, for [`rate_decided`].
+async fn check_rate<'a>(
+    state: &'a AppState,
+    principal: &'a Principal,
+    defer: bool,
+) -> Result<Option<RateCheck<'a>>, Error> {
+    let check = state
         .limits
-        .check_principal(&principal.subject, principal.rate())
-        .await
-        .inspect_err(|_| {
-            state
-                .metrics
-                .count_class_refusal("principal_rate", principal.class());
-        })
+        .begin_principal(&principal.subject, principal.rate())
+        .await;
+    match check {
+        RateCheck::Landing(_) if defer => Ok(Some(check)),
+        check => rate_decided(state, principal, check.decided().await).map(|()| None),
+    }
+}
+
+/// A principal's rate decided: a refusal is counted by class too.
+fn rate_decided(
+    state: &AppState,
+    principal: &Principal,
+    decided: Result<(), Error>,
+) -> Result<(), Error> {
+    decided.inspect_err(|_| {
+        state
+            .metrics
+            .count_class_refusal("principal_rate", principal.class());
+    })
 }
 
 /// Sends `call` upstream for `principal`, noting the time to the answer (its headers, or its

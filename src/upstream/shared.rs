@@ -84,6 +84,7 @@ struct Turn {
 /// trip before its upstream call, not two (issue 21). At most one is asked at a time.
 pub struct Ask<'a> {
     turns: &'a SharedTurns,
+    _asking: Raised<'a>,
 }
 
 impl Ask<'_> {
@@ -113,14 +114,15 @@ impl Ask<'_> {
     }
 }
 
-impl Drop for Ask<'_> {
-    fn drop(&mut self) {
-        self.turns.asking.store(false, Ordering::Release);
+/// A flag raised while it lives.
+struct Raised<'a>(&'a AtomicBool);
+
+impl<'a> Raised<'a> {
+    /// Raises `flag`; `None` when it was up already.
+    fn raise(flag: &'a AtomicBool) -> Option<Raised<'a>> {
+        (!flag.swap(true, Ordering::AcqRel)).then_some(Raised(flag))
     }
 }
-
-/// Lowers the flag it raised when dropped.
-struct Raised<'a>(&'a AtomicBool);
 
 impl Drop for Raised<'_> {
     fn drop(&mut self) {
@@ -174,10 +176,13 @@ impl SharedTurns {
             || self.closed_for().is_some()
             || !self.backoff.remaining().is_zero()
             || self.cluster.mode() != Mode::Connected;
-        if busy || self.asking.swap(true, Ordering::AcqRel) {
+        if busy {
             return None;
         }
-        Some(Ask { turns: self })
+        Some(Ask {
+            turns: self,
+            _asking: Raised::raise(&self.asking)?,
+        })
     }
 
     /// How long no turn is to be had, when none is.
@@ -220,8 +225,8 @@ impl SharedTurns {
                     self.spend(turn).await;
                     return Ok(());
                 }
-                self.reserving.store(true, Ordering::Release);
-                let _reserving = Raised(&self.reserving);
+                // One dispatcher at a time: the flag is never up here.
+                let _reserving = Raised::raise(&self.reserving);
                 let mut reserve = RESERVE.prepare_invoke();
                 reserve
                     .key(&self.tat)
