@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::redis::Redis;
+use common::redis::{Redis, shared_key};
 use common::served::Served;
 use common::*;
 use serde_json::{Value, json};
@@ -505,15 +505,6 @@ async fn the_shared_copy_covers_a_failing_upstream_on_every_replica() {
         ("billing-gateway; fwd=stale".to_owned(), "kept".to_owned())
     );
     assert_eq!(apps[0].upstream_requests().await.len(), 2);
-}
-
-/// The key the gateway stores the answer to the canonical request `canonical` under, in the
-/// shared tier of organization `ORG` (default prefix), generation `generation`.
-fn shared_key(kind: &str, generation: u64, canonical: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(canonical.as_bytes());
-    let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("billing-gateway:{{{ORG}}}:{kind}:{generation}:{hash}")
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
-//! Each principal's own rate, checked by the proxy right after authentication, so cache hits
-//! count too (the upstream budget, which only real upstream calls spend, is [`crate::upstream`]'s). Principals are keyed by their authenticated subject
+//! Each principal's own rate, checked by the proxy right after authentication (or, for a
+//! cacheable call whose lease is on its way from Redis, decided with its cache lookup and before
+//! anything is served), so cache hits count too (the upstream budget, which only real upstream calls spend, is [`crate::upstream`]'s). Principals are keyed by their authenticated subject
 //! (or gateway key name), never by address: behind a load balancer every caller shares one.
 //!
 //! The rates are counted in this process ([`LocalRates`]), or, when replicas share through
@@ -76,37 +77,28 @@ impl PrincipalLimits {
     /// (none while the caller is refused); Redis out of reach, it counts alone at the rate divided
     /// by N.
     pub async fn check_principal(&self, subject: &str, rate: Option<Rate>) -> Result<(), Error> {
-        self.begin_principal(subject, rate).await.decided().await
+        self.begin_principal(subject, rate).decided().await
     }
 
-    /// Begins [`check_principal`](Self::check_principal): decided at once, or, when this request
-    /// has just asked Redis for its principal's lease, landing. The caller may send other Redis
-    /// work before awaiting [`RateCheck::decided`] (a miss's cache lookup then shares the round
-    /// trip), and serves nothing before. A lease another request asked for is waited for here.
-    pub async fn begin_principal<'a>(
-        &'a self,
-        subject: &'a str,
-        rate: Option<Rate>,
-    ) -> RateCheck<'a> {
+    /// Begins [`check_principal`](Self::check_principal): decided at once from what is held,
+    /// or landing (a lease is on its way from Redis). The caller may send other Redis work
+    /// before awaiting [`RateCheck::decided`] (a miss's cache lookup then shares the round
+    /// trip), and serves nothing before.
+    pub fn begin_principal<'a>(&'a self, subject: &'a str, rate: Option<Rate>) -> RateCheck<'a> {
         let shared = match &self.rates {
             Rates::Local(local) => return RateCheck::Decided(refusal(local.check(subject, rate))),
             Rates::Shared(shared) => shared,
         };
-        let counted = match shared.begin(subject, rate.unwrap_or(self.rate)) {
-            Begun::Decided(decided) => Ok(decided),
-            Begun::Landing(landing) if landing.asked() => {
-                return RateCheck::Landing(Box::new(Pending {
-                    shared,
-                    default: self.rate,
-                    subject,
-                    rate,
-                    landing,
-                }));
-            }
-            Begun::Landing(landing) => landing.verdict().await,
-        };
-        let counted = counted.unwrap_or_else(|_| shared.alone(subject, self.rate, rate));
-        RateCheck::Decided(refusal(counted))
+        match shared.begin(subject, rate.unwrap_or(self.rate)) {
+            Begun::Decided(decided) => RateCheck::Decided(refusal(decided)),
+            Begun::Landing(landing) => RateCheck::Landing(Box::new(Pending {
+                shared,
+                default: self.rate,
+                subject,
+                rate,
+                landing,
+            })),
+        }
     }
 }
 

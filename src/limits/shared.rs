@@ -181,15 +181,13 @@ impl SharedRates {
             key,
             rate,
             failed: None,
-            fetched: false,
         };
-        let (failed, fetched) = match landing.now() {
+        let failed = match landing.now() {
             Ok(decided) => return Begun::Decided(decided),
-            Err((_, failed, fetched)) => (failed, fetched),
+            Err((_, failed)) => failed,
         };
         Begun::Landing(Landing {
             failed: Some(failed),
-            fetched,
             ..landing
         })
     }
@@ -247,21 +245,12 @@ pub struct Landing<'a> {
     k: u32,
     /// The failed fetches when the count began: one more, and Redis cannot be asked.
     failed: Option<u64>,
-    /// Whether this count asked for the lease (others wait for one already asked).
-    fetched: bool,
 }
 
 impl Landing<'_> {
-    /// Whether this request asked Redis for the lease itself (rather than waiting for one
-    /// another request asked for).
-    pub fn asked(&self) -> bool {
-        self.fetched
-    }
-
     /// The count decided from what is held now; or, nothing held, the landing to wait for (a
-    /// fetch started when none is in flight), the failed fetches so far, and whether this call
-    /// started the fetch.
-    fn now(&self) -> Result<Result<(), Duration>, (Notified<'_>, u64, bool)> {
+    /// fetch started when none is in flight) and the failed fetches so far.
+    fn now(&self) -> Result<Result<(), Duration>, (Notified<'_>, u64)> {
         let (rates, holding, k) = (self.rates, &self.holding, self.k);
         let mut held = holding.held();
         let now = Instant::now();
@@ -284,12 +273,11 @@ impl Landing<'_> {
             return Ok(Err(wait));
         }
         // A fetch that failed since this count began is its answer: none started again.
-        let fetched = !held.fetching && self.failed.is_none_or(|f| f == held.failed);
-        if fetched {
+        if !held.fetching && self.failed.is_none_or(|f| f == held.failed) {
             rates.fetch(&mut held, holding, &self.key, self.rate, k);
         }
         // Made under the lock, so the landing cannot slip in before it listens.
-        Err((holding.landed.notified(), held.failed, fetched))
+        Err((holding.landed.notified(), held.failed))
     }
 
     /// Waits for the lease (no longer than the request's Redis time) and decides: allowed,
@@ -298,7 +286,7 @@ impl Landing<'_> {
         loop {
             let (landed, failed) = match self.now() {
                 Ok(decided) => return Ok(decided),
-                Err((landed, failed, _)) => (landed, failed),
+                Err(landed) => landed,
             };
             if self.failed.is_some_and(|before| before != failed)
                 || self.rates.cluster.within(landed).await.is_none()

@@ -191,9 +191,9 @@ async fn steps(
             None => {}
         },
     }
-    // 4. The caller's own rate. A cacheable call whose principal's lease this request has just
-    // asked Redis for goes on meanwhile: its cache lookup shares the round trip, and nothing is
-    // served, nor fetched, before the rate is decided (see `cached`).
+    // 4. The caller's own rate. A cacheable call whose principal's lease is on its way from
+    // Redis goes on meanwhile: its cache lookup shares the round trip, and nothing is served,
+    // nor fetched, before the rate is decided (see `cached`).
     let cacheable = matches!(&asked, Asked::Billing(call) if call.op.cacheable);
     let rate = check_rate(state, &principal, cacheable).await?;
     // 5. A place in flight, until this function returns or a relayed body has been taken
@@ -269,8 +269,8 @@ async fn read_body(body: Body) -> Result<(), Error> {
     Ok(())
 }
 
-/// Counts a request against its principal's own rate. With `defer`, a count waiting for the
-/// lease this request asked Redis for is returned undecided, for [`rate_decided`].
+/// Counts a request against its principal's own rate. With `defer`, a count waiting for a lease
+/// from Redis is returned undecided, for [`rate_decided`].
 async fn check_rate<'a>(
     state: &'a AppState,
     principal: &'a Principal,
@@ -278,8 +278,7 @@ async fn check_rate<'a>(
 ) -> Result<Option<RateCheck<'a>>, Error> {
     let check = state
         .limits
-        .begin_principal(&principal.subject, principal.rate())
-        .await;
+        .begin_principal(&principal.subject, principal.rate());
     match check {
         RateCheck::Landing(_) if defer => Ok(Some(check)),
         check => rate_decided(state, principal, check.decided().await).map(|()| None),

@@ -192,3 +192,15 @@ impl Redis {
         assert!(status.success(), "kill {signal} {pid}");
     }
 }
+
+/// The key the gateway stores the answer to the canonical request `canonical` under, in the
+/// shared tier of organization `ORG` (default prefix), generation `generation`.
+pub fn shared_key(kind: &str, generation: u64, canonical: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(canonical.as_bytes());
+    let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "billing-gateway:{{{}}}:{kind}:{generation}:{hash}",
+        super::ORG
+    )
+}
