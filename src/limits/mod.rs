@@ -1,6 +1,7 @@
 //! Each principal's own rate, checked by the proxy right after authentication (or, for a
 //! cacheable call whose lease is on its way from Redis, decided with its cache lookup and before
-//! anything is served), so cache hits count too (the upstream budget, which only real upstream calls spend, is [`crate::upstream`]'s). Principals are keyed by their authenticated subject
+//! anything is served), so cache hits count too (the upstream budget, which only real upstream
+//! calls spend, is [`crate::upstream`]'s). Principals are keyed by their authenticated subject
 //! (or gateway key name), never by address: behind a load balancer every caller shares one.
 //!
 //! The rates are counted in this process ([`LocalRates`]), or, when replicas share through
@@ -106,7 +107,7 @@ impl PrincipalLimits {
 pub enum RateCheck<'a> {
     /// Allowed, or refused.
     Decided(Result<(), Error>),
-    /// Waiting for the lease this request asked Redis for.
+    /// Waiting for a lease from Redis.
     Landing(Box<Pending<'a>>),
 }
 

@@ -7,8 +7,10 @@
 //! find requests in hand and never wait on Redis. A caller back after a pause spends the one
 //! request kept past the lapse while its next lease is fetched (issue 21: a miss then asks
 //! Redis once, for its lookup). Only a caller that outruns a top-up, or comes back with nothing
-//! kept (its first request, a lease of one), waits for one. A refusal is remembered here until it ends, so a throttled
-//! caller costs no Redis call either (Envoy ratelimit's local cache of over-limit keys).
+//! kept (its first request, a lease of one), waits for one; a cacheable call meanwhile sends its
+//! cache lookup ([`SharedRates::begin`]). A refusal is remembered here until it ends, so a
+//! throttled caller costs no Redis call either (Envoy ratelimit's local cache of over-limit
+//! keys).
 //!
 //! The slack leasing brings, with N replicas and leases of k: every request spent was paid for
 //! in Redis first, and a replica never holds more than k unspent (a top-up brings back only
