@@ -115,6 +115,7 @@ pub(super) async fn serve(
                     trouble.failed(&e, connections.shed());
                     tokio::select! {
                         () = &mut shutdown => return,
+                        _ = closing.changed() => {}
                         () = tokio::time::sleep(trouble.backoff) => {}
                     }
                 }

@@ -238,6 +238,9 @@ struct Table {
 pub(super) struct Connections {
     table: Mutex<Table>,
     max: usize,
+    /// Connections open when accepting last failed (out of descriptors): the bound the
+    /// descriptors really hold, which idle timeouts shrink toward as they do toward `max`.
+    held_when_full: AtomicUsize,
     idle_timeout: Duration,
     epoch: Instant,
     counts: ConnectionCounts,
@@ -254,6 +257,7 @@ impl Connections {
         Connections {
             table: Mutex::new(Table::default()),
             max: max.max(1),
+            held_when_full: AtomicUsize::new(usize::MAX),
             idle_timeout,
             epoch: Instant::now(),
             counts,
@@ -316,13 +320,18 @@ impl Connections {
     /// Closes at once up to [`EVICT_BATCH`] of the longest-idle connections (when accepting
     /// fails, to give back descriptors); how many.
     pub(super) fn shed(&self) -> usize {
-        self.evict(&mut self.lock())
+        let mut table = self.lock();
+        self.held_when_full
+            .store(table.open.len().max(1), Ordering::Relaxed);
+        self.evict(&mut table)
     }
 
     fn evict(&self, table: &mut Table) -> usize {
-        let before = self
-            .now()
-            .saturating_sub(u64::try_from(EVICT_AFTER.as_millis()).unwrap_or(u64::MAX));
+        // In the process's first 100 ms nothing has been idle that long.
+        let evict_after = u64::try_from(EVICT_AFTER.as_millis()).unwrap_or(u64::MAX);
+        let Some(before) = self.now().checked_sub(evict_after) else {
+            return 0;
+        };
         let idle: Vec<&Arc<Entry>> = table
             .open
             .values()
@@ -353,7 +362,8 @@ impl Connections {
     /// table is) to close; run every [`SWEEP_EVERY`].
     pub(super) fn sweep(&self) {
         let table = self.lock();
-        let timeout = idle_timeout_at(self.idle_timeout, table.open.len() - table.doomed, self.max);
+        let max = self.max.min(self.held_when_full.load(Ordering::Relaxed));
+        let timeout = idle_timeout_at(self.idle_timeout, table.open.len() - table.doomed, max);
         let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let now = self.now();
         for entry in table.open.values() {
@@ -531,6 +541,28 @@ mod tests {
         );
         assert_eq!(idle_timeout_at(MINUTE, 1000, 1000), MIN_IDLE_TIMEOUT);
         assert_eq!(idle_timeout_at(MINUTE, 1500, 1000), MIN_IDLE_TIMEOUT);
+    }
+
+    /// The gateway held 4 connections when accepting failed (out of descriptors): its idle
+    /// timeouts shrink toward 4, not toward the configured 1,000, so idle connections are
+    /// closed after 1 s there and descriptors come back; where accepting never failed, the
+    /// same connections are left to the whole timeout.
+    #[test]
+    fn once_accepting_failed_idle_timeouts_shrink_toward_the_connections_held_then() {
+        let failed = Arc::new(Connections::new(1000, MINUTE, ConnectionCounts::default()));
+        let never = Arc::new(Connections::new(1000, MINUTE, ConnectionCounts::default()));
+        let held: Vec<Tracked> = [&failed, &never]
+            .iter()
+            .flat_map(|c| (0..4).map(|_| c.admit()).collect::<Vec<_>>())
+            .collect();
+        // Too young to be shed (under 100 ms idle): only the count is taken.
+        assert_eq!(failed.shed(), 0);
+        std::thread::sleep(MIN_IDLE_TIMEOUT + Duration::from_millis(100));
+        failed.sweep();
+        never.sweep();
+        let told: Vec<Close> = held.iter().map(|t| t.entry.close()).collect();
+        assert_eq!(told[..4], [Close::Gracefully; 4]);
+        assert_eq!(told[4..], [Close::No; 4]);
     }
 
     #[test]

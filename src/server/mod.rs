@@ -217,19 +217,12 @@ impl App {
             )),
             None => None,
         };
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = listen(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?,
-            ),
+            Some(addr) => Some(listen(addr).map_err(|source| StartError::Bind { addr, source })?),
             None => None,
         };
         let state = Arc::new(Services {
@@ -410,5 +403,47 @@ impl App {
         }
         log.flush().await;
         Ok(())
+    }
+}
+
+/// Connections the kernel completes and queues while the accept loop catches up (its cap is
+/// `net.core.somaxconn`). The standard library's and tokio's 128 overflowed under a flood of
+/// connections: past it the kernel drops handshakes, and a fresh caller's connection waited
+/// for its SYN to be retransmitted (1, 3, 7, 15 s) in a lottery against the flood's, up to 20 s
+/// in the connection tests; queued, it is accepted in turn within about a second.
+const BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with a listen backlog of [`BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind`: a restarted gateway binds at once, whatever is in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Past its backlog the kernel drops handshakes: with the usual 128, the 130th connection
+    /// to a listener that accepts nothing hangs. With [`BACKLOG`], 300 are all queued.
+    #[tokio::test]
+    async fn the_listen_backlog_queues_a_flood_the_usual_128_would_drop() {
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).expect("a listener");
+        let addr = listener.local_addr().expect("its address");
+        let mut queued = Vec::new();
+        for _ in 0..300 {
+            // A guard, not a measure: a dropped handshake is retried after a second.
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_secs(3), connect).await {
+                Ok(Ok(stream)) => queued.push(stream),
+                _ => break,
+            }
+        }
+        assert_eq!(queued.len(), 300);
     }
 }
