@@ -91,13 +91,7 @@ impl Ask<'_> {
     /// Adds the budget's keys (after the lookup's own) and arguments (pace and longest wait,
     /// µs) to `script`.
     pub fn add_to(&self, script: &mut ScriptInvocation<'_>) {
-        let turns = self.turns;
-        script
-            .key(&turns.tat)
-            .key(&turns.until)
-            .key(&turns.paused)
-            .arg(micros(turns.period))
-            .arg(micros(turns.max_wait));
+        self.turns.add_turn(script);
     }
 
     /// What Redis answered (as `turn.lua` returns it): a turn, held for the next dispatcher
@@ -185,6 +179,16 @@ impl SharedTurns {
         })
     }
 
+    /// The keys and arguments of `reserve_turn` (`turn.lua`), added to `script`.
+    fn add_turn(&self, script: &mut ScriptInvocation<'_>) {
+        script
+            .key(&self.tat)
+            .key(&self.until)
+            .key(&self.paused)
+            .arg(micros(self.period))
+            .arg(micros(self.max_wait));
+    }
+
     /// How long no turn is to be had, when none is.
     fn closed_for(&self) -> Option<Duration> {
         let closed = *self.closed.lock().unwrap_or_else(|e| e.into_inner());
@@ -228,12 +232,7 @@ impl SharedTurns {
                 // One dispatcher at a time: the flag is never up here.
                 let _reserving = Raised::raise(&self.reserving);
                 let mut reserve = RESERVE.prepare_invoke();
-                reserve
-                    .key(&self.tat)
-                    .key(&self.until)
-                    .key(&self.paused)
-                    .arg(micros(self.period))
-                    .arg(micros(self.max_wait));
+                self.add_turn(&mut reserve);
                 // The turn serves whichever call the queue grants it to, not only this one.
                 let reserved = self.cluster.invoke::<(i64, i64)>(Op::Budget, &reserve);
                 match crate::cluster::deadline::own_time(reserved).await {
