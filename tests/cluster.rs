@@ -1066,3 +1066,48 @@ async fn a_rate_decided_with_the_lookup_refuses_before_serving_or_fetching() {
         app.stop().await;
     }
 }
+
+/// A refused caller that found an entry in the last tenth of its freshness gives its background
+/// refresh back: the next caller takes it, rather than the entry expiring unrefreshed. At 1 a
+/// minute (burst 2), the caller's third request, its lease asked of Redis with the lookup, hits
+/// the entry near its end and is refused; another caller's hit then refreshes it.
+#[tokio::test]
+async fn a_refused_callers_refresh_goes_to_the_next_caller() {
+    const TTL: Duration = Duration::from_secs(4);
+    let redis = Redis::start();
+    let apps = replicas(1, &redis, |c| {
+        c.limits.principal_rate = Rate {
+            count: 1,
+            per: Duration::from_secs(60),
+        };
+        c.cache.ttl = TTL;
+    })
+    .await;
+    let app = &apps[0];
+    Mock::given(any())
+        .respond_with(consumptions("refreshed"))
+        .mount(&app.upstream)
+        .await;
+    // The current month's: a closed month's answer is kept longer than `TTL`.
+    let path = "/billing/v2beta1/consumptions?page_size=20";
+    let limited = reader_as("limited");
+    let stored = Instant::now();
+    assert_eq!(app.get(path, &limited).await.status(), 200);
+    assert_eq!(app.get(path, &limited).await.status(), 200);
+    // In the last tenth of the freshness (0.4 s before the end).
+    tokio::time::sleep_until((stored + TTL - Duration::from_millis(300)).into()).await;
+    assert_error(app.get(path, &limited).await, 429, "too_many_requests").await;
+    let r = app.get(path, &reader_as("other")).await;
+    assert_eq!(
+        header(&r, "cache-status"),
+        "billing-gateway; hit; detail=refreshing"
+    );
+    eventually(
+        || async { app.upstream_requests().await.len() == 2 },
+        PATIENCE,
+    )
+    .await;
+    for app in apps {
+        app.stop().await;
+    }
+}

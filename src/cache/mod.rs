@@ -248,6 +248,7 @@ impl Cache {
                     stale_if_error: self.stale_if_error,
                     max_entry: self.max_entry,
                     shared: self.shared.clone(),
+                    taken: refresh::Taken(Some(entry.clone())),
                 };
                 return Outcome::Refreshing(entry, refresh);
             }

@@ -46,16 +46,31 @@ pub struct Refresh {
     pub(super) stale_if_error: Duration,
     pub(super) max_entry: u64,
     pub(super) shared: Option<Arc<SharedTier>>,
+    pub(super) taken: Taken,
+}
+
+/// The entry a [`Refresh`] was taken from: its refresh is given back when the refresh is
+/// dropped without running (its request refused, or gone), so the next request takes it
+/// rather than the entry expiring unrefreshed.
+pub(super) struct Taken(pub(super) Option<Arc<Entry>>);
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0.take() {
+            entry.refreshing.store(false, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Refresh {
     /// Refreshes the entry with what `fetch` brings, unless another replica has refreshed it
     /// already or is doing so (then that answer is taken, or left to it). Anything but a 200
     /// small enough to store leaves the entry as it is.
-    pub async fn run<M, F>(self, fetch: F) -> Refreshed<M>
+    pub async fn run<M, F>(mut self, fetch: F) -> Refreshed<M>
     where
         F: Future<Output = Fetch<M>>,
     {
+        self.taken.0 = None;
         let Some(shared) = self.shared.clone() else {
             return self.store(fetch.await, None).await;
         };
