@@ -112,7 +112,13 @@ pub(super) async fn serve(
                     // Out of descriptors, usually: the connection waits in the backlog, so
                     // retrying at once would spin. Give idle connections' descriptors back, and
                     // wait a little longer each time.
+                    // EMFILE, ENFILE (the same numbers on Linux and the BSDs).
+                    if matches!(e.raw_os_error(), Some(24 | 23)) {
+                        connections.descriptors_ran_out();
+                    }
                     trouble.failed(&e, connections.shed());
+                    // Woken by a close from now on, not by the admissions before.
+                    closing.borrow_and_update();
                     tokio::select! {
                         () = &mut shutdown => return,
                         _ = closing.changed() => {}

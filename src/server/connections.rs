@@ -238,8 +238,8 @@ struct Table {
 pub(super) struct Connections {
     table: Mutex<Table>,
     max: usize,
-    /// Connections open when accepting last failed (out of descriptors): the bound the
-    /// descriptors really hold, which idle timeouts shrink toward as they do toward `max`.
+    /// Connections open when the descriptors last ran out: the bound they really hold, which
+    /// idle timeouts shrink toward as they do toward `max`, until fewer than half are open.
     held_when_full: AtomicUsize,
     idle_timeout: Duration,
     epoch: Instant,
@@ -320,10 +320,13 @@ impl Connections {
     /// Closes at once up to [`EVICT_BATCH`] of the longest-idle connections (when accepting
     /// fails, to give back descriptors); how many.
     pub(super) fn shed(&self) -> usize {
-        let mut table = self.lock();
-        self.held_when_full
-            .store(table.open.len().max(1), Ordering::Relaxed);
-        self.evict(&mut table)
+        self.evict(&mut self.lock())
+    }
+
+    /// Accepting failed for want of descriptors: the connections open now are all they hold.
+    pub(super) fn descriptors_ran_out(&self) {
+        let open = self.lock().open.len();
+        self.held_when_full.store(open.max(1), Ordering::Relaxed);
     }
 
     fn evict(&self, table: &mut Table) -> usize {
@@ -362,8 +365,14 @@ impl Connections {
     /// table is) to close; run every [`SWEEP_EVERY`].
     pub(super) fn sweep(&self) {
         let table = self.lock();
-        let max = self.max.min(self.held_when_full.load(Ordering::Relaxed));
-        let timeout = idle_timeout_at(self.idle_timeout, table.open.len() - table.doomed, max);
+        let open = table.open.len() - table.doomed;
+        let mut max = self.max.min(self.held_when_full.load(Ordering::Relaxed));
+        if open < max / 2 {
+            // The flood is over: the configured bound again.
+            self.held_when_full.store(usize::MAX, Ordering::Relaxed);
+            max = self.max;
+        }
+        let timeout = idle_timeout_at(self.idle_timeout, open, max);
         let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let now = self.now();
         for entry in table.open.values() {
@@ -543,7 +552,7 @@ mod tests {
         assert_eq!(idle_timeout_at(MINUTE, 1500, 1000), MIN_IDLE_TIMEOUT);
     }
 
-    /// The gateway held 4 connections when accepting failed (out of descriptors): its idle
+    /// The gateway held 4 connections when its descriptors ran out: its idle
     /// timeouts shrink toward 4, not toward the configured 1,000, so idle connections are
     /// closed after 1 s there and descriptors come back; where accepting never failed, the
     /// same connections are left to the whole timeout.
@@ -555,14 +564,19 @@ mod tests {
             .iter()
             .flat_map(|c| (0..4).map(|_| c.admit()).collect::<Vec<_>>())
             .collect();
-        // Too young to be shed (under 100 ms idle): only the count is taken.
-        assert_eq!(failed.shed(), 0);
+        failed.descriptors_ran_out();
         std::thread::sleep(MIN_IDLE_TIMEOUT + Duration::from_millis(100));
         failed.sweep();
         never.sweep();
         let told: Vec<Close> = held.iter().map(|t| t.entry.close()).collect();
         assert_eq!(told[..4], [Close::Gracefully; 4]);
         assert_eq!(told[4..], [Close::No; 4]);
+        // Fewer than half open again: the configured bound is back.
+        drop(held);
+        let one = failed.admit();
+        failed.sweep();
+        assert_eq!(failed.held_when_full.load(Ordering::Relaxed), usize::MAX);
+        assert_eq!(one.entry.close(), Close::No);
     }
 
     #[test]
