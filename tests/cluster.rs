@@ -1111,3 +1111,34 @@ async fn a_refused_callers_refresh_goes_to_the_next_caller() {
         app.stop().await;
     }
 }
+
+/// A caller still being counted (its lease asked of Redis with the lookup) is decided before
+/// its body is read: over its rate, it is refused without being invited to send the body.
+#[tokio::test]
+async fn a_caller_still_being_counted_is_not_invited_to_send_its_body_before_its_rate_is_decided() {
+    let redis = Redis::start();
+    let apps = replicas(1, &redis, |c| {
+        c.limits.principal_rate = Rate {
+            count: 1,
+            per: Duration::from_secs(60),
+        }
+    })
+    .await;
+    let app = &apps[0];
+    Mock::given(any())
+        .respond_with(consumptions("counted"))
+        .mount(&app.upstream)
+        .await;
+    let token = reader_as("limited");
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-01";
+    for _ in 0..2 {
+        assert_eq!(app.get(path, &token).await.status(), 200);
+    }
+    let auth = format!("Authorization: Bearer {token}");
+    let statuses = expect_continue(&app.base, "GET", path, &auth).await;
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    assert!(statuses[0].starts_with("HTTP/1.1 429"), "{statuses:?}");
+    for app in apps {
+        app.stop().await;
+    }
+}

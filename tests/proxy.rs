@@ -763,46 +763,6 @@ async fn python_sdk_get_with_an_empty_json_body_is_accepted_but_large_bodies_are
     assert_error(response, 413, "payload_too_large").await;
 }
 
-/// Sends a request head announcing a 2-byte body with `Expect: 100-continue`, and the body only
-/// if the gateway answers `100 Continue`. Returns the status lines received, in order.
-async fn expect_continue(base: &str, verb: &str, target: &str, auth: &str) -> Vec<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!(
-        "{verb} {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nContent-Type: application/json\r\n\
-         Content-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.expect("write");
-    let mut statuses = Vec::new();
-    let mut received = Vec::new();
-    loop {
-        // Up to the end of one answer's head.
-        while !received.windows(4).any(|w| w == b"\r\n\r\n") {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-                .await
-                .expect("the gateway answers")
-                .expect("read");
-            assert!(n > 0, "closed without an answer after {statuses:?}");
-            received.extend_from_slice(&buf[..n]);
-        }
-        let end = received
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("a head")
-            + 4;
-        let head = String::from_utf8_lossy(&received[..end]).into_owned();
-        received.drain(..end);
-        statuses.push(head.lines().next().unwrap_or("").to_owned());
-        if head.starts_with("HTTP/1.1 100") {
-            stream.write_all(b"{}").await.expect("write the body");
-        } else {
-            return statuses;
-        }
-    }
-}
-
 #[tokio::test]
 async fn expect_100_continue_is_answered_only_to_an_allowed_caller() {
     let app = TestApp::spawn().await;

@@ -274,17 +274,19 @@ impl SharedTier {
                 script.arg(0).arg(0);
             }
         }
-        let reply: Vec<Value> = match self.cluster.invoke(Op::Fill, &script).await {
-            Ok(reply) => reply,
-            Err(Unavailable) => {
-                // Cut short, the lookup may still have taken the lease in Redis: given up, so
-                // no other replica waits for it to lapse (sent after it, it runs after it).
-                release(self.cluster.clone(), key.lease.clone(), token);
-                return Err(Unavailable);
-            }
+        let mut unclaimed = Unclaimed {
+            cluster: self.cluster.clone(),
+            lease: key.lease.clone(),
+            token,
+            // A lookup left no Redis time is not sent: nothing to give up.
+            armed: !self.cluster.time_left().is_zero(),
         };
+        let reply: Vec<Value> = self.cluster.invoke(Op::Fill, &script).await?;
         let mut reply = reply.into_iter();
         let what = reply.next().as_ref().and_then(int);
+        if what != Some(2) {
+            unclaimed.armed = false;
+        }
         let second = reply.next();
         let malformed = || {
             tracing::warn!("the shared cache answered a lookup in an unexpected form");
@@ -323,7 +325,7 @@ impl SharedTier {
                         None
                     }),
                 };
-                let lease = Lease::hold(self, key, token, now);
+                let lease = Lease::hold(self, key, unclaimed.claim(), now);
                 Lookup::Fill(lease, old)
             }
             Some(0) => {
@@ -547,6 +549,34 @@ impl Drop for Lease {
             std::mem::take(&mut self.lease),
             std::mem::take(&mut self.token),
         );
+    }
+}
+
+/// The fill lease a lookup may take in Redis, until a [`Lease`] holds it: given up if the lookup
+/// ends otherwise (cut short, failed, answered in an unexpected form, or dropped with its
+/// request), so no other replica waits for it to lapse. Sent after the lookup on the same
+/// connection, the release runs after it.
+struct Unclaimed {
+    cluster: Arc<Cluster>,
+    lease: String,
+    token: String,
+    armed: bool,
+}
+
+impl Unclaimed {
+    /// The token, for the [`Lease`] that holds the lease from now on.
+    fn claim(&mut self) -> String {
+        self.armed = false;
+        std::mem::take(&mut self.token)
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if self.armed {
+            let lease = std::mem::take(&mut self.lease);
+            release(self.cluster.clone(), lease, std::mem::take(&mut self.token));
+        }
     }
 }
 

@@ -18,10 +18,10 @@ pub async fn request<F: Future>(request: F) -> F::Output {
     SPENT.scope(Cell::new(Duration::ZERO), request).await
 }
 
-/// Runs `work` done for every replica rather than for the current request (a fill's store, a
-/// reservation of the shared budget) with Redis time of its own: what the request spent must
-/// not give it up, or one slow request would lose the store the other replicas wait for, or
-/// refuse the turn the queue behind it needs.
+/// Runs `work` done for more than the current request (a reservation of the shared budget,
+/// whose turn goes to whichever call the queue grants it) with Redis time of its own: what the
+/// request spent must not refuse the turn the queue behind it needs. (A fill's store, for every
+/// replica, runs in a task of its own.)
 pub async fn own_time<F: Future>(work: F) -> F::Output {
     SPENT.scope(Cell::new(Duration::ZERO), work).await
 }

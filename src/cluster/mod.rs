@@ -227,6 +227,11 @@ impl Cluster {
         self.timeout
     }
 
+    /// What is left of the current request's Redis time (all of the timeout outside a request).
+    pub fn time_left(&self) -> Duration {
+        deadline::left(self.timeout)
+    }
+
     /// This replica's id (a random UUID per process).
     pub fn replica_id(&self) -> &str {
         &self.replica

@@ -44,7 +44,8 @@ static GCRA: LazyLock<Script> =
 const REMEMBERED: u64 = 10_000;
 
 /// How long what is held may be spent after the last lease or top-up came: a caller that
-/// pauses longer loses what it left, so unspent leases never add to a later burst.
+/// pauses longer loses what it left but one request (paid for already), so unspent leases add
+/// at most one request to a later burst.
 const LEASE_LIFE: Duration = Duration::from_secs(1);
 
 /// The most a replica leases at once. A busy caller's hits spend the half held while the
@@ -73,7 +74,7 @@ struct Holding {
 
 #[derive(Debug, Default)]
 struct Held {
-    /// Requests paid for in Redis, to spend before `until`.
+    /// Requests paid for in Redis, to spend before `until` (one of them after it too).
     left: u32,
     until: Option<Instant>,
     /// Redis refused more until then: spend what is left, then refuse without asking.

@@ -192,8 +192,8 @@ async fn steps(
         },
     }
     // 4. The caller's own rate. A cacheable call whose principal's lease is on its way from
-    // Redis goes on meanwhile: its cache lookup shares the round trip, and nothing is served,
-    // nor fetched, before the rate is decided (see `cached`).
+    // Redis goes on meanwhile (it takes its place in flight): its cache lookup shares the round
+    // trip, and nothing is served, nor fetched, before the rate is decided (see `cached`).
     let cacheable = matches!(&asked, Asked::Billing(call) if call.op.cacheable);
     let rate = check_rate(state, &principal, cacheable).await?;
     // 5. A place in flight, until this function returns or a relayed body has been taken
@@ -203,6 +203,14 @@ async fn steps(
     // cut off by the body deadline layer); most calls are GETs without one. Only once the
     // caller is known and allowed: hyper answers `Expect: 100-continue` when the body is first
     // read, and a refused caller must not be invited to send it.
+    let rate = match rate {
+        // A caller still being counted is decided before its body is read.
+        Some(check) if !http_body::Body::is_end_stream(&body) => {
+            rate_decided(state, &principal, check.decided().await)?;
+            None
+        }
+        rate => rate,
+    };
     read_body(body).await?;
     let request_id = context.request_id();
     let call = match asked {

@@ -109,9 +109,9 @@ impl UpstreamBudget {
         // One principal's round never outlasts half the wait: a weight larger than this
         // replica's turns can serve in that time would starve everyone else on it into 429s,
         // which is what shares prevent. A replica gets 1/N of the budget's turns when all N are
-        // busy (each holds one reservation at a time, or paces itself at 1/N while degraded), so
-        // the round is counted in those turns, not the budget's: the bound then holds however
-        // the callers spread over the replicas.
+        // busy (each holds about one reservation at a time, or paces itself at 1/N while
+        // degraded), so the round is counted in those turns, not the budget's: the bound then
+        // holds however the callers spread over the replicas.
         let round = self.backlog / (2 * self.turns.replicas() as usize);
         let share = caller
             .share

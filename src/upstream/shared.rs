@@ -2,10 +2,11 @@
 //!
 //! Turns are reserved on one timeline in Redis, one pace apart cluster-wide; the fair queue of
 //! each replica still decides whose call takes a turn it gets. A replica holds one reservation
-//! at a time (its queue has one dispatcher), so the timeline never holds more than N turns
-//! ahead and a principal's call waits for its own rotation plus at most N paces. A replica whose
-//! queue is idle reserves that one turn with the cache lookup that takes a fill lease
-//! ([`SharedTurns::ask`]), so a miss makes one round trip before its upstream call. While Redis is
+//! at a time (its queue has one dispatcher), so the timeline holds about N turns ahead and a
+//! principal's call waits for its own rotation plus about N paces. A replica whose queue is
+//! idle reserves that one turn with the cache lookup that takes a fill lease
+//! ([`SharedTurns::ask`]), so a miss makes one round trip before its upstream call; should a
+//! dispatcher reserve at the same moment, one of the two turns goes unused (an under-spend). While Redis is
 //! out of reach, each replica paces itself at its [`share`] of the rate, after a dead time long
 //! enough for the turns granted while shared to pass out of every window; when Redis answers
 //! again, every replica pauses for as long (`lua/resume.lua`, run by the link before it shares
@@ -99,11 +100,14 @@ impl Ask<'_> {
     pub fn answered(self, reply: (i64, i64)) {
         let turns = self.turns;
         if let Ok(Some(at)) = turns.take(reply) {
-            // As late as a reply to the dispatcher's own reservation may come.
-            let until = at.max(Instant::now()) + turns.cluster.timeout();
+            // Taken by the fill's own call in a moment; at most a Redis timeout late, as a
+            // reply to the dispatcher's own reservation may come.
+            let until = at + turns.cluster.timeout();
             let mut held = turns.held.lock().unwrap_or_else(|e| e.into_inner());
             // Held already (a dispatcher reserved meanwhile): this one goes unused.
-            held.get_or_insert(Turn { at, until });
+            if held.is_none_or(|turn| turn.until < Instant::now()) {
+                *held = Some(Turn { at, until });
+            }
         }
     }
 }
@@ -161,12 +165,9 @@ impl SharedTurns {
     /// is idle (sharing, no turn held or being reserved, none asked, not closed or backing off):
     /// a busy queue's dispatcher reserves its own, paced anyway.
     pub fn ask(&self) -> Option<Ask<'_>> {
+        let held = *self.held.lock().unwrap_or_else(|e| e.into_inner());
         let busy = self.reserving.load(Ordering::Acquire)
-            || self
-                .held
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
+            || held.is_some_and(|turn| Instant::now() <= turn.until)
             || self.closed_for().is_some()
             || !self.backoff.remaining().is_zero()
             || self.cluster.mode() != Mode::Connected;
