@@ -1012,6 +1012,14 @@ async fn leasing_cuts_a_principals_redis_calls_to_one_per_half_lease_of_hits() {
     }
 }
 
+/// `count` a minute, burst twice that: nothing refills during a test.
+fn per_minute(count: u32) -> Rate {
+    Rate {
+        count,
+        per: Duration::from_secs(60),
+    }
+}
+
 /// A caller's rate decided with its cache lookup (the lease asked for goes out with it) still
 /// refuses before anything is served or fetched. At 1 a minute (burst 2, leased one request at
 /// a time), the third request at once is refused `429` though its answer is cached here; on
@@ -1020,11 +1028,7 @@ async fn leasing_cuts_a_principals_redis_calls_to_one_per_half_lease_of_hits() {
 #[tokio::test]
 async fn a_rate_decided_with_the_lookup_refuses_before_serving_or_fetching() {
     let redis = Redis::start();
-    let rate = Rate {
-        count: 1,
-        per: Duration::from_secs(60),
-    };
-    let apps = replicas(2, &redis, |c| c.limits.principal_rate = rate).await;
+    let apps = replicas(2, &redis, |c| c.limits.principal_rate = per_minute(1)).await;
     Mock::given(any())
         .respond_with(consumptions("limited"))
         .mount(&apps[0].upstream)
@@ -1076,10 +1080,7 @@ async fn a_refused_callers_refresh_goes_to_the_next_caller() {
     const TTL: Duration = Duration::from_secs(4);
     let redis = Redis::start();
     let apps = replicas(1, &redis, |c| {
-        c.limits.principal_rate = Rate {
-            count: 1,
-            per: Duration::from_secs(60),
-        };
+        c.limits.principal_rate = per_minute(1);
         c.cache.ttl = TTL;
     })
     .await;
@@ -1117,13 +1118,7 @@ async fn a_refused_callers_refresh_goes_to_the_next_caller() {
 #[tokio::test]
 async fn a_caller_still_being_counted_is_not_invited_to_send_its_body_before_its_rate_is_decided() {
     let redis = Redis::start();
-    let apps = replicas(1, &redis, |c| {
-        c.limits.principal_rate = Rate {
-            count: 1,
-            per: Duration::from_secs(60),
-        }
-    })
-    .await;
+    let apps = replicas(1, &redis, |c| c.limits.principal_rate = per_minute(1)).await;
     let app = &apps[0];
     Mock::given(any())
         .respond_with(consumptions("counted"))
