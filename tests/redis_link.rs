@@ -508,3 +508,36 @@ async fn a_lookup_cut_short_still_gets_its_turn_and_gives_up_its_fill_lease() {
     first.stop().await;
     second.stop().await;
 }
+
+/// A caller back after a pause (its lease lapsed) spends the request kept from that lease:
+/// through a Redis answering 300 ms late, its cached read is answered before its next lease is
+/// (fetched meanwhile, in the background), where with nothing kept it would wait for it.
+#[tokio::test]
+async fn a_caller_back_after_a_pause_is_answered_before_its_next_lease_comes() {
+    let redis = Redis::start();
+    let relay = Relay::start(port_of(&redis.url()));
+    let app = sharing_through(&relay, "kept").await;
+    let path = "/billing/v2beta1/consumptions?billing_period=2026-01";
+    let warm = app.get(path, &reader_as("dashboard")).await;
+    assert_eq!(warm.status(), 200);
+    // Past the lease's life (1 s).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = app.metrics().await;
+
+    relay.set(Duration::from_millis(300), 0, Duration::ZERO);
+    let r = app.get(path, &reader_as("dashboard")).await;
+    let m = app.metrics().await;
+    assert_eq!(header(&r, "cache-status"), "billing-gateway; hit");
+    let leases = |m: &str| commands(m, "principal", "ok");
+    assert_eq!(
+        leases(&m),
+        leases(&before),
+        "answered before the lease came"
+    );
+    eventually(
+        || async { leases(&app.metrics().await) == leases(&before) + 1.0 },
+        PATIENCE,
+    )
+    .await;
+    app.stop().await;
+}
