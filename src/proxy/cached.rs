@@ -160,8 +160,9 @@ pub(super) async fn cached(
     let rate = Verdict {
         state,
         principal,
+        // Decided already (the usual case): a hit takes no lock to learn it.
+        decided: tokio::sync::OnceCell::new_with(rate.is_none().then_some(Ok(()))),
         pending: Mutex::new(rate),
-        decided: tokio::sync::OnceCell::new(),
     };
     // Only a miss that fetches spends a turn; coalesced waiters and hits never get here. The
     // fetch is built on a miss only: a hit never carries its long future. A caller whose rate

@@ -410,7 +410,7 @@ impl App {
 /// `net.core.somaxconn`). The standard library's and tokio's 128 overflowed under a flood of
 /// connections: past it the kernel drops handshakes, and a fresh caller's connection waited
 /// for its SYN to be retransmitted (1, 3, 7, 15 s) in a lottery against the flood's, up to 20 s
-/// in the connection tests; queued, it is accepted in turn within about a second.
+/// in the connection tests. Queued, it is accepted in turn, as fast as room is made.
 const BACKLOG: u32 = 1024;
 
 /// A listener on `addr` with a listen backlog of [`BACKLOG`].
